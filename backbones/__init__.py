@@ -1,0 +1,28 @@
+"""Frozen residual backbones as ``stem / blocks / head``, their FLOPs, data sets and training."""
+
+from backbones import cifar_resnet as _cifar_resnet  # noqa: F401  (fills the registry)
+from backbones import imagenet_resnet as _imagenet_resnet  # noqa: F401
+from backbones.base import Backbone
+from backbones.checkpoint import CheckpointMismatchError, load_backbone, save_backbone
+from backbones.data import DatasetNotFoundError, FolderImages, ImageTensors, list_datasets, load_dataset
+from backbones.flops import FlopsProfile
+from backbones.registry import create, list_backbones, register
+
+list = list_backbones  # noqa: A001  (``backbones.list()``, as timm's ``list_models``)
+
+__all__ = [
+    "Backbone",
+    "CheckpointMismatchError",
+    "DatasetNotFoundError",
+    "FlopsProfile",
+    "FolderImages",
+    "ImageTensors",
+    "create",
+    "list",
+    "list_backbones",
+    "list_datasets",
+    "load_backbone",
+    "load_dataset",
+    "register",
+    "save_backbone",
+]

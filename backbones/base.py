@@ -1,0 +1,114 @@
+"""The backbone contract: a residual network as ``stem / blocks / head``.
+
+Every block is an ``nn.Module`` whose ``forward`` is the full residual block and which exposes
+``shortcut``: the module applied instead when the block is skipped (``nn.Identity`` for an
+identity shortcut, the 1x1 projection + BatchNorm of a downsampling block).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import cached_property
+
+import torch
+from torch import Tensor, nn
+
+from backbones.flops import FlopsProfile, profile_backbone
+
+
+class Backbone(nn.Module):
+    """A residual network split into ``stem``, an ordered ``blocks`` list, and ``head``.
+
+    Args:
+        stem: image ``(B, C_in, H, W)`` -> first activation.
+        blocks: residual blocks, each with a ``shortcut`` attribute.
+        head: last activation -> logits ``(B, num_classes)``.
+        num_classes: classifier width.
+        input_size: ``(C, H, W)`` the network is built and profiled for.
+        arch: registry name (written into checkpoints).
+        arch_kwargs: constructor arguments beyond ``num_classes`` (written into checkpoints).
+    """
+
+    def __init__(
+        self,
+        stem: nn.Module,
+        blocks: Sequence[nn.Module],
+        head: nn.Module,
+        *,
+        num_classes: int,
+        input_size: tuple[int, int, int],
+        arch: str,
+        arch_kwargs: dict | None = None,
+    ) -> None:
+        super().__init__()
+        for i, block in enumerate(blocks):
+            if not hasattr(block, "shortcut"):
+                raise TypeError(f"block {i} ({type(block).__name__}) has no `shortcut` to apply when skipped")
+        self.stem = stem
+        self.blocks = nn.ModuleList(blocks)
+        self.head = head
+        self.num_classes = num_classes
+        self.input_size = tuple(input_size)
+        self.arch = arch
+        self.arch_kwargs = dict(arch_kwargs or {})
+        # Stochastic depth (Huang et al. 2016): per-block probability of dropping the block for a
+        # training sample. A dropped block outputs exactly its shortcut, as a skipped block does at
+        # inference, so the network learns to tolerate the skips the environment will make.
+        self.drop_rates: list[float] = [0.0] * len(blocks)
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @cached_property
+    def block_out_channels(self) -> list[int]:
+        """Channels of each block's output, read off a probe forward."""
+        return [shape[0] for shape in self.activation_shapes[1:]]
+
+    @cached_property
+    def activation_shapes(self) -> list[tuple[int, int, int]]:
+        """Per-sample shape ``(C, H, W)`` after the stem and after each block."""
+        shapes = []
+        was_training = self.training
+        self.eval()  # a probe must not move BatchNorm running statistics
+        with torch.no_grad():
+            device = next(self.parameters()).device
+            h = self.stem(torch.zeros(1, *self.input_size, device=device))
+            shapes.append(tuple(h.shape[1:]))
+            for block in self.blocks:
+                h = block(h)
+                shapes.append(tuple(h.shape[1:]))
+        self.train(was_training)
+        return shapes
+
+    @cached_property
+    def flops(self) -> FlopsProfile:
+        """FLOPs per image of each part at ``input_size``, counted by ``torch.utils.flop_counter``."""
+        return profile_backbone(self, self.input_size)
+
+    def set_stochastic_depth(self, final_drop_rate: float, protect_first: bool = True) -> None:
+        """Linear-decay rule: block ``i`` of ``L`` is dropped with probability ``p_L * i / (L - 1)``.
+
+        With ``protect_first`` the first block (which SkipNet never skips) keeps rate 0.
+        """
+        if not 0.0 <= final_drop_rate < 1.0:
+            raise ValueError(f"final_drop_rate must be in [0, 1), got {final_drop_rate}")
+        n = len(self.blocks)
+        self.drop_rates = [final_drop_rate * i / max(n - 1, 1) for i in range(n)]
+        if not protect_first:
+            self.drop_rates = [final_drop_rate * (i + 1) / n for i in range(n)]
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Image ``(B, C, H, W)`` -> logits ``(B, num_classes)``, every block executed
+        (in training mode, blocks are dropped per sample at ``drop_rates``)."""
+        h = self.stem(x)
+        for block, rate in zip(self.blocks, self.drop_rates):
+            if self.training and rate > 0.0:
+                keep = torch.rand(h.shape[0], device=h.device) >= rate  # (B,)
+                h = torch.where(keep[:, None, None, None], block(h), block.shortcut(h))
+            else:
+                h = block(h)
+        return self.head(h)
+
+    def extra_repr(self) -> str:
+        return f"arch={self.arch}, blocks={len(self.blocks)}, num_classes={self.num_classes}, input_size={self.input_size}"

@@ -1,0 +1,126 @@
+"""Checkpoints that carry their metadata, are written atomically, and load without unpickling.
+
+A checkpoint is a plain dict of tensors and Python primitives saved with ``torch.save`` and read
+with ``torch.load(..., weights_only=True)``: no arbitrary object is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+
+from backbones.base import Backbone
+from backbones.registry import create
+
+FORMAT_VERSION = 1
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint was made for another architecture, data set or input size than asked for."""
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        ours = version("skipnet-gym")
+    except PackageNotFoundError:
+        ours = "unknown"
+    return {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__), "skipnet_gym": ours}
+
+
+def atomic_save(obj: dict[str, Any], path: str | Path) -> None:
+    """``torch.save`` to a temporary file in the same folder, then rename over ``path``: a crash
+    mid-write never leaves a truncated checkpoint where a good one was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def safe_load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint dict with ``weights_only=True``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path.resolve()} does not exist")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:
+        raise ValueError(
+            f"could not load {path} as a SkipNet-Gym checkpoint ({type(err).__name__}: {err}). "
+            "Checkpoints are read with weights_only=True; files holding pickled objects are refused."
+        ) from err
+
+
+def backbone_metadata(backbone: Backbone, dataset: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "format_version": FORMAT_VERSION,
+        "arch": backbone.arch,
+        "arch_kwargs": dict(backbone.arch_kwargs),
+        "num_classes": backbone.num_classes,
+        "input_size": list(backbone.input_size),
+        "dataset": dataset,
+        "versions": versions(),
+        **extra,
+    }
+
+
+def save_backbone(backbone: Backbone, path: str | Path, dataset: str, **extra: Any) -> None:
+    """Write ``{"metadata": ..., "model": state_dict}`` atomically."""
+    atomic_save({"metadata": backbone_metadata(backbone, dataset, **extra), "model": backbone.state_dict()}, path)
+
+
+def check_metadata(metadata: dict[str, Any], path: str | Path, **expected: Any) -> None:
+    """Raise :class:`CheckpointMismatchError` naming every field where ``metadata`` differs from
+    ``expected`` (fields given as ``None`` are not checked)."""
+    wrong = []
+    for key, want in expected.items():
+        if want is None:
+            continue
+        have = metadata.get(key)
+        if isinstance(want, tuple):
+            want = list(want)
+        if have != want:
+            wrong.append(f"{key}: checkpoint has {have!r}, asked for {want!r}")
+    if wrong:
+        raise CheckpointMismatchError(
+            f"checkpoint {path} does not match what was asked for ({'; '.join(wrong)}). "
+            "Point to a checkpoint of the right backbone and data set, or train one with python -m backbones.train."
+        )
+
+
+def load_backbone(
+    path: str | Path,
+    *,
+    arch: str | None = None,
+    dataset: str | None = None,
+    num_classes: int | None = None,
+    input_size: tuple[int, int, int] | None = None,
+    map_location: str | torch.device = "cpu",
+) -> tuple[Backbone, dict[str, Any]]:
+    """Rebuild a backbone from a checkpoint; every argument given is checked against its metadata.
+
+    Returns:
+        the backbone in eval mode, and the checkpoint's metadata.
+    """
+    ckpt = safe_load(path, map_location)
+    if "metadata" not in ckpt or "model" not in ckpt:
+        raise ValueError(f"{path} is not a backbone checkpoint (no 'metadata' / 'model' entries)")
+    meta = ckpt["metadata"]
+    check_metadata(meta, path, arch=arch, dataset=dataset, num_classes=num_classes, input_size=input_size)
+    backbone = create(meta["arch"], num_classes=meta["num_classes"], **meta["arch_kwargs"])
+    backbone.load_state_dict(ckpt["model"])
+    return backbone.eval(), meta

@@ -1,0 +1,86 @@
+"""Build an ``argparse`` command line from a ``@dataclass`` config (CleanRL style).
+
+Each field becomes ``--field-name``; the one-line docstring under the field is its help text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import textwrap
+import types
+import typing
+from collections.abc import Sequence
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The string literal right under each field of dataclass ``cls``."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError):
+            continue
+        body = tree.body[0].body  # type: ignore[attr-defined]
+        for node, nxt in zip(body, body[1:]):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)
+            ):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _parser_type(tp: Any) -> tuple[Any, dict[str, Any]]:
+    """argparse ``type`` and extra kwargs for a field's annotation."""
+    origin = typing.get_origin(tp)
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if origin in (typing.Union, types.UnionType) and len(args) == 1:
+        return _parser_type(args[0])
+    if origin is typing.Literal:
+        return type(args[0]), {"choices": list(args)}
+    if origin in (list, tuple, Sequence):
+        inner, _ = _parser_type(args[0]) if args else (str, {})
+        return inner, {"nargs": "+"}
+    if tp is bool:
+        return bool, {}
+    return tp, {}
+
+
+def build_parser(cls: type, description: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=description or (cls.__doc__ or "").strip().splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    docs = field_docs(cls)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        kind, extra = _parser_type(hints[f.name])
+        help_text = docs.get(f.name, "")
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        else:
+            parser.add_argument(flag, type=kind, default=default, help=help_text, **extra)
+    return parser
+
+
+def parse(cls: type[T], argv: Sequence[str] | None = None, description: str | None = None) -> T:
+    """Parse ``argv`` (default: ``sys.argv[1:]``) into an instance of dataclass ``cls``."""
+    ns = build_parser(cls, description).parse_args(argv)
+    values = vars(ns)
+    for f in dataclasses.fields(cls):
+        if isinstance(values.get(f.name), list) and typing.get_origin(typing.get_type_hints(cls)[f.name]) is tuple:
+            values[f.name] = tuple(values[f.name])
+    return cls(**values)

@@ -1,0 +1,36 @@
+"""Trained backbones on demand: train once, cache, reuse.
+
+``get_trained("cifar_resnet38", "digits")`` returns the cached backbone trained on the embedded
+data set, training it first (under a minute on a 2-core CPU) when the cache has none.
+The cache folder is ``$SKIPNET_CACHE`` (default ``~/.cache/skipnet_gym``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+from backbones.base import Backbone
+from backbones.train import TrainConfig, train
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SKIPNET_CACHE", Path.home() / ".cache" / "skipnet_gym"))
+
+
+def get_trained(arch: str, dataset: str, **train_overrides: Any) -> tuple[Backbone, dict[str, Any]]:
+    """The backbone ``arch`` trained on ``dataset`` with :class:`TrainConfig` defaults and
+    ``train_overrides``; cached under :func:`cache_dir` by everything that changes the weights.
+
+    Returns:
+        the backbone (eval mode, on ``device``) and its checkpoint metadata.
+    """
+    cfg = TrainConfig(arch=arch, dataset=dataset, **train_overrides)
+    weight_fields = ("width", "image_size", "epochs", "batch_size", "lr", "weight_decay", "drop_rate", "shift", "seed")
+    key = "-".join(f"{f}{getattr(cfg, f)}" for f in weight_fields)
+    if cfg.out is None:
+        cfg = dataclasses.replace(cfg, out=str(cache_dir() / "backbones" / f"{arch}-{dataset}-{key}.pt"),
+                                  log_dir=str(cache_dir() / "runs"))
+    return train(cfg)

@@ -1,0 +1,40 @@
+"""One registry for backbones: ``create("cifar_resnet110", num_classes=10)`` and ``list_backbones()``."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from backbones.base import Backbone
+
+_REGISTRY: dict[str, Callable[..., Backbone]] = {}
+
+
+def register(name: str) -> Callable[[Callable[..., Backbone]], Callable[..., Backbone]]:
+    """Decorator that files a backbone constructor under ``name``."""
+
+    def decorate(fn: Callable[..., Backbone]) -> Callable[..., Backbone]:
+        if name in _REGISTRY:
+            raise ValueError(f"backbone {name!r} is registered twice")
+        _REGISTRY[name] = fn
+        return fn
+
+    return decorate
+
+
+def list_backbones(pattern: str = "*") -> list[str]:
+    """Registered backbone names matching a shell-style ``pattern``, sorted."""
+    return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
+
+
+def create(name: str, **kwargs: Any) -> Backbone:
+    """Build the backbone registered as ``name``; keyword arguments go to its constructor."""
+    try:
+        fn = _REGISTRY[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown backbone {name!r}; valid names: {', '.join(list_backbones())}"
+        ) from None
+    return fn(**kwargs)

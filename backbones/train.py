@@ -1,0 +1,251 @@
+"""Train a backbone: ``python -m backbones.train --arch cifar_resnet38 --dataset digits``.
+
+Standard SGD recipe (momentum 0.9, weight decay, cosine learning rate), optional stochastic depth
+(random block drops; a backbone trained with it tolerates skipped blocks far better), a progress
+bar, TensorBoard scalars, an atomic checkpoint with metadata after every epoch, and resume after
+an interruption: rerun the same command and it continues from the last finished epoch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from backbones.base import Backbone
+from backbones.checkpoint import atomic_save, backbone_metadata, check_metadata, load_backbone, safe_load
+from backbones.data import Dataset, FolderImages, ImageTensors, load_dataset, random_shift
+from backbones.dataclass_cli import parse
+from backbones.device import resolve_device
+from backbones.registry import create
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Train a frozen-to-be residual backbone on a data set."""
+
+    arch: str = "cifar_resnet38"
+    """backbone registry name (see backbones.list_backbones())"""
+    dataset: str = "digits"
+    """data set name (see backbones.list_datasets())"""
+    data_root: str | None = None
+    """folder with the data set's files (default $SKIPNET_DATA or ./data)"""
+    download: bool = True
+    """download the data set when its files are missing"""
+    width: float = 0.5
+    """channel multiplier of CIFAR ResNets"""
+    image_size: int | None = None
+    """square input side (default: the data set's own; 16 for digits)"""
+    epochs: int = 30
+    """training epochs"""
+    batch_size: int = 128
+    """images per SGD step"""
+    lr: float = 0.1
+    """peak learning rate (cosine decay to 0)"""
+    momentum: float = 0.9
+    """SGD momentum"""
+    weight_decay: float = 5e-4
+    """L2 weight decay"""
+    drop_rate: float = 0.5
+    """stochastic depth: drop rate of the last block, decaying linearly to 0 at the first (0 disables)"""
+    shift: int = 2
+    """random-translation augmentation in pixels (in-memory data sets)"""
+    seed: int = 0
+    """seed for python, numpy and torch"""
+    device: str = "auto"
+    """torch device: auto, cpu, cuda, cuda:1, ..."""
+    out: str | None = None
+    """checkpoint path (default: checkpoints/{arch}-{dataset}.pt)"""
+    resume: bool = True
+    """continue from the checkpoint at --out when it holds an unfinished run"""
+    log_dir: str = "runs"
+    """TensorBoard folder"""
+    num_workers: int = 4
+    """data-loader workers (image folders only)"""
+    progress: bool = True
+    """show a progress bar"""
+
+    def arch_kwargs(self, data: Dataset) -> dict[str, Any]:
+        c, h, _ = data.input_size
+        if self.arch.startswith("cifar_"):
+            return {"in_channels": c, "width": self.width, "image_size": h}
+        return {"image_size": h}
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return Path(self.out) if self.out else Path("checkpoints") / f"{self.arch}-{self.dataset}.pt"
+
+
+def batches(
+    data: Dataset, batch_size: int, device: torch.device, *, train: bool, shift: int = 0, num_workers: int = 0,
+    generator: torch.Generator | None = None,
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Normalised image batches ``(B, C, H, W)`` and labels ``(B,)`` on ``device``; shuffled and
+    augmented when ``train``."""
+    if isinstance(data, ImageTensors):
+        data = data.to(device)
+        n = len(data)
+        order = torch.randperm(n, device="cpu", generator=generator).to(device) if train else torch.arange(n, device=device)
+        for start in range(0, n, batch_size):
+            idx = order[start : start + batch_size]
+            x = data.images[idx]
+            if train:
+                x = random_shift(x, shift)
+                if data.flip:
+                    flip = torch.rand(x.shape[0], device=device) < 0.5
+                    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            yield data.normalize(x), data.labels[idx]
+    else:
+        loader = torch.utils.data.DataLoader(
+            data.dataset, batch_size=batch_size, shuffle=train, num_workers=num_workers,
+            pin_memory=device.type == "cuda", drop_last=False, generator=generator,
+        )
+        for x, y in loader:
+            yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+@torch.no_grad()
+def evaluate(backbone: Backbone, data: Dataset, device: torch.device, batch_size: int = 512) -> float:
+    """Top-1 accuracy of the full network on ``data``."""
+    was_training = backbone.training
+    backbone.eval()
+    correct = total = 0
+    for x, y in batches(data, batch_size, device, train=False):
+        correct += int((backbone(x).argmax(1) == y).sum())
+        total += y.numel()
+    backbone.train(was_training)
+    return correct / max(total, 1)
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train(cfg: TrainConfig) -> tuple[Backbone, dict[str, Any]]:
+    """Train (or resume, or reuse a finished run of) ``cfg``; returns the backbone in eval mode and
+    its checkpoint metadata."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    device = resolve_device(cfg.device)
+    path = cfg.checkpoint_path
+    train_data = load_dataset(cfg.dataset, "train", cfg.data_root, cfg.download, cfg.image_size)
+    arch_kwargs = cfg.arch_kwargs(train_data)
+    expected = {"arch": cfg.arch, "dataset": cfg.dataset, "num_classes": train_data.num_classes,
+                "input_size": list(train_data.input_size), "arch_kwargs": arch_kwargs}
+    config_dict = dataclasses.asdict(cfg)
+
+    state = None
+    if cfg.resume and path.is_file():
+        state = safe_load(path, map_location=device)
+        check_metadata(state["metadata"], path, **expected)
+        if state["metadata"].get("complete"):
+            log.info("reusing finished backbone %s", path)
+            return load_backbone(path, map_location=device, **{k: expected[k] for k in ("arch", "dataset")})
+
+    seed_everything(cfg.seed)
+    backbone = create(cfg.arch, num_classes=train_data.num_classes, **arch_kwargs).to(device)
+    if cfg.drop_rate > 0:
+        backbone.set_stochastic_depth(cfg.drop_rate)
+    val_data = load_dataset(cfg.dataset, "val", cfg.data_root, cfg.download, cfg.image_size)
+    test_data = load_dataset(cfg.dataset, "test", cfg.data_root, cfg.download, cfg.image_size)
+
+    steps_per_epoch = math.ceil(len(train_data) / cfg.batch_size)
+    total_steps = cfg.epochs * steps_per_epoch
+    optimizer = torch.optim.SGD(
+        backbone.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total_steps)))
+    generator = torch.Generator().manual_seed(cfg.seed)
+    start_epoch, run_name = 0, f"backbone__{cfg.dataset}__{cfg.arch}__{cfg.seed}__{int(time.time())}"
+    if state is not None:
+        backbone.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        start_epoch, run_name = state["epoch"], state["run_name"]
+        log.info("resuming %s from epoch %d", path, start_epoch)
+
+    writer = SummaryWriter(str(Path(cfg.log_dir) / run_name))
+    writer.add_text("hyperparameters", "\n".join(f"|{k}|{v}|" for k, v in config_dict.items()))
+    bar = tqdm(total=total_steps, initial=start_epoch * steps_per_epoch, desc=f"train {cfg.arch} on {cfg.dataset}",
+               disable=not cfg.progress, leave=False)
+    val_acc = 0.0
+    backbone.train()
+    for epoch in range(start_epoch, cfg.epochs):
+        t0 = time.perf_counter()
+        for x, y in batches(train_data, cfg.batch_size, device, train=True, shift=cfg.shift,
+                            num_workers=cfg.num_workers, generator=generator):
+            loss = F.cross_entropy(backbone(x), y)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"loss is {loss.item()} at epoch {epoch}: lower --lr; the last good checkpoint ({path}) is kept"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{val_acc:.3f}")
+        val_acc = evaluate(backbone, val_data, device)
+        step = (epoch + 1) * steps_per_epoch
+        writer.add_scalar("losses/train_loss", loss.item(), step)
+        writer.add_scalar("charts/val_accuracy", val_acc, step)
+        writer.add_scalar("charts/learning_rate", scheduler.get_last_lr()[0], step)
+        writer.add_scalar("charts/epoch_seconds", time.perf_counter() - t0, step)
+        done = epoch + 1 == cfg.epochs
+        extra: dict[str, Any] = {"complete": done, "val_accuracy": val_acc, "train_config": config_dict}
+        if done:
+            extra["test_accuracy"] = evaluate(backbone, test_data, device)
+            writer.add_scalar("charts/test_accuracy", extra["test_accuracy"], step)
+        atomic_save(
+            {
+                "metadata": backbone_metadata(backbone, cfg.dataset, **extra),
+                "model": backbone.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "generator": generator.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                "epoch": epoch + 1,
+                "run_name": run_name,
+            },
+            path,
+        )
+    bar.close()
+    writer.close()
+    backbone.eval()
+    meta = safe_load(path)["metadata"]
+    log.info("trained %s on %s: test accuracy %.4f (%s)", cfg.arch, cfg.dataset, meta.get("test_accuracy", -1), path)
+    return backbone, meta
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cfg = parse(TrainConfig, argv)
+    _, meta = train(cfg)
+    print(
+        f"{meta['arch']} on {meta['dataset']}: val accuracy {meta['val_accuracy']:.4f}, "
+        f"test accuracy {meta['test_accuracy']:.4f} -> {cfg.checkpoint_path}"
+    )
+
+
+if __name__ == "__main__":
+    main()

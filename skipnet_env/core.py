@@ -1,0 +1,165 @@
+"""The state machine both environments share: B episodes advancing block by block in lockstep.
+
+Everything here stays on the backbone's device; the only host round trip per step is the
+executed-row count that :func:`route_block` needs to size the executed sub-batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from backbones.base import Backbone
+from skipnet_env.routing import route_block
+
+AccuracyReward = Literal["correct", "neg_ce"]
+CostTiming = Literal["terminal", "per_step"]
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    """How an episode is scored.
+
+    Attributes:
+        alpha: weight of compute. The total return of an episode is
+            ``accuracy_term - alpha * (FLOPs spent / FLOPs of the full network)``.
+        accuracy: ``"correct"``: 1 if the prediction is right, else 0. ``"neg_ce"``: the negative
+            cross-entropy of the prediction, SkipNet's terminal reward.
+        cost_timing: ``"terminal"``: the whole compute cost is charged at the last step.
+            ``"per_step"``: each step is charged the FLOPs it spent (the stem and always-run
+            blocks on the first step, the head on the last), as SkipNet's per-gate reward does;
+            the return is the same, the credit assignment denser.
+    """
+
+    alpha: float = 0.1
+    accuracy: AccuracyReward = "correct"
+    cost_timing: CostTiming = "terminal"
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.alpha, int | float) and math.isfinite(self.alpha) and self.alpha >= 0):
+            raise ValueError(f"alpha must be a finite number >= 0 (the weight of compute), got {self.alpha!r}")
+        if self.accuracy not in ("correct", "neg_ce"):
+            raise ValueError(f"accuracy reward must be 'correct' or 'neg_ce', got {self.accuracy!r}")
+        if self.cost_timing not in ("terminal", "per_step"):
+            raise ValueError(f"cost_timing must be 'terminal' or 'per_step', got {self.cost_timing!r}")
+
+
+class BatchedRouting:
+    """B episodes of one backbone, one step per gated block.
+
+    Args:
+        backbone: frozen; put in eval mode and run under ``torch.no_grad``.
+        reward: the scoring rule.
+        gate_first_block: let the agent skip the first block too (SkipNet always runs it).
+
+    The observation of each episode is ``[pooled activation (zero-padded to the widest block),
+    one-hot position of the next gated block, fraction of the full network's FLOPs spent]``.
+    """
+
+    def __init__(self, backbone: Backbone, reward: RewardConfig, gate_first_block: bool = False) -> None:
+        self.backbone = backbone.eval()
+        self.reward = reward
+        self.device = next(backbone.parameters()).device
+        self.first_gated = 0 if gate_first_block else 1
+        self.num_gates = backbone.num_blocks - self.first_gated
+        if self.num_gates < 1:
+            raise ValueError(f"backbone {backbone.arch} has {backbone.num_blocks} block(s): nothing to gate")
+        flops = backbone.flops
+        self.full_flops = float(flops.full)
+        gated = range(self.first_gated, backbone.num_blocks)
+        self.exec_flops = torch.tensor([flops.block_executed[i] for i in gated], dtype=torch.float64, device=self.device)
+        self.skip_flops = torch.tensor([flops.block_skipped[i] for i in gated], dtype=torch.float64, device=self.device)
+        self.prefix_flops = float(flops.stem + sum(flops.block_executed[: self.first_gated]))
+        self.head_flops = float(flops.head)
+        self.max_channels = max(c for c, _, _ in backbone.activation_shapes)
+        self.obs_dim = self.max_channels + self.num_gates + 1
+        self.step_index = 0
+        self.h: Tensor | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.step_index >= self.num_gates
+
+    @torch.no_grad()
+    def start(self, images: Tensor, labels: Tensor) -> Tensor:
+        """Begin B episodes on ``images`` ``(B, C, H, W)``; returns the first observation ``(B, obs_dim)``."""
+        h = self.backbone.stem(images)
+        for block in self.backbone.blocks[: self.first_gated]:
+            h = block(h)
+        b = images.shape[0]
+        self.h = h  # (B, C, H, W)
+        self.labels = labels  # (B,)
+        self.step_index = 0
+        self.spent_flops = torch.full((b,), self.prefix_flops, dtype=torch.float64, device=self.device)  # (B,)
+        self.executed = torch.zeros(b, self.num_gates, dtype=torch.bool, device=self.device)  # (B, N)
+        self.logits: Tensor | None = None
+        return self.observe()
+
+    def observe(self) -> Tensor:
+        """``(B, obs_dim)`` float32; after the last step the position one-hot is all zero."""
+        assert self.h is not None
+        b, c = self.h.shape[:2]
+        obs = torch.zeros(b, self.obs_dim, device=self.device)  # (B, D)
+        obs[:, :c] = self.h.mean(dim=(2, 3))
+        if not self.done:
+            obs[:, self.max_channels + self.step_index] = 1.0
+        obs[:, -1] = (self.spent_flops / self.full_flops).float()
+        return obs
+
+    @torch.no_grad()
+    def advance(self, execute: Tensor, num_execute: int | None = None) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """Run (or skip) the next gated block for every episode.
+
+        Args:
+            execute: ``(B,)`` bool on the device, true where the block runs.
+            num_execute: ``execute.sum()`` if already known on the host.
+
+        Returns:
+            observation ``(B, obs_dim)``, reward ``(B,)`` float32, info of ``(B, ...)`` tensors:
+            ``label``, ``flops`` (spent so far), ``flops_fraction``, ``executed`` ``(B, N)``; after
+            the last step also ``prediction``, ``correct`` and ``logits``.
+        """
+        if self.h is None or self.done:
+            raise RuntimeError("the episode is over: call reset() before step()")
+        k = self.step_index
+        block = self.backbone.blocks[self.first_gated + k]
+        self.h = route_block(block, self.h, execute, num_execute)
+        step_flops = torch.where(execute, self.exec_flops[k], self.skip_flops[k])  # (B,)
+        self.spent_flops += step_flops
+        if k == 0:  # the per-step charge of the first step includes the stem and always-run blocks
+            step_flops = step_flops + self.prefix_flops
+        self.executed[:, k] = execute
+        self.step_index += 1
+        info: dict[str, Tensor] = {"label": self.labels, "executed": self.executed.clone()}
+        if self.done:
+            self.logits = self.backbone.head(self.h)  # (B, num_classes)
+            self.spent_flops += self.head_flops
+            step_flops = step_flops + self.head_flops
+            prediction = self.logits.argmax(dim=1)
+            correct = prediction == self.labels
+            info.update(prediction=prediction, correct=correct, logits=self.logits)
+        info.update(flops=self.spent_flops.clone(), flops_fraction=self.spent_flops / self.full_flops)
+        reward = self._reward(step_flops)
+        return self.observe(), reward, info
+
+    def _reward(self, step_flops: Tensor) -> Tensor:
+        cfg = self.reward
+        b = step_flops.shape[0]
+        if cfg.cost_timing == "per_step":
+            reward = -cfg.alpha * step_flops / self.full_flops
+        elif self.done:
+            reward = -cfg.alpha * self.spent_flops / self.full_flops
+        else:
+            reward = torch.zeros(b, dtype=torch.float64, device=self.device)
+        if self.done:
+            assert self.logits is not None
+            if cfg.accuracy == "correct":
+                reward = reward + (self.logits.argmax(dim=1) == self.labels).double()
+            else:
+                reward = reward - F.cross_entropy(self.logits.double(), self.labels, reduction="none")
+        return reward.float()

@@ -1,0 +1,119 @@
+"""``SkipNet-v0``: one image per episode, one step per gated residual block.
+
+Action ``Discrete(2)``: 0 skips the next block (its shortcut is applied), 1 executes it.
+Observation ``Box((C_max + N + 1,))``: the activation pooled over space (zero-padded to the widest
+block), the one-hot position of the block being decided, and the fraction of the full network's
+FLOPs spent so far. Reward: see :class:`skipnet_env.core.RewardConfig`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium import spaces
+from torch import Tensor
+
+from backbones.data import ImageTensors
+from backbones.device import resolve_device
+from skipnet_env.core import AccuracyReward, BatchedRouting, CostTiming, RewardConfig
+from skipnet_env.sources import BackboneSpec, DatasetSpec, resolve_backbone, resolve_dataset
+
+DEFAULT_BACKBONE = "cifar_resnet38"
+DEFAULT_DATASET = "digits"
+
+
+def observation_space(obs_dim: int) -> spaces.Box:
+    return spaces.Box(-np.inf, np.inf, shape=(obs_dim,), dtype=np.float32)
+
+
+class SkipNetEnv(gym.Env[np.ndarray, int]):
+    """One image per episode; the backbone and the image stay on ``device``.
+
+    Args:
+        backbone: a :class:`backbones.Backbone`, a checkpoint path, or a registry name (then the
+            backbone trained on ``dataset`` is taken from the cache, trained first if missing).
+        dataset: a data set name (see ``backbones.list_datasets()``) or an ``ImageTensors``.
+        split: ``train``, ``val`` or ``test``.
+        alpha: weight of compute in the reward (>= 0).
+        accuracy_reward: ``"correct"`` (1/0) or ``"neg_ce"`` (SkipNet's negative cross-entropy).
+        cost_timing: ``"terminal"`` (all cost at the end) or ``"per_step"`` (each block's FLOPs when spent).
+        gate_first_block: let the agent skip the first block (SkipNet always runs it).
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``, ...
+        data_root, download, image_size: passed to ``backbones.load_dataset``.
+        backbone_train: overrides of ``backbones.train.TrainConfig`` when a named backbone is trained.
+    """
+
+    metadata: dict[str, Any] = {"render_modes": []}
+
+    def __init__(
+        self,
+        backbone: BackboneSpec = DEFAULT_BACKBONE,
+        dataset: DatasetSpec = DEFAULT_DATASET,
+        *,
+        split: str = "train",
+        alpha: float = 0.1,
+        accuracy_reward: AccuracyReward = "correct",
+        cost_timing: CostTiming = "terminal",
+        gate_first_block: bool = False,
+        device: str | torch.device = "auto",
+        data_root: str | None = None,
+        download: bool = True,
+        image_size: int | None = None,
+        backbone_train: dict[str, Any] | None = None,
+    ) -> None:
+        reward = RewardConfig(alpha, accuracy_reward, cost_timing)  # validate before any heavy work
+        self.device = resolve_device(device)
+        data = resolve_dataset(dataset, split, data_root, download, image_size)
+        self.backbone = resolve_backbone(backbone, data, self.device, backbone_train)
+        self.data = data.to(self.device) if isinstance(data, ImageTensors) else data
+        self.core = BatchedRouting(self.backbone, reward, gate_first_block)
+        self.num_gates = self.core.num_gates
+        self.observation_space = observation_space(self.core.obs_dim)
+        self.action_space = spaces.Discrete(2)
+        self._execute = torch.tensor([[False], [True]], device=self.device)  # (2, 1): action -> mask, no copy per step
+        self._index = -1
+
+    def _image(self, index: int) -> tuple[Tensor, Tensor]:
+        if isinstance(self.data, ImageTensors):
+            return self.data.normalize(self.data.images[index : index + 1]), self.data.labels[index : index + 1]
+        x, y = self.data.dataset[index]
+        return x[None].to(self.device), torch.tensor([y], device=self.device)
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
+        """Start an episode on a random image, or on ``options["index"]``."""
+        super().reset(seed=seed)
+        index = (options or {}).get("index")
+        if index is None:
+            index = int(self.np_random.integers(len(self.data)))
+        elif not 0 <= int(index) < len(self.data):
+            raise IndexError(f"options['index'] must be in [0, {len(self.data)}), got {index}")
+        self._index = int(index)
+        obs = self.core.start(*self._image(self._index))
+        return obs[0].cpu().numpy(), {"index": self._index, "label": int(self.core.labels[0])}
+
+    def step(self, action: int) -> tuple[np.ndarray, float, bool, bool, dict]:
+        if self.core.h is None or self.core.done:
+            raise RuntimeError("step() called after the episode ended (or before reset()): call reset() first")
+        a = check_action(action)
+        obs, reward, info = self.core.advance(self._execute[a], num_execute=a)
+        out_info: dict[str, Any] = {"index": self._index}
+        for key, value in info.items():
+            if key != "logits":
+                out_info[key] = value[0].cpu().numpy() if value.ndim > 1 else value[0].item()
+        return obs[0].cpu().numpy(), float(reward[0]), self.core.done, False, out_info
+
+
+def check_action(action: Any) -> int:
+    """0 or 1 from an int-like ``action``, else a ``ValueError`` that says what arrived."""
+    arr = np.asarray(action)
+    if arr.shape != ():
+        raise ValueError(
+            f"SkipNet-v0 takes one action per step, a scalar 0 (skip) or 1 (execute); got an array of shape "
+            f"{arr.shape}. For batches use gymnasium.make_vec('SkipNet-v0', num_envs=B)."
+        )
+    if not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_) or int(arr) not in (0, 1):
+        raise ValueError(f"action must be 0 (skip) or 1 (execute), got {action!r} ({arr.dtype})")
+    return int(arr)

@@ -1,0 +1,119 @@
+"""What an environment is built from: a backbone and a data set, given by name, path or object,
+checked against each other, and a sampler of image batches that lives on the device."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from backbones.base import Backbone
+from backbones.checkpoint import load_backbone
+from backbones.data import Dataset, FolderImages, ImageTensors, load_dataset
+from backbones.registry import list_backbones
+
+BackboneSpec = str | Path | Backbone
+DatasetSpec = str | Dataset
+
+
+def resolve_dataset(
+    dataset: DatasetSpec, split: str, data_root: str | None, download: bool, image_size: int | None
+) -> Dataset:
+    if isinstance(dataset, ImageTensors | FolderImages):
+        return dataset
+    if not isinstance(dataset, str):
+        raise TypeError(f"dataset must be a name, ImageTensors or FolderImages, got {type(dataset).__name__}")
+    return load_dataset(dataset, split, data_root, download, image_size)
+
+
+def resolve_backbone(
+    backbone: BackboneSpec, data: Dataset, device: torch.device, train_overrides: dict[str, Any] | None = None
+) -> Backbone:
+    """A backbone object as given; a checkpoint path loaded (checked against ``data``); or a
+    registry name, trained on ``data``'s data set and cached on first use."""
+    if isinstance(backbone, Backbone):
+        net = backbone
+    elif isinstance(backbone, str | Path) and (Path(backbone).suffix in (".pt", ".pth") or Path(backbone).is_file()):
+        net, _ = load_backbone(backbone, dataset=data.name, map_location=device)
+    elif isinstance(backbone, str) and backbone in list_backbones():
+        from backbones.pretrained import get_trained
+
+        overrides = {"device": str(device), "progress": False, "image_size": data.input_size[1], **(train_overrides or {})}
+        net, _ = get_trained(backbone, data.name, **overrides)
+    else:
+        raise ValueError(
+            f"backbone must be a Backbone, a checkpoint path, or one of {', '.join(list_backbones())}; got {backbone!r}"
+        )
+    check_compatible(net, data)
+    return net.to(device).eval()
+
+
+def check_compatible(backbone: Backbone, data: Dataset) -> None:
+    """Raise ``ValueError`` if ``backbone`` was not built for ``data``'s classes and input size."""
+    problems = []
+    if backbone.num_classes != data.num_classes:
+        problems.append(f"the backbone has {backbone.num_classes} classes, the data set {data.num_classes}")
+    if tuple(backbone.input_size) != tuple(data.input_size):
+        problems.append(
+            f"the backbone expects inputs of (C, H, W) = {tuple(backbone.input_size)}, the data set has "
+            f"{tuple(data.input_size)}"
+        )
+    if problems:
+        raise ValueError(
+            f"backbone {backbone.arch} does not fit data set {data.name!r}: {'; '.join(problems)}. "
+            "Use a backbone trained on this data set (python -m backbones.train --dataset ...)."
+        )
+
+
+class BatchSampler:
+    """Draws batches of ``batch_size`` images without replacement, epoch after epoch.
+
+    In-memory data sets live on ``device`` and are indexed there: no host-device copy. Image
+    folders go through a ``DataLoader`` (one copy per batch, at episode start).
+    """
+
+    def __init__(self, data: Dataset, batch_size: int, device: torch.device, num_workers: int = 0) -> None:
+        if len(data) < batch_size:
+            raise ValueError(f"batch of {batch_size} images asked from a data set of {len(data)}")
+        self.data = data.to(device) if isinstance(data, ImageTensors) else data
+        self.batch_size = batch_size
+        self.device = device
+        self.num_workers = num_workers
+        self.generator = torch.Generator(device=device if isinstance(data, ImageTensors) else "cpu")
+        self.seed()
+
+    def seed(self, seed: int | None = None) -> None:
+        if seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(seed)
+        self._order: Tensor | None = None
+        self._pos = 0
+        self._loader_iter = None
+
+    def next(self) -> tuple[Tensor, Tensor]:
+        """Normalised images ``(B, C, H, W)`` and labels ``(B,)`` on the device."""
+        if isinstance(self.data, ImageTensors):
+            n = len(self.data)
+            if self._order is None or self._pos + self.batch_size > n:
+                self._order = torch.randperm(n, device=self.device, generator=self.generator)
+                self._pos = 0
+            idx = self._order[self._pos : self._pos + self.batch_size]
+            self._pos += self.batch_size
+            return self.data.batch(idx)
+        if self._loader_iter is None:
+            self._loader_iter = iter(self._loader())
+        try:
+            x, y = next(self._loader_iter)
+        except StopIteration:
+            self._loader_iter = iter(self._loader())
+            x, y = next(self._loader_iter)
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def _loader(self) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(
+            self.data.dataset, batch_size=self.batch_size, shuffle=True, drop_last=True,
+            num_workers=self.num_workers, pin_memory=self.device.type == "cuda", generator=self.generator,
+        )

@@ -1,0 +1,152 @@
+"""The batched ``SkipNet-v0``: B images in lockstep on the backbone's device.
+
+Registered as the ``vector_entry_point`` of ``SkipNet-v0``::
+
+    envs = gymnasium.make_vec("SkipNet-v0", num_envs=256, vectorization_mode="vector_entry_point")
+
+All B episodes have the same length (one step per gated block), so they end together and are
+reset together on the same step (``AutoresetMode.SAME_STEP``) with the next batch of the data set;
+the last observation and info are in ``info["final_obs"]`` and ``info["final_info"]``.
+
+With ``return_tensors=True`` observations, rewards, flags and infos are torch tensors on the
+device (no copy); otherwise numpy arrays. ``env.activation`` is the current activation map
+``(B, C, H, W)`` for agents that look at the whole map.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from gymnasium import spaces
+from gymnasium.vector import AutoresetMode, VectorEnv
+from gymnasium.vector.utils import batch_space
+from torch import Tensor
+
+from backbones.device import resolve_device
+from skipnet_env.core import AccuracyReward, BatchedRouting, CostTiming, RewardConfig
+from skipnet_env.env import DEFAULT_BACKBONE, DEFAULT_DATASET, observation_space
+from skipnet_env.sources import BackboneSpec, BatchSampler, DatasetSpec, resolve_backbone, resolve_dataset
+
+
+class SkipNetVectorEnv(VectorEnv):
+    """``num_envs`` images per episode batch; arguments as :class:`skipnet_env.env.SkipNetEnv`, plus:
+
+    Args:
+        num_envs: images per batch (B).
+        return_tensors: return torch tensors on the device instead of numpy arrays.
+        num_workers: data-loader workers for image folders.
+    """
+
+    metadata: dict[str, Any] = {"autoreset_mode": AutoresetMode.SAME_STEP, "render_modes": []}
+
+    def __init__(
+        self,
+        num_envs: int = 64,
+        backbone: BackboneSpec = DEFAULT_BACKBONE,
+        dataset: DatasetSpec = DEFAULT_DATASET,
+        *,
+        split: str = "train",
+        alpha: float = 0.1,
+        accuracy_reward: AccuracyReward = "correct",
+        cost_timing: CostTiming = "terminal",
+        gate_first_block: bool = False,
+        device: str | torch.device = "auto",
+        data_root: str | None = None,
+        download: bool = True,
+        image_size: int | None = None,
+        backbone_train: dict[str, Any] | None = None,
+        return_tensors: bool = False,
+        num_workers: int = 0,
+    ) -> None:
+        if not isinstance(num_envs, int) or num_envs < 1:
+            raise ValueError(f"num_envs must be a positive integer, got {num_envs!r}")
+        reward = RewardConfig(alpha, accuracy_reward, cost_timing)
+        self.device = resolve_device(device)
+        data = resolve_dataset(dataset, split, data_root, download, image_size)
+        self.backbone = resolve_backbone(backbone, data, self.device, backbone_train)
+        self.sampler = BatchSampler(data, num_envs, self.device, num_workers)
+        self.core = BatchedRouting(self.backbone, reward, gate_first_block)
+        self.num_envs = num_envs
+        self.num_gates = self.core.num_gates
+        self.return_tensors = return_tensors
+        self.single_observation_space = observation_space(self.core.obs_dim)
+        self.single_action_space = spaces.Discrete(2)
+        self.observation_space = batch_space(self.single_observation_space, num_envs)
+        self.action_space = batch_space(self.single_action_space, num_envs)
+        self._all = torch.ones(num_envs, dtype=torch.bool, device=self.device)
+        self._none = torch.zeros(num_envs, dtype=torch.bool, device=self.device)
+
+    @property
+    def activation(self) -> Tensor:
+        """The current activation map ``(B, C, H, W)`` on the device (the input of the next gated block)."""
+        if self.core.h is None:
+            raise RuntimeError("no activation before reset()")
+        return self.core.h
+
+    @property
+    def step_index(self) -> int:
+        """Index (0-based, among gated blocks) of the block the next action decides."""
+        return self.core.step_index
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Any, dict]:
+        super().reset(seed=seed)
+        if seed is not None:
+            self.sampler.seed(seed)
+        obs = self.core.start(*self.sampler.next())
+        return self._out(obs), self._out_info({"label": self.core.labels})
+
+    def step(self, actions: Any) -> tuple[Any, Any, Any, Any, dict]:
+        if self.core.h is None:
+            raise RuntimeError("step() called before reset(): call reset() first")
+        execute, num_execute = self._check_actions(actions)
+        obs, reward, info = self.core.advance(execute, num_execute)
+        done = self.core.done
+        out_info: dict[str, Any] = {}
+        if done:  # same-step autoreset: every episode ends on this step
+            info.pop("logits")
+            out_info = {"final_obs": self._out(obs), "_final_obs": self._out(self._all),
+                        "final_info": self._out_info(info), "_final_info": self._out(self._all)}
+            obs = self.core.start(*self.sampler.next())
+            info = {"label": self.core.labels}
+        out_info.update(self._out_info(info))
+        flag = self._all if done else self._none
+        return self._out(obs), self._out(reward), self._out(flag), self._out(self._none), out_info
+
+    def _check_actions(self, actions: Any) -> tuple[Tensor, int]:
+        """``(B,)`` bool execute mask on the device, and its count on the host."""
+        b = self.num_envs
+        if isinstance(actions, Tensor):
+            if actions.shape != (b,) or actions.is_floating_point() or actions.is_complex():
+                raise ValueError(
+                    f"actions must be a ({b},) integer or bool tensor of 0 (skip) / 1 (execute), got "
+                    f"{tuple(actions.shape)} {actions.dtype}"
+                )
+            a = actions.to(self.device)
+            execute = a == 1
+            num_execute, num_bad = torch.stack([execute.sum(), ((a != 0) & ~execute).sum()]).tolist()
+            if num_bad:
+                raise ValueError(f"actions must be 0 (skip) or 1 (execute); {num_bad} of {b} were neither")
+            return execute, num_execute
+        arr = np.asarray(actions)
+        if arr.shape != (b,) or not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_):
+            raise ValueError(
+                f"actions must be an integer array of shape ({b},) holding 0 (skip) / 1 (execute), got "
+                f"shape {arr.shape} dtype {arr.dtype}"
+            )
+        execute_np = arr == 1
+        if not np.all(execute_np | (arr == 0)):
+            bad = arr[~(execute_np | (arr == 0))]
+            raise ValueError(f"actions must be 0 (skip) or 1 (execute), got values {np.unique(bad).tolist()}")
+        return torch.from_numpy(execute_np).to(self.device), int(execute_np.sum())
+
+    def _out(self, x: Tensor) -> Any:
+        return x if self.return_tensors else x.cpu().numpy()
+
+    def _out_info(self, info: dict[str, Tensor]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in info.items():
+            out[key] = self._out(value)
+            out[f"_{key}"] = self._out(self._all)
+        return out
