@@ -1,0 +1,48 @@
+"""Shared fixtures: small backbones with non-trivial random weights and the bundled digits data."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import backbones
+from backbones.base import Backbone
+from backbones.data import ImageTensors
+
+
+def randomize(backbone: Backbone, seed: int = 0) -> Backbone:
+    """Random BatchNorm affine parameters and running statistics, so that no block is close to the
+    identity (a freshly built CIFAR ResNet has zero-init residual branches)."""
+    g = torch.Generator().manual_seed(seed)
+    for m in backbone.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.weight.data = torch.rand(m.weight.shape, generator=g) + 0.5
+            m.bias.data = torch.randn(m.bias.shape, generator=g) * 0.1
+            m.running_mean = torch.randn(m.running_mean.shape, generator=g) * 0.1
+            m.running_var = torch.rand(m.running_var.shape, generator=g) + 0.5
+    return backbone.eval()
+
+
+def tiny_backbone(depth: int = 20, seed: int = 0, num_classes: int = 10, in_channels: int = 1, image_size: int = 16):
+    torch.manual_seed(seed)
+    net = backbones.create(
+        f"cifar_resnet{depth}", num_classes=num_classes, in_channels=in_channels, width=0.25, image_size=image_size
+    )
+    return randomize(net, seed)
+
+
+@pytest.fixture(scope="session")
+def digits_test() -> ImageTensors:
+    return backbones.load_dataset("digits", "test")
+
+
+@pytest.fixture
+def tiny() -> Backbone:
+    return tiny_backbone()
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    """Never touch the user's backbone cache or ./runs from a test."""
+    monkeypatch.setenv("SKIPNET_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)

@@ -1,0 +1,43 @@
+import numpy as np
+from stable_baselines3 import PPO
+from stable_baselines3.common.vec_env import DummyVecEnv
+
+import backbones
+from skipnet_env.env import SkipNetEnv
+from skipnet_env.sb3_bridge import SB3VecEnv, make_sb3_env
+from skipnet_env.vector_env import SkipNetVectorEnv
+from tests.conftest import tiny_backbone
+
+
+def test_ppo_trains_on_the_batched_env():
+    net, data = tiny_backbone(20), backbones.load_dataset("digits", "test")
+    env = make_sb3_env(8, backbone=net, dataset=data, device="cpu", alpha=0.5)
+    model = PPO("MlpPolicy", env, n_steps=16, batch_size=32, n_epochs=1, seed=0, device="cpu")
+    model.learn(total_timesteps=256)
+    assert len(model.ep_info_buffer) > 0  # episodes finished and were monitored
+    obs = env.reset()
+    actions, _ = model.predict(obs, deterministic=True)
+    assert actions.shape == (8,)
+
+
+def test_bridge_reports_terminal_observations_and_seeds():
+    net, data = tiny_backbone(20), backbones.load_dataset("digits", "test")
+    env = SB3VecEnv(SkipNetVectorEnv(4, net, data, device="cpu"))
+    env.seed(7)
+    first = env.reset()
+    env.seed(7)
+    np.testing.assert_array_equal(env.reset(), first)
+    for _ in range(8):
+        obs, reward, dones, infos = env.step(np.ones(4, dtype=np.int64))
+    assert dones.all()
+    assert infos[0]["terminal_observation"].shape == first.shape[1:]
+    assert infos[0]["flops_fraction"] == 1.0
+    assert env.get_attr("num_gates") == [8] * 4
+
+
+def test_single_env_also_works_in_sb3_dummy_vec_env():
+    net, data = tiny_backbone(20), backbones.load_dataset("digits", "test")
+    env = DummyVecEnv([lambda: SkipNetEnv(net, data, device="cpu")] * 2)
+    env.reset()
+    obs, reward, dones, infos = env.step(np.array([1, 0]))
+    assert obs.shape == (2, 25)

@@ -1,0 +1,79 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import backbones.train as train_mod
+from backbones.checkpoint import safe_load
+from backbones.train import TrainConfig, train
+
+TINY = {"arch": "cifar_resnet20", "dataset": "digits", "width": 0.25, "batch_size": 256, "progress": False}
+
+
+def test_trains_writes_metadata_and_reuses_a_finished_run(tmp_path):
+    cfg = TrainConfig(**TINY, epochs=2, out=str(tmp_path / "b.pt"), log_dir=str(tmp_path / "runs"))
+    net, meta = train(cfg)
+    assert meta["complete"] and meta["arch"] == "cifar_resnet20" and meta["dataset"] == "digits"
+    assert meta["num_classes"] == 10 and meta["input_size"] == [1, 16, 16]
+    assert 0.0 <= meta["test_accuracy"] <= 1.0 and "torch" in meta["versions"]
+    assert any((tmp_path / "runs").rglob("events.out.tfevents.*"))
+    stamp = Path(cfg.out).stat().st_mtime_ns
+    again, _ = train(cfg)
+    assert Path(cfg.out).stat().st_mtime_ns == stamp
+    assert torch.equal(again.head[2].weight, net.head[2].weight)
+
+
+def test_resumes_after_an_interruption(tmp_path, monkeypatch):
+    cfg = TrainConfig(**TINY, epochs=3, out=str(tmp_path / "b.pt"), log_dir=str(tmp_path / "runs"))
+    real_evaluate = train_mod.evaluate
+    calls = {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second epoch's validation: the process "dies"
+            raise KeyboardInterrupt
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "evaluate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    state = safe_load(cfg.out)
+    assert state["epoch"] == 1 and not state["metadata"]["complete"]
+    monkeypatch.setattr(train_mod, "evaluate", real_evaluate)
+    _, meta = train(cfg)
+    assert meta["complete"] and safe_load(cfg.out)["epoch"] == 3
+
+
+def test_checkpoint_of_another_setup_is_refused(tmp_path):
+    train(TrainConfig(**TINY, epochs=1, out=str(tmp_path / "b.pt"), log_dir=str(tmp_path / "runs")))
+    other = {**TINY, "width": 0.5}
+    with pytest.raises(ValueError, match="arch_kwargs"):
+        train(TrainConfig(**other, epochs=1, out=str(tmp_path / "b.pt"), log_dir=str(tmp_path / "runs")))
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_path):
+    out = tmp_path / "b.pt"
+    train(TrainConfig(**TINY, epochs=1, out=str(out), log_dir=str(tmp_path / "runs")))
+    good = out.read_bytes()
+    bad = TrainConfig(**TINY, epochs=2, lr=1e30, out=str(tmp_path / "nan.pt"), log_dir=str(tmp_path / "runs"))
+    with pytest.raises(FloatingPointError, match="lower --lr"):
+        train(bad)
+    assert out.read_bytes() == good
+
+
+def test_command_line_entry_point(tmp_path):
+    out = tmp_path / "cli.pt"
+    result = subprocess.run(
+        [sys.executable, "-m", "backbones.train", "--arch", "cifar_resnet20", "--width", "0.25", "--epochs", "1",
+         "--out", str(out), "--log-dir", str(tmp_path / "runs"), "--no-progress"],
+        capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1],
+    )
+    assert result.returncode == 0, result.stderr
+    assert "test accuracy" in result.stdout and out.is_file()
+    help_text = subprocess.run(
+        [sys.executable, "-m", "backbones.train", "--help"], capture_output=True, text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    ).stdout
+    assert "stochastic depth" in help_text  # field docstrings become the help
