@@ -34,9 +34,14 @@ def route_block(block: nn.Module, h: Tensor, execute: Tensor, num_execute: int |
     if num_execute == 0:
         return block.shortcut(h)
     order = torch.argsort(~execute, stable=True)  # (B,) executed rows first
-    h_sorted = h.index_select(0, order)
-    out_sorted = torch.cat([block(h_sorted[:num_execute]), block.shortcut(h_sorted[num_execute:])])
-    return torch.empty_like(out_sorted).index_copy(0, order, out_sorted)  # back to the original order
+    run, skip = order[:num_execute], order[num_execute:]
+    out_run = block(h.index_select(0, run))  # (B_run, C', H', W')
+    if isinstance(block.shortcut, nn.Identity):  # skipped rows keep their activation as it is
+        return h.index_copy(0, run, out_run)
+    out = out_run.new_empty((batch, *out_run.shape[1:]))
+    out.index_copy_(0, run, out_run)
+    out.index_copy_(0, skip, block.shortcut(h.index_select(0, skip)))
+    return out
 
 
 def routed_forward(backbone: Backbone, x: Tensor, execute: Tensor) -> Tensor:
