@@ -124,3 +124,15 @@ def load_backbone(
     backbone = create(meta["arch"], num_classes=meta["num_classes"], **meta["arch_kwargs"])
     backbone.load_state_dict(ckpt["model"])
     return backbone.eval(), meta
+
+
+def fingerprint(backbone: torch.nn.Module) -> str:
+    """A short hash of a backbone's weights: agents' checkpoints record it, so gates trained on one
+    backbone are never silently loaded onto another."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(backbone.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]

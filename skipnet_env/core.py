@@ -56,13 +56,18 @@ class BatchedRouting:
         backbone: frozen; put in eval mode and run under ``torch.no_grad``.
         reward: the scoring rule.
         gate_first_block: let the agent skip the first block too (SkipNet always runs it).
+        differentiable: keep the autograd graph through the backbone (for agents that fine-tune
+            it, as SkipNet's full recipe does); off, everything runs under ``torch.no_grad``.
 
     The observation of each episode is ``[pooled activation (zero-padded to the widest block),
     one-hot position of the next gated block, fraction of the full network's FLOPs spent]``.
     """
 
-    def __init__(self, backbone: Backbone, reward: RewardConfig, gate_first_block: bool = False) -> None:
+    def __init__(
+        self, backbone: Backbone, reward: RewardConfig, gate_first_block: bool = False, differentiable: bool = False
+    ) -> None:
         self.backbone = backbone.eval()
+        self.differentiable = differentiable
         self.reward = reward
         self.device = next(backbone.parameters()).device
         self.first_gated = 0 if gate_first_block else 1
@@ -85,12 +90,12 @@ class BatchedRouting:
     def done(self) -> bool:
         return self.step_index >= self.num_gates
 
-    @torch.no_grad()
     def start(self, images: Tensor, labels: Tensor) -> Tensor:
         """Begin B episodes on ``images`` ``(B, C, H, W)``; returns the first observation ``(B, obs_dim)``."""
-        h = self.backbone.stem(images)
-        for block in self.backbone.blocks[: self.first_gated]:
-            h = block(h)
+        with torch.set_grad_enabled(self.differentiable):
+            h = self.backbone.stem(images)
+            for block in self.backbone.blocks[: self.first_gated]:
+                h = block(h)
         b = images.shape[0]
         self.h = h  # (B, C, H, W)
         self.labels = labels  # (B,)
@@ -105,13 +110,12 @@ class BatchedRouting:
         assert self.h is not None
         b, c = self.h.shape[:2]
         obs = torch.zeros(b, self.obs_dim, device=self.device)  # (B, D)
-        obs[:, :c] = self.h.mean(dim=(2, 3))
+        obs[:, :c] = self.h.detach().mean(dim=(2, 3))
         if not self.done:
             obs[:, self.max_channels + self.step_index] = 1.0
         obs[:, -1] = (self.spent_flops / self.full_flops).float()
         return obs
 
-    @torch.no_grad()
     def advance(self, execute: Tensor, num_execute: int | None = None) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """Run (or skip) the next gated block for every episode.
 
@@ -126,6 +130,10 @@ class BatchedRouting:
         """
         if self.h is None or self.done:
             raise RuntimeError("the episode is over: call reset() before step()")
+        with torch.set_grad_enabled(self.differentiable):
+            return self._advance(execute, num_execute)
+
+    def _advance(self, execute: Tensor, num_execute: int | None) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         k = self.step_index
         block = self.backbone.blocks[self.first_gated + k]
         self.h = route_block(block, self.h, execute, num_execute)
@@ -144,7 +152,7 @@ class BatchedRouting:
             correct = prediction == self.labels
             info.update(prediction=prediction, correct=correct, logits=self.logits)
         info.update(flops=self.spent_flops.clone(), flops_fraction=self.spent_flops / self.full_flops)
-        reward = self._reward(step_flops)
+        reward = self._reward(step_flops).detach()
         return self.observe(), reward, info
 
     def _reward(self, step_flops: Tensor) -> Tensor:

@@ -35,7 +35,10 @@ class SkipNetVectorEnv(VectorEnv):
 
     Args:
         num_envs: images per batch (B).
-        return_tensors: return torch tensors on the device instead of numpy arrays.
+        return_tensors: return torch tensors on the device instead of numpy arrays; the final info
+            then carries the ``logits`` too.
+        differentiable: keep the autograd graph through the backbone (``activation`` and the final
+            ``logits`` require grad where the backbone does); needs ``return_tensors``.
         num_workers: data-loader workers for image folders.
     """
 
@@ -58,16 +61,19 @@ class SkipNetVectorEnv(VectorEnv):
         image_size: int | None = None,
         backbone_train: dict[str, Any] | None = None,
         return_tensors: bool = False,
+        differentiable: bool = False,
         num_workers: int = 0,
     ) -> None:
         if not isinstance(num_envs, int) or num_envs < 1:
             raise ValueError(f"num_envs must be a positive integer, got {num_envs!r}")
         reward = RewardConfig(alpha, accuracy_reward, cost_timing)
+        if differentiable and not return_tensors:
+            raise ValueError("differentiable=True needs return_tensors=True (numpy arrays carry no gradient)")
         self.device = resolve_device(device)
         data = resolve_dataset(dataset, split, data_root, download, image_size)
         self.backbone = resolve_backbone(backbone, data, self.device, backbone_train)
         self.sampler = BatchSampler(data, num_envs, self.device, num_workers)
-        self.core = BatchedRouting(self.backbone, reward, gate_first_block)
+        self.core = BatchedRouting(self.backbone, reward, gate_first_block, differentiable)
         self.num_envs = num_envs
         self.num_gates = self.core.num_gates
         self.return_tensors = return_tensors
@@ -105,7 +111,8 @@ class SkipNetVectorEnv(VectorEnv):
         done = self.core.done
         out_info: dict[str, Any] = {}
         if done:  # same-step autoreset: every episode ends on this step
-            info.pop("logits")
+            if not self.return_tensors:
+                info.pop("logits")
             out_info = {"final_obs": self._out(obs), "_final_obs": self._out(self._all),
                         "final_info": self._out_info(info), "_final_info": self._out(self._all)}
             obs = self.core.start(*self.sampler.next())

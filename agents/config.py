@@ -1,0 +1,83 @@
+"""The configuration of one run: which agent, on which backbone and data, with which budget."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class RunConfig:
+    """Train and evaluate a routing agent on a frozen backbone (SkipNet-Gym)."""
+
+    agent: str = "hybrid_rnn"
+    """agent name: hybrid_rnn, hybrid_ff, hybrid_ff2, ppo, a2c, recurrent_ppo, random, static, full"""
+    backbone: str = "cifar_resnet38"
+    """backbone registry name (trained on --dataset and cached on first use)"""
+    backbone_checkpoint: str | None = None
+    """use this backbone checkpoint instead of the cached one"""
+    dataset: str = "digits"
+    """data set name: digits (embedded, offline), mnist, cifar10, cifar100, svhn, imagefolder"""
+    data_root: str | None = None
+    """folder with the data set's files (default $SKIPNET_DATA or ./data)"""
+    download: bool = True
+    """download the data set when its files are missing"""
+    width: float = 0.5
+    """channel multiplier of CIFAR ResNet backbones"""
+    image_size: int | None = None
+    """square input side (default: the data set's own; 16 for digits)"""
+    backbone_epochs: int = 30
+    """epochs when the backbone has to be trained first"""
+    backbone_drop_rate: float = 0.5
+    """stochastic depth of the backbone trainer (0 disables)"""
+    alpha: float = 0.3
+    """weight of compute in the reward (fraction of the full network's FLOPs)"""
+    device: str = "auto"
+    """torch device: auto, cpu, cuda, ..."""
+    seed: int = 0
+    """seed for python, numpy, torch and the environment"""
+    torch_deterministic: bool = False
+    """ask cuDNN for deterministic kernels"""
+    num_envs: int = 128
+    """images per batch in the environment (B)"""
+    # hybrid (SkipNet) agents
+    sp_epochs: int = 10
+    """hybrid: supervised pre-training epochs over the training set"""
+    sp_lr: float = 1e-3
+    """hybrid: Adam learning rate of the gates in supervised pre-training"""
+    hrl_iterations: int = 600
+    """hybrid: REINFORCE iterations (one batch of num_envs episodes each)"""
+    hrl_lr: float = 1e-3
+    """hybrid: Adam learning rate of the gates in hybrid RL"""
+    gamma: float = 1.0
+    """hybrid: discount of the per-gate returns"""
+    baseline: str = "batch_mean"
+    """hybrid: REINFORCE baseline: batch_mean (mean return of the batch at each gate) or none"""
+    rl_weight: float = 0.01
+    """hybrid: weight of the REINFORCE term beside the cross-entropy (paper: 0.01)"""
+    finetune_backbone: bool = False
+    """hybrid: train the backbone too (the paper's full recipe); BatchNorm statistics stay frozen"""
+    backbone_lr: float = 1e-4
+    """hybrid: learning rate of the backbone when fine-tuning"""
+    rnn_hidden: int = 10
+    """hybrid_rnn: LSTM hidden size (paper's SP stage: 10)"""
+    # SB3 agents
+    timesteps: int = 150_000
+    """SB3 agents: environment steps (image-blocks) to train for"""
+    # fixed policies
+    rate: float = 0.5
+    """random: execute probability of each gated block"""
+    budget: float = 0.6
+    """static: largest fraction of the full network's FLOPs the fixed subset of blocks may spend"""
+    # run control
+    eval_only: bool = False
+    """evaluate --checkpoint without training"""
+    checkpoint: str | None = None
+    """agent checkpoint to evaluate (--eval-only) or to write (default: in the run folder)"""
+    resume: bool = False
+    """continue the run whose checkpoint is --checkpoint"""
+    run_dir: str = "runs"
+    """TensorBoard and results folder"""
+    eval_batch: int = 512
+    """images per evaluation batch"""
+    progress: bool = True
+    """show progress bars"""

@@ -1,0 +1,155 @@
+"""SkipNet's gate networks: feedforward (FFGate-I, FFGate-II) and recurrent.
+
+A gate policy decides, for each gated block ``k``, whether to execute it, from the activation
+entering that block ``h_k`` ``(B, C_k, H_k, W_k)``. Every gate returns one logit per image: the
+log-odds of *execute* (equivalent to the paper's two-way softmax over skip/execute).
+
+FLOPs are counted with ``torch.utils.flop_counter`` per gated block (:meth:`GatePolicy.flops`).
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from backbones.base import Backbone
+from backbones.flops import count_flops
+
+
+class GatePolicy(nn.Module):
+    """Base class: one decision per gated block of ``backbone``.
+
+    Args:
+        backbone: the network to gate (only its shapes are read).
+        first_gated: index of the first gated block (1 in SkipNet: block 0 always runs).
+    """
+
+    def __init__(self, backbone: Backbone, first_gated: int = 1) -> None:
+        super().__init__()
+        self.first_gated = first_gated
+        self.input_shapes = [backbone.activation_shapes[i] for i in range(first_gated, backbone.num_blocks)]
+        self.num_gates = len(self.input_shapes)
+
+    def initial_state(self, batch_size: int, device: torch.device) -> Any:
+        """Recurrent state at the start of an episode (``None`` for feedforward gates)."""
+        return None
+
+    def forward(self, h: Tensor, k: int, state: Any = None) -> tuple[Tensor, Any]:
+        """Logit of *execute* ``(B,)`` for gated block ``k`` given its input ``h``, and the new state."""
+        raise NotImplementedError
+
+    @cached_property
+    def flops(self) -> list[int]:
+        """FLOPs per image of each gate, counted by the framework."""
+        device = next(self.parameters()).device
+        was_training = self.training
+        self.eval()
+        state = self.initial_state(1, device)
+        out = []
+        for k, shape in enumerate(self.input_shapes):
+            n, (_, state) = count_flops(lambda h, k=k, s=state: self(h, k, s), torch.zeros(1, *shape, device=device))
+            out.append(n)
+        self.train(was_training)
+        return out
+
+
+class _FFGateI(nn.Sequential):
+    def __init__(self, c: int) -> None:
+        super().__init__(
+            nn.MaxPool2d(2, ceil_mode=True),
+            nn.Conv2d(c, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True),
+            nn.Conv2d(c, c, 3, 2, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True),
+            nn.AdaptiveAvgPool2d(1), nn.Conv2d(c, 1, 1), nn.Flatten(0),
+        )
+
+
+class _FFGateII(nn.Sequential):
+    def __init__(self, c: int) -> None:
+        super().__init__(
+            nn.Conv2d(c, c, 3, 2, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True),
+            nn.AdaptiveAvgPool2d(1), nn.Conv2d(c, 1, 1), nn.Flatten(0),
+        )
+
+
+FF_GATE_KINDS = {"I": _FFGateI, "II": _FFGateII}
+
+
+class FeedforwardGates(GatePolicy):
+    """One independent gate per gated block, looking at the block's whole input map.
+
+    ``kind="I"`` (ResNet-38/74 in the paper): max-pool 2x2, 3x3 conv, BN, ReLU, 3x3 conv stride 2,
+    BN, ReLU, global average pool, 1x1 conv. ``kind="II"`` (deeper nets): 3x3 conv stride 2, BN,
+    ReLU, average pool, 1x1 conv.
+    """
+
+    def __init__(self, backbone: Backbone, first_gated: int = 1, kind: str = "I", init_execute: float = 2.0) -> None:
+        super().__init__(backbone, first_gated)
+        if kind not in FF_GATE_KINDS:
+            raise ValueError(f"feedforward gate kind must be one of {sorted(FF_GATE_KINDS)}, got {kind!r}")
+        self.kind = kind
+        self.gates = nn.ModuleList(FF_GATE_KINDS[kind](c) for c, _, _ in self.input_shapes)
+        for gate in self.gates:  # start by executing (logit init_execute), as the backbone was trained
+            nn.init.constant_(gate[-2].bias, init_execute)
+
+    def forward(self, h: Tensor, k: int, state: Any = None) -> tuple[Tensor, Any]:
+        return self.gates[k](h), None
+
+
+class LSTMCell(nn.Module):
+    """A plain LSTM cell, written out so that the FLOP counter sees its matrix multiplies."""
+
+    def __init__(self, input_size: int, hidden_size: int) -> None:
+        super().__init__()
+        self.x2h = nn.Linear(input_size, 4 * hidden_size)
+        self.h2h = nn.Linear(hidden_size, 4 * hidden_size)
+
+    def forward(self, x: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        h, c = state
+        i, f, g, o = (self.x2h(x) + self.h2h(h)).chunk(4, dim=1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        return h, c
+
+
+class RecurrentGate(GatePolicy):
+    """SkipNet's recurrent gate: per block, global average pool and a 1x1 projection to an
+    embedding (one projection per stage, as the reference code); one LSTM shared by all blocks,
+    state reset per image; a linear layer to the execute logit."""
+
+    def __init__(
+        self, backbone: Backbone, first_gated: int = 1, embed_dim: int = 10, hidden_size: int = 10,
+        init_execute: float = 2.0,
+    ) -> None:
+        super().__init__(backbone, first_gated)
+        self.hidden_size = hidden_size
+        channels = sorted({c for c, _, _ in self.input_shapes})
+        self.proj = nn.ModuleDict({str(c): nn.Linear(c, embed_dim) for c in channels})  # 1x1 conv on a pooled map
+        self.lstm = LSTMCell(embed_dim, hidden_size)
+        self.out = nn.Linear(hidden_size, 1)
+        nn.init.constant_(self.out.bias, init_execute)
+
+    def initial_state(self, batch_size: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        zeros = torch.zeros(batch_size, self.hidden_size, device=device)
+        return zeros, zeros
+
+    def forward(self, h: Tensor, k: int, state: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Any]:
+        if state is None:
+            state = self.initial_state(h.shape[0], h.device)
+        x = self.proj[str(h.shape[1])](h.mean(dim=(2, 3)))  # (B, embed)
+        hidden, cell = self.lstm(x, state)
+        return self.out(hidden).squeeze(1), (hidden, cell)
+
+
+def create_gates(kind: str, backbone: Backbone, first_gated: int = 1, **kwargs: Any) -> GatePolicy:
+    """``kind``: ``"rnn"``, ``"ff1"`` (FFGate-I) or ``"ff2"`` (FFGate-II)."""
+    builders = {
+        "rnn": lambda: RecurrentGate(backbone, first_gated, **kwargs),
+        "ff1": lambda: FeedforwardGates(backbone, first_gated, "I", **kwargs),
+        "ff2": lambda: FeedforwardGates(backbone, first_gated, "II", **kwargs),
+    }
+    if kind not in builders:
+        raise ValueError(f"unknown gate kind {kind!r}; valid: {', '.join(builders)}")
+    return builders[kind]()

@@ -1,0 +1,177 @@
+"""One registry of agents: ``--agent hybrid_rnn`` is a lookup, not an if/elif chain.
+
+Every agent trains (or loads) into a :class:`agents.policies.RoutingPolicy`, which the shared
+evaluation routes the test images with.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from agents.config import RunConfig
+from agents.fixed import random_rate_for_budget, search_static
+from agents.gates import create_gates
+from agents.hybrid import HybridConfig, HybridTrainer
+from agents.policies import GateRoutingPolicy, RandomPolicy, RoutingPolicy, SB3RoutingPolicy, StaticPolicy
+from backbones.base import Backbone
+from backbones.checkpoint import atomic_save
+from backbones.data import Dataset
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AgentContext:
+    """What an agent gets to train with."""
+
+    cfg: RunConfig
+    backbone: Backbone
+    train_data: Dataset
+    val_data: Dataset
+    device: torch.device
+    checkpoint: Path
+    metadata: dict[str, Any]
+    writer: Any = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AgentSpec:
+    """``train(ctx, state)`` trains (resuming from ``state`` if given) and returns the policy;
+    ``load(ctx, state)`` rebuilds the policy from a checkpoint for evaluation."""
+
+    train: Callable[[AgentContext, dict | None], RoutingPolicy]
+    load: Callable[[AgentContext, dict], RoutingPolicy]
+    description: str
+
+
+AGENTS: dict[str, AgentSpec] = {}
+
+
+def register_agent(name: str, spec: AgentSpec) -> None:
+    if name in AGENTS:
+        raise ValueError(f"agent {name!r} is registered twice")
+    AGENTS[name] = spec
+
+
+def get_agent(name: str) -> AgentSpec:
+    if name not in AGENTS:
+        raise ValueError(f"unknown agent {name!r}; valid agents: {', '.join(sorted(AGENTS))}")
+    return AGENTS[name]
+
+
+# -- SkipNet's hybrid gates -----------------------------------------------------------------------
+
+def _gates(ctx: AgentContext, kind: str):
+    kwargs = {"hidden_size": ctx.cfg.rnn_hidden} if kind == "rnn" else {}
+    return create_gates(kind, ctx.backbone, **kwargs).to(ctx.device)
+
+
+def _hybrid(kind: str) -> AgentSpec:
+    def train(ctx: AgentContext, state: dict | None) -> RoutingPolicy:
+        c = ctx.cfg
+        hcfg = HybridConfig(
+            sp_epochs=c.sp_epochs, sp_lr=c.sp_lr, hrl_iterations=c.hrl_iterations, hrl_lr=c.hrl_lr, alpha=c.alpha,
+            gamma=c.gamma, baseline=c.baseline, rl_weight=c.rl_weight, num_envs=c.num_envs,
+            finetune_backbone=c.finetune_backbone, backbone_lr=c.backbone_lr, seed=c.seed,
+        )
+        gates = _gates(ctx, kind)
+        trainer = HybridTrainer(ctx.backbone, gates, ctx.train_data, hcfg, ctx.device, ctx.checkpoint,
+                                ctx.metadata, ctx.writer, c.progress)
+        if state is not None:
+            trainer.resume()
+        return GateRoutingPolicy(trainer.train(), f"hybrid_{kind}")
+
+    def load(ctx: AgentContext, state: dict) -> RoutingPolicy:
+        gates = _gates(ctx, kind)
+        gates.load_state_dict(state["gates"])
+        if "backbone" in state:  # a fine-tuned backbone travels with its gates
+            ctx.backbone.load_state_dict(state["backbone"])
+        return GateRoutingPolicy(gates.eval(), f"hybrid_{kind}")
+
+    names = {"rnn": "recurrent gate (LSTM)", "ff1": "feedforward FFGate-I", "ff2": "feedforward FFGate-II"}
+    return AgentSpec(train, load, f"SkipNet hybrid SP + REINFORCE, {names[kind]}")
+
+
+register_agent("hybrid_rnn", _hybrid("rnn"))
+register_agent("hybrid_ff", _hybrid("ff1"))
+register_agent("hybrid_ff2", _hybrid("ff2"))
+
+
+# -- Stable-Baselines3 -----------------------------------------------------------------------------
+
+def _sb3(algo: str) -> AgentSpec:
+    from agents import sb3_agents
+
+    def make(ctx: AgentContext):
+        from skipnet_env.sb3_bridge import make_sb3_env
+
+        env = make_sb3_env(ctx.cfg.num_envs, backbone=ctx.backbone, dataset=ctx.train_data, alpha=ctx.cfg.alpha,
+                           accuracy_reward="neg_ce", cost_timing="per_step", device=ctx.device)
+        env.seed(ctx.cfg.seed)
+        num_gates = env.get_attr("num_gates")[0]
+        return sb3_agents.build_model(algo, env, ctx.cfg.seed, ctx.device, num_gates)
+
+    def train(ctx: AgentContext, state: dict | None) -> RoutingPolicy:
+        model = make(ctx)
+        if state is not None:
+            sb3_agents.load_model_state(model, state)
+        remaining = ctx.cfg.timesteps - model.num_timesteps
+        bar = tqdm(total=ctx.cfg.timesteps, initial=model.num_timesteps, desc=f"{algo} (SB3)",
+                   disable=not ctx.cfg.progress, leave=False)
+        callback = sb3_agents.CheckpointCallback(ctx.checkpoint, {**ctx.metadata, "stage": "train"}, bar=bar)
+        if remaining > 0:
+            model.learn(total_timesteps=remaining, callback=callback, reset_num_timesteps=state is None)
+        bar.close()
+        callback.metadata["stage"] = "done"
+        callback.save()
+        return SB3RoutingPolicy(model, algo)
+
+    def load(ctx: AgentContext, state: dict) -> RoutingPolicy:
+        model = make(ctx)
+        sb3_agents.load_model_state(model, state)
+        return SB3RoutingPolicy(model, algo)
+
+    return AgentSpec(train, load, f"Stable-Baselines3 {algo} on the batched environment")
+
+
+for _algo in ("ppo", "a2c", "recurrent_ppo"):
+    register_agent(_algo, _sb3(_algo))
+
+
+# -- fixed policies ---------------------------------------------------------------------------------
+
+def _fixed_save(ctx: AgentContext, **payload: Any) -> None:
+    atomic_save({"metadata": {**ctx.metadata, "stage": "done"}, **payload}, ctx.checkpoint)
+
+
+def _train_full(ctx: AgentContext, state: dict | None) -> RoutingPolicy:
+    _fixed_save(ctx)
+    return RoutingPolicy()
+
+
+def _train_random(ctx: AgentContext, state: dict | None) -> RoutingPolicy:
+    _fixed_save(ctx, rate=ctx.cfg.rate)
+    return RandomPolicy(ctx.cfg.rate, ctx.cfg.seed)
+
+
+def _train_static(ctx: AgentContext, state: dict | None) -> RoutingPolicy:
+    policy = search_static(ctx.backbone, ctx.train_data, ctx.cfg.budget, ctx.device, progress=ctx.cfg.progress)
+    _fixed_save(ctx, mask=torch.tensor(policy.mask))
+    return policy
+
+
+register_agent("full", AgentSpec(_train_full, lambda ctx, s: RoutingPolicy(), "execute every block"))
+register_agent("random", AgentSpec(_train_random, lambda ctx, s: RandomPolicy(float(s["rate"]), ctx.cfg.seed),
+                                   "execute each gated block with probability --rate"))
+register_agent("static", AgentSpec(_train_static, lambda ctx, s: StaticPolicy(s["mask"].tolist()),
+                                   "best fixed subset of blocks within --budget (greedy search)"))
+
+__all__ = ["AGENTS", "AgentContext", "AgentSpec", "get_agent", "random_rate_for_budget", "register_agent"]

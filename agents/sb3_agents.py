@@ -1,0 +1,93 @@
+"""Stable-Baselines3 baselines on the same batched environment: PPO and A2C with ``MlpPolicy``,
+sb3-contrib's RecurrentPPO with ``MlpLstmPolicy`` (the recurrent counterpart of SkipNet's RNN gate).
+
+SB3's own ``save``/``load`` pickle objects; here only the policy's ``state_dict`` (and its
+optimizer's) go into our atomic, ``weights_only`` checkpoints, and loading rebuilds the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.vec_env import VecEnv
+
+from backbones.checkpoint import atomic_save
+
+
+def _ppo(env: VecEnv, seed: int, device: str, num_gates: int) -> BaseAlgorithm:
+    from stable_baselines3 import PPO
+
+    n_steps = 2 * num_gates  # two episodes of every image per rollout
+    return PPO("MlpPolicy", env, n_steps=n_steps, batch_size=512, n_epochs=4, gamma=1.0, gae_lambda=0.95,
+               learning_rate=3e-4, seed=seed, device=device, verbose=0)
+
+
+def _a2c(env: VecEnv, seed: int, device: str, num_gates: int) -> BaseAlgorithm:
+    from stable_baselines3 import A2C
+
+    return A2C("MlpPolicy", env, n_steps=num_gates, gamma=1.0, learning_rate=7e-4, seed=seed, device=device,
+               verbose=0)
+
+
+def _recurrent_ppo(env: VecEnv, seed: int, device: str, num_gates: int) -> BaseAlgorithm:
+    from sb3_contrib import RecurrentPPO
+
+    return RecurrentPPO("MlpLstmPolicy", env, n_steps=2 * num_gates, batch_size=512, n_epochs=4, gamma=1.0,
+                        learning_rate=3e-4, seed=seed, device=device, verbose=0,
+                        policy_kwargs={"lstm_hidden_size": 32, "n_lstm_layers": 1})
+
+
+SB3_ALGOS: dict[str, Callable[[VecEnv, int, str, int], BaseAlgorithm]] = {
+    "ppo": _ppo,
+    "a2c": _a2c,
+    "recurrent_ppo": _recurrent_ppo,
+}
+
+
+def build_model(algo: str, env: VecEnv, seed: int, device: torch.device, num_gates: int) -> BaseAlgorithm:
+    return SB3_ALGOS[algo](env, seed, "cuda" if device.type == "cuda" else "cpu", num_gates)
+
+
+def model_state(model: BaseAlgorithm) -> dict[str, Any]:
+    return {"policy": model.policy.state_dict(), "optimizer": model.policy.optimizer.state_dict(),
+            "num_timesteps": model.num_timesteps}
+
+
+def load_model_state(model: BaseAlgorithm, state: dict[str, Any]) -> None:
+    model.policy.load_state_dict(state["policy"])
+    model.policy.optimizer.load_state_dict(state["optimizer"])
+    model.num_timesteps = int(state["num_timesteps"])
+
+
+class CheckpointCallback(BaseCallback):
+    """Saves the policy atomically after every ``every`` rollouts; stops on non-finite weights
+    (the last good checkpoint stays in place)."""
+
+    def __init__(self, path: Path, metadata: dict[str, Any], every: int = 10, bar: Any = None) -> None:
+        super().__init__()
+        self.path, self.metadata, self.every, self.bar, self.rollouts = path, metadata, every, bar, 0
+
+    def _on_step(self) -> bool:
+        if self.bar is not None:
+            self.bar.update(self.training_env.num_envs)
+        return True
+
+    def _on_rollout_end(self) -> None:
+        for name, p in self.model.policy.named_parameters():
+            if not torch.isfinite(p).all():
+                raise FloatingPointError(
+                    f"policy parameter {name} is not finite: stopping. The last good checkpoint ({self.path}) is "
+                    "kept; lower the learning rate and rerun with --resume."
+                )
+        self.rollouts += 1
+        if self.rollouts % self.every == 0:
+            self.save()
+
+    def save(self) -> None:
+        atomic_save({"metadata": {**self.metadata, "num_timesteps": self.model.num_timesteps},
+                     **model_state(self.model)}, self.path)

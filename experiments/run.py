@@ -1,0 +1,152 @@
+"""Train and evaluate one routing agent on a frozen backbone.
+
+    python experiments/run.py --agent hybrid_rnn                 # SkipNet's recurrent gates, embedded data
+    python experiments/run.py --agent ppo --alpha 0.5
+    python experiments/run.py --agent static --budget 0.6
+    python experiments/run.py --eval-only --checkpoint runs/<run>/agent.pt --agent hybrid_rnn
+    python experiments/run.py --help
+
+Every default works offline: the backbone (CIFAR ResNet-38, width 0.5, on scikit-learn's digits)
+is trained and cached on first use. TensorBoard logs and ``results.json`` go to
+``runs/SkipNet-v0__{agent}__{seed}__{time}/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from agents.config import RunConfig  # noqa: E402
+from agents.evaluate import evaluate  # noqa: E402
+from agents.policies import RoutingPolicy  # noqa: E402
+from agents.registry import AgentContext, get_agent  # noqa: E402
+from backbones.checkpoint import CheckpointMismatchError, fingerprint, load_backbone, safe_load  # noqa: E402
+from backbones.data import load_dataset  # noqa: E402
+from backbones.dataclass_cli import parse  # noqa: E402
+from backbones.device import resolve_device  # noqa: E402
+from backbones.pretrained import get_trained  # noqa: E402
+from backbones.registry import list_backbones  # noqa: E402
+
+log = logging.getLogger("skipnet_gym.run")
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = not deterministic
+
+
+def load_backbone_for(cfg: RunConfig, device: torch.device, train_data) -> tuple[Any, dict]:
+    if cfg.backbone_checkpoint:
+        return load_backbone(cfg.backbone_checkpoint, dataset=cfg.dataset, num_classes=train_data.num_classes,
+                             input_size=train_data.input_size, map_location=device)
+    if cfg.backbone not in list_backbones():
+        raise ValueError(f"unknown backbone {cfg.backbone!r}; valid names: {', '.join(list_backbones())}")
+    overrides: dict[str, Any] = {"image_size": train_data.input_size[1], "epochs": cfg.backbone_epochs,
+                                 "drop_rate": cfg.backbone_drop_rate, "device": str(device),
+                                 "progress": cfg.progress, "data_root": cfg.data_root, "download": cfg.download}
+    if cfg.backbone.startswith("cifar_"):
+        overrides["width"] = cfg.width
+    return get_trained(cfg.backbone, cfg.dataset, **overrides)
+
+
+def check_agent_checkpoint(state: dict, path: str, agent: str, metadata: dict) -> None:
+    meta = state.get("metadata", {})
+    wrong = [f"{k}: checkpoint has {meta.get(k)!r}, this run has {metadata[k]!r}"
+             for k in ("agent", "backbone", "dataset", "backbone_fingerprint") if meta.get(k) != metadata[k]]
+    if wrong:
+        raise CheckpointMismatchError(f"agent checkpoint {path} does not fit this run ({'; '.join(wrong)}). "
+                                      f"Pass the --agent, --backbone and --dataset it was trained with.")
+
+
+def run(cfg: RunConfig) -> dict[str, Any]:
+    """Train (or load) ``cfg.agent``, evaluate it and the full backbone on the test split, write
+    ``results.json``; returns the results."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    spec = get_agent(cfg.agent)  # fail on an unknown agent before any work
+    if (cfg.eval_only or cfg.resume) and not cfg.checkpoint:
+        raise ValueError("--eval-only and --resume need --checkpoint PATH (an agent checkpoint)")
+    t0 = time.perf_counter()
+    seed_everything(cfg.seed, cfg.torch_deterministic)
+    device = resolve_device(cfg.device)
+    split = {s: load_dataset(cfg.dataset, s, cfg.data_root, cfg.download, cfg.image_size) for s in ("train", "val", "test")}
+    backbone, backbone_meta = load_backbone_for(cfg, device, split["train"])
+    backbone = backbone.to(device).eval()
+    metadata = {"agent": cfg.agent, "backbone": backbone.arch, "dataset": cfg.dataset,
+                "backbone_fingerprint": fingerprint(backbone), "num_classes": backbone.num_classes,
+                "input_size": list(backbone.input_size), "run_config": dataclasses.asdict(cfg)}
+
+    state = None
+    if cfg.eval_only or cfg.resume:
+        state = safe_load(cfg.checkpoint, map_location=device)
+        check_agent_checkpoint(state, cfg.checkpoint, cfg.agent, metadata)
+        run_dir = Path(cfg.checkpoint).parent
+    else:
+        run_dir = Path(cfg.run_dir) / f"SkipNet-v0__{cfg.agent}__{cfg.seed}__{int(time.time())}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = Path(cfg.checkpoint) if cfg.checkpoint else run_dir / "agent.pt"
+    writer = SummaryWriter(str(run_dir))
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
+        f"|{k}|{v}|" for k, v in dataclasses.asdict(cfg).items()))
+    ctx = AgentContext(cfg, backbone, split["train"], split["val"], device, checkpoint, metadata, writer)
+
+    t_train = time.perf_counter()
+    policy = spec.load(ctx, state) if cfg.eval_only else spec.train(ctx, state)
+    train_seconds = time.perf_counter() - t_train
+    full = evaluate(RoutingPolicy(), backbone, split["test"], device, cfg.eval_batch)
+    result = evaluate(policy, backbone, split["test"], device, cfg.eval_batch)
+    writer.add_scalar("eval/accuracy", result.accuracy, 0)
+    writer.add_scalar("eval/flops_fraction", result.flops_fraction, 0)
+    writer.close()
+
+    out = {
+        "agent": cfg.agent, "backbone": backbone.arch, "dataset": cfg.dataset, "alpha": cfg.alpha,
+        "seed": cfg.seed, "device": str(device), **result.as_dict(),
+        "full_backbone_accuracy": full.accuracy, "backbone_test_accuracy_at_training": backbone_meta.get("test_accuracy"),
+        "train_seconds": train_seconds, "wall_seconds": time.perf_counter() - t0,
+        "checkpoint": str(checkpoint), "run_dir": str(run_dir), "config": dataclasses.asdict(cfg),
+    }
+    (run_dir / "results.json").write_text(json.dumps(out, indent=2))
+    return out
+
+
+def format_table(r: dict[str, Any]) -> str:
+    rows = [
+        ("agent", r["agent"]),
+        ("backbone / data", f"{r['backbone']} / {r['dataset']} ({r['num_images']} test images, {r['device']})"),
+        ("accuracy", f"{100 * r['accuracy']:.2f}%  (full backbone {100 * r['full_backbone_accuracy']:.2f}%)"),
+        ("FLOPs spent", f"{100 * r['flops_fraction']:.1f}% of the full network "
+                        f"(backbone {100 * r['backbone_flops_fraction']:.1f}% + policy {100 * r['policy_flops_fraction']:.2f}%)"),
+        ("blocks executed", f"{r['blocks_executed']:.2f} per image; computation {r['computation_percent']:.1f}% (paper's measure)"),
+        ("execute rate per gated block", " ".join(f"{x:.2f}" for x in r["execute_rate"])),
+        ("wall-clock", f"{r['wall_seconds']:.1f} s (training {r['train_seconds']:.1f} s)"),
+        ("results", f"{r['run_dir']}/results.json"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cfg = parse(RunConfig, argv, description=__doc__.strip().splitlines()[0])
+    result = run(cfg)
+    print(format_table(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
