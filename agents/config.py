@@ -29,8 +29,8 @@ class RunConfig:
     """epochs when the backbone has to be trained first"""
     backbone_drop_rate: float = 0.5
     """stochastic depth of the backbone trainer (0 disables)"""
-    alpha: float = 0.3
-    """weight of compute in the reward (fraction of the full network's FLOPs)"""
+    alpha: float = 1.0
+    """weight of compute in the reward: each block costs alpha x its share of the full network's FLOPs"""
     device: str = "auto"
     """torch device: auto, cpu, cuda, ..."""
     seed: int = 0
@@ -44,7 +44,7 @@ class RunConfig:
     """hybrid: supervised pre-training epochs over the training set"""
     sp_lr: float = 1e-3
     """hybrid: Adam learning rate of the gates in supervised pre-training"""
-    hrl_iterations: int = 600
+    hrl_iterations: int = 2000
     """hybrid: REINFORCE iterations (one batch of num_envs episodes each)"""
     hrl_lr: float = 1e-3
     """hybrid: Adam learning rate of the gates in hybrid RL"""

@@ -47,9 +47,9 @@ class HybridConfig:
 
     sp_epochs: int = 10
     sp_lr: float = 1e-3
-    hrl_iterations: int = 600
+    hrl_iterations: int = 2000
     hrl_lr: float = 1e-3
-    alpha: float = 0.3
+    alpha: float = 1.0
     gamma: float = 1.0
     baseline: str = "batch_mean"
     rl_weight: float = 0.01

@@ -6,6 +6,7 @@ evaluation routes the test images with.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -77,11 +78,7 @@ def _gates(ctx: AgentContext, kind: str):
 def _hybrid(kind: str) -> AgentSpec:
     def train(ctx: AgentContext, state: dict | None) -> RoutingPolicy:
         c = ctx.cfg
-        hcfg = HybridConfig(
-            sp_epochs=c.sp_epochs, sp_lr=c.sp_lr, hrl_iterations=c.hrl_iterations, hrl_lr=c.hrl_lr, alpha=c.alpha,
-            gamma=c.gamma, baseline=c.baseline, rl_weight=c.rl_weight, num_envs=c.num_envs,
-            finetune_backbone=c.finetune_backbone, backbone_lr=c.backbone_lr, seed=c.seed,
-        )
+        hcfg = HybridConfig(**{f.name: getattr(c, f.name) for f in dataclasses.fields(HybridConfig) if hasattr(c, f.name)})
         gates = _gates(ctx, kind)
         trainer = HybridTrainer(ctx.backbone, gates, ctx.train_data, hcfg, ctx.device, ctx.checkpoint,
                                 ctx.metadata, ctx.writer, c.progress)

@@ -19,11 +19,16 @@ from stable_baselines3.common.vec_env import VecEnv
 from backbones.checkpoint import atomic_save
 
 
+def _minibatch(env: VecEnv, n_steps: int) -> int:
+    """An eighth of the rollout (which it divides exactly), at least 1."""
+    return max(1, env.num_envs * n_steps // 8)
+
+
 def _ppo(env: VecEnv, seed: int, device: str, num_gates: int) -> BaseAlgorithm:
     from stable_baselines3 import PPO
 
     n_steps = 2 * num_gates  # two episodes of every image per rollout
-    return PPO("MlpPolicy", env, n_steps=n_steps, batch_size=512, n_epochs=4, gamma=1.0, gae_lambda=0.95,
+    return PPO("MlpPolicy", env, n_steps=n_steps, batch_size=_minibatch(env, n_steps), n_epochs=4, gamma=1.0, gae_lambda=0.95,
                learning_rate=3e-4, seed=seed, device=device, verbose=0)
 
 
@@ -37,7 +42,7 @@ def _a2c(env: VecEnv, seed: int, device: str, num_gates: int) -> BaseAlgorithm:
 def _recurrent_ppo(env: VecEnv, seed: int, device: str, num_gates: int) -> BaseAlgorithm:
     from sb3_contrib import RecurrentPPO
 
-    return RecurrentPPO("MlpLstmPolicy", env, n_steps=2 * num_gates, batch_size=512, n_epochs=4, gamma=1.0,
+    return RecurrentPPO("MlpLstmPolicy", env, n_steps=2 * num_gates, batch_size=_minibatch(env, 2 * num_gates), n_epochs=4, gamma=1.0,
                         learning_rate=3e-4, seed=seed, device=device, verbose=0,
                         policy_kwargs={"lstm_hidden_size": 32, "n_lstm_layers": 1})
 
