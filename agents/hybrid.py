@@ -205,8 +205,9 @@ class HybridTrainer:
         info: dict[str, Any] = {}
         for k in range(env.num_gates):
             logit, state = self.gates(env.activation, k, state)
-            dist = torch.distributions.Bernoulli(logits=logit)
-            action = dist.sample()
+            # no argument validation: non-finite logits flow into the loss, where they stop the run cleanly
+            dist = torch.distributions.Bernoulli(logits=logit, validate_args=False)
+            action = (torch.rand_like(logit) < torch.sigmoid(logit)).to(logit.dtype)
             log_probs.append(dist.log_prob(action))
             _, reward, _, _, info = env.step(action.bool())
             rewards.append(reward)
@@ -217,12 +218,15 @@ class HybridTrainer:
         env = self.make_env()
         env.reset(seed=cfg.seed + self.done_units)
         # linear decay to 0 over the stage: REINFORCE's noisy steps settle instead of wandering at the end
-        schedule = torch.optim.lr_scheduler.LambdaLR(self.hrl_opt, lambda it: 1.0 - it / cfg.hrl_iterations)
-        for _ in range(self.done_units):
-            schedule.step()
+        start = self.done_units
+        schedule = torch.optim.lr_scheduler.LambdaLR(self.hrl_opt, lambda it: 1.0 - (start + it) / cfg.hrl_iterations)
         bar = tqdm(total=cfg.hrl_iterations, initial=self.done_units, desc="HRL (REINFORCE)",
                    disable=not self.progress, leave=False)
         for it in range(self.done_units, cfg.hrl_iterations):
+            if cfg.finetune_backbone and it > start:
+                # the autoreset computed the next batch's first activation with the weights of before the
+                # last update; start it again so the graph holds the current weights
+                env.reset()
             log_probs, rewards, final = self.rollout(env)
             returns = discounted_returns(rewards, cfg.gamma)
             rl = reinforce_loss(log_probs, returns, cfg.baseline)

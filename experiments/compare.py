@@ -42,6 +42,10 @@ class CompareConfig:
     """FLOPs budgets of static/random when no learned agent is compared"""
     backbone: str = "cifar_resnet38"
     """backbone registry name"""
+    width: float = 0.5
+    """channel multiplier of CIFAR ResNet backbones"""
+    backbone_epochs: int = 30
+    """epochs when the backbone has to be trained first"""
     dataset: str = "digits"
     """data set name"""
     data_root: str | None = None
@@ -85,12 +89,10 @@ def compare(cfg: CompareConfig, log: logging.Logger) -> list[dict[str, Any]]:
             log.info("%s alpha=%g: accuracy %.4f at %.3f FLOPs", agent, alpha, r["accuracy"], r["flops_fraction"])
             if agent == learned[0]:
                 budgets.append(r["flops_fraction"])
-    budgets = budgets or list(cfg.fallback_budgets)
+    budgets = [min(b, 1.0) for b in budgets] or list(cfg.fallback_budgets)  # gates can push past 100%
     for agent in (a for a in cfg.agents if a in FIXED):
         if agent == "full":
             settings = [{"setting": "all blocks"}]
-        elif agent == "static":
-            settings = [{"budget": b, "setting": f"budget={b:.3f}"} for b in budgets]
         else:
             settings = [{"budget": b, "setting": f"budget={b:.3f}"} for b in budgets]
         for s in settings:
@@ -99,7 +101,6 @@ def compare(cfg: CompareConfig, log: logging.Logger) -> list[dict[str, Any]]:
                 overrides["budget"] = s["budget"]
             if agent == "random":
                 if backbone is None:
-                    from agents.registry import AGENTS  # noqa: F401  (registry import is cheap)
                     backbone = _backbone(cfg)
                 overrides["rate"] = random_rate_for_budget(backbone, s["budget"])
             r = run_one(cfg, **overrides)
@@ -114,7 +115,8 @@ def _backbone(cfg: CompareConfig):
     from backbones.data import load_dataset
     from backbones.device import resolve_device
 
-    rc = RunConfig(backbone=cfg.backbone, dataset=cfg.dataset, data_root=cfg.data_root, progress=False)
+    rc = RunConfig(backbone=cfg.backbone, dataset=cfg.dataset, data_root=cfg.data_root, width=cfg.width,
+                   backbone_epochs=cfg.backbone_epochs, progress=False)
     train = load_dataset(cfg.dataset, "train", cfg.data_root)
     return load_backbone_for(rc, resolve_device(cfg.device), train)[0]
 

@@ -1,0 +1,132 @@
+import pytest
+import torch
+
+import backbones
+from agents.gates import create_gates
+from agents.hybrid import (
+    HybridConfig,
+    HybridTrainer,
+    discounted_returns,
+    reinforce_loss,
+    sp_forward,
+    straight_through,
+)
+from backbones.checkpoint import safe_load
+from tests.conftest import tiny_backbone
+
+
+def test_straight_through_is_hard_forward_identity_backward():
+    p = torch.tensor([0.2, 0.5, 0.7], requires_grad=True)
+    g = straight_through(p)
+    assert g.tolist() == [0.0, 1.0, 1.0]
+    (g * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
+    assert p.grad.tolist() == [1.0, 2.0, 3.0]
+
+
+def test_sp_forward_hard_gates_match_routing_and_gradients_reach_the_gates():
+    from skipnet_env.routing import routed_forward
+
+    net = tiny_backbone(20)
+    net.requires_grad_(False)
+    gates = create_gates("rnn", net)
+    x = torch.randn(6, 1, 16, 16)
+    logits, probs = sp_forward(net, gates, x)
+    execute = torch.cat([torch.ones(6, 1, dtype=torch.bool), probs >= 0.5], dim=1)
+    with torch.no_grad():
+        torch.testing.assert_close(logits, routed_forward(net, x, execute), rtol=1e-5, atol=1e-5)
+    torch.nn.functional.cross_entropy(logits, torch.arange(6) % 10).backward()
+    assert gates.out.weight.grad is not None and gates.out.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in net.parameters())  # the backbone stays frozen
+
+
+def test_discounted_returns():
+    rewards = torch.tensor([[1.0], [0.0], [2.0]])  # (N=3, B=1)
+    assert discounted_returns(rewards, 1.0).flatten().tolist() == [3.0, 2.0, 2.0]
+    assert discounted_returns(rewards, 0.5).flatten().tolist() == [1.5, 1.0, 2.0]
+
+
+def test_reinforce_loss_and_its_baseline():
+    log_probs = torch.zeros(2, 4, requires_grad=True)
+    returns = torch.tensor([[1.0, 2.0, 3.0, 6.0], [0.0, 0.0, 0.0, 4.0]])
+    reinforce_loss(log_probs, returns, "none").backward()
+    torch.testing.assert_close(log_probs.grad, -returns / 4)
+    log_probs.grad = None
+    reinforce_loss(log_probs, returns, "batch_mean").backward()
+    torch.testing.assert_close(log_probs.grad, -(returns - returns.mean(1, keepdim=True)) / 4)
+
+
+def test_reinforce_with_a_baseline_has_lower_gradient_variance():
+    """The batch-mean baseline cuts the variance of the policy-gradient estimate (same samples)."""
+    torch.manual_seed(0)
+    theta = torch.zeros(1, requires_grad=True)
+    grads = {"none": [], "batch_mean": []}
+    for _ in range(200):
+        dist = torch.distributions.Bernoulli(logits=theta.expand(1, 32))
+        a = dist.sample()
+        returns = 5.0 + a + 0.1 * torch.randn(1, 32)  # a large constant the baseline removes
+        for name in grads:
+            (g,) = torch.autograd.grad(reinforce_loss(dist.log_prob(a), returns, name), theta, retain_graph=True)
+            grads[name].append(g.item())
+    var = {k: torch.tensor(v).var().item() for k, v in grads.items()}
+    assert var["batch_mean"] < 0.2 * var["none"]
+
+
+def test_bad_hybrid_settings():
+    with pytest.raises(ValueError, match="baseline"):
+        HybridConfig(baseline="critic")
+    with pytest.raises(ValueError, match="gamma"):
+        HybridConfig(gamma=1.5)
+
+
+def _trainer(tmp_path, **cfg):
+    net = tiny_backbone(20)
+    gates = create_gates("rnn", net)
+    data = backbones.load_dataset("digits", "val")
+    hc = HybridConfig(num_envs=32, checkpoint_every=2, **cfg)
+    return HybridTrainer(net, gates, data, hc, torch.device("cpu"), tmp_path / "agent.pt", {"agent": "x"},
+                         progress=False)
+
+
+def test_trainer_runs_both_stages_and_resumes(tmp_path, monkeypatch):
+    trainer = _trainer(tmp_path, sp_epochs=1, hrl_iterations=4)
+    calls = {"n": 0}
+    real_rollout = trainer.rollout
+
+    def dies_on_third(*a, **k):  # the process is killed during the third HRL iteration
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_rollout(*a, **k)
+
+    monkeypatch.setattr(trainer, "rollout", dies_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    meta = safe_load(tmp_path / "agent.pt")["metadata"]
+    assert meta["stage"] == "hrl" and meta["done_units"] == 2 and meta["agent"] == "x"
+    resumed = _trainer(tmp_path, sp_epochs=1, hrl_iterations=4)
+    resumed.resume()
+    assert (resumed.stage, resumed.done_units) == ("hrl", 2)
+    resumed.train()
+    assert safe_load(tmp_path / "agent.pt")["metadata"]["stage"] == "done"
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
+    trainer = _trainer(tmp_path, sp_epochs=1, hrl_iterations=2)
+    trainer.train_sp()
+    good = (tmp_path / "agent.pt").read_bytes()
+    with torch.no_grad():
+        trainer.gates.out.weight.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="last good checkpoint"):
+        trainer.train_hrl()
+    assert (tmp_path / "agent.pt").read_bytes() == good
+
+
+def test_finetune_backbone_trains_it_with_frozen_batchnorm_statistics(tmp_path):
+    trainer = _trainer(tmp_path, sp_epochs=1, hrl_iterations=2, finetune_backbone=True)
+    before = {k: v.clone() for k, v in trainer.backbone.state_dict().items()}
+    trainer.train()
+    after = trainer.backbone.state_dict()
+    assert not torch.equal(before["blocks.1.conv1.weight"], after["blocks.1.conv1.weight"])
+    stats = [k for k in before if "running_" in k]
+    assert stats and all(torch.equal(before[k], after[k]) for k in stats)
+    assert "backbone" in safe_load(tmp_path / "agent.pt")

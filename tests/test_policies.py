@@ -1,0 +1,63 @@
+import pytest
+import torch
+
+import backbones
+from agents.evaluate import evaluate
+from agents.fixed import random_rate_for_budget, search_static, static_flops_fraction
+from agents.gates import create_gates
+from agents.policies import GateRoutingPolicy, RandomPolicy, RoutingPolicy, StaticPolicy
+from tests.conftest import tiny_backbone
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def setup():
+    return tiny_backbone(20), backbones.load_dataset("digits", "val")
+
+
+def test_full_policy_evaluates_to_the_backbone(setup):
+    net, data = setup
+    r = evaluate(RoutingPolicy(), net, data, CPU, batch_size=64)  # several batches, a ragged last one
+    with torch.no_grad():
+        x, y = data.batch(torch.arange(len(data)))
+        expected = (net(x).argmax(1) == y).float().mean().item()
+    assert r.accuracy == pytest.approx(expected)
+    assert r.flops_fraction == pytest.approx(1.0) and r.policy_flops_fraction == 0.0
+    assert r.blocks_executed == 9 and r.computation_percent == pytest.approx(100.0)
+    assert r.execute_rate == [1.0] * 8 and r.num_images == len(data)
+
+
+def test_static_policy_spends_what_its_mask_says(setup):
+    net, data = setup
+    mask = [True, False] * 4
+    r = evaluate(StaticPolicy(mask), net, data, CPU)
+    assert r.flops_fraction == pytest.approx(static_flops_fraction(net, mask))
+    assert r.execute_rate == [float(m) for m in mask]
+    assert r.computation_percent == pytest.approx(100 * 5 / 9)
+
+
+def test_random_policy_matches_its_budget(setup):
+    net, data = setup
+    rate = random_rate_for_budget(net, 0.5)
+    r = evaluate(RandomPolicy(rate, seed=1), net, data, CPU)
+    assert r.flops_fraction == pytest.approx(0.5, abs=0.05)
+    with pytest.raises(ValueError):
+        RandomPolicy(1.5)
+
+
+def test_gate_policy_pays_for_its_gates(setup):
+    net, data = setup
+    gates = create_gates("ff2", net)
+    r = evaluate(GateRoutingPolicy(gates, "ff2"), net, data, CPU)
+    assert r.policy_flops_fraction == pytest.approx(sum(gates.flops) / net.flops.full)
+    assert r.flops_fraction == pytest.approx(r.backbone_flops_fraction + r.policy_flops_fraction)
+
+
+def test_static_search_meets_the_budget(setup):
+    net, data = setup
+    policy = search_static(net, data, 0.6, CPU, progress=False)
+    assert static_flops_fraction(net, policy.mask) <= 0.6
+    assert sum(policy.mask) >= 1
+    with pytest.raises(ValueError, match="budget"):
+        search_static(net, data, 0.0, CPU)
