@@ -23,7 +23,11 @@ def static_flops_fraction(backbone: Backbone, mask: list[bool], first_gated: int
 
 
 def search_static(
-    backbone: Backbone, data: Dataset, budget: float, device: torch.device, first_gated: int = 1,
+    backbone: Backbone,
+    data: Dataset,
+    budget: float,
+    device: torch.device,
+    first_gated: int = 1,
     progress: bool = True,
 ) -> StaticPolicy:
     """Greedy backward elimination: starting from every block, drop the block whose removal raises

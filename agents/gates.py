@@ -60,17 +60,27 @@ class _FFGateI(nn.Sequential):
     def __init__(self, c: int) -> None:
         super().__init__(
             nn.MaxPool2d(2, ceil_mode=True),
-            nn.Conv2d(c, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True),
-            nn.Conv2d(c, c, 3, 2, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True),
-            nn.AdaptiveAvgPool2d(1), nn.Conv2d(c, 1, 1), nn.Flatten(0),
+            nn.Conv2d(c, c, 3, 1, 1, bias=False),
+            nn.BatchNorm2d(c),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(c, c, 3, 2, 1, bias=False),
+            nn.BatchNorm2d(c),
+            nn.ReLU(inplace=True),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Conv2d(c, 1, 1),
+            nn.Flatten(0),
         )
 
 
 class _FFGateII(nn.Sequential):
     def __init__(self, c: int) -> None:
         super().__init__(
-            nn.Conv2d(c, c, 3, 2, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True),
-            nn.AdaptiveAvgPool2d(1), nn.Conv2d(c, 1, 1), nn.Flatten(0),
+            nn.Conv2d(c, c, 3, 2, 1, bias=False),
+            nn.BatchNorm2d(c),
+            nn.ReLU(inplace=True),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Conv2d(c, 1, 1),
+            nn.Flatten(0),
         )
 
 
@@ -120,7 +130,11 @@ class RecurrentGate(GatePolicy):
     state reset per image; a linear layer to the execute logit."""
 
     def __init__(
-        self, backbone: Backbone, first_gated: int = 1, embed_dim: int = 10, hidden_size: int = 10,
+        self,
+        backbone: Backbone,
+        first_gated: int = 1,
+        embed_dim: int = 10,
+        hidden_size: int = 10,
         init_execute: float = 2.0,
     ) -> None:
         super().__init__(backbone, first_gated)

@@ -120,11 +120,25 @@ class HybridTrainer:
     """
 
     def __init__(
-        self, backbone: Backbone, gates: GatePolicy, train_data: ImageTensors, cfg: HybridConfig,
-        device: torch.device, checkpoint: Path, metadata: dict[str, Any], writer: Any = None, progress: bool = True,
+        self,
+        backbone: Backbone,
+        gates: GatePolicy,
+        train_data: ImageTensors,
+        cfg: HybridConfig,
+        device: torch.device,
+        checkpoint: Path,
+        metadata: dict[str, Any],
+        writer: Any = None,
+        progress: bool = True,
     ) -> None:
         self.backbone, self.gates, self.data, self.cfg = backbone.to(device).eval(), gates.to(device), train_data, cfg
-        self.device, self.checkpoint, self.metadata, self.writer, self.progress = device, checkpoint, metadata, writer, progress
+        self.device, self.checkpoint, self.metadata, self.writer, self.progress = (
+            device,
+            checkpoint,
+            metadata,
+            writer,
+            progress,
+        )
         self.backbone.requires_grad_(cfg.finetune_backbone)
         params = [{"params": gates.parameters()}]
         if cfg.finetune_backbone:
@@ -137,8 +151,12 @@ class HybridTrainer:
     # -- checkpoints ------------------------------------------------------------------------
     def save(self) -> None:
         state = {
-            "metadata": {**self.metadata, "stage": self.stage, "done_units": self.done_units,
-                         "hybrid_config": dataclasses.asdict(self.cfg)},
+            "metadata": {
+                **self.metadata,
+                "stage": self.stage,
+                "done_units": self.done_units,
+                "hybrid_config": dataclasses.asdict(self.cfg),
+            },
             "gates": self.gates.state_dict(),
             "sp_opt": self.sp_opt.state_dict(),
             "hrl_opt": self.hrl_opt.state_dict(),
@@ -170,8 +188,13 @@ class HybridTrainer:
     def train_sp(self) -> None:
         cfg = self.cfg
         steps = math.ceil(len(self.data) / cfg.num_envs)
-        bar = tqdm(total=cfg.sp_epochs * steps, initial=self.done_units * steps, desc="SP (straight-through)",
-                   disable=not self.progress, leave=False)
+        bar = tqdm(
+            total=cfg.sp_epochs * steps,
+            initial=self.done_units * steps,
+            desc="SP (straight-through)",
+            disable=not self.progress,
+            leave=False,
+        )
         for epoch in range(self.done_units, cfg.sp_epochs):
             for x, y in batches(self.data, cfg.num_envs, self.device, train=True, generator=self.generator):
                 logits, probs = sp_forward(self.backbone, self.gates, x)
@@ -193,9 +216,16 @@ class HybridTrainer:
     # -- stage 2 ----------------------------------------------------------------------------
     def make_env(self) -> SkipNetVectorEnv:
         return SkipNetVectorEnv(
-            self.cfg.num_envs, self.backbone, self.data, alpha=self.cfg.alpha, accuracy_reward="neg_ce",
-            cost_timing="per_step", device=self.device, return_tensors=True,
-            differentiable=self.cfg.finetune_backbone, gate_first_block=self.gates.first_gated == 0,
+            self.cfg.num_envs,
+            self.backbone,
+            self.data,
+            alpha=self.cfg.alpha,
+            accuracy_reward="neg_ce",
+            cost_timing="per_step",
+            device=self.device,
+            return_tensors=True,
+            differentiable=self.cfg.finetune_backbone,
+            gate_first_block=self.gates.first_gated == 0,
         )
 
     def rollout(self, env: SkipNetVectorEnv) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
@@ -220,8 +250,13 @@ class HybridTrainer:
         # linear decay to 0 over the stage: REINFORCE's noisy steps settle instead of wandering at the end
         start = self.done_units
         schedule = torch.optim.lr_scheduler.LambdaLR(self.hrl_opt, lambda it: 1.0 - (start + it) / cfg.hrl_iterations)
-        bar = tqdm(total=cfg.hrl_iterations, initial=self.done_units, desc="HRL (REINFORCE)",
-                   disable=not self.progress, leave=False)
+        bar = tqdm(
+            total=cfg.hrl_iterations,
+            initial=self.done_units,
+            desc="HRL (REINFORCE)",
+            disable=not self.progress,
+            leave=False,
+        )
         for it in range(self.done_units, cfg.hrl_iterations):
             if cfg.finetune_backbone and it > start:
                 # the autoreset computed the next batch's first activation with the weights of before the

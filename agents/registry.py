@@ -70,6 +70,7 @@ def get_agent(name: str) -> AgentSpec:
 
 # -- SkipNet's hybrid gates -----------------------------------------------------------------------
 
+
 def _gates(ctx: AgentContext, kind: str):
     kwargs = {"hidden_size": ctx.cfg.rnn_hidden} if kind == "rnn" else {}
     return create_gates(kind, ctx.backbone, **kwargs).to(ctx.device)
@@ -78,10 +79,13 @@ def _gates(ctx: AgentContext, kind: str):
 def _hybrid(kind: str) -> AgentSpec:
     def train(ctx: AgentContext, state: dict | None) -> RoutingPolicy:
         c = ctx.cfg
-        hcfg = HybridConfig(**{f.name: getattr(c, f.name) for f in dataclasses.fields(HybridConfig) if hasattr(c, f.name)})
+        hcfg = HybridConfig(
+            **{f.name: getattr(c, f.name) for f in dataclasses.fields(HybridConfig) if hasattr(c, f.name)}
+        )
         gates = _gates(ctx, kind)
-        trainer = HybridTrainer(ctx.backbone, gates, ctx.train_data, hcfg, ctx.device, ctx.checkpoint,
-                                ctx.metadata, ctx.writer, c.progress)
+        trainer = HybridTrainer(
+            ctx.backbone, gates, ctx.train_data, hcfg, ctx.device, ctx.checkpoint, ctx.metadata, ctx.writer, c.progress
+        )
         if state is not None:
             trainer.resume()
         return GateRoutingPolicy(trainer.train(), f"hybrid_{kind}")
@@ -104,14 +108,22 @@ register_agent("hybrid_ff2", _hybrid("ff2"))
 
 # -- Stable-Baselines3 -----------------------------------------------------------------------------
 
+
 def _sb3(algo: str) -> AgentSpec:
     from agents import sb3_agents
 
     def make(ctx: AgentContext):
         from skipnet_env.sb3_bridge import make_sb3_env
 
-        env = make_sb3_env(ctx.cfg.num_envs, backbone=ctx.backbone, dataset=ctx.train_data, alpha=ctx.cfg.alpha,
-                           accuracy_reward="neg_ce", cost_timing="per_step", device=ctx.device)
+        env = make_sb3_env(
+            ctx.cfg.num_envs,
+            backbone=ctx.backbone,
+            dataset=ctx.train_data,
+            alpha=ctx.cfg.alpha,
+            accuracy_reward="neg_ce",
+            cost_timing="per_step",
+            device=ctx.device,
+        )
         env.seed(ctx.cfg.seed)
         num_gates = env.get_attr("num_gates")[0]
         return sb3_agents.build_model(algo, env, ctx.cfg.seed, ctx.device, num_gates)
@@ -121,8 +133,13 @@ def _sb3(algo: str) -> AgentSpec:
         if state is not None:
             sb3_agents.load_model_state(model, state)
         remaining = ctx.cfg.timesteps - model.num_timesteps
-        bar = tqdm(total=ctx.cfg.timesteps, initial=model.num_timesteps, desc=f"{algo} (SB3)",
-                   disable=not ctx.cfg.progress, leave=False)
+        bar = tqdm(
+            total=ctx.cfg.timesteps,
+            initial=model.num_timesteps,
+            desc=f"{algo} (SB3)",
+            disable=not ctx.cfg.progress,
+            leave=False,
+        )
         callback = sb3_agents.CheckpointCallback(ctx.checkpoint, {**ctx.metadata, "stage": "train"}, bar=bar)
         if remaining > 0:
             model.learn(total_timesteps=remaining, callback=callback, reset_num_timesteps=state is None)
@@ -145,6 +162,7 @@ for _algo in ("ppo", "a2c", "recurrent_ppo"):
 
 # -- fixed policies ---------------------------------------------------------------------------------
 
+
 def _fixed_save(ctx: AgentContext, **payload: Any) -> None:
     atomic_save({"metadata": {**ctx.metadata, "stage": "done"}, **payload}, ctx.checkpoint)
 
@@ -166,9 +184,21 @@ def _train_static(ctx: AgentContext, state: dict | None) -> RoutingPolicy:
 
 
 register_agent("full", AgentSpec(_train_full, lambda ctx, s: RoutingPolicy(), "execute every block"))
-register_agent("random", AgentSpec(_train_random, lambda ctx, s: RandomPolicy(float(s["rate"]), ctx.cfg.seed),
-                                   "execute each gated block with probability --rate"))
-register_agent("static", AgentSpec(_train_static, lambda ctx, s: StaticPolicy(s["mask"].tolist()),
-                                   "best fixed subset of blocks within --budget (greedy search)"))
+register_agent(
+    "random",
+    AgentSpec(
+        _train_random,
+        lambda ctx, s: RandomPolicy(float(s["rate"]), ctx.cfg.seed),
+        "execute each gated block with probability --rate",
+    ),
+)
+register_agent(
+    "static",
+    AgentSpec(
+        _train_static,
+        lambda ctx, s: StaticPolicy(s["mask"].tolist()),
+        "best fixed subset of blocks within --budget (greedy search)",
+    ),
+)
 
 __all__ = ["AGENTS", "AgentContext", "AgentSpec", "get_agent", "random_rate_for_budget", "register_agent"]

@@ -28,23 +28,43 @@ def _ppo(env: VecEnv, seed: int, device: str, num_gates: int) -> BaseAlgorithm:
     from stable_baselines3 import PPO
 
     n_steps = 2 * num_gates  # two episodes of every image per rollout
-    return PPO("MlpPolicy", env, n_steps=n_steps, batch_size=_minibatch(env, n_steps), n_epochs=4, gamma=1.0, gae_lambda=0.95,
-               learning_rate=3e-4, seed=seed, device=device, verbose=0)
+    return PPO(
+        "MlpPolicy",
+        env,
+        n_steps=n_steps,
+        batch_size=_minibatch(env, n_steps),
+        n_epochs=4,
+        gamma=1.0,
+        gae_lambda=0.95,
+        learning_rate=3e-4,
+        seed=seed,
+        device=device,
+        verbose=0,
+    )
 
 
 def _a2c(env: VecEnv, seed: int, device: str, num_gates: int) -> BaseAlgorithm:
     from stable_baselines3 import A2C
 
-    return A2C("MlpPolicy", env, n_steps=num_gates, gamma=1.0, learning_rate=7e-4, seed=seed, device=device,
-               verbose=0)
+    return A2C("MlpPolicy", env, n_steps=num_gates, gamma=1.0, learning_rate=7e-4, seed=seed, device=device, verbose=0)
 
 
 def _recurrent_ppo(env: VecEnv, seed: int, device: str, num_gates: int) -> BaseAlgorithm:
     from sb3_contrib import RecurrentPPO
 
-    return RecurrentPPO("MlpLstmPolicy", env, n_steps=2 * num_gates, batch_size=_minibatch(env, 2 * num_gates), n_epochs=4, gamma=1.0,
-                        learning_rate=3e-4, seed=seed, device=device, verbose=0,
-                        policy_kwargs={"lstm_hidden_size": 32, "n_lstm_layers": 1})
+    return RecurrentPPO(
+        "MlpLstmPolicy",
+        env,
+        n_steps=2 * num_gates,
+        batch_size=_minibatch(env, 2 * num_gates),
+        n_epochs=4,
+        gamma=1.0,
+        learning_rate=3e-4,
+        seed=seed,
+        device=device,
+        verbose=0,
+        policy_kwargs={"lstm_hidden_size": 32, "n_lstm_layers": 1},
+    )
 
 
 SB3_ALGOS: dict[str, Callable[[VecEnv, int, str, int], BaseAlgorithm]] = {
@@ -59,8 +79,11 @@ def build_model(algo: str, env: VecEnv, seed: int, device: torch.device, num_gat
 
 
 def model_state(model: BaseAlgorithm) -> dict[str, Any]:
-    return {"policy": model.policy.state_dict(), "optimizer": model.policy.optimizer.state_dict(),
-            "num_timesteps": model.num_timesteps}
+    return {
+        "policy": model.policy.state_dict(),
+        "optimizer": model.policy.optimizer.state_dict(),
+        "num_timesteps": model.num_timesteps,
+    }
 
 
 def load_model_state(model: BaseAlgorithm, state: dict[str, Any]) -> None:
@@ -94,5 +117,7 @@ class CheckpointCallback(BaseCallback):
             self.save()
 
     def save(self) -> None:
-        atomic_save({"metadata": {**self.metadata, "num_timesteps": self.model.num_timesteps},
-                     **model_state(self.model)}, self.path)
+        atomic_save(
+            {"metadata": {**self.metadata, "num_timesteps": self.model.num_timesteps}, **model_state(self.model)},
+            self.path,
+        )

@@ -111,4 +111,6 @@ class Backbone(nn.Module):
         return self.head(h)
 
     def extra_repr(self) -> str:
-        return f"arch={self.arch}, blocks={len(self.blocks)}, num_classes={self.num_classes}, input_size={self.input_size}"
+        return (
+            f"arch={self.arch}, blocks={len(self.blocks)}, num_classes={self.num_classes}, input_size={self.input_size}"
+        )

@@ -34,9 +34,7 @@ class TorchvisionBlock(nn.Module):
 _IDENTITY = nn.Identity()
 
 
-def imagenet_resnet(
-    depth: int, num_classes: int = 1000, weights: str | None = None, image_size: int = 224
-) -> Backbone:
+def imagenet_resnet(depth: int, num_classes: int = 1000, weights: str | None = None, image_size: int = 224) -> Backbone:
     """torchvision ``resnet{depth}`` split into stem / blocks / head.
 
     Args:

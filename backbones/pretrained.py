@@ -31,6 +31,7 @@ def get_trained(arch: str, dataset: str, **train_overrides: Any) -> tuple[Backbo
     weight_fields = ("width", "image_size", "epochs", "batch_size", "lr", "weight_decay", "drop_rate", "shift", "seed")
     key = "-".join(f"{f}{getattr(cfg, f)}" for f in weight_fields)
     if cfg.out is None:
-        cfg = dataclasses.replace(cfg, out=str(cache_dir() / "backbones" / f"{arch}-{dataset}-{key}.pt"),
-                                  log_dir=str(cache_dir() / "runs"))
+        cfg = dataclasses.replace(
+            cfg, out=str(cache_dir() / "backbones" / f"{arch}-{dataset}-{key}.pt"), log_dir=str(cache_dir() / "runs")
+        )
     return train(cfg)

@@ -34,7 +34,5 @@ def create(name: str, **kwargs: Any) -> Backbone:
     try:
         fn = _REGISTRY[name]
     except KeyError:
-        raise ValueError(
-            f"unknown backbone {name!r}; valid names: {', '.join(list_backbones())}"
-        ) from None
+        raise ValueError(f"unknown backbone {name!r}; valid names: {', '.join(list_backbones())}") from None
     return fn(**kwargs)

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from backbones.base import Backbone
 from backbones.checkpoint import atomic_save, backbone_metadata, check_metadata, load_backbone, safe_load
-from backbones.data import Dataset, FolderImages, ImageTensors, load_dataset, random_shift
+from backbones.data import Dataset, ImageTensors, load_dataset, random_shift
 from backbones.dataclass_cli import parse
 from backbones.device import resolve_device
 from backbones.registry import create
@@ -89,7 +89,13 @@ class TrainConfig:
 
 
 def batches(
-    data: Dataset, batch_size: int, device: torch.device, *, train: bool, shift: int = 0, num_workers: int = 0,
+    data: Dataset,
+    batch_size: int,
+    device: torch.device,
+    *,
+    train: bool,
+    shift: int = 0,
+    num_workers: int = 0,
     generator: torch.Generator | None = None,
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """Normalised image batches ``(B, C, H, W)`` and labels ``(B,)`` on ``device``; shuffled and
@@ -97,7 +103,9 @@ def batches(
     if isinstance(data, ImageTensors):
         data = data.to(device)
         n = len(data)
-        order = torch.randperm(n, device="cpu", generator=generator).to(device) if train else torch.arange(n, device=device)
+        order = (
+            torch.randperm(n, device="cpu", generator=generator).to(device) if train else torch.arange(n, device=device)
+        )
         for start in range(0, n, batch_size):
             idx = order[start : start + batch_size]
             x = data.images[idx]
@@ -109,8 +117,13 @@ def batches(
             yield data.normalize(x), data.labels[idx]
     else:
         loader = torch.utils.data.DataLoader(
-            data.dataset, batch_size=batch_size, shuffle=train, num_workers=num_workers,
-            pin_memory=device.type == "cuda", drop_last=False, generator=generator,
+            data.dataset,
+            batch_size=batch_size,
+            shuffle=train,
+            num_workers=num_workers,
+            pin_memory=device.type == "cuda",
+            drop_last=False,
+            generator=generator,
         )
         for x, y in loader:
             yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -148,8 +161,13 @@ def train(cfg: TrainConfig) -> tuple[Backbone, dict[str, Any]]:
     path = cfg.checkpoint_path
     train_data = load_dataset(cfg.dataset, "train", cfg.data_root, cfg.download, cfg.image_size)
     arch_kwargs = cfg.arch_kwargs(train_data)
-    expected = {"arch": cfg.arch, "dataset": cfg.dataset, "num_classes": train_data.num_classes,
-                "input_size": list(train_data.input_size), "arch_kwargs": arch_kwargs}
+    expected = {
+        "arch": cfg.arch,
+        "dataset": cfg.dataset,
+        "num_classes": train_data.num_classes,
+        "input_size": list(train_data.input_size),
+        "arch_kwargs": arch_kwargs,
+    }
     config_dict = dataclasses.asdict(cfg)
 
     state = None
@@ -186,14 +204,26 @@ def train(cfg: TrainConfig) -> tuple[Backbone, dict[str, Any]]:
 
     writer = SummaryWriter(str(Path(cfg.log_dir) / run_name))
     writer.add_text("hyperparameters", "\n".join(f"|{k}|{v}|" for k, v in config_dict.items()))
-    bar = tqdm(total=total_steps, initial=start_epoch * steps_per_epoch, desc=f"train {cfg.arch} on {cfg.dataset}",
-               disable=not cfg.progress, leave=False)
+    bar = tqdm(
+        total=total_steps,
+        initial=start_epoch * steps_per_epoch,
+        desc=f"train {cfg.arch} on {cfg.dataset}",
+        disable=not cfg.progress,
+        leave=False,
+    )
     val_acc = 0.0
     backbone.train()
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
-        for x, y in batches(train_data, cfg.batch_size, device, train=True, shift=cfg.shift,
-                            num_workers=cfg.num_workers, generator=generator):
+        for x, y in batches(
+            train_data,
+            cfg.batch_size,
+            device,
+            train=True,
+            shift=cfg.shift,
+            num_workers=cfg.num_workers,
+            generator=generator,
+        ):
             loss = F.cross_entropy(backbone(x), y)
             if not torch.isfinite(loss):
                 raise FloatingPointError(

@@ -97,17 +97,24 @@ def bench_throughput(net, data, batch: int, device: torch.device, rounds: int, d
         def run() -> None:  # one full episode per env (the autoreset draws the next batch)
             for _ in range(gates):
                 env.step(ones)
+
         return run
 
-    fns = {"plain backbone forward": plain, "vector env, torch tensors": episode(vec_t, ones_t),
-           "vector env, numpy arrays": episode(vec_n, ones_n)}
+    fns = {
+        "plain backbone forward": plain,
+        "vector env, torch tensors": episode(vec_t, ones_t),
+        "vector env, numpy arrays": episode(vec_n, ones_n),
+    }
     medians = interleaved(fns, rounds, device)
     if dummy:
         singles = DummyVecEnv([lambda: SkipNetEnv(net, data, device=device)] * batch)
         singles.reset()
         ones_d = np.ones(batch, dtype=np.int64)
-        medians.update(interleaved({f"SB3 DummyVecEnv of {batch} single envs": episode(singles, ones_d)},
-                                   max(1, rounds // 3), device))
+        medians.update(
+            interleaved(
+                {f"SB3 DummyVecEnv of {batch} single envs": episode(singles, ones_d)}, max(1, rounds // 3), device
+            )
+        )
     return {name: batch * blocks / t for name, t in medians.items()}  # image-blocks per second
 
 
@@ -135,19 +142,26 @@ def bench_savings(net, batch: int, device: torch.device, rounds: int, rates: lis
     rows = []
     for rate, m in masks.items():
         e = m.double()
-        block_fraction = float(((e @ exec_f + (1 - e) @ skip_f).mean() / exec_f.sum()))
+        block_fraction = float((e @ exec_f + (1 - e) @ skip_f).mean() / exec_f.sum())
         total_fraction = float(((e @ exec_f + (1 - e) @ skip_f).mean() + f.stem + f.head) / f.full)
-        rows.append({
-            "execute_rate": rate,
-            "block_flops_fraction": block_fraction,
-            "network_flops_fraction": total_fraction,
-            "routed_time_fraction": medians[f"routed {rate}"] / medians["full"],
-            "masked_time_fraction": medians[f"masked {rate}"] / medians["full"],
-            "routed_ms": 1e3 * medians[f"routed {rate}"],
-            "masked_ms": 1e3 * medians[f"masked {rate}"],
-        })
-    rows.append({"execute_rate": 1.0, "full_ms": 1e3 * medians["full"],
-                 "routed_all_time_fraction": medians["routed all"] / medians["full"]})
+        rows.append(
+            {
+                "execute_rate": rate,
+                "block_flops_fraction": block_fraction,
+                "network_flops_fraction": total_fraction,
+                "routed_time_fraction": medians[f"routed {rate}"] / medians["full"],
+                "masked_time_fraction": medians[f"masked {rate}"] / medians["full"],
+                "routed_ms": 1e3 * medians[f"routed {rate}"],
+                "masked_ms": 1e3 * medians[f"masked {rate}"],
+            }
+        )
+    rows.append(
+        {
+            "execute_rate": 1.0,
+            "full_ms": 1e3 * medians["full"],
+            "routed_all_time_fraction": medians["routed all"] / medians["full"],
+        }
+    )
     return rows
 
 
@@ -187,10 +201,18 @@ def main(argv: list[str] | None = None) -> dict:
     if args.backbone.startswith("cifar_"):
         kwargs.update(width=args.width, in_channels=args.in_channels)
     net = backbones.create(args.backbone, num_classes=10, **kwargs).to(device).eval()
-    result: dict = {"machine": machine(device), "backbone": args.backbone, "width": args.width,
-                    "input_size": list(net.input_size), "batch": args.batch, "blocks": net.num_blocks}
-    print(f"# {args.backbone} (width {args.width}, input {tuple(net.input_size)}), batch {args.batch}, "
-          f"on {result['machine']}\n")
+    result: dict = {
+        "machine": machine(device),
+        "backbone": args.backbone,
+        "width": args.width,
+        "input_size": list(net.input_size),
+        "batch": args.batch,
+        "blocks": net.num_blocks,
+    }
+    print(
+        f"# {args.backbone} (width {args.width}, input {tuple(net.input_size)}), batch {args.batch}, "
+        f"on {result['machine']}\n"
+    )
     if "throughput" in args.parts:
         data = synthetic(8 * args.batch, net.input_size, 10)
         ips = bench_throughput(net, data, args.batch, device, args.rounds, not args.no_dummy)
@@ -206,13 +228,17 @@ def main(argv: list[str] | None = None) -> dict:
         rows = bench_savings(net, args.batch, device, args.rounds, [0.25, 0.5, 0.75])
         result["savings"] = rows
         full = rows[-1]
-        print(f"full forward: {full['full_ms']:.1f} ms; routed forward with every block executed: "
-              f"{full['routed_all_time_fraction']:.3f} of it\n")
+        print(
+            f"full forward: {full['full_ms']:.1f} ms; routed forward with every block executed: "
+            f"{full['routed_all_time_fraction']:.3f} of it\n"
+        )
         print("| execute rate | block FLOPs fraction | routed time fraction | time/FLOPs | masked time fraction |")
         print("|---:|---:|---:|---:|---:|")
         for r in rows[:-1]:
-            print(f"| {r['execute_rate']:.2f} | {r['block_flops_fraction']:.3f} | {r['routed_time_fraction']:.3f} | "
-                  f"{r['routed_time_fraction'] / r['block_flops_fraction']:.2f} | {r['masked_time_fraction']:.3f} |")
+            print(
+                f"| {r['execute_rate']:.2f} | {r['block_flops_fraction']:.3f} | {r['routed_time_fraction']:.3f} | "
+                f"{r['routed_time_fraction'] / r['block_flops_fraction']:.2f} | {r['masked_time_fraction']:.3f} |"
+            )
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2))

@@ -115,15 +115,28 @@ def _backbone(cfg: CompareConfig):
     from backbones.data import load_dataset
     from backbones.device import resolve_device
 
-    rc = RunConfig(backbone=cfg.backbone, dataset=cfg.dataset, data_root=cfg.data_root, width=cfg.width,
-                   backbone_epochs=cfg.backbone_epochs, progress=False)
+    rc = RunConfig(
+        backbone=cfg.backbone,
+        dataset=cfg.dataset,
+        data_root=cfg.data_root,
+        width=cfg.width,
+        backbone_epochs=cfg.backbone_epochs,
+        progress=False,
+    )
     train = load_dataset(cfg.dataset, "train", cfg.data_root)
     return load_backbone_for(rc, resolve_device(cfg.device), train)[0]
 
 
-COLUMNS = [("agent", "agent"), ("setting", "setting"), ("accuracy", "accuracy %"), ("flops_fraction", "FLOPs %"),
-           ("policy_flops_fraction", "policy FLOPs %"), ("blocks_executed", "blocks run"),
-           ("computation_percent", "computation % (paper)"), ("train_seconds", "train s")]
+COLUMNS = [
+    ("agent", "agent"),
+    ("setting", "setting"),
+    ("accuracy", "accuracy %"),
+    ("flops_fraction", "FLOPs %"),
+    ("policy_flops_fraction", "policy FLOPs %"),
+    ("blocks_executed", "blocks run"),
+    ("computation_percent", "computation % (paper)"),
+    ("train_seconds", "train s"),
+]
 
 
 def write_outputs(rows: list[dict[str, Any]], out_dir: Path, title: str) -> tuple[Path, Path, Path]:
@@ -141,8 +154,12 @@ def write_outputs(rows: list[dict[str, Any]], out_dir: Path, title: str) -> tupl
         return f"{v:.1f}" if isinstance(v, float) else str(v)
 
     md = out_dir / "compare.md"
-    lines = [f"# {title}", "", "| " + " | ".join(h for _, h in COLUMNS) + " |",
-             "|" + "|".join("---:" if k not in ("agent", "setting") else "---" for k, _ in COLUMNS) + "|"]
+    lines = [
+        f"# {title}",
+        "",
+        "| " + " | ".join(h for _, h in COLUMNS) + " |",
+        "|" + "|".join("---:" if k not in ("agent", "setting") else "---" for k, _ in COLUMNS) + "|",
+    ]
     lines += ["| " + " | ".join(cell(r, k) for k, _ in COLUMNS) + " |" for r in rows]
     md.write_text("\n".join(lines) + "\n")
     csv_path = out_dir / "compare.csv"

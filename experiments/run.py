@@ -51,13 +51,24 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 def load_backbone_for(cfg: RunConfig, device: torch.device, train_data) -> tuple[Any, dict]:
     if cfg.backbone_checkpoint:
-        return load_backbone(cfg.backbone_checkpoint, dataset=cfg.dataset, num_classes=train_data.num_classes,
-                             input_size=train_data.input_size, map_location=device)
+        return load_backbone(
+            cfg.backbone_checkpoint,
+            dataset=cfg.dataset,
+            num_classes=train_data.num_classes,
+            input_size=train_data.input_size,
+            map_location=device,
+        )
     if cfg.backbone not in list_backbones():
         raise ValueError(f"unknown backbone {cfg.backbone!r}; valid names: {', '.join(list_backbones())}")
-    overrides: dict[str, Any] = {"image_size": train_data.input_size[1], "epochs": cfg.backbone_epochs,
-                                 "drop_rate": cfg.backbone_drop_rate, "device": str(device),
-                                 "progress": cfg.progress, "data_root": cfg.data_root, "download": cfg.download}
+    overrides: dict[str, Any] = {
+        "image_size": train_data.input_size[1],
+        "epochs": cfg.backbone_epochs,
+        "drop_rate": cfg.backbone_drop_rate,
+        "device": str(device),
+        "progress": cfg.progress,
+        "data_root": cfg.data_root,
+        "download": cfg.download,
+    }
     if cfg.backbone.startswith("cifar_"):
         overrides["width"] = cfg.width
     return get_trained(cfg.backbone, cfg.dataset, **overrides)
@@ -65,11 +76,16 @@ def load_backbone_for(cfg: RunConfig, device: torch.device, train_data) -> tuple
 
 def check_agent_checkpoint(state: dict, path: str, agent: str, metadata: dict) -> None:
     meta = state.get("metadata", {})
-    wrong = [f"{k}: checkpoint has {meta.get(k)!r}, this run has {metadata[k]!r}"
-             for k in ("agent", "backbone", "dataset", "backbone_fingerprint") if meta.get(k) != metadata[k]]
+    wrong = [
+        f"{k}: checkpoint has {meta.get(k)!r}, this run has {metadata[k]!r}"
+        for k in ("agent", "backbone", "dataset", "backbone_fingerprint")
+        if meta.get(k) != metadata[k]
+    ]
     if wrong:
-        raise CheckpointMismatchError(f"agent checkpoint {path} does not fit this run ({'; '.join(wrong)}). "
-                                      f"Pass the --agent, --backbone and --dataset it was trained with.")
+        raise CheckpointMismatchError(
+            f"agent checkpoint {path} does not fit this run ({'; '.join(wrong)}). "
+            f"Pass the --agent, --backbone and --dataset it was trained with."
+        )
 
 
 def run(cfg: RunConfig) -> dict[str, Any]:
@@ -83,12 +99,20 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     seed_everything(cfg.seed, cfg.torch_deterministic)
     device = resolve_device(cfg.device)
-    split = {s: load_dataset(cfg.dataset, s, cfg.data_root, cfg.download, cfg.image_size) for s in ("train", "val", "test")}
+    split = {
+        s: load_dataset(cfg.dataset, s, cfg.data_root, cfg.download, cfg.image_size) for s in ("train", "val", "test")
+    }
     backbone, backbone_meta = load_backbone_for(cfg, device, split["train"])
     backbone = backbone.to(device).eval()
-    metadata = {"agent": cfg.agent, "backbone": backbone.arch, "dataset": cfg.dataset,
-                "backbone_fingerprint": fingerprint(backbone), "num_classes": backbone.num_classes,
-                "input_size": list(backbone.input_size), "run_config": dataclasses.asdict(cfg)}
+    metadata = {
+        "agent": cfg.agent,
+        "backbone": backbone.arch,
+        "dataset": cfg.dataset,
+        "backbone_fingerprint": fingerprint(backbone),
+        "num_classes": backbone.num_classes,
+        "input_size": list(backbone.input_size),
+        "run_config": dataclasses.asdict(cfg),
+    }
 
     state = None
     if cfg.eval_only or cfg.resume:
@@ -100,8 +124,10 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = Path(cfg.checkpoint) if cfg.checkpoint else run_dir / "agent.pt"
     writer = SummaryWriter(str(run_dir))
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
-        f"|{k}|{v}|" for k, v in dataclasses.asdict(cfg).items()))
+    writer.add_text(
+        "hyperparameters",
+        "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(cfg).items()),
+    )
     ctx = AgentContext(cfg, backbone, split["train"], split["val"], device, checkpoint, metadata, writer)
 
     t_train = time.perf_counter()
@@ -114,11 +140,20 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     writer.close()
 
     out = {
-        "agent": cfg.agent, "backbone": backbone.arch, "dataset": cfg.dataset, "alpha": cfg.alpha,
-        "seed": cfg.seed, "device": str(device), **result.as_dict(),
-        "full_backbone_accuracy": full.accuracy, "backbone_test_accuracy_at_training": backbone_meta.get("test_accuracy"),
-        "train_seconds": train_seconds, "wall_seconds": time.perf_counter() - t0,
-        "checkpoint": str(checkpoint), "run_dir": str(run_dir), "config": dataclasses.asdict(cfg),
+        "agent": cfg.agent,
+        "backbone": backbone.arch,
+        "dataset": cfg.dataset,
+        "alpha": cfg.alpha,
+        "seed": cfg.seed,
+        "device": str(device),
+        **result.as_dict(),
+        "full_backbone_accuracy": full.accuracy,
+        "backbone_test_accuracy_at_training": backbone_meta.get("test_accuracy"),
+        "train_seconds": train_seconds,
+        "wall_seconds": time.perf_counter() - t0,
+        "checkpoint": str(checkpoint),
+        "run_dir": str(run_dir),
+        "config": dataclasses.asdict(cfg),
     }
     (run_dir / "results.json").write_text(json.dumps(out, indent=2))
     return out
@@ -129,9 +164,15 @@ def format_table(r: dict[str, Any]) -> str:
         ("agent", r["agent"]),
         ("backbone / data", f"{r['backbone']} / {r['dataset']} ({r['num_images']} test images, {r['device']})"),
         ("accuracy", f"{100 * r['accuracy']:.2f}%  (full backbone {100 * r['full_backbone_accuracy']:.2f}%)"),
-        ("FLOPs spent", f"{100 * r['flops_fraction']:.1f}% of the full network "
-                        f"(backbone {100 * r['backbone_flops_fraction']:.1f}% + policy {100 * r['policy_flops_fraction']:.2f}%)"),
-        ("blocks executed", f"{r['blocks_executed']:.2f} per image; computation {r['computation_percent']:.1f}% (paper's measure)"),
+        (
+            "FLOPs spent",
+            f"{100 * r['flops_fraction']:.1f}% of the full network "
+            f"(backbone {100 * r['backbone_flops_fraction']:.1f}% + policy {100 * r['policy_flops_fraction']:.2f}%)",
+        ),
+        (
+            "blocks executed",
+            f"{r['blocks_executed']:.2f} per image; computation {r['computation_percent']:.1f}% (paper's measure)",
+        ),
         ("execute rate per gated block", " ".join(f"{x:.2f}" for x in r["execute_rate"])),
         ("wall-clock", f"{r['wall_seconds']:.1f} s (training {r['train_seconds']:.1f} s)"),
         ("results", f"{r['run_dir']}/results.json"),

@@ -77,7 +77,9 @@ class BatchedRouting:
         flops = backbone.flops
         self.full_flops = float(flops.full)
         gated = range(self.first_gated, backbone.num_blocks)
-        self.exec_flops = torch.tensor([flops.block_executed[i] for i in gated], dtype=torch.float64, device=self.device)
+        self.exec_flops = torch.tensor(
+            [flops.block_executed[i] for i in gated], dtype=torch.float64, device=self.device
+        )
         self.skip_flops = torch.tensor([flops.block_skipped[i] for i in gated], dtype=torch.float64, device=self.device)
         self.prefix_flops = float(flops.stem + sum(flops.block_executed[: self.first_gated]))
         self.head_flops = float(flops.head)

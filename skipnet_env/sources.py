@@ -40,7 +40,12 @@ def resolve_backbone(
     elif isinstance(backbone, str) and backbone in list_backbones():
         from backbones.pretrained import get_trained
 
-        overrides = {"device": str(device), "progress": False, "image_size": data.input_size[1], **(train_overrides or {})}
+        overrides = {
+            "device": str(device),
+            "progress": False,
+            "image_size": data.input_size[1],
+            **(train_overrides or {}),
+        }
         net, _ = get_trained(backbone, data.name, **overrides)
     else:
         raise ValueError(
@@ -114,6 +119,11 @@ class BatchSampler:
 
     def _loader(self) -> torch.utils.data.DataLoader:
         return torch.utils.data.DataLoader(
-            self.data.dataset, batch_size=self.batch_size, shuffle=True, drop_last=True,
-            num_workers=self.num_workers, pin_memory=self.device.type == "cuda", generator=self.generator,
+            self.data.dataset,
+            batch_size=self.batch_size,
+            shuffle=True,
+            drop_last=True,
+            num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda",
+            generator=self.generator,
         )

@@ -113,8 +113,12 @@ class SkipNetVectorEnv(VectorEnv):
         if done:  # same-step autoreset: every episode ends on this step
             if not self.return_tensors:
                 info.pop("logits")
-            out_info = {"final_obs": self._out(obs), "_final_obs": self._out(self._all),
-                        "final_info": self._out_info(info), "_final_info": self._out(self._all)}
+            out_info = {
+                "final_obs": self._out(obs),
+                "_final_obs": self._out(self._all),
+                "final_info": self._out_info(info),
+                "_final_info": self._out(self._all),
+            }
             obs = self.core.start(*self.sampler.next())
             info = {"label": self.core.labels}
         out_info.update(self._out_info(info))

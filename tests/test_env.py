@@ -177,8 +177,11 @@ def test_spent_fraction_is_the_sum_of_the_executed_parts(env_parts, actions, ind
         fractions.append(obs[-1])
     assert all(0.0 <= x <= 1.0 for x in fractions)
     assert all(b >= a for a, b in zip(fractions, fractions[1:]))
-    expected = f.stem + f.block_executed[0] + f.head + sum(
-        f.block_executed[i + 1] if a else f.block_skipped[i + 1] for i, a in enumerate(actions)
+    expected = (
+        f.stem
+        + f.block_executed[0]
+        + f.head
+        + sum(f.block_executed[i + 1] if a else f.block_skipped[i + 1] for i, a in enumerate(actions))
     )
     assert info["flops"] == expected
     assert info["flops_fraction"] == pytest.approx(expected / f.full)

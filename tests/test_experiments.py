@@ -29,8 +29,9 @@ def cache(tmp_path_factory):
 
 def run(args, cache, cwd, script="experiments/run.py", check=True):
     env = {**os.environ, "SKIPNET_CACHE": str(cache)}
-    proc = subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True,
-                          env=env, cwd=cwd, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / script), *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=600
+    )
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -38,16 +39,24 @@ def run(args, cache, cwd, script="experiments/run.py", check=True):
 
 @pytest.mark.parametrize("agent", list(TINY_BUDGETS))
 def test_every_agent_trains_evaluates_and_reloads(agent, cache, tmp_path):
-    proc = run(["--agent", agent, *TINY_BACKBONE, *TINY_BUDGETS[agent], "--no-progress",
-                "--run-dir", str(tmp_path / "runs")], cache, tmp_path)
+    proc = run(
+        ["--agent", agent, *TINY_BACKBONE, *TINY_BUDGETS[agent], "--no-progress", "--run-dir", str(tmp_path / "runs")],
+        cache,
+        tmp_path,
+    )
     assert "accuracy" in proc.stdout and "FLOPs spent" in proc.stdout
     (results,) = (tmp_path / "runs").glob("SkipNet-v0__*/results.json")
     r = json.loads(results.read_text())
-    assert r["agent"] == agent and 0 <= r["accuracy"] <= 1 and 0 < r["flops_fraction"] <= 1.2  # FFGate-I costs ~15% of a block
+    assert (
+        r["agent"] == agent and 0 <= r["accuracy"] <= 1 and 0 < r["flops_fraction"] <= 1.2
+    )  # FFGate-I costs ~15% of a block
     assert len(r["execute_rate"]) == 8 and r["full_backbone_accuracy"] > 0
     assert any(results.parent.glob("events.out.tfevents.*"))
-    again = run(["--agent", agent, *TINY_BACKBONE, "--eval-only", "--checkpoint", r["checkpoint"], "--no-progress"],
-                cache, tmp_path)
+    again = run(
+        ["--agent", agent, *TINY_BACKBONE, "--eval-only", "--checkpoint", r["checkpoint"], "--no-progress"],
+        cache,
+        tmp_path,
+    )
     assert "accuracy" in again.stdout
     if agent in ("hybrid_rnn", "hybrid_ff", "static", "full"):  # deterministic policies: same result on reload
         reloaded = json.loads(results.read_text())
@@ -68,8 +77,9 @@ def test_bad_input_is_explained(cache, tmp_path):
 def test_checkpoint_of_another_agent_or_backbone_is_refused(cache, tmp_path):
     run(["--agent", "static", *TINY_BACKBONE, "--no-progress", "--run-dir", str(tmp_path / "runs")], cache, tmp_path)
     (ckpt,) = (tmp_path / "runs").glob("*/agent.pt")
-    proc = run(["--agent", "random", *TINY_BACKBONE, "--eval-only", "--checkpoint", str(ckpt)], cache, tmp_path,
-               check=False)
+    proc = run(
+        ["--agent", "random", *TINY_BACKBONE, "--eval-only", "--checkpoint", str(ckpt)], cache, tmp_path, check=False
+    )
     assert proc.returncode != 0 and "agent: checkpoint has 'static'" in proc.stderr
     other = ["--backbone", "cifar_resnet20", "--width", "0.25", "--backbone-epochs", "2"]  # other weights
     proc = run(["--agent", "static", *other, "--eval-only", "--checkpoint", str(ckpt)], cache, tmp_path, check=False)
@@ -77,8 +87,18 @@ def test_checkpoint_of_another_agent_or_backbone_is_refused(cache, tmp_path):
 
 
 def test_resume_continues_a_killed_hybrid_run(cache, tmp_path):
-    args = ["--agent", "hybrid_rnn", *TINY_BACKBONE, "--sp-epochs", "1", "--num-envs", "32", "--no-progress",
-            "--run-dir", str(tmp_path / "runs")]
+    args = [
+        "--agent",
+        "hybrid_rnn",
+        *TINY_BACKBONE,
+        "--sp-epochs",
+        "1",
+        "--num-envs",
+        "32",
+        "--no-progress",
+        "--run-dir",
+        str(tmp_path / "runs"),
+    ]
     run([*args, "--hrl-iterations", "2"], cache, tmp_path)
     (ckpt,) = (tmp_path / "runs").glob("*/agent.pt")
     proc = run([*args, "--hrl-iterations", "4", "--resume", "--checkpoint", str(ckpt)], cache, tmp_path)
@@ -87,9 +107,34 @@ def test_resume_continues_a_killed_hybrid_run(cache, tmp_path):
 
 def test_compare_writes_table_csv_and_plot(cache, tmp_path):
     out = tmp_path / "cmp"
-    run(["--agents", "hybrid_rnn", "random", "static", "full", "--alphas", "1.0", "--hrl-iterations", "2",
-         "--sp-epochs", "1", "--backbone", "cifar_resnet20", "--width", "0.25", "--backbone-epochs", "1", "--out-dir", str(out), "--run-dir", str(tmp_path / "r")],
-        cache, tmp_path, script="experiments/compare.py")
+    run(
+        [
+            "--agents",
+            "hybrid_rnn",
+            "random",
+            "static",
+            "full",
+            "--alphas",
+            "1.0",
+            "--hrl-iterations",
+            "2",
+            "--sp-epochs",
+            "1",
+            "--backbone",
+            "cifar_resnet20",
+            "--width",
+            "0.25",
+            "--backbone-epochs",
+            "1",
+            "--out-dir",
+            str(out),
+            "--run-dir",
+            str(tmp_path / "r"),
+        ],
+        cache,
+        tmp_path,
+        script="experiments/compare.py",
+    )
     table = (out / "compare.md").read_text()
     for agent in ("hybrid_rnn", "random", "static", "full"):
         assert agent in table
@@ -99,9 +144,27 @@ def test_compare_writes_table_csv_and_plot(cache, tmp_path):
 def test_bench_runs_small(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "experiments/bench.py"), "--backbone", "cifar_resnet20", "--width", "0.25",
-         "--in-channels", "1", "--image-size", "16", "--batch", "8", "--rounds", "1", "--out", str(out)],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(ROOT / "experiments/bench.py"),
+            "--backbone",
+            "cifar_resnet20",
+            "--width",
+            "0.25",
+            "--in-channels",
+            "1",
+            "--image-size",
+            "16",
+            "--batch",
+            "8",
+            "--rounds",
+            "1",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())

@@ -83,8 +83,9 @@ def _trainer(tmp_path, **cfg):
     gates = create_gates("rnn", net)
     data = backbones.load_dataset("digits", "val")
     hc = HybridConfig(num_envs=32, checkpoint_every=2, **cfg)
-    return HybridTrainer(net, gates, data, hc, torch.device("cpu"), tmp_path / "agent.pt", {"agent": "x"},
-                         progress=False)
+    return HybridTrainer(
+        net, gates, data, hc, torch.device("cpu"), tmp_path / "agent.pt", {"agent": "x"}, progress=False
+    )
 
 
 def test_trainer_runs_both_stages_and_resumes(tmp_path, monkeypatch):

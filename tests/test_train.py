@@ -66,14 +66,33 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_p
 def test_command_line_entry_point(tmp_path):
     out = tmp_path / "cli.pt"
     result = subprocess.run(
-        [sys.executable, "-m", "backbones.train", "--arch", "cifar_resnet20", "--width", "0.25", "--epochs", "1",
-         "--out", str(out), "--log-dir", str(tmp_path / "runs"), "--no-progress"],
-        capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1],
+        [
+            sys.executable,
+            "-m",
+            "backbones.train",
+            "--arch",
+            "cifar_resnet20",
+            "--width",
+            "0.25",
+            "--epochs",
+            "1",
+            "--out",
+            str(out),
+            "--log-dir",
+            str(tmp_path / "runs"),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[1],
     )
     assert result.returncode == 0, result.stderr
     assert "test accuracy" in result.stdout and out.is_file()
     help_text = subprocess.run(
-        [sys.executable, "-m", "backbones.train", "--help"], capture_output=True, text=True,
+        [sys.executable, "-m", "backbones.train", "--help"],
+        capture_output=True,
+        text=True,
         cwd=Path(__file__).resolve().parents[1],
     ).stdout
     assert "stochastic depth" in help_text  # field docstrings become the help

@@ -69,7 +69,7 @@ def test_vector_env_agrees_with_single_envs(parts):
     for b in range(B):
         single.reset(options={"index": int(index[b])})
         for a in actions[:, b]:
-            _, r, *_ , single_info = single.step(int(a))
+            _, r, *_, single_info = single.step(int(a))
         assert single_info["label"] == images[b].item()
         assert r == pytest.approx(rewards[b].item(), abs=1e-6)
         assert single_info["flops"] == info["final_info"]["flops"][b].item()
