@@ -12,7 +12,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from agents.policies import RoutingPolicy
 from backbones.base import Backbone
-from backbones.data import Dataset, ImageTensors
+from backbones.data import Dataset
+from backbones.train import batches
 from skipnet_env.core import BatchedRouting, RewardConfig
 
 
@@ -61,17 +62,6 @@ def policy_flops_per_image(policy: RoutingPolicy, core: BatchedRouting, x: torch
     return int(total)
 
 
-def _batches(data: Dataset, batch_size: int, device: torch.device):
-    if isinstance(data, ImageTensors):
-        data = data.to(device)
-        for start in range(0, len(data), batch_size):
-            yield data.batch(torch.arange(start, min(start + batch_size, len(data)), device=device))
-    else:
-        loader = torch.utils.data.DataLoader(data.dataset, batch_size=batch_size, shuffle=False, num_workers=2)
-        for x, y in loader:
-            yield x.to(device), y.to(device)
-
-
 @torch.no_grad()
 def evaluate(
     policy: RoutingPolicy,
@@ -90,7 +80,7 @@ def evaluate(
     executed = torch.zeros(core.num_gates, dtype=torch.float64, device=device)
     n = 0
     policy_flops = None
-    for x, y in _batches(data, batch_size, device):
+    for x, y in batches(data, batch_size, device, train=False, num_workers=2):
         if policy_flops is None:
             policy_flops = policy_flops_per_image(policy, core, x, y)
         obs = core.start(x, y)

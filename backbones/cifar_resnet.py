@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from backbones.base import Backbone
-from backbones.registry import register
+from backbones.registry import register_depths
 
 CIFAR_DEPTHS = (20, 38, 56, 74, 110, 152)
 
@@ -97,13 +97,4 @@ def _init_weights(model: nn.Module) -> None:
             nn.init.zeros_(m.bn2.weight)
 
 
-def _make_cifar(depth: int):
-    def build(**kwargs) -> Backbone:
-        return cifar_resnet(depth, **kwargs)
-
-    build.__doc__ = f"CIFAR ResNet-{depth} ({(depth - 2) // 2} BasicBlocks)."
-    return build
-
-
-for _depth in CIFAR_DEPTHS:
-    register(f"cifar_resnet{_depth}")(_make_cifar(_depth))
+register_depths("cifar_resnet", cifar_resnet, CIFAR_DEPTHS, "CIFAR ResNet-{depth} with BasicBlocks.")

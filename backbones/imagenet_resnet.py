@@ -11,7 +11,7 @@ import torchvision
 from torch import Tensor, nn
 
 from backbones.base import Backbone
-from backbones.registry import register
+from backbones.registry import register_depths
 
 IMAGENET_DEPTHS = (18, 34, 50, 101, 152)
 
@@ -70,13 +70,6 @@ def imagenet_resnet(depth: int, num_classes: int = 1000, weights: str | None = N
     )
 
 
-def _make_imagenet(depth: int):
-    def build(**kwargs) -> Backbone:
-        return imagenet_resnet(depth, **kwargs)
-
-    build.__doc__ = f"torchvision ResNet-{depth} as stem / blocks / head."
-    return build
-
-
-for _depth in IMAGENET_DEPTHS:
-    register(f"imagenet_resnet{_depth}")(_make_imagenet(_depth))
+register_depths(
+    "imagenet_resnet", imagenet_resnet, IMAGENET_DEPTHS, "torchvision ResNet-{depth} as stem / blocks / head."
+)

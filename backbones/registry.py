@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import functools
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +23,14 @@ def register(name: str) -> Callable[[Callable[..., Backbone]], Callable[..., Bac
         return fn
 
     return decorate
+
+
+def register_depths(prefix: str, builder: Callable[..., Backbone], depths: tuple[int, ...], doc: str) -> None:
+    """Register ``builder(depth, **kwargs)`` as ``f"{prefix}{depth}"`` for every depth."""
+    for depth in depths:
+        build = functools.partial(builder, depth)
+        build.__doc__ = doc.format(depth=depth)  # type: ignore[attr-defined]
+        register(f"{prefix}{depth}")(build)
 
 
 def list_backbones(pattern: str = "*") -> list[str]:
