@@ -53,9 +53,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 g = torch.autograd.grad(reinforce_loss(log_probs, returns, name), params, retain_graph=True)
                 grads[name].append(torch.cat([x.flatten() for x in g]))
     var = {name: torch.stack(g).var(dim=0).sum().item() for name, g in grads.items()}
-    print(f"total gradient variance over {args.rollouts} batches of {args.num_envs}: "
-          f"no baseline {var['none']:.4g}, batch-mean baseline {var['batch_mean']:.4g}, "
-          f"ratio {var['none'] / var['batch_mean']:.1f}x")
+    print(
+        f"total gradient variance over {args.rollouts} batches of {args.num_envs}: "
+        f"no baseline {var['none']:.4g}, batch-mean baseline {var['batch_mean']:.4g}, "
+        f"ratio {var['none'] / var['batch_mean']:.1f}x"
+    )
     return var
 
 

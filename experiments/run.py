@@ -130,10 +130,11 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     )
     ctx = AgentContext(cfg, backbone, split["train"], split["val"], device, checkpoint, metadata, writer)
 
+    # the frozen backbone's own accuracy, before --finetune-backbone (or a loaded checkpoint) changes it
+    full = evaluate(RoutingPolicy(), backbone, split["test"], device, cfg.eval_batch)
     t_train = time.perf_counter()
     policy = spec.load(ctx, state) if cfg.eval_only else spec.train(ctx, state)
     train_seconds = time.perf_counter() - t_train
-    full = evaluate(RoutingPolicy(), backbone, split["test"], device, cfg.eval_batch)
     result = evaluate(policy, backbone, split["test"], device, cfg.eval_batch)
     writer.add_scalar("eval/accuracy", result.accuracy, 0)
     writer.add_scalar("eval/flops_fraction", result.flops_fraction, 0)

@@ -63,6 +63,30 @@ def test_every_agent_trains_evaluates_and_reloads(agent, cache, tmp_path):
         assert reloaded["accuracy"] == r["accuracy"] and reloaded["flops_fraction"] == r["flops_fraction"]
 
 
+def test_finetune_backbone_run_reports_the_frozen_backbone_beside_it(cache, tmp_path):
+    args = [
+        "--agent",
+        "hybrid_rnn",
+        *TINY_BACKBONE,
+        *TINY_BUDGETS["hybrid_rnn"],
+        "--finetune-backbone",
+        "--no-progress",
+        "--run-dir",
+        str(tmp_path / "runs"),
+    ]
+    run(args, cache, tmp_path)
+    (results,) = (tmp_path / "runs").glob("*/results.json")
+    r = json.loads(results.read_text())
+    assert r["full_backbone_accuracy"] == pytest.approx(r["backbone_test_accuracy_at_training"])
+    again = run(
+        ["--agent", "hybrid_rnn", *TINY_BACKBONE, "--eval-only", "--checkpoint", r["checkpoint"], "--no-progress"],
+        cache,
+        tmp_path,
+    )  # the fine-tuned weights travel with the gates
+    reloaded = json.loads(results.read_text())
+    assert "accuracy" in again.stdout and reloaded["accuracy"] == r["accuracy"]
+
+
 def test_bad_input_is_explained(cache, tmp_path):
     proc = run(["--agent", "dqn"], cache, tmp_path, check=False)
     assert proc.returncode != 0 and "valid agents" in proc.stderr and "hybrid_rnn" in proc.stderr

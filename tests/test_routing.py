@@ -49,3 +49,20 @@ def test_gradients_flow_through_executed_rows():
     routed_forward(net, x, execute).sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
     assert net.blocks[1].conv1.weight.grad.abs().sum() > 0
+
+
+def test_bottleneck_backbone_routes_like_its_masked_forward():
+    import backbones
+    from tests.conftest import randomize
+
+    torch.manual_seed(0)
+    net = randomize(backbones.create("imagenet_resnet50", num_classes=3, image_size=32))
+    x = torch.randn(6, 3, 32, 32)
+    execute = torch.rand(6, net.num_blocks, generator=torch.Generator().manual_seed(1)) < 0.5
+    execute[:, 0] = True
+    with torch.no_grad():
+        torch.testing.assert_close(
+            routed_forward(net, x, execute), masked_forward(net, x, execute), rtol=1e-4, atol=1e-4
+        )
+        everything = torch.ones(6, net.num_blocks, dtype=torch.bool)
+        torch.testing.assert_close(routed_forward(net, x, everything), net(x), rtol=1e-5, atol=1e-5)
