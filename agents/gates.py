@@ -56,35 +56,24 @@ class GatePolicy(nn.Module):
         return out
 
 
-class _FFGateI(nn.Sequential):
-    def __init__(self, c: int) -> None:
-        super().__init__(
-            nn.MaxPool2d(2, ceil_mode=True),
-            nn.Conv2d(c, c, 3, 1, 1, bias=False),
-            nn.BatchNorm2d(c),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(c, c, 3, 2, 1, bias=False),
-            nn.BatchNorm2d(c),
-            nn.ReLU(inplace=True),
-            nn.AdaptiveAvgPool2d(1),
-            nn.Conv2d(c, 1, 1),
-            nn.Flatten(0),
-        )
+def _conv_bn_relu(c: int, stride: int) -> list[nn.Module]:
+    return [nn.Conv2d(c, c, 3, stride, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
 
 
-class _FFGateII(nn.Sequential):
-    def __init__(self, c: int) -> None:
-        super().__init__(
-            nn.Conv2d(c, c, 3, 2, 1, bias=False),
-            nn.BatchNorm2d(c),
-            nn.ReLU(inplace=True),
-            nn.AdaptiveAvgPool2d(1),
-            nn.Conv2d(c, 1, 1),
-            nn.Flatten(0),
-        )
+def _logit_head(c: int) -> list[nn.Module]:
+    """Global average pool and a 1x1 conv to the execute logit: ``(B, C, H, W)`` -> ``(B,)``."""
+    return [nn.AdaptiveAvgPool2d(1), nn.Conv2d(c, 1, 1), nn.Flatten(0)]
 
 
-FF_GATE_KINDS = {"I": _FFGateI, "II": _FFGateII}
+def _ff_gate_1(c: int) -> nn.Sequential:
+    return nn.Sequential(nn.MaxPool2d(2, ceil_mode=True), *_conv_bn_relu(c, 1), *_conv_bn_relu(c, 2), *_logit_head(c))
+
+
+def _ff_gate_2(c: int) -> nn.Sequential:
+    return nn.Sequential(*_conv_bn_relu(c, 2), *_logit_head(c))
+
+
+FF_GATE_KINDS = {"I": _ff_gate_1, "II": _ff_gate_2}
 
 
 class FeedforwardGates(GatePolicy):

@@ -24,23 +24,25 @@ def _minibatch(env: VecEnv, n_steps: int) -> int:
     return max(1, env.num_envs * n_steps // 8)
 
 
+def _ppo_kwargs(env: VecEnv, seed: int, device: str, num_gates: int) -> dict[str, Any]:
+    n_steps = 2 * num_gates  # two episodes of every image per rollout
+    return {
+        "n_steps": n_steps,
+        "batch_size": _minibatch(env, n_steps),
+        "n_epochs": 4,
+        "gamma": 1.0,
+        "gae_lambda": 0.95,
+        "learning_rate": 3e-4,
+        "seed": seed,
+        "device": device,
+        "verbose": 0,
+    }
+
+
 def _ppo(env: VecEnv, seed: int, device: str, num_gates: int) -> BaseAlgorithm:
     from stable_baselines3 import PPO
 
-    n_steps = 2 * num_gates  # two episodes of every image per rollout
-    return PPO(
-        "MlpPolicy",
-        env,
-        n_steps=n_steps,
-        batch_size=_minibatch(env, n_steps),
-        n_epochs=4,
-        gamma=1.0,
-        gae_lambda=0.95,
-        learning_rate=3e-4,
-        seed=seed,
-        device=device,
-        verbose=0,
-    )
+    return PPO("MlpPolicy", env, **_ppo_kwargs(env, seed, device, num_gates))
 
 
 def _a2c(env: VecEnv, seed: int, device: str, num_gates: int) -> BaseAlgorithm:
@@ -55,15 +57,8 @@ def _recurrent_ppo(env: VecEnv, seed: int, device: str, num_gates: int) -> BaseA
     return RecurrentPPO(
         "MlpLstmPolicy",
         env,
-        n_steps=2 * num_gates,
-        batch_size=_minibatch(env, 2 * num_gates),
-        n_epochs=4,
-        gamma=1.0,
-        learning_rate=3e-4,
-        seed=seed,
-        device=device,
-        verbose=0,
         policy_kwargs={"lstm_hidden_size": 32, "n_lstm_layers": 1},
+        **_ppo_kwargs(env, seed, device, num_gates),
     )
 
 
