@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from agents.config import RunConfig
-from agents.fixed import random_rate_for_budget, search_static
+from agents.fixed import search_static
 from agents.gates import create_gates
 from agents.hybrid import HybridConfig, HybridTrainer
 from agents.policies import GateRoutingPolicy, RandomPolicy, RoutingPolicy, SB3RoutingPolicy, StaticPolicy
@@ -40,7 +40,6 @@ class AgentContext:
     checkpoint: Path
     metadata: dict[str, Any]
     writer: Any = None
-    extras: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -201,4 +200,4 @@ register_agent(
     ),
 )
 
-__all__ = ["AGENTS", "AgentContext", "AgentSpec", "get_agent", "random_rate_for_budget", "register_agent"]
+__all__ = ["AGENTS", "AgentContext", "AgentSpec", "get_agent", "register_agent"]
