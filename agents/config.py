@@ -1,8 +1,14 @@
-"""The configuration of one run: which agent, on which backbone and data, with which budget."""
+"""The configuration of one run: which agent, on which backbone and data, with which budget.
+
+The hybrid trainer's fields take their defaults from :class:`agents.hybrid.HybridConfig`, the one
+place they are set.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from agents.hybrid import HybridConfig
 
 
 @dataclass
@@ -29,7 +35,7 @@ class RunConfig:
     """epochs when the backbone has to be trained first"""
     backbone_drop_rate: float = 0.5
     """stochastic depth of the backbone trainer (0 disables)"""
-    alpha: float = 1.0
+    alpha: float = HybridConfig.alpha
     """weight of compute in the reward: each block costs alpha x its share of the full network's FLOPs"""
     device: str = "auto"
     """torch device: auto, cpu, cuda, ..."""
@@ -37,26 +43,26 @@ class RunConfig:
     """seed for python, numpy, torch and the environment"""
     torch_deterministic: bool = False
     """ask cuDNN for deterministic kernels"""
-    num_envs: int = 128
+    num_envs: int = HybridConfig.num_envs
     """images per batch in the environment (B)"""
     # hybrid (SkipNet) agents
-    sp_epochs: int = 10
+    sp_epochs: int = HybridConfig.sp_epochs
     """hybrid: supervised pre-training epochs over the training set"""
-    sp_lr: float = 1e-3
+    sp_lr: float = HybridConfig.sp_lr
     """hybrid: Adam learning rate of the gates in supervised pre-training"""
-    hrl_iterations: int = 2000
+    hrl_iterations: int = HybridConfig.hrl_iterations
     """hybrid: REINFORCE iterations (one batch of num_envs episodes each)"""
-    hrl_lr: float = 1e-3
+    hrl_lr: float = HybridConfig.hrl_lr
     """hybrid: Adam learning rate of the gates in hybrid RL"""
-    gamma: float = 1.0
+    gamma: float = HybridConfig.gamma
     """hybrid: discount of the per-gate returns"""
-    baseline: str = "batch_mean"
+    baseline: str = HybridConfig.baseline
     """hybrid: REINFORCE baseline: batch_mean (mean return of the batch at each gate) or none"""
-    rl_weight: float = 0.01
+    rl_weight: float = HybridConfig.rl_weight
     """hybrid: weight of the REINFORCE term beside the cross-entropy (paper: 0.01)"""
-    finetune_backbone: bool = False
+    finetune_backbone: bool = HybridConfig.finetune_backbone
     """hybrid: train the backbone too (the paper's full recipe); BatchNorm statistics stay frozen"""
-    backbone_lr: float = 1e-4
+    backbone_lr: float = HybridConfig.backbone_lr
     """hybrid: learning rate of the backbone when fine-tuning"""
     rnn_hidden: int = 10
     """hybrid_rnn: LSTM hidden size (paper's SP stage: 10)"""

@@ -53,7 +53,7 @@ class BatchedRouting:
     """B episodes of one backbone, one step per gated block.
 
     Args:
-        backbone: frozen; put in eval mode and run under ``torch.no_grad``.
+        backbone: put in eval mode; run under ``torch.no_grad`` unless ``differentiable``.
         reward: the scoring rule.
         gate_first_block: let the agent skip the first block too (SkipNet always runs it).
         differentiable: keep the autograd graph through the backbone (for agents that fine-tune

@@ -81,8 +81,10 @@ class SkipNetVectorEnv(VectorEnv):
         self.single_action_space = spaces.Discrete(2)
         self.observation_space = batch_space(self.single_observation_space, num_envs)
         self.action_space = batch_space(self.single_action_space, num_envs)
-        self._all = torch.ones(num_envs, dtype=torch.bool, device=self.device)
-        self._none = torch.zeros(num_envs, dtype=torch.bool, device=self.device)
+        # constant (B,) flags and info masks, made once in the output's own kind: no copy per step
+        ones, zeros = torch.ones(num_envs, dtype=torch.bool), torch.zeros(num_envs, dtype=torch.bool)
+        self._all = ones.to(self.device) if return_tensors else ones.numpy()
+        self._none = zeros.to(self.device) if return_tensors else zeros.numpy()
 
     @property
     def activation(self) -> Tensor:
@@ -115,15 +117,15 @@ class SkipNetVectorEnv(VectorEnv):
                 info.pop("logits")
             out_info = {
                 "final_obs": self._out(obs),
-                "_final_obs": self._out(self._all),
+                "_final_obs": self._constant(self._all),
                 "final_info": self._out_info(info),
-                "_final_info": self._out(self._all),
+                "_final_info": self._constant(self._all),
             }
             obs = self.core.start(*self.sampler.next())
             info = {"label": self.core.labels}
         out_info.update(self._out_info(info))
         flag = self._all if done else self._none
-        return self._out(obs), self._out(reward), self._out(flag), self._out(self._none), out_info
+        return self._out(obs), self._out(reward), self._constant(flag), self._constant(self._none), out_info
 
     def _check_actions(self, actions: Any) -> tuple[Tensor, int]:
         """``(B,)`` bool execute mask on the device, and its count on the host."""
@@ -155,9 +157,13 @@ class SkipNetVectorEnv(VectorEnv):
     def _out(self, x: Tensor) -> Any:
         return x if self.return_tensors else x.cpu().numpy()
 
+    def _constant(self, x: Any) -> Any:
+        """A constant flag array, already in the output's kind; numpy callers get their own copy."""
+        return x if self.return_tensors else x.copy()
+
     def _out_info(self, info: dict[str, Tensor]) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for key, value in info.items():
             out[key] = self._out(value)
-            out[f"_{key}"] = self._out(self._all)
+            out[f"_{key}"] = self._constant(self._all)
         return out
