@@ -31,8 +31,8 @@ class RunConfig:
     """channel multiplier of CIFAR ResNet backbones"""
     image_size: int | None = None
     """square input side (default: the data set's own; 16 for digits)"""
-    backbone_epochs: int = 30
-    """epochs when the backbone has to be trained first"""
+    backbone_epochs: int | None = None
+    """epochs when the backbone has to be trained first (default: the trainer's for the data set)"""
     backbone_drop_rate: float = 0.5
     """stochastic depth of the backbone trainer (0 disables)"""
     alpha: float = HybridConfig.alpha

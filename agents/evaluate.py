@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
@@ -32,6 +33,9 @@ class EvalResult:
         execute_rate: per gated block, the fraction of images that ran it.
         num_images: images evaluated.
         seconds: wall-clock of the evaluation.
+        per_image: per test image, in data-set order: ``correct`` ``(n,)`` bool, ``cross_entropy``
+            ``(n,)``, ``executed`` ``(n, N)`` bool (gated blocks run), ``label`` ``(n,)``. Not in
+            :meth:`as_dict`; saved beside results by the runner for paired comparisons.
     """
 
     accuracy: float
@@ -44,9 +48,17 @@ class EvalResult:
     execute_rate: list[float] = field(default_factory=list)
     num_images: int = 0
     seconds: float = 0.0
+    per_image: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        out.pop("per_image")
+        return out
+
+    @property
+    def blocks_per_image(self) -> np.ndarray:
+        """Gated blocks run per image ``(n,)``."""
+        return self.per_image["executed"].sum(axis=1)
 
 
 def policy_flops_per_image(policy: RoutingPolicy, core: BatchedRouting, x: torch.Tensor, y: torch.Tensor) -> int:
@@ -74,11 +86,8 @@ def evaluate(
     """Route every image of ``data`` with ``policy`` (deterministic decisions) and measure."""
     t0 = time.perf_counter()
     core = BatchedRouting(backbone.to(device).eval(), RewardConfig(alpha=0.0), gate_first_block)
-    correct = 0
-    nll = 0.0
+    correct, cross_entropy, executed, labels = [], [], [], []
     spent = 0.0
-    executed = torch.zeros(core.num_gates, dtype=torch.float64, device=device)
-    n = 0
     policy_flops = None
     for x, y in batches(data, batch_size, device, train=False, num_workers=2):
         if policy_flops is None:
@@ -88,18 +97,28 @@ def evaluate(
         info: dict = {}
         for k in range(core.num_gates):
             obs, _, info = core.advance(policy.act(obs, core.h, k).to(device))
-        correct += int(info["correct"].sum())
-        nll += float(F.cross_entropy(info["logits"], y, reduction="sum"))
+        correct.append(info["correct"])
+        cross_entropy.append(F.cross_entropy(info["logits"], y, reduction="none"))
+        executed.append(info["executed"])
+        labels.append(y)
         spent += float(info["flops"].sum())
-        executed += info["executed"].double().sum(0)
-        n += x.shape[0]
-    rate = (executed / n).tolist()
+    per_image = {
+        name: torch.cat(parts).cpu().numpy()
+        for name, parts in (
+            ("correct", correct),
+            ("cross_entropy", cross_entropy),
+            ("executed", executed),
+            ("label", labels),
+        )
+    }
+    n = len(per_image["label"])
+    rate = per_image["executed"].mean(axis=0, dtype=np.float64).tolist()
     backbone_frac = spent / n / core.full_flops
     policy_frac = (policy_flops or 0) / core.full_flops
     gated_run = sum(rate)
     return EvalResult(
-        accuracy=correct / n,
-        cross_entropy=nll / n,
+        accuracy=float(per_image["correct"].mean()),
+        cross_entropy=float(per_image["cross_entropy"].mean(dtype=np.float64)),
         flops_fraction=backbone_frac + policy_frac,
         backbone_flops_fraction=backbone_frac,
         policy_flops_fraction=policy_frac,
@@ -108,4 +127,5 @@ def evaluate(
         execute_rate=rate,
         num_images=n,
         seconds=time.perf_counter() - t0,
+        per_image=per_image,
     )

@@ -6,12 +6,13 @@ from __future__ import annotations
 import logging
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from agents.evaluate import evaluate
 from agents.policies import StaticPolicy
 from backbones.base import Backbone
 from backbones.data import Dataset
+from backbones.train import batches
 
 log = logging.getLogger(__name__)
 
@@ -22,41 +23,97 @@ def static_flops_fraction(backbone: Backbone, mask: list[bool], first_gated: int
     return float(backbone.flops.spent(executed)[0] / backbone.flops.full)
 
 
+@torch.no_grad()
+def elimination_path(
+    backbone: Backbone,
+    data: Dataset,
+    device: torch.device,
+    min_budget: float = 0.0,
+    first_gated: int = 1,
+    max_images: int = 2000,
+    batch_size: int = 500,
+    progress: bool = True,
+) -> list[tuple[float, list[bool]]]:
+    """Greedy backward elimination: starting from every block, drop the block whose removal raises
+    the cross-entropy on ``data`` least (finer-grained than accuracy), again and again, until the
+    network spends at most ``min_budget`` of the full network's FLOPs.
+
+    Exhaustive search over 2^N subsets is out of reach; greedy elimination is the usual stand-in.
+    Every budget's subset lies on the one path, so a sweep over budgets pays for one search. Costs
+    about N^2 / 2 forwards of the gated blocks over at most ``max_images`` images (the first ones of
+    ``data``; run it on the split the learned agents train on); the stem and the always-run blocks
+    are computed once.
+
+    Returns:
+        ``[(flops_fraction, mask), ...]`` from the full network down, FLOPs strictly decreasing.
+    """
+    backbone = backbone.to(device).eval()
+    starts, labels = [], []  # the activation entering the first gated block, per batch
+    for x, y in batches(data, batch_size, device, train=False):
+        h = backbone.stem(x)
+        for block in backbone.blocks[:first_gated]:
+            h = block(h)
+        starts.append(h)
+        labels.append(y)
+        if sum(len(t) for t in labels) >= max_images:
+            break
+    gated = backbone.blocks[first_gated:]
+
+    def cross_entropy(mask: list[bool]) -> float:
+        total, n = 0.0, 0
+        for h, y in zip(starts, labels):
+            for block, run in zip(gated, mask):
+                h = block(h) if run else block.shortcut(h)
+            total += float(F.cross_entropy(backbone.head(h), y, reduction="sum"))
+            n += len(y)
+        return total / n
+
+    mask = [True] * len(gated)
+    path = [(static_flops_fraction(backbone, mask, first_gated), mask)]
+    bar = tqdm(desc="static elimination path", disable=not progress, leave=False)
+    while any(mask) and path[-1][0] > min_budget:
+        trials = []
+        for k in (i for i in range(len(mask)) if mask[i]):
+            trial = mask.copy()
+            trial[k] = False
+            # lowest cross-entropy first; among equals, the cheaper subset
+            trials.append((cross_entropy(trial), static_flops_fraction(backbone, trial, first_gated), trial))
+            bar.update(1)
+        ce, flops, mask = min(trials, key=lambda t: (t[0], t[1]))
+        path.append((flops, mask))
+        log.info("static: %.3f of the FLOPs, cross-entropy %.4f: %s", flops, ce, mask)
+    bar.close()
+    return path
+
+
+def static_for_budget(path: list[tuple[float, list[bool]]], budget: float) -> StaticPolicy:
+    """The first (most complete) subset on an :func:`elimination_path` within ``budget``."""
+    check_budget(budget)
+    for flops, mask in path:
+        if flops <= budget:
+            return StaticPolicy(mask)
+    raise ValueError(f"no subset on the path spends at most {budget} of the FLOPs (cheapest: {path[-1][0]:.3f})")
+
+
 def search_static(
     backbone: Backbone,
     data: Dataset,
     budget: float,
     device: torch.device,
     first_gated: int = 1,
+    max_images: int = 2000,
     progress: bool = True,
 ) -> StaticPolicy:
-    """Greedy backward elimination: starting from every block, drop the block whose removal raises
-    the cross-entropy on ``data`` least (finer-grained than accuracy on a small set) until the
-    network spends at most ``budget`` of the full network's FLOPs. Exhaustive search over 2^N
-    subsets is out of reach; greedy elimination is the usual stand-in. Run it on the data the
-    learned agents train on (the training split), so that both see the same images."""
+    """The best fixed subset of blocks within ``budget`` of the FLOPs found by greedy elimination
+    (:func:`elimination_path`)."""
+    check_budget(budget)
+    path = elimination_path(backbone, data, device, budget, first_gated, max_images, progress=progress)
+    return static_for_budget(path, budget)
+
+
+def check_budget(budget: float) -> None:
     if not 0.0 < budget <= 1.0:
         raise ValueError(f"budget must be a fraction of the full network's FLOPs in (0, 1], got {budget}")
-    n = backbone.num_blocks - first_gated
-    mask = [True] * n
-    gate_first = first_gated == 0
-    bar = tqdm(desc=f"static search to {budget:.0%} FLOPs", disable=not progress, leave=False)
-    while static_flops_fraction(backbone, mask, first_gated) > budget:
-        best = None
-        for k in (i for i in range(n) if mask[i]):
-            trial = mask.copy()
-            trial[k] = False
-            ce = evaluate(StaticPolicy(trial), backbone, data, device, gate_first_block=gate_first).cross_entropy
-            key = (-ce, -static_flops_fraction(backbone, trial, first_gated))
-            if best is None or key > best[0]:
-                best = (key, trial)
-            bar.update(1)
-        if best is None:
-            break
-        mask = best[1]
-        log.info("static: dropped to %s (cross-entropy %.4f)", mask, -best[0][0])
-    bar.close()
-    return StaticPolicy(mask)
 
 
 def random_rate_for_budget(backbone: Backbone, budget: float, first_gated: int = 1) -> float:

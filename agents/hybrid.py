@@ -36,9 +36,13 @@ from backbones.base import Backbone
 from backbones.checkpoint import atomic_save, safe_load
 from backbones.data import ImageTensors
 from backbones.train import batches
+from skipnet_env.core import BatchedRouting
 from skipnet_env.vector_env import SkipNetVectorEnv
 
 log = logging.getLogger(__name__)
+
+
+BASELINES = ("self_critical", "batch_mean", "none")
 
 
 @dataclass
@@ -52,16 +56,18 @@ class HybridConfig:
     alpha: float = 1.0
     gamma: float = 1.0
     baseline: str = "batch_mean"
+    entropy_coef: float = 0.0
     rl_weight: float = 0.01
     num_envs: int = 128
     finetune_backbone: bool = False
     backbone_lr: float = 1e-4
     seed: int = 0
     checkpoint_every: int = 50
+    log_every: int = 20
 
     def __post_init__(self) -> None:
-        if self.baseline not in ("batch_mean", "none"):
-            raise ValueError(f"baseline must be 'batch_mean' or 'none', got {self.baseline!r}")
+        if self.baseline not in BASELINES:
+            raise ValueError(f"baseline must be one of {', '.join(BASELINES)}, got {self.baseline!r}")
         if not 0.0 <= self.gamma <= 1.0:
             raise ValueError(f"gamma must be in [0, 1], got {self.gamma}")
 
@@ -98,10 +104,26 @@ def discounted_returns(rewards: Tensor, gamma: float) -> Tensor:
     return returns
 
 
-def reinforce_loss(log_probs: Tensor, returns: Tensor, baseline: str) -> Tensor:
-    """``-mean_b sum_i log pi(a_i) * (R_i - b_i)``; ``log_probs`` and ``returns`` are ``(N, B)``."""
-    advantages = returns - returns.mean(dim=1, keepdim=True) if baseline == "batch_mean" else returns
+def reinforce_loss(log_probs: Tensor, advantages: Tensor) -> Tensor:
+    """``-mean_b sum_i log pi(a_i) * A_i``; ``log_probs`` and ``advantages`` are ``(N, B)``."""
     return -(log_probs * advantages.detach()).sum(dim=0).mean()
+
+
+def advantages(returns: Tensor, baseline: str, greedy_returns: Tensor | None = None) -> Tensor:
+    """``R_i - b_i`` ``(N, B)`` for the REINFORCE baselines:
+
+    * ``self_critical``: the return-to-go of the greedy route on the *same image* (Rennie et al.
+      2017, as BlockDrop uses it). It removes how hard the image is from the advantage, which
+      otherwise swamps the per-image effect of a decision.
+    * ``batch_mean``: the mean return of the batch at each gate.
+    * ``none``: the reference code's plain REINFORCE.
+    """
+    if baseline == "self_critical":
+        assert greedy_returns is not None
+        return returns - greedy_returns
+    if baseline == "batch_mean":
+        return returns - returns.mean(dim=1, keepdim=True)
+    return returns
 
 
 class HybridTrainer:
@@ -140,13 +162,20 @@ class HybridTrainer:
             progress,
         )
         self.backbone.requires_grad_(cfg.finetune_backbone)
-        params = [{"params": gates.parameters()}]
-        if cfg.finetune_backbone:
-            params.append({"params": backbone.parameters(), "lr": cfg.backbone_lr})
-        self.sp_opt = torch.optim.Adam(params, lr=cfg.sp_lr)
-        self.hrl_opt = torch.optim.Adam(params, lr=cfg.hrl_lr)
-        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.sp_opt = torch.optim.Adam(self._param_groups(), lr=cfg.sp_lr)
+        self.hrl_opt = torch.optim.Adam(self._param_groups(), lr=cfg.hrl_lr)
+        self.generator = torch.Generator().manual_seed(cfg.seed)  # SP's data order
+        # HRL's action sampling draws from its own generator, saved and restored with the run
+        self.action_generator = torch.Generator(device=device).manual_seed(cfg.seed + 1)
         self.stage, self.done_units = "sp", 0  # epochs in SP, iterations in HRL
+
+    def _param_groups(self) -> list[dict[str, Any]]:
+        """Fresh parameter groups for one optimizer (an optimizer writes its defaults into the
+        group dicts it is given, so two optimizers must never share them)."""
+        groups: list[dict[str, Any]] = [{"params": list(self.gates.parameters())}]
+        if self.cfg.finetune_backbone:
+            groups.append({"params": list(self.backbone.parameters()), "lr": self.cfg.backbone_lr})
+        return groups
 
     # -- checkpoints ------------------------------------------------------------------------
     def save(self) -> None:
@@ -161,6 +190,7 @@ class HybridTrainer:
             "sp_opt": self.sp_opt.state_dict(),
             "hrl_opt": self.hrl_opt.state_dict(),
             "generator": self.generator.get_state(),
+            "action_generator": self.action_generator.get_state(),
         }
         if self.cfg.finetune_backbone:
             state["backbone"] = self.backbone.state_dict()
@@ -172,6 +202,7 @@ class HybridTrainer:
         self.sp_opt.load_state_dict(state["sp_opt"])
         self.hrl_opt.load_state_dict(state["hrl_opt"])
         self.generator.set_state(state["generator"])
+        self.action_generator.set_state(state["action_generator"].cpu())
         if "backbone" in state:
             self.backbone.load_state_dict(state["backbone"])
         self.stage, self.done_units = state["metadata"]["stage"], state["metadata"]["done_units"]
@@ -228,25 +259,55 @@ class HybridTrainer:
             gate_first_block=self.gates.first_gated == 0,
         )
 
-    def rollout(self, env: SkipNetVectorEnv) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        """One batch of episodes with sampled decisions: log-probs and rewards ``(N, B)``, final info."""
+    def rollout(self, env: SkipNetVectorEnv) -> dict[str, Tensor]:
+        """One batch of episodes with sampled decisions.
+
+        Returns ``log_prob``, ``entropy``, ``reward`` ``(N, B)``; ``start`` (the activation the
+        episodes began from) and the final info's ``label``, ``logits``, ``correct``,
+        ``flops_fraction``.
+        """
         state = self.gates.initial_state(env.num_envs, self.device)
-        log_probs, rewards = [], []
+        start = env.activation
+        log_probs, entropies, rewards = [], [], []
         info: dict[str, Any] = {}
         for k in range(env.num_gates):
             logit, state = self.gates(env.activation, k, state)
             # no argument validation: non-finite logits flow into the loss, where they stop the run cleanly
             dist = torch.distributions.Bernoulli(logits=logit, validate_args=False)
-            action = (torch.rand_like(logit) < torch.sigmoid(logit)).to(logit.dtype)
-            log_probs.append(dist.log_prob(action))
-            _, reward, _, _, info = env.step(action.bool())
+            u = torch.rand(logit.shape, device=logit.device, generator=self.action_generator)
+            action = u < torch.sigmoid(logit.detach())  # (B,) bool
+            log_probs.append(dist.log_prob(action.to(logit.dtype)))
+            entropies.append(dist.entropy())
+            _, reward, _, _, info = env.step(action)
             rewards.append(reward)
-        return torch.stack(log_probs), torch.stack(rewards), info["final_info"]
+        final = info["final_info"]
+        return {
+            "log_prob": torch.stack(log_probs),
+            "entropy": torch.stack(entropies),
+            "reward": torch.stack(rewards),
+            "start": start,
+            **{key: final[key] for key in ("label", "logits", "correct", "flops_fraction")},
+        }
+
+    @torch.no_grad()
+    def greedy_returns(self, start: Tensor, labels: Tensor) -> Tensor:
+        """Returns-to-go ``(N, B)`` of the greedy route (execute where p >= 0.5) replayed on the
+        same images, from the activation ``start`` they began at: the self-critical baseline."""
+        core = self.replay
+        core.begin(start.detach(), labels)
+        state = self.gates.initial_state(start.shape[0], self.device)
+        rewards = []
+        for k in range(core.num_gates):
+            logit, state = self.gates(core.h, k, state)
+            _, reward, _ = core.advance(logit >= 0.0)
+            rewards.append(reward)
+        return discounted_returns(torch.stack(rewards), self.cfg.gamma)
 
     def train_hrl(self) -> None:
         cfg = self.cfg
         env = self.make_env()
         env.reset(seed=cfg.seed + self.done_units)
+        self.replay = BatchedRouting(self.backbone, env.core.reward, gate_first_block=self.gates.first_gated == 0)
         # linear decay to 0 over the stage: REINFORCE's noisy steps settle instead of wandering at the end
         start = self.done_units
         schedule = torch.optim.lr_scheduler.LambdaLR(self.hrl_opt, lambda it: 1.0 - (start + it) / cfg.hrl_iterations)
@@ -257,31 +318,45 @@ class HybridTrainer:
             disable=not self.progress,
             leave=False,
         )
+        logged: dict[str, list[Tensor]] = {}
         for it in range(self.done_units, cfg.hrl_iterations):
             if cfg.finetune_backbone and it > start:
                 # the autoreset computed the next batch's first activation with the weights of before the
                 # last update; start it again so the graph holds the current weights
                 env.reset()
-            log_probs, rewards, final = self.rollout(env)
-            returns = discounted_returns(rewards, cfg.gamma)
-            rl = reinforce_loss(log_probs, returns, cfg.baseline)
-            loss = cfg.rl_weight * rl
+            ep = self.rollout(env)
+            returns = discounted_returns(ep["reward"], cfg.gamma)
+            greedy = self.greedy_returns(ep["start"], ep["label"]) if cfg.baseline == "self_critical" else None
+            rl = reinforce_loss(ep["log_prob"], advantages(returns, cfg.baseline, greedy))
+            entropy = ep["entropy"].mean()
+            loss = cfg.rl_weight * (rl - cfg.entropy_coef * entropy)
             if cfg.finetune_backbone:  # the supervised term: trains the backbone through executed blocks
-                loss = loss + F.cross_entropy(final["logits"], final["label"])
+                loss = loss + F.cross_entropy(ep["logits"], ep["label"])
             self._check_finite(loss, "HRL")
             self.hrl_opt.zero_grad(set_to_none=True)
             loss.backward()
             self.hrl_opt.step()
             schedule.step()
             self.done_units = it + 1
-            acc, frac = final["correct"].float().mean().item(), final["flops_fraction"].mean().item()
             bar.update(1)
-            bar.set_postfix(acc=f"{acc:.3f}", flops=f"{frac:.3f}")
-            if self.writer:
-                self.writer.add_scalar("losses/reinforce", rl.item(), it)
-                self.writer.add_scalar("charts/episodic_return", returns[0].mean().item(), it)
-                self.writer.add_scalar("charts/train_accuracy", acc, it)
-                self.writer.add_scalar("charts/flops_fraction", frac, it)
+            # logged as means over log_every iterations: one host sync per log_every, not per iteration
+            for name, value in (
+                ("losses/reinforce", rl),
+                ("losses/entropy", entropy),
+                ("charts/episodic_return", returns[0].mean()),
+                ("charts/train_accuracy", ep["correct"].float().mean()),
+                ("charts/flops_fraction", ep["flops_fraction"].mean()),
+            ):
+                logged.setdefault(name, []).append(value.detach())
+            if self.done_units % cfg.log_every == 0 or self.done_units == cfg.hrl_iterations:
+                means = {name: float(torch.stack(values).mean()) for name, values in logged.items()}
+                logged.clear()
+                bar.set_postfix(
+                    acc=f"{means['charts/train_accuracy']:.3f}", flops=f"{means['charts/flops_fraction']:.3f}"
+                )
+                if self.writer:
+                    for name, value in means.items():
+                        self.writer.add_scalar(name, value, self.done_units)
             if self.done_units % cfg.checkpoint_every == 0:
                 self.save()
         bar.close()

@@ -1,7 +1,10 @@
 """Data sets behind one function, :func:`load_dataset`.
 
 * ``digits``: scikit-learn's bundled 8x8 handwritten digits, upscaled; fixed train/val/test split.
-  The embedded default: it needs no download.
+  Embedded: it needs no download.
+* ``cluttered_digits``: those digits drawn at random scale, position and contrast among clutter
+  and noise on a 24x24 canvas (12,000 / 2,000 / 5,000 images), generated offline and cached
+  (:mod:`backbones.cluttered`); difficulty varies from image to image. The embedded default.
 * ``mnist``, ``cifar10``, ``cifar100``, ``svhn``: torchvision, downloaded when online, read from
   ``root`` when the files are already there.
 * ``imagefolder``: ImageNet or a user's own ``root/{train,val}/<class>/<image>`` folder.
@@ -107,7 +110,7 @@ class FolderImages:
 Dataset = ImageTensors | FolderImages
 
 
-def _fixed_split(n: int, fractions: tuple[float, float], split: str, seed: int = 0) -> np.ndarray:
+def fixed_split(n: int, fractions: tuple[float, float], split: str, seed: int = 0) -> np.ndarray:
     """Indices of ``split`` in a fixed permutation: ``val`` and ``test`` take ``fractions`` of ``n``."""
     perm = np.random.default_rng(seed).permutation(n)
     n_val, n_test = round(n * fractions[0]), round(n * fractions[1])
@@ -126,8 +129,18 @@ def _digits(split: str, root: Path, download: bool, image_size: int | None) -> I
     labels = torch.from_numpy(bunch.target.astype(np.int64))
     mean = float(images.float().mean() / 255.0)
     std = float(images.float().std() / 255.0)
-    idx = torch.from_numpy(_fixed_split(len(labels), (0.1, 0.2), split))
+    idx = torch.from_numpy(fixed_split(len(labels), (0.1, 0.2), split))
     return ImageTensors(images[idx], labels[idx], 10, (mean,), (std,), "digits")
+
+
+def _cluttered_digits(split: str, root: Path, download: bool, image_size: int | None) -> ImageTensors:
+    from backbones.cluttered import ClutterConfig, cluttered_split
+
+    cfg = ClutterConfig(canvas=image_size) if image_size else ClutterConfig()
+    images, labels = cluttered_split(split, cfg)
+    # normalisation statistics of the training split, whichever split is asked for
+    stats = cluttered_split("train", cfg)[0].float() / 255.0 if split != "train" else images.float() / 255.0
+    return ImageTensors(images, labels, 10, (float(stats.mean()),), (float(stats.std()),), "cluttered_digits")
 
 
 # name -> (torchvision class, files expected under root, mean, std, flip)
@@ -188,7 +201,7 @@ def _torchvision(name: str) -> Callable[[str, Path, bool, int | None], ImageTens
             data = F.interpolate(data.float(), size=(image_size, image_size), mode="bilinear", align_corners=False)
             data = data.round().clamp(0, 255).to(torch.uint8)
         if split != "test":  # carve a fixed 10% validation set out of the official training set
-            idx = torch.from_numpy(_fixed_split(len(labels), (0.1, 0.0), split))
+            idx = torch.from_numpy(fixed_split(len(labels), (0.1, 0.0), split))
             data, labels = data[idx], labels[idx]
         num_classes = 100 if cls_name == "CIFAR100" else 10
         return ImageTensors(data.contiguous(), labels, num_classes, mean, std, name, flip)
@@ -219,6 +232,7 @@ def _imagefolder(split: str, root: Path, download: bool, image_size: int | None)
 
 _LOADERS: dict[str, Callable[[str, Path, bool, int | None], Dataset]] = {
     "digits": _digits,
+    "cluttered_digits": _cluttered_digits,
     **{name: _torchvision(name) for name in _TORCHVISION},
     "imagefolder": _imagefolder,
 }

@@ -8,16 +8,13 @@ The cache folder is ``$SKIPNET_CACHE`` (default ``~/.cache/skipnet_gym``).
 from __future__ import annotations
 
 import dataclasses
-import os
-from pathlib import Path
 from typing import Any
 
 from backbones.base import Backbone
+from backbones.cache import cache_dir
 from backbones.train import TrainConfig, train
 
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("SKIPNET_CACHE", Path.home() / ".cache" / "skipnet_gym"))
+__all__ = ["cache_dir", "get_trained"]
 
 
 def get_trained(arch: str, dataset: str, **train_overrides: Any) -> tuple[Backbone, dict[str, Any]]:

@@ -44,8 +44,8 @@ class CompareConfig:
     """backbone registry name"""
     width: float = 0.5
     """channel multiplier of CIFAR ResNet backbones"""
-    backbone_epochs: int = 30
-    """epochs when the backbone has to be trained first"""
+    backbone_epochs: int | None = None
+    """epochs when the backbone has to be trained first (default: the trainer's for the data set)"""
     dataset: str = "digits"
     """data set name"""
     data_root: str | None = None

@@ -28,15 +28,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agents.config import RunConfig  # noqa: E402
-from agents.evaluate import evaluate  # noqa: E402
+from agents.evaluate import EvalResult, evaluate  # noqa: E402
 from agents.policies import RoutingPolicy  # noqa: E402
 from agents.registry import AgentContext, get_agent  # noqa: E402
+from agents.statistics import bootstrap_ci, dynamic_blocks, paired_difference, spearman  # noqa: E402
 from backbones.checkpoint import CheckpointMismatchError, fingerprint, load_backbone, safe_load  # noqa: E402
-from backbones.data import load_dataset  # noqa: E402
+from backbones.data import ImageTensors, load_dataset  # noqa: E402
 from backbones.dataclass_cli import parse  # noqa: E402
 from backbones.device import resolve_device  # noqa: E402
 from backbones.pretrained import get_trained  # noqa: E402
 from backbones.registry import list_backbones  # noqa: E402
+from experiments.figures import class_block_heatmap, path_gallery  # noqa: E402
 
 log = logging.getLogger("skipnet_gym.run")
 
@@ -138,6 +140,12 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     result = evaluate(policy, backbone, split["test"], device, cfg.eval_batch)
     writer.add_scalar("eval/accuracy", result.accuracy, 0)
     writer.add_scalar("eval/flops_fraction", result.flops_fraction, 0)
+    dynamics = routing_statistics(result, full, cfg.seed)
+    for name, value in dynamics.items():
+        if isinstance(value, float | int):
+            writer.add_scalar(f"eval/{name}", value, 0)
+    write_per_image(run_dir / "per_image.npz", result, full)
+    write_figures(run_dir, writer, result, split["test"])
     writer.close()
 
     out = {
@@ -148,7 +156,9 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         "seed": cfg.seed,
         "device": str(device),
         **result.as_dict(),
+        **dynamics,
         "full_backbone_accuracy": full.accuracy,
+        "full_backbone_accuracy_ci95": list(bootstrap_ci(full.per_image["correct"], cfg.seed)),
         "backbone_test_accuracy_at_training": backbone_meta.get("test_accuracy"),
         "train_seconds": train_seconds,
         "wall_seconds": time.perf_counter() - t0,
@@ -160,11 +170,57 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     return out
 
 
+def routing_statistics(result: EvalResult, full: EvalResult, seed: int) -> dict[str, Any]:
+    """Intervals and how dynamic the routing is, from the per-image results of the policy and of
+    the full backbone on the same test images."""
+    return {
+        "accuracy_ci95": list(bootstrap_ci(result.per_image["correct"], seed)),
+        "accuracy_vs_full": paired_difference(result.per_image["correct"], full.per_image["correct"], seed),
+        # > 0: images the full backbone finds hard (high cross-entropy) run more blocks
+        "difficulty_spearman": spearman(result.blocks_per_image, full.per_image["cross_entropy"]),
+        "dynamic_blocks": dynamic_blocks(result.execute_rate),
+    }
+
+
+def write_per_image(path: Path, result: EvalResult, full: EvalResult) -> None:
+    """Per-test-image outcomes of the policy and of the full backbone (a plain ``.npz``, read with
+    ``allow_pickle=False``): what paired comparisons between runs are computed from."""
+    np.savez_compressed(
+        path,
+        **result.per_image,
+        full_correct=full.per_image["correct"],
+        full_cross_entropy=full.per_image["cross_entropy"],
+    )
+
+
+def write_figures(run_dir: Path, writer: Any, result: EvalResult, test_data: Any) -> None:
+    """``heatmap.png`` (execute rate, class x block) and ``gallery.png`` (fewest / most blocks),
+    beside ``results.json`` and in TensorBoard."""
+    import matplotlib.pyplot as plt
+
+    pi = result.per_image
+    figures = {"heatmap": class_block_heatmap(pi["executed"], pi["label"], int(pi["label"].max()) + 1)}
+    if isinstance(test_data, ImageTensors):  # an image folder's pictures are not held in memory
+        figures["gallery"] = path_gallery(
+            test_data.images.cpu().numpy(), result.blocks_per_image, pi["label"], pi["correct"]
+        )
+    for name, fig in figures.items():
+        fig.savefig(run_dir / f"{name}.png", dpi=110)
+        writer.add_figure(f"eval/{name}", fig, 0)
+        plt.close(fig)
+
+
 def format_table(r: dict[str, Any]) -> str:
     rows = [
         ("agent", r["agent"]),
         ("backbone / data", f"{r['backbone']} / {r['dataset']} ({r['num_images']} test images, {r['device']})"),
-        ("accuracy", f"{100 * r['accuracy']:.2f}%  (full backbone {100 * r['full_backbone_accuracy']:.2f}%)"),
+        (
+            "accuracy",
+            f"{100 * r['accuracy']:.2f}% [{100 * r['accuracy_ci95'][0]:.2f}, {100 * r['accuracy_ci95'][1]:.2f}]  "
+            f"(full backbone {100 * r['full_backbone_accuracy']:.2f}%; paired difference "
+            f"{100 * r['accuracy_vs_full']['difference']:+.2f} "
+            f"[{100 * r['accuracy_vs_full']['ci95'][0]:+.2f}, {100 * r['accuracy_vs_full']['ci95'][1]:+.2f}])",
+        ),
         (
             "FLOPs spent",
             f"{100 * r['flops_fraction']:.1f}% of the full network "
@@ -175,6 +231,11 @@ def format_table(r: dict[str, Any]) -> str:
             f"{r['blocks_executed']:.2f} per image; computation {r['computation_percent']:.1f}% (paper's measure)",
         ),
         ("execute rate per gated block", " ".join(f"{x:.2f}" for x in r["execute_rate"])),
+        (
+            "dynamic routing",
+            f"{r['dynamic_blocks']} of {len(r['execute_rate'])} blocks decided per image (rate in (0.1, 0.9)); "
+            f"Spearman(blocks run, full backbone's cross-entropy) = {r['difficulty_spearman']:+.3f}",
+        ),
         ("wall-clock", f"{r['wall_seconds']:.1f} s (training {r['train_seconds']:.1f} s)"),
         ("results", f"{r['run_dir']}/results.json"),
     ]

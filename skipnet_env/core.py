@@ -98,7 +98,12 @@ class BatchedRouting:
             h = self.backbone.stem(images)
             for block in self.backbone.blocks[: self.first_gated]:
                 h = block(h)
-        b = images.shape[0]
+        return self.begin(h, labels)
+
+    def begin(self, h: Tensor, labels: Tensor) -> Tensor:
+        """Begin B episodes from ``h`` ``(B, C, H, W)``, the activation entering the first gated
+        block (what :meth:`start` computes from images): replays episodes on the same images."""
+        b = h.shape[0]
         self.h = h  # (B, C, H, W)
         self.labels = labels  # (B,)
         self.step_index = 0

@@ -6,6 +6,7 @@ from agents.gates import create_gates
 from agents.hybrid import (
     HybridConfig,
     HybridTrainer,
+    advantages,
     discounted_returns,
     reinforce_loss,
     sp_forward,
@@ -45,14 +46,18 @@ def test_discounted_returns():
     assert discounted_returns(rewards, 0.5).flatten().tolist() == [1.5, 1.0, 2.0]
 
 
-def test_reinforce_loss_and_its_baseline():
+def test_reinforce_loss_and_its_baselines():
     log_probs = torch.zeros(2, 4, requires_grad=True)
     returns = torch.tensor([[1.0, 2.0, 3.0, 6.0], [0.0, 0.0, 0.0, 4.0]])
-    reinforce_loss(log_probs, returns, "none").backward()
+    greedy = torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.0, 1.0, 0.0, 1.0]])
+    reinforce_loss(log_probs, advantages(returns, "none")).backward()
     torch.testing.assert_close(log_probs.grad, -returns / 4)
     log_probs.grad = None
-    reinforce_loss(log_probs, returns, "batch_mean").backward()
+    reinforce_loss(log_probs, advantages(returns, "batch_mean")).backward()
     torch.testing.assert_close(log_probs.grad, -(returns - returns.mean(1, keepdim=True)) / 4)
+    log_probs.grad = None
+    reinforce_loss(log_probs, advantages(returns, "self_critical", greedy)).backward()
+    torch.testing.assert_close(log_probs.grad, -(returns - greedy) / 4)
 
 
 def test_reinforce_with_a_baseline_has_lower_gradient_variance():
@@ -65,7 +70,8 @@ def test_reinforce_with_a_baseline_has_lower_gradient_variance():
         a = dist.sample()
         returns = 5.0 + a + 0.1 * torch.randn(1, 32)  # a large constant the baseline removes
         for name in grads:
-            (g,) = torch.autograd.grad(reinforce_loss(dist.log_prob(a), returns, name), theta, retain_graph=True)
+            loss = reinforce_loss(dist.log_prob(a), advantages(returns, name))
+            (g,) = torch.autograd.grad(loss, theta, retain_graph=True)
             grads[name].append(g.item())
     var = {k: torch.tensor(v).var().item() for k, v in grads.items()}
     assert var["batch_mean"] < 0.2 * var["none"]
@@ -131,3 +137,11 @@ def test_finetune_backbone_trains_it_with_frozen_batchnorm_statistics(tmp_path):
     stats = [k for k in before if "running_" in k]
     assert stats and all(torch.equal(before[k], after[k]) for k in stats)
     assert "backbone" in safe_load(tmp_path / "agent.pt")
+
+
+def test_each_stage_trains_at_its_own_learning_rate(tmp_path):
+    """Regression: both optimizers once shared their parameter-group dicts, and the first one's
+    learning rate (SP's) silently applied to HRL too."""
+    trainer = _trainer(tmp_path, sp_lr=1e-3, hrl_lr=3e-2, finetune_backbone=True, backbone_lr=1e-5)
+    assert [g["lr"] for g in trainer.sp_opt.param_groups] == [1e-3, 1e-5]
+    assert [g["lr"] for g in trainer.hrl_opt.param_groups] == [3e-2, 1e-5]

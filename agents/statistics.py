@@ -1,0 +1,87 @@
+"""Statistics for claims about routing policies: intervals, paired differences, rank correlation,
+how dynamic a policy is, and the area under an accuracy-vs-FLOPs curve.
+
+Everything takes per-image numpy arrays (one entry per test image), so two agents evaluated on the
+same test images can be compared image by image (paired), which is far tighter than comparing two
+independent accuracies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from scipy import stats
+
+CONFIDENCE = 0.95
+RESAMPLES = 2000
+
+
+def bootstrap_ci(values: np.ndarray, seed: int = 0, resamples: int = RESAMPLES) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of the mean of ``values`` ``(n,)`` (e.g. per-image
+    correctness: the interval of the accuracy)."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim != 1 or values.size < 2:
+        raise ValueError(f"need a 1-D array of at least 2 values, got shape {values.shape}")
+    if np.all(values == values[0]):  # a constant sample: the bootstrap has no spread to show
+        return float(values[0]), float(values[0])
+    res = stats.bootstrap(
+        (values,),
+        np.mean,
+        n_resamples=resamples,
+        confidence_level=CONFIDENCE,
+        method="percentile",
+        vectorized=True,
+        rng=np.random.default_rng(seed),
+    )
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def paired_difference(a: np.ndarray, b: np.ndarray, seed: int = 0) -> dict[str, float | list[float]]:
+    """Mean of ``a - b`` over the same images, with its 95% bootstrap interval.
+
+    Args:
+        a, b: ``(n,)`` per-image values of two policies on the same test images, in the same order
+            (e.g. 1.0 where the image was classified right).
+
+    Returns:
+        ``{"difference": mean(a - b), "ci95": [low, high]}``.
+    """
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"paired values must be on the same images: shapes {a.shape} and {b.shape}")
+    diff = a - b
+    return {"difference": float(diff.mean()), "ci95": list(bootstrap_ci(diff, seed))}
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman rank correlation of ``x`` and ``y`` ``(n,)`` (ties take average ranks); 0 when
+    either is constant (no ordering to correlate)."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if np.all(x == x[0]) or np.all(y == y[0]):
+        return 0.0
+    return float(stats.spearmanr(x, y).statistic)
+
+
+def dynamic_blocks(execute_rate: Sequence[float], low: float = 0.1, high: float = 0.9) -> int:
+    """Number of gated blocks whose execute rate is strictly between ``low`` and ``high``: the
+    blocks where the policy decides per image rather than always or never."""
+    return int(sum(low < r < high for r in execute_rate))
+
+
+def area_under_curve(flops: Sequence[float], accuracy: Sequence[float], lo: float, hi: float) -> float:
+    """Mean accuracy over the FLOPs range ``[lo, hi]`` of the piecewise-linear curve through the
+    points (sorted by FLOPs): the area under the curve divided by the range's width."""
+    order = np.argsort(flops)
+    x, y = np.asarray(flops, dtype=np.float64)[order], np.asarray(accuracy, dtype=np.float64)[order]
+    if not (x[0] <= lo < hi <= x[-1]):
+        raise ValueError(f"range [{lo}, {hi}] is not inside the curve's FLOPs range [{x[0]}, {x[-1]}]")
+    grid = np.linspace(lo, hi, 201)
+    return float(np.trapezoid(np.interp(grid, x, y), grid) / (hi - lo))
+
+
+def common_range(curves: Sequence[Sequence[float]]) -> tuple[float, float] | None:
+    """The FLOPs range every curve covers (largest minimum, smallest maximum), or ``None``."""
+    lo = max(min(c) for c in curves)
+    hi = min(max(c) for c in curves)
+    return (lo, hi) if lo < hi else None

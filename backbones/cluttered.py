@@ -1,0 +1,156 @@
+"""``cluttered_digits``: an embedded data set whose difficulty varies from image to image.
+
+Built offline from scikit-learn's 8x8 handwritten digits, after the Cluttered MNIST design of the
+spatial-transformer paper (Jaderberg et al. 2015): each image is one digit drawn at a random
+scale, position and contrast on a larger canvas, among a random number of clutter fragments cut
+from other digits, with random pixel noise. A large, high-contrast digit on a clean canvas is easy;
+a small, faint digit among many fragments is hard, so a routing policy has something to adapt to.
+
+Every image is rendered in one batched ``grid_sample`` call per layer (no loop over images) from a
+seeded ``torch.Generator``: the same seed gives the same bytes. Each split draws its digits from
+its own part of the source digits (the fixed split of ``digits``), so no test digit is seen in
+training. The generated splits are cached under ``$SKIPNET_CACHE/datasets``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from backbones.cache import cache_dir
+
+log = logging.getLogger(__name__)
+
+GENERATOR_VERSION = 1  # bump when the rendering changes: cached files of another version are not reused
+
+
+@dataclass(frozen=True)
+class ClutterConfig:
+    """How a cluttered image is drawn (sizes in canvas pixels)."""
+
+    canvas: int = 24
+    """side of the square canvas"""
+    digit_size: tuple[float, float] = (10.0, 22.0)
+    """range of the digit's side"""
+    contrast: tuple[float, float] = (0.4, 1.0)
+    """range of the digit's peak brightness (1 = white)"""
+    max_fragments: int = 6
+    """clutter fragments per image are drawn uniformly from 0..max_fragments"""
+    fragment_size: tuple[float, float] = (3.0, 6.0)
+    """range of a fragment's side"""
+    fragment_brightness: tuple[float, float] = (0.2, 0.8)
+    """range of a fragment's peak brightness"""
+    noise: tuple[float, float] = (0.0, 0.15)
+    """range of the standard deviation of the Gaussian pixel noise"""
+
+
+SPLIT_SIZES = {"train": 12_000, "val": 2_000, "test": 5_000}
+SPLIT_SEEDS = {"train": 0, "val": 1, "test": 2}
+
+
+def _place(sources: Tensor, index: Tensor, size: Tensor, x0: Tensor, y0: Tensor, canvas: int) -> Tensor:
+    """Draw ``sources[index]`` ``(n, 1, h, w)`` in [0, 1] as squares of side ``size`` with top-left
+    corner ``(x0, y0)`` on ``canvas``-pixel canvases: ``(n, 1, canvas, canvas)``, zero outside."""
+    n = index.shape[0]
+    scale = canvas / size  # canvas units per source unit
+    cx = (x0 + size / 2) / canvas * 2 - 1  # the square's centre in normalised canvas coordinates
+    cy = (y0 + size / 2) / canvas * 2 - 1
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = scale
+    theta[:, 0, 2] = -cx * scale
+    theta[:, 1, 1] = scale
+    theta[:, 1, 2] = -cy * scale
+    grid = F.affine_grid(theta, [n, 1, canvas, canvas], align_corners=False)  # (n, canvas, canvas, 2)
+    return F.grid_sample(sources[index], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def render(
+    sources: Tensor, labels: Tensor, n: int, seed: int, cfg: ClutterConfig = ClutterConfig()
+) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """``n`` cluttered images from source digits ``sources`` ``(M, 1, h, w)`` in [0, 1].
+
+    Returns:
+        images ``(n, 1, canvas, canvas)`` uint8, labels ``(n,)`` int64, and the drawn factors of
+        each image (``digit_size``, ``contrast``, ``fragments``, ``noise``), ``(n,)`` each.
+    """
+    g = torch.Generator().manual_seed(seed)
+    s = cfg.canvas
+
+    def uniform(lo_hi: tuple[float, float], size: int = n) -> Tensor:
+        lo, hi = lo_hi
+        return lo + (hi - lo) * torch.rand(size, generator=g)
+
+    m = sources.shape[0]
+    index = torch.randint(0, m, (n,), generator=g)
+    size = uniform(cfg.digit_size)
+    x0 = torch.rand(n, generator=g) * (s - size)
+    y0 = torch.rand(n, generator=g) * (s - size)
+    contrast = uniform(cfg.contrast)
+    image = _place(sources, index, size, x0, y0, s) * contrast[:, None, None, None]  # (n, 1, s, s)
+
+    # clutter: fragments of other digits, each a random window of a randomly drawn digit
+    fragments = torch.randint(0, cfg.max_fragments + 1, (n,), generator=g)
+    coords = torch.arange(s, dtype=torch.float32) + 0.5  # pixel centres
+    clutter = torch.zeros_like(image)
+    for k in range(cfg.max_fragments):  # a loop over fragment layers, each batched over all images
+        other = torch.randint(0, m, (n,), generator=g)
+        other_size = uniform(cfg.digit_size)
+        ox = torch.rand(n, generator=g) * (s - other_size)
+        oy = torch.rand(n, generator=g) * (s - other_size)
+        layer = _place(sources, other, other_size, ox, oy, s)  # (n, 1, s, s)
+        side = uniform(cfg.fragment_size)
+        wx = ox + torch.rand(n, generator=g) * (other_size - side).clamp(min=0)  # window inside the drawn digit
+        wy = oy + torch.rand(n, generator=g) * (other_size - side).clamp(min=0)
+        inside_x = (coords[None] >= wx[:, None]) & (coords[None] < (wx + side)[:, None])  # (n, s)
+        inside_y = (coords[None] >= wy[:, None]) & (coords[None] < (wy + side)[:, None])  # (n, s)
+        window = (inside_y[:, :, None] & inside_x[:, None, :])[:, None]  # (n, 1, s, s)
+        brightness = uniform(cfg.fragment_brightness)[:, None, None, None]
+        active = (k < fragments)[:, None, None, None]
+        clutter = torch.maximum(clutter, layer * window * brightness * active)
+
+    noise = uniform(cfg.noise)
+    canvas = torch.maximum(image, clutter) + noise[:, None, None, None] * torch.randn(n, 1, s, s, generator=g)
+    images = (canvas.clamp(0, 1) * 255).round().to(torch.uint8)
+    factors = {"digit_size": size, "contrast": contrast, "fragments": fragments, "noise": noise}
+    return images, labels[index].clone(), factors
+
+
+def _source_digits(split: str) -> tuple[Tensor, Tensor]:
+    """The 8x8 digits of ``split`` (the same fixed split as the ``digits`` data set), in [0, 1]."""
+    from sklearn.datasets import load_digits
+
+    from backbones.data import fixed_split
+
+    bunch = load_digits()
+    idx = fixed_split(len(bunch.target), (0.1, 0.2), split)
+    images = torch.from_numpy(bunch.images[idx].astype(np.float32) / 16.0)[:, None]  # (M, 1, 8, 8)
+    return images, torch.from_numpy(bunch.target[idx].astype(np.int64))
+
+
+def cluttered_split(split: str, cfg: ClutterConfig = ClutterConfig(), use_cache: bool = True) -> tuple[Tensor, Tensor]:
+    """Images ``(N, 1, canvas, canvas)`` uint8 and labels ``(N,)`` of ``split``, generated on first
+    use and cached (the file name carries the generator version, canvas and split)."""
+    from backbones.checkpoint import atomic_save, safe_load
+
+    path = cache_dir() / "datasets" / f"cluttered_digits-v{GENERATOR_VERSION}-{cfg.canvas}px-{split}.pt"
+    if use_cache and path.is_file():
+        state = safe_load(path)
+        if state.get("config") == _config_dict(cfg):
+            return state["images"], state["labels"]
+    log.info("generating cluttered_digits %s (%d images at %dpx)", split, SPLIT_SIZES[split], cfg.canvas)
+    sources, labels = _source_digits(split)
+    images, labels, _ = render(sources, labels, SPLIT_SIZES[split], SPLIT_SEEDS[split], cfg)
+    if use_cache:
+        atomic_save({"images": images, "labels": labels, "config": _config_dict(cfg)}, path)
+    return images, labels
+
+
+def _config_dict(cfg: ClutterConfig) -> dict:
+    from dataclasses import asdict
+
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()}

@@ -1,0 +1,1 @@
+"""The command-line layer: run, compare, bench, figures."""

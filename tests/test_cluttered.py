@@ -1,0 +1,51 @@
+import hashlib
+
+import numpy as np
+import torch
+
+import backbones
+from backbones.cache import cache_dir
+from backbones.cluttered import SPLIT_SIZES, ClutterConfig, _source_digits, render
+
+
+def _digest(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.numpy().tobytes()).hexdigest()
+
+
+def test_same_seed_same_bytes_other_seed_other_images():
+    sources, labels = _source_digits("train")
+    a, la, _ = render(sources, labels, 200, seed=7)
+    b, lb, _ = render(sources, labels, 200, seed=7)
+    c, _, _ = render(sources, labels, 200, seed=8)
+    assert _digest(a) == _digest(b) and torch.equal(la, lb)
+    assert _digest(a) != _digest(c)
+    assert a.dtype == torch.uint8 and a.shape == (200, 1, 24, 24)
+
+
+def test_difficulty_factors_vary_from_image_to_image():
+    sources, labels = _source_digits("val")
+    cfg = ClutterConfig()
+    images, _, factors = render(sources, labels, 500, seed=0, cfg=cfg)
+    lo, hi = cfg.digit_size
+    assert lo <= factors["digit_size"].min() and factors["digit_size"].max() <= hi
+    assert factors["digit_size"].std() > 2.0 and factors["contrast"].std() > 0.1
+    assert set(factors["fragments"].tolist()) == set(range(cfg.max_fragments + 1))
+    # clutter adds lit pixels: images with many fragments are brighter on average than clean ones
+    lit = (images.float() > 60).flatten(1).float().mean(1)
+    many, none = factors["fragments"] >= 5, factors["fragments"] == 0
+    assert lit[many].mean() > lit[none].mean()
+
+
+def test_registered_splits_are_large_cached_and_disjoint_in_source_digits():
+    test = backbones.load_dataset("cluttered_digits", "test")
+    assert len(test) == SPLIT_SIZES["test"] >= 5000 and SPLIT_SIZES["train"] >= 10_000
+    assert test.input_size == (1, 24, 24) and test.num_classes == 10
+    assert np.bincount(test.labels.numpy(), minlength=10).min() > 300  # every class well represented
+    cached = list((cache_dir() / "datasets").glob("cluttered_digits-*-test.pt"))
+    assert len(cached) == 1
+    again = backbones.load_dataset("cluttered_digits", "test")
+    assert torch.equal(again.images, test.images)
+    assert test.mean == backbones.load_dataset("cluttered_digits", "val").mean  # the training split's statistics
+    train_sources = {tuple(x.flatten().tolist()) for x in _source_digits("train")[0]}
+    test_sources = [tuple(x.flatten().tolist()) for x in _source_digits("test")[0]]
+    assert sum(s in train_sources for s in test_sources) < 5  # a few duplicate digits exist in the source data
