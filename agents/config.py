@@ -50,6 +50,8 @@ class RunConfig:
     """hybrid: supervised pre-training epochs over the training set"""
     sp_lr: float = HybridConfig.sp_lr
     """hybrid: Adam learning rate of the gates in supervised pre-training"""
+    sp_alpha: float | None = HybridConfig.sp_alpha
+    """hybrid: weight of compute in SP's loss (default: --alpha; 0 is the paper's SP, cross-entropy alone)"""
     hrl_iterations: int = HybridConfig.hrl_iterations
     """hybrid: REINFORCE iterations (one batch of num_envs episodes each)"""
     hrl_lr: float = HybridConfig.hrl_lr
@@ -57,23 +59,31 @@ class RunConfig:
     gamma: float = HybridConfig.gamma
     """hybrid: discount of the per-gate returns"""
     baseline: str = HybridConfig.baseline
-    """hybrid: REINFORCE baseline: batch_mean (mean return of the batch at each gate) or none"""
+    """hybrid: REINFORCE baseline: self_critical (the greedy route's return on the same image), batch_mean, none"""
+    entropy_coef: float = HybridConfig.entropy_coef
+    """hybrid: weight of the gates' entropy bonus in HRL (keeps the decisions exploring)"""
+    checkpoint_every: int = HybridConfig.checkpoint_every
+    """hybrid: write the checkpoint every this many HRL iterations"""
+    log_every: int = HybridConfig.log_every
+    """hybrid: log (and sync with the device) every this many HRL iterations"""
     rl_weight: float = HybridConfig.rl_weight
     """hybrid: weight of the REINFORCE term beside the cross-entropy (paper: 0.01)"""
     finetune_backbone: bool = HybridConfig.finetune_backbone
     """hybrid: train the backbone too (the paper's full recipe); BatchNorm statistics stay frozen"""
     backbone_lr: float = HybridConfig.backbone_lr
     """hybrid: learning rate of the backbone when fine-tuning"""
-    rnn_hidden: int = 10
-    """hybrid_rnn: LSTM hidden size (paper's SP stage: 10)"""
+    rnn_hidden: int = 64
+    """hybrid_rnn: LSTM hidden size (the reference code: 10 in its SP models, 64 in its RL models)"""
+    rnn_embed: int = 64
+    """hybrid_rnn: size of the pooled activation's embedding fed to the LSTM"""
     # SB3 agents
     timesteps: int = 150_000
     """SB3 agents: environment steps (image-blocks) to train for"""
     # fixed policies
-    rate: float = 0.5
-    """random: execute probability of each gated block"""
+    rate: float | None = None
+    """random: execute probability of each gated block (default: the rate that spends --budget)"""
     budget: float = 0.6
-    """static: largest fraction of the full network's FLOPs the fixed subset of blocks may spend"""
+    """static, random: fraction of the full network's FLOPs to spend (static: at most; random: on average)"""
     # run control
     eval_only: bool = False
     """evaluate --checkpoint without training"""

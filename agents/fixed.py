@@ -124,3 +124,26 @@ def random_rate_for_budget(backbone: Backbone, budget: float, first_gated: int =
     sk = sum(f.block_skipped[first_gated:])
     rate = (budget * f.full - fixed - sk) / (ex - sk)
     return min(max(rate, 0.0), 1.0)
+
+
+def cached_elimination_path(
+    backbone: Backbone,
+    data: Dataset,
+    device: torch.device,
+    metadata: dict,
+    progress: bool = True,
+    max_images: int = 2000,
+) -> list[tuple[float, list[bool]]]:
+    """:func:`elimination_path` down to no gated block, cached per backbone weights and data set
+    (``$SKIPNET_CACHE/static``), so that a sweep over budgets searches once."""
+    from backbones.cache import cache_dir
+    from backbones.checkpoint import atomic_save, safe_load
+
+    key = f"{metadata['backbone']}-{metadata['dataset']}-{metadata['backbone_fingerprint']}-{max_images}"
+    path_file = cache_dir() / "static" / f"{key}.pt"
+    if path_file.is_file():
+        state = safe_load(path_file)
+        return [(float(f), m.tolist()) for f, m in zip(state["flops"], state["masks"])]
+    path = elimination_path(backbone, data, device, 0.0, max_images=max_images, progress=progress)
+    atomic_save({"flops": torch.tensor([f for f, _ in path]), "masks": torch.tensor([m for _, m in path])}, path_file)
+    return path

@@ -125,6 +125,7 @@ class RecurrentGate(GatePolicy):
         embed_dim: int = 10,
         hidden_size: int = 10,
         init_execute: float = 2.0,
+        position_bias: bool = False,
     ) -> None:
         super().__init__(backbone, first_gated)
         self.hidden_size = hidden_size
@@ -133,6 +134,9 @@ class RecurrentGate(GatePolicy):
         self.lstm = LSTMCell(embed_dim, hidden_size)
         self.out = nn.Linear(hidden_size, 1)
         nn.init.constant_(self.out.bias, init_execute)
+        # a learned logit offset per gated block: the data-independent part of the decision (which
+        # positions usually run) gets one parameter each, and the LSTM learns the per-image part
+        self.position_bias = nn.Parameter(torch.zeros(self.num_gates)) if position_bias else None
 
     def initial_state(self, batch_size: int, device: torch.device) -> tuple[Tensor, Tensor]:
         zeros = torch.zeros(batch_size, self.hidden_size, device=device)
@@ -143,7 +147,10 @@ class RecurrentGate(GatePolicy):
             state = self.initial_state(h.shape[0], h.device)
         x = self.proj[str(h.shape[1])](h.mean(dim=(2, 3)))  # (B, embed)
         hidden, cell = self.lstm(x, state)
-        return self.out(hidden).squeeze(1), (hidden, cell)
+        logit = self.out(hidden).squeeze(1)  # (B,)
+        if self.position_bias is not None:
+            logit = logit + self.position_bias[k]
+        return logit, (hidden, cell)
 
 
 def create_gates(kind: str, backbone: Backbone, first_gated: int = 1, **kwargs: Any) -> GatePolicy:

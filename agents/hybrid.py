@@ -51,6 +51,7 @@ class HybridConfig:
 
     sp_epochs: int = 10
     sp_lr: float = 1e-3
+    sp_alpha: float | None = None
     hrl_iterations: int = 2000
     hrl_lr: float = 1e-3
     alpha: float = 1.0
@@ -169,6 +170,11 @@ class HybridTrainer:
         self.action_generator = torch.Generator(device=device).manual_seed(cfg.seed + 1)
         self.stage, self.done_units = "sp", 0  # epochs in SP, iterations in HRL
 
+    @property
+    def sp_alpha(self) -> float:
+        """Weight of compute in SP: ``cfg.sp_alpha``, or HRL's ``alpha`` when unset."""
+        return self.cfg.alpha if self.cfg.sp_alpha is None else self.cfg.sp_alpha
+
     def _param_groups(self) -> list[dict[str, Any]]:
         """Fresh parameter groups for one optimizer (an optimizer writes its defaults into the
         group dicts it is given, so two optimizers must never share them)."""
@@ -226,10 +232,17 @@ class HybridTrainer:
             disable=not self.progress,
             leave=False,
         )
+        # the compute cost of executing gated block k rather than skipping it, a share of the full network
+        f = self.backbone.flops
+        first = self.gates.first_gated
+        extra = torch.tensor(f.block_executed[first:], dtype=torch.float32) - torch.tensor(f.block_skipped[first:])
+        cost_weight = (self.sp_alpha * extra / f.full).to(self.device)  # (N,)
         for epoch in range(self.done_units, cfg.sp_epochs):
             for x, y in batches(self.data, cfg.num_envs, self.device, train=True, generator=self.generator):
                 logits, probs = sp_forward(self.backbone, self.gates, x)
-                loss = F.cross_entropy(logits, y)
+                # hard gates forward, straight-through backward: the cost's gradient reaches p
+                cost = (straight_through(probs) * cost_weight).sum(dim=1).mean()
+                loss = F.cross_entropy(logits, y) + cost
                 self._check_finite(loss, "SP")
                 self.sp_opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -310,7 +323,9 @@ class HybridTrainer:
         self.replay = BatchedRouting(self.backbone, env.core.reward, gate_first_block=self.gates.first_gated == 0)
         # linear decay to 0 over the stage: REINFORCE's noisy steps settle instead of wandering at the end
         start = self.done_units
-        schedule = torch.optim.lr_scheduler.LambdaLR(self.hrl_opt, lambda it: 1.0 - (start + it) / cfg.hrl_iterations)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.hrl_opt, lambda it: 1.0 - (start + it) / max(cfg.hrl_iterations, 1)
+        )
         bar = tqdm(
             total=cfg.hrl_iterations,
             initial=self.done_units,

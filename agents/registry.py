@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from agents.config import RunConfig
-from agents.fixed import search_static
+from agents.fixed import cached_elimination_path, random_rate_for_budget, static_for_budget
 from agents.gates import create_gates
 from agents.hybrid import HybridConfig, HybridTrainer
 from agents.policies import GateRoutingPolicy, RandomPolicy, RoutingPolicy, SB3RoutingPolicy, StaticPolicy
@@ -45,11 +45,17 @@ class AgentContext:
 @dataclass(frozen=True)
 class AgentSpec:
     """``train(ctx, state)`` trains (resuming from ``state`` if given) and returns the policy;
-    ``load(ctx, state)`` rebuilds the policy from a checkpoint for evaluation."""
+    ``load(ctx, state)`` rebuilds the policy from a checkpoint for evaluation.
+
+    ``role`` says how comparisons use the agent: ``"learned"`` agents are trained at each compute
+    weight (``--alpha``); ``"matched"`` ones (data-independent) run at the compute a learned agent
+    reached (``--budget``); a ``"reference"`` runs once. ``seeded``: results vary with ``--seed``.
+    """
 
     train: Callable[[AgentContext, dict | None], RoutingPolicy]
     load: Callable[[AgentContext, dict], RoutingPolicy]
-    description: str
+    role: str = "learned"
+    seeded: bool = True
 
 
 AGENTS: dict[str, AgentSpec] = {}
@@ -71,16 +77,24 @@ def get_agent(name: str) -> AgentSpec:
 
 
 def _gates(ctx: AgentContext, kind: str):
-    kwargs = {"hidden_size": ctx.cfg.rnn_hidden} if kind == "rnn" else {}
+    kwargs = {"hidden_size": ctx.cfg.rnn_hidden, "embed_dim": ctx.cfg.rnn_embed} if kind == "rnn" else {}
     return create_gates(kind, ctx.backbone, **kwargs).to(ctx.device)
+
+
+def hybrid_config(cfg: RunConfig) -> HybridConfig:
+    """The hybrid trainer's settings, read from the run's fields of the same names (every one must
+    exist there: a renamed field is an error, never a silent default)."""
+    names = [f.name for f in dataclasses.fields(HybridConfig)]
+    missing = [n for n in names if n not in {f.name for f in dataclasses.fields(RunConfig)}]
+    if missing:
+        raise TypeError(f"RunConfig lacks the hybrid settings {missing}: add them beside HybridConfig's")
+    return HybridConfig(**{n: getattr(cfg, n) for n in names})
 
 
 def _hybrid(kind: str) -> AgentSpec:
     def train(ctx: AgentContext, state: dict | None) -> RoutingPolicy:
         c = ctx.cfg
-        hcfg = HybridConfig(
-            **{f.name: getattr(c, f.name) for f in dataclasses.fields(HybridConfig) if hasattr(c, f.name)}
-        )
+        hcfg = hybrid_config(c)
         gates = _gates(ctx, kind)
         trainer = HybridTrainer(
             ctx.backbone, gates, ctx.train_data, hcfg, ctx.device, ctx.checkpoint, ctx.metadata, ctx.writer, c.progress
@@ -96,8 +110,7 @@ def _hybrid(kind: str) -> AgentSpec:
             ctx.backbone.load_state_dict(state["backbone"])
         return GateRoutingPolicy(gates.eval(), f"hybrid_{kind}")
 
-    names = {"rnn": "recurrent gate (LSTM)", "ff1": "feedforward FFGate-I", "ff2": "feedforward FFGate-II"}
-    return AgentSpec(train, load, f"SkipNet hybrid SP + REINFORCE, {names[kind]}")
+    return AgentSpec(train, load)
 
 
 register_agent("hybrid_rnn", _hybrid("rnn"))
@@ -152,7 +165,7 @@ def _sb3(algo: str) -> AgentSpec:
         sb3_agents.load_model_state(model, state)
         return SB3RoutingPolicy(model, algo)
 
-    return AgentSpec(train, load, f"Stable-Baselines3 {algo} on the batched environment")
+    return AgentSpec(train, load)
 
 
 for _algo in ("ppo", "a2c", "recurrent_ppo"):
@@ -171,33 +184,34 @@ def _train_full(ctx: AgentContext, state: dict | None) -> RoutingPolicy:
     return RoutingPolicy()
 
 
+def _random_rate(ctx: AgentContext) -> float:
+    """``--rate``, or the rate at which random skipping spends ``--budget`` of the FLOPs."""
+    if ctx.cfg.rate is not None:
+        return ctx.cfg.rate
+    return random_rate_for_budget(ctx.backbone, ctx.cfg.budget)
+
+
 def _train_random(ctx: AgentContext, state: dict | None) -> RoutingPolicy:
-    _fixed_save(ctx, rate=ctx.cfg.rate)
-    return RandomPolicy(ctx.cfg.rate, ctx.cfg.seed)
+    rate = _random_rate(ctx)
+    _fixed_save(ctx, rate=rate)
+    return RandomPolicy(rate, ctx.cfg.seed)
 
 
 def _train_static(ctx: AgentContext, state: dict | None) -> RoutingPolicy:
-    policy = search_static(ctx.backbone, ctx.train_data, ctx.cfg.budget, ctx.device, progress=ctx.cfg.progress)
+    path = cached_elimination_path(ctx.backbone, ctx.train_data, ctx.device, ctx.metadata, ctx.cfg.progress)
+    policy = static_for_budget(path, ctx.cfg.budget)
     _fixed_save(ctx, mask=torch.tensor(policy.mask))
     return policy
 
 
-register_agent("full", AgentSpec(_train_full, lambda ctx, s: RoutingPolicy(), "execute every block"))
+register_agent("full", AgentSpec(_train_full, lambda ctx, s: RoutingPolicy(), role="reference", seeded=False))
 register_agent(
     "random",
-    AgentSpec(
-        _train_random,
-        lambda ctx, s: RandomPolicy(float(s["rate"]), ctx.cfg.seed),
-        "execute each gated block with probability --rate",
-    ),
+    AgentSpec(_train_random, lambda ctx, s: RandomPolicy(float(s["rate"]), ctx.cfg.seed), role="matched"),
 )
 register_agent(
     "static",
-    AgentSpec(
-        _train_static,
-        lambda ctx, s: StaticPolicy(s["mask"].tolist()),
-        "best fixed subset of blocks within --budget (greedy search)",
-    ),
+    AgentSpec(_train_static, lambda ctx, s: StaticPolicy(s["mask"].tolist()), role="matched", seeded=False),
 )
 
 __all__ = ["AGENTS", "AgentContext", "AgentSpec", "get_agent", "register_agent"]

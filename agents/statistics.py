@@ -85,3 +85,38 @@ def common_range(curves: Sequence[Sequence[float]]) -> tuple[float, float] | Non
     lo = max(min(c) for c in curves)
     hi = min(max(c) for c in curves)
     return (lo, hi) if lo < hi else None
+
+
+def curve_auc(
+    flops: Sequence[float], correct: np.ndarray, lo: float, hi: float, seed: int = 0, resamples: int = 1000
+) -> dict[str, float | list[float] | np.ndarray]:
+    """:func:`area_under_curve` of one agent's points, with a 95% bootstrap interval over test
+    images (every point resampled with the same images, so the points stay paired).
+
+    Args:
+        flops: ``(P,)`` FLOPs fraction of each point.
+        correct: ``(P, n)`` per-image correctness of each point (a mean over seeds is fine).
+
+    Returns:
+        ``{"auc": ..., "ci95": [low, high], "samples": (resamples,)}``; the samples, drawn with
+        ``seed``, pair with another curve's drawn with the same seed and images (see
+        :func:`auc_difference`).
+    """
+    correct = np.asarray(correct, dtype=np.float64)
+    idx = np.random.default_rng(seed).integers(0, correct.shape[1], size=(resamples, correct.shape[1]))
+    acc = np.stack([c[idx].mean(axis=1) for c in correct], axis=1)  # (resamples, P)
+    samples = np.array([area_under_curve(flops, a, lo, hi) for a in acc])
+    low, high = np.quantile(samples, [(1 - CONFIDENCE) / 2, (1 + CONFIDENCE) / 2])
+    return {
+        "auc": area_under_curve(flops, correct.mean(axis=1), lo, hi),
+        "ci95": [float(low), float(high)],
+        "samples": samples,
+    }
+
+
+def auc_difference(a: dict, b: dict) -> dict[str, float | list[float]]:
+    """Difference of two :func:`curve_auc` results on the same test images and seed, with its
+    paired 95% interval."""
+    diff = a["samples"] - b["samples"]
+    low, high = np.quantile(diff, [(1 - CONFIDENCE) / 2, (1 + CONFIDENCE) / 2])
+    return {"difference": float(a["auc"] - b["auc"]), "ci95": [float(low), float(high)]}

@@ -57,14 +57,18 @@ def _parser_type(tp: Any) -> tuple[Any, dict[str, Any]]:
     return tp, {}
 
 
-def build_parser(cls: type, description: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=description or (cls.__doc__ or "").strip().splitlines()[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+def _flags(cls: type, parser: argparse.ArgumentParser, seen: dict[str, str], owner: str) -> None:
+    """Add a flag per field of ``cls``; a field that is itself a dataclass adds its own fields
+    (flat, unprefixed: ``--alpha``, not ``--run-alpha``)."""
     docs = field_docs(cls)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            _flags(hints[f.name], parser, seen, f"{owner}.{f.name}")
+            continue
+        if f.name in seen:
+            raise TypeError(f"field {f.name!r} of {owner} repeats one of {seen[f.name]}: a flag must be unique")
+        seen[f.name] = owner
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         kind, extra = _parser_type(hints[f.name])
@@ -73,14 +77,33 @@ def build_parser(cls: type, description: str | None = None) -> argparse.Argument
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         else:
             parser.add_argument(flag, type=kind, default=default, help=help_text, **extra)
+
+
+def build_parser(cls: type, description: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=description or (cls.__doc__ or "").strip().splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _flags(cls, parser, {}, cls.__name__)
     return parser
+
+
+def _build(cls: type[T], values: dict[str, Any]) -> T:
+    """An instance of ``cls`` from the parsed flat ``values`` (nested dataclasses built too)."""
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[f.name] = _build(tp, values)  # type: ignore[arg-type]
+        elif isinstance(values[f.name], list) and typing.get_origin(tp) is tuple:
+            kwargs[f.name] = tuple(values[f.name])
+        else:
+            kwargs[f.name] = values[f.name]
+    return cls(**kwargs)
 
 
 def parse(cls: type[T], argv: Sequence[str] | None = None, description: str | None = None) -> T:
     """Parse ``argv`` (default: ``sys.argv[1:]``) into an instance of dataclass ``cls``."""
     ns = build_parser(cls, description).parse_args(argv)
-    values = vars(ns)
-    for f in dataclasses.fields(cls):
-        if isinstance(values.get(f.name), list) and typing.get_origin(typing.get_type_hints(cls)[f.name]) is tuple:
-            values[f.name] = tuple(values[f.name])
-    return cls(**values)
+    return _build(cls, vars(ns))

@@ -1,12 +1,22 @@
-"""Compare routing agents on the same backbone and data: one table (markdown and CSV) and one
-accuracy-vs-compute plot (PNG).
+"""Compare routing agents over the accuracy/compute trade-off, with seeds and intervals.
 
-    python experiments/compare.py                                   # the default set, embedded data
-    python experiments/compare.py --agents hybrid_rnn ppo random --alphas 0.5 1 2
+    python experiments/compare.py                                    # the default set, embedded data
+    python experiments/compare.py --agents hybrid_rnn ppo --alphas 0.5 1 2 --seeds 0 1 2
 
-Learned agents run at every ``--alphas``; ``static`` and ``random`` run at the compute the first
-learned agent reached at each alpha (matched compute), so every learned policy is compared with
-data-independent ones spending the same FLOPs; ``full`` runs once.
+Learned agents run at every ``--alphas`` and ``--seeds``. Data-independent agents (``static``,
+``random``: the registry's "matched" role) then run at the mean compute each learned point reached,
+so that every learned point has a fixed subset of blocks and a random policy spending the same
+FLOPs beside it; ``full`` runs once. Every run is ``experiments/run.py`` with its own folder.
+
+What is reported (``compare.md``, ``compare.json``, ``compare.csv``, ``compare.png``):
+
+* per agent and setting: accuracy (mean over seeds, the seeds' standard deviation, and the 95%
+  bootstrap interval over test images of the seed-averaged per-image correctness), FLOPs, how
+  dynamic the routing is (``dynamic_blocks``, ``difficulty_spearman``);
+* per learned point: the paired difference in accuracy to ``static`` and ``random`` at its compute,
+  on the same test images, with its 95% interval;
+* per agent: the area under its accuracy-vs-FLOPs curve over the FLOPs range every agent covers
+  (mean accuracy over that range), with its interval and the paired difference to ``static``.
 """
 
 from __future__ import annotations
@@ -16,165 +26,231 @@ import dataclasses
 import json
 import logging
 import sys
-from dataclasses import dataclass
+from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agents.config import RunConfig  # noqa: E402
-from agents.fixed import random_rate_for_budget  # noqa: E402
 from agents.registry import get_agent  # noqa: E402
+from agents.statistics import auc_difference, bootstrap_ci, common_range, curve_auc, paired_difference  # noqa: E402
 from backbones.dataclass_cli import parse  # noqa: E402
+from experiments.run import run  # noqa: E402
 
-FIXED = ("random", "static", "full")
+log = logging.getLogger("skipnet_gym.compare")
 
 
 @dataclass
 class CompareConfig:
-    """Compare routing agents at several compute weights on one backbone and data set."""
+    """Compare routing agents at several compute weights and seeds on one backbone and data set."""
 
-    agents: tuple[str, ...] = ("hybrid_rnn", "hybrid_ff", "ppo", "recurrent_ppo", "random", "static", "full")
+    agents: tuple[str, ...] = ("hybrid_rnn", "ppo", "static", "random", "full")
     """agents to compare"""
-    alphas: tuple[float, ...] = (0.5, 1.0, 2.0)
-    """compute weights the learned agents are trained at"""
-    fallback_budgets: tuple[float, ...] = (0.4, 0.6, 0.8)
-    """FLOPs budgets of static/random when no learned agent is compared"""
-    backbone: str = "cifar_resnet38"
-    """backbone registry name"""
-    width: float = 0.5
-    """channel multiplier of CIFAR ResNet backbones"""
-    backbone_epochs: int | None = None
-    """epochs when the backbone has to be trained first (default: the trainer's for the data set)"""
-    dataset: str = "digits"
-    """data set name"""
-    data_root: str | None = None
-    """folder with the data set's files"""
-    device: str = "auto"
-    """torch device"""
-    seed: int = 0
-    """seed of every run"""
-    hrl_iterations: int = 2000
-    """hybrid agents: REINFORCE iterations"""
-    sp_epochs: int = 10
-    """hybrid agents: supervised pre-training epochs"""
-    timesteps: int = 150_000
-    """SB3 agents: environment steps"""
+    alphas: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0, 3.0)
+    """compute weights the learned agents are trained at (one curve point each)"""
+    seeds: tuple[int, ...] = (0, 1, 2)
+    """seeds of every seeded run"""
+    fallback_budgets: tuple[float, ...] = (0.4, 0.5, 0.6, 0.7, 0.8)
+    """FLOPs budgets of the matched agents when no learned agent is compared"""
     out_dir: str = "results/compare"
-    """where the table, CSV, plot and per-run JSON go"""
-    run_dir: str = "runs"
-    """TensorBoard folder of the runs"""
-    progress: bool = False
-    """show the runs' progress bars"""
+    """where the table, CSV, JSON and plot go"""
+    run: RunConfig = field(default_factory=lambda: RunConfig(progress=False))
+    """every run's settings (--backbone, --dataset, --hrl-iterations, ...); agent, alpha, seed, budget set per run"""
 
 
-def run_one(cfg: CompareConfig, **overrides: Any) -> dict[str, Any]:
-    from run import run  # experiments/run.py
+@dataclass
+class Point:
+    """One agent at one setting, over its seeds."""
 
-    shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(RunConfig) if hasattr(cfg, f.name)}
-    return run(RunConfig(**{**shared, **overrides}))
+    agent: str
+    setting: str
+    runs: list[dict[str, Any]]
+    correct: np.ndarray  # (seeds, n) per-image correctness
+
+    @property
+    def flops(self) -> float:
+        return float(np.mean([r["flops_fraction"] for r in self.runs]))
+
+    def mean(self, key: str) -> float:
+        return float(np.mean([r[key] for r in self.runs]))
+
+    def std(self, key: str) -> float:
+        return float(np.std([r[key] for r in self.runs]))
 
 
-def compare(cfg: CompareConfig, log: logging.Logger) -> list[dict[str, Any]]:
-    for name in cfg.agents:
-        get_agent(name)  # unknown names fail before hours of work
-    learned = [a for a in cfg.agents if a not in FIXED]
-    rows: list[dict[str, Any]] = []
-    budgets: list[float] = []
-    backbone = None
+def _point(agent: str, setting: str, runs: list[dict[str, Any]]) -> Point:
+    correct = []
+    for r in runs:
+        with np.load(Path(r["run_dir"]) / "per_image.npz", allow_pickle=False) as f:
+            correct.append(f["correct"].astype(np.float64))
+    return Point(agent, setting, runs, np.stack(correct))
+
+
+def compare(cfg: CompareConfig) -> dict[str, Any]:
+    """Run every agent, setting and seed; returns the points and the paired statistics."""
+    specs = {name: get_agent(name) for name in cfg.agents}  # unknown names fail before hours of work
+    learned = [a for a in cfg.agents if specs[a].role == "learned"]
+
+    def runs_of(agent: str, **overrides: Any) -> list[dict[str, Any]]:
+        seeds = cfg.seeds if specs[agent].seeded else cfg.seeds[:1]
+        out = []
+        for seed in seeds:
+            r = run(dataclasses.replace(cfg.run, agent=agent, seed=seed, **overrides))
+            log.info(
+                "%s %s seed %d: accuracy %.4f at %.3f FLOPs", agent, overrides, seed, r["accuracy"], r["flops_fraction"]
+            )
+            out.append(r)
+        return out
+
+    points: list[Point] = []
     for agent in learned:
         for alpha in cfg.alphas:
-            r = run_one(cfg, agent=agent, alpha=alpha)
-            rows.append({**r, "setting": f"alpha={alpha:g}"})
-            log.info("%s alpha=%g: accuracy %.4f at %.3f FLOPs", agent, alpha, r["accuracy"], r["flops_fraction"])
-            if agent == learned[0]:
-                budgets.append(r["flops_fraction"])
-    budgets = [min(b, 1.0) for b in budgets] or list(cfg.fallback_budgets)  # gates can push past 100%
-    for agent in (a for a in cfg.agents if a in FIXED):
-        if agent == "full":
-            settings = [{"setting": "all blocks"}]
-        else:
-            settings = [{"budget": b, "setting": f"budget={b:.3f}"} for b in budgets]
-        for s in settings:
-            overrides: dict[str, Any] = {"agent": agent}
-            if agent == "static":
-                overrides["budget"] = s["budget"]
-            if agent == "random":
-                if backbone is None:
-                    backbone = _backbone(cfg)
-                overrides["rate"] = random_rate_for_budget(backbone, s["budget"])
-            r = run_one(cfg, **overrides)
-            rows.append({**r, "setting": s["setting"]})
-            log.info("%s %s: accuracy %.4f at %.3f FLOPs", agent, s["setting"], r["accuracy"], r["flops_fraction"])
-    return rows
+            points.append(_point(agent, f"alpha={alpha:g}", runs_of(agent, alpha=alpha)))
+    budgets = sorted({min(p.flops, 1.0) for p in points}) or list(cfg.fallback_budgets)
+    matched: dict[str, dict[float, Point]] = defaultdict(dict)
+    for agent in (a for a in cfg.agents if specs[a].role == "matched"):
+        for b in budgets:
+            matched[agent][b] = _point(agent, f"budget={b:.3f}", runs_of(agent, budget=b, rate=None))
+            points.append(matched[agent][b])
+    for agent in (a for a in cfg.agents if specs[a].role == "reference"):
+        points.append(_point(agent, "all blocks", runs_of(agent)))
+
+    seed = cfg.seeds[0]
+    paired = []
+    for p in (p for p in points if p.agent in learned):
+        row: dict[str, Any] = {"agent": p.agent, "setting": p.setting, "flops": p.flops}
+        for other, at in matched.items():
+            q = at[min(p.flops, 1.0)]
+            row[f"vs_{other}"] = paired_difference(p.correct.mean(0), q.correct.mean(0), seed)
+            row[f"{other}_flops"] = q.flops
+        paired.append(row)
+
+    curves: dict[str, list[Point]] = defaultdict(list)
+    for p in points:
+        if specs[p.agent].role != "reference":
+            curves[p.agent].append(p)
+    auc: dict[str, Any] = {}
+    span = common_range([[p.flops for p in ps] for ps in curves.values()]) if len(curves) > 0 else None
+    if span is not None and all(len(ps) > 1 for ps in curves.values()):
+        lo, hi = span
+        results = {
+            agent: curve_auc([p.flops for p in ps], np.stack([p.correct.mean(0) for p in ps]), lo, hi, seed)
+            for agent, ps in curves.items()
+        }
+        auc = {"range": [lo, hi]}
+        for agent, res in results.items():
+            auc[agent] = {"auc": res["auc"], "ci95": res["ci95"]}
+            if "static" in results and agent != "static":
+                auc[agent]["vs_static"] = auc_difference(res, results["static"])
+    return {"points": points, "paired": paired, "auc": auc}
 
 
-def _backbone(cfg: CompareConfig):
-    from run import load_backbone_for
-
-    from backbones.data import load_dataset
-    from backbones.device import resolve_device
-
-    rc = RunConfig(
-        backbone=cfg.backbone,
-        dataset=cfg.dataset,
-        data_root=cfg.data_root,
-        width=cfg.width,
-        backbone_epochs=cfg.backbone_epochs,
-        progress=False,
-    )
-    train = load_dataset(cfg.dataset, "train", cfg.data_root)
-    return load_backbone_for(rc, resolve_device(cfg.device), train)[0]
-
-
-COLUMNS = [
-    ("agent", "agent"),
-    ("setting", "setting"),
-    ("accuracy", "accuracy %"),
-    ("flops_fraction", "FLOPs %"),
-    ("policy_flops_fraction", "policy FLOPs %"),
-    ("blocks_executed", "blocks run"),
-    ("computation_percent", "computation % (paper)"),
-    ("train_seconds", "train s"),
-]
+def summarize(p: Point, seed: int) -> dict[str, Any]:
+    return {
+        "agent": p.agent,
+        "setting": p.setting,
+        "seeds": len(p.runs),
+        "accuracy": p.mean("accuracy"),
+        "accuracy_seed_std": p.std("accuracy"),
+        "accuracy_ci95": list(bootstrap_ci(p.correct.mean(0), seed)),
+        "flops_fraction": p.flops,
+        "flops_seed_std": p.std("flops_fraction"),
+        "policy_flops_fraction": p.mean("policy_flops_fraction"),
+        "dynamic_blocks": p.mean("dynamic_blocks"),
+        "difficulty_spearman": p.mean("difficulty_spearman"),
+        "train_seconds": p.mean("train_seconds"),
+        "run_dirs": [r["run_dir"] for r in p.runs],
+    }
 
 
-def write_outputs(rows: list[dict[str, Any]], out_dir: Path, title: str) -> tuple[Path, Path, Path]:
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}"
+
+
+def _interval(d: dict) -> str:
+    return f"{100 * d['difference']:+.2f} [{100 * d['ci95'][0]:+.2f}, {100 * d['ci95'][1]:+.2f}]"
+
+
+def write_outputs(result: dict[str, Any], out_dir: Path, title: str, seed: int) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     out_dir.mkdir(parents=True, exist_ok=True)
-
-    def cell(r: dict, key: str) -> str:
-        v = r[key]
-        if key in ("accuracy", "flops_fraction", "policy_flops_fraction"):
-            return f"{100 * v:.2f}"
-        return f"{v:.1f}" if isinstance(v, float) else str(v)
-
-    md = out_dir / "compare.md"
+    rows = [summarize(p, seed) for p in result["points"]]
     lines = [
         f"# {title}",
         "",
-        "| " + " | ".join(h for _, h in COLUMNS) + " |",
-        "|" + "|".join("---:" if k not in ("agent", "setting") else "---" for k, _ in COLUMNS) + "|",
+        "Accuracy: mean over seeds ± their standard deviation, and the 95% bootstrap interval over test images.",
+        "",
+        "| agent | setting | seeds | accuracy % | 95% interval | FLOPs % | dynamic blocks "
+        "| Spearman (blocks, difficulty) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
-    lines += ["| " + " | ".join(cell(r, k) for k, _ in COLUMNS) + " |" for r in rows]
+    for r in rows:
+        lines.append(
+            f"| {r['agent']} | {r['setting']} | {r['seeds']} | {_pct(r['accuracy'])} ± {_pct(r['accuracy_seed_std'])} "
+            f"| [{_pct(r['accuracy_ci95'][0])}, {_pct(r['accuracy_ci95'][1])}] "
+            f"| {_pct(r['flops_fraction'])} ± {_pct(r['flops_seed_std'])} "
+            f"| {r['dynamic_blocks']:.1f} | {r['difficulty_spearman']:+.3f} |"
+        )
+    if result["paired"]:
+        others = [k[3:] for k in result["paired"][0] if k.startswith("vs_")]
+        lines += [
+            "",
+            "Paired differences at equal compute (learned minus matched, points, same test images, 95% interval):",
+            "",
+            "| agent | setting | FLOPs % | " + " | ".join(f"vs {o}" for o in others) + " |",
+            "|---|---|---:|" + "---:|" * len(others),
+        ]
+        for r in result["paired"]:
+            cells = " | ".join(_interval(r[f"vs_{o}"]) for o in others)
+            lines.append(f"| {r['agent']} | {r['setting']} | {_pct(r['flops'])} | {cells} |")
+    if result["auc"]:
+        lo, hi = result["auc"]["range"]
+        lines += [
+            "",
+            f"Area under the accuracy-vs-FLOPs curve over {_pct(lo)}-{_pct(hi)}% FLOPs (mean accuracy over the range):",
+            "",
+            "| agent | AUC % | 95% interval | vs static |",
+            "|---|---:|---:|---:|",
+        ]
+        for agent, a in result["auc"].items():
+            if agent == "range":
+                continue
+            vs = _interval(a["vs_static"]) if "vs_static" in a else ""
+            lines.append(f"| {agent} | {_pct(a['auc'])} | [{_pct(a['ci95'][0])}, {_pct(a['ci95'][1])}] | {vs} |")
+    md = out_dir / "compare.md"
     md.write_text("\n".join(lines) + "\n")
+    (out_dir / "compare.json").write_text(
+        json.dumps({"points": rows, "paired": result["paired"], "auc": result["auc"]}, indent=2)
+    )
     csv_path = out_dir / "compare.csv"
+    keys = [k for k in rows[0] if k != "run_dirs"]
     with open(csv_path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow([k for k, _ in COLUMNS])
-        w.writerows([[r[k] for k, _ in COLUMNS] for r in rows])
-    (out_dir / "compare.json").write_text(json.dumps(rows, indent=2))
+        w.writerow(keys)
+        w.writerows([[r[k] for k in keys] for r in rows])
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for agent in dict.fromkeys(r["agent"] for r in rows):
-        pts = sorted((100 * r["flops_fraction"], 100 * r["accuracy"]) for r in rows if r["agent"] == agent)
-        ax.plot(*zip(*pts), marker="o", label=agent)
+        pts = sorted((r for r in rows if r["agent"] == agent), key=lambda r: r["flops_fraction"])
+        x = [100 * r["flops_fraction"] for r in pts]
+        y = [100 * r["accuracy"] for r in pts]
+        yerr = [[100 * (r["accuracy"] - r["accuracy_ci95"][0]) for r in pts],
+                [100 * (r["accuracy_ci95"][1] - r["accuracy"]) for r in pts]]  # fmt: skip
+        xerr = [100 * r["flops_seed_std"] for r in pts]
+        ax.errorbar(x, y, yerr=yerr, xerr=xerr, marker="o", ms=4, capsize=2, label=agent)
+    if result["auc"]:
+        for edge in result["auc"]["range"]:
+            ax.axvline(100 * edge, color="grey", lw=0.6, ls=":")
     ax.set_xlabel("FLOPs spent, % of the full network (policy included)")
-    ax.set_ylabel("test accuracy, %")
+    ax.set_ylabel("test accuracy, % (95% interval)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -182,18 +258,18 @@ def write_outputs(rows: list[dict[str, Any]], out_dir: Path, title: str) -> tupl
     png = out_dir / "compare.png"
     fig.savefig(png, dpi=120)
     plt.close(fig)
-    return md, csv_path, png
+    return [md, csv_path, out_dir / "compare.json", png]
 
 
-def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    log = logging.getLogger("skipnet_gym.compare")
     cfg = parse(CompareConfig, argv)
-    rows = compare(cfg, log)
-    md, csv_path, png = write_outputs(rows, Path(cfg.out_dir), f"{cfg.backbone} on {cfg.dataset}")
-    print(md.read_text())
-    print(f"wrote {md}, {csv_path}, {png}")
-    return rows
+    result = compare(cfg)
+    title = f"{cfg.run.backbone} on {cfg.run.dataset}"
+    paths = write_outputs(result, Path(cfg.out_dir), title, cfg.seeds[0])
+    print(paths[0].read_text())
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return result
 
 
 if __name__ == "__main__":

@@ -76,6 +76,20 @@ def load_backbone_for(cfg: RunConfig, device: torch.device, train_data) -> tuple
     return get_trained(cfg.backbone, cfg.dataset, **overrides)
 
 
+def new_run_dir(parent: Path, name: str) -> Path:
+    """``parent/name``, or ``parent/name-2``, ``-3``, ... : a folder no other run has, created
+    atomically (two runs started in the same second never share one)."""
+    parent.mkdir(parents=True, exist_ok=True)
+    for i in range(1, 10_000):
+        path = parent / (name if i == 1 else f"{name}-{i}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"could not find a free run folder for {name} in {parent}")
+
+
 def check_agent_checkpoint(state: dict, path: str, agent: str, metadata: dict) -> None:
     meta = state.get("metadata", {})
     wrong = [
@@ -122,7 +136,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         check_agent_checkpoint(state, cfg.checkpoint, cfg.agent, metadata)
         run_dir = Path(cfg.checkpoint).parent
     else:
-        run_dir = Path(cfg.run_dir) / f"SkipNet-v0__{cfg.agent}__{cfg.seed}__{int(time.time())}"
+        run_dir = new_run_dir(Path(cfg.run_dir), f"SkipNet-v0__{cfg.agent}__{cfg.seed}__{int(time.time())}")
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = Path(cfg.checkpoint) if cfg.checkpoint else run_dir / "agent.pt"
     writer = SummaryWriter(str(run_dir))

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_BACKBONE = ["--backbone", "cifar_resnet20", "--width", "0.25", "--backbone-epochs", "1"]
+TINY_BACKBONE = ["--dataset", "digits", "--backbone", "cifar_resnet20", "--width", "0.25", "--backbone-epochs", "1"]
 TINY_BUDGETS = {
     "hybrid_rnn": ["--sp-epochs", "1", "--hrl-iterations", "3", "--num-envs", "32"],
     "hybrid_ff": ["--sp-epochs", "1", "--hrl-iterations", "3", "--num-envs", "32"],
@@ -105,7 +105,7 @@ def test_checkpoint_of_another_agent_or_backbone_is_refused(cache, tmp_path):
         ["--agent", "random", *TINY_BACKBONE, "--eval-only", "--checkpoint", str(ckpt)], cache, tmp_path, check=False
     )
     assert proc.returncode != 0 and "agent: checkpoint has 'static'" in proc.stderr
-    other = ["--backbone", "cifar_resnet20", "--width", "0.25", "--backbone-epochs", "2"]  # other weights
+    other = [*TINY_BACKBONE[:-1], "2"]  # other weights
     proc = run(["--agent", "static", *other, "--eval-only", "--checkpoint", str(ckpt)], cache, tmp_path, check=False)
     assert proc.returncode != 0 and "backbone_fingerprint" in proc.stderr
 
@@ -129,31 +129,15 @@ def test_resume_continues_a_killed_hybrid_run(cache, tmp_path):
     assert "accuracy" in proc.stdout
 
 
-def test_compare_writes_table_csv_and_plot(cache, tmp_path):
+def test_compare_writes_table_csv_json_and_curves(cache, tmp_path):
     out = tmp_path / "cmp"
     run(
         [
-            "--agents",
-            "hybrid_rnn",
-            "random",
-            "static",
-            "full",
-            "--alphas",
-            "1.0",
-            "--hrl-iterations",
-            "2",
-            "--sp-epochs",
-            "1",
-            "--backbone",
-            "cifar_resnet20",
-            "--width",
-            "0.25",
-            "--backbone-epochs",
-            "1",
-            "--out-dir",
-            str(out),
-            "--run-dir",
-            str(tmp_path / "r"),
+            *("--agents", "hybrid_rnn", "random", "static", "full"),
+            *("--alphas", "0.5", "4.0", "--seeds", "0", "1"),
+            *("--hrl-iterations", "2", "--sp-epochs", "1", "--num-envs", "32"),
+            *TINY_BACKBONE,
+            *("--out-dir", str(out), "--run-dir", str(tmp_path / "r")),
         ],
         cache,
         tmp_path,
@@ -162,7 +146,57 @@ def test_compare_writes_table_csv_and_plot(cache, tmp_path):
     table = (out / "compare.md").read_text()
     for agent in ("hybrid_rnn", "random", "static", "full"):
         assert agent in table
-    assert (out / "compare.csv").read_text().count("\n") == 5 and (out / "compare.png").stat().st_size > 0
+    assert "Paired differences at equal compute" in table
+    result = json.loads((out / "compare.json").read_text())
+    seeds = {p["agent"]: p["seeds"] for p in result["points"]}
+    assert seeds == {"hybrid_rnn": 2, "random": 2, "static": 1, "full": 1}  # static and full are not seeded
+    hybrid = [p for p in result["points"] if p["agent"] == "hybrid_rnn"]
+    assert len(hybrid) == 2 and all(len(p["run_dirs"]) == 2 for p in hybrid)
+    assert all(len(set(p["run_dirs"])) == len(p["run_dirs"]) for p in result["points"])  # one folder per run
+    for row in result["paired"]:
+        assert row["vs_static"]["ci95"][0] <= row["vs_static"]["difference"] <= row["vs_static"]["ci95"][1]
+    assert (out / "compare.csv").read_text().count("\n") == len(result["points"]) + 1
+    assert (out / "compare.png").stat().st_size > 0
+
+
+def test_compare_curves_area_and_paired_area_on_planted_points(tmp_path):
+    import numpy as np
+
+    from experiments.compare import Point, write_outputs
+
+    rng = np.random.default_rng(0)
+
+    def point(agent, flops, acc, setting):
+        correct = (rng.random((1, 4000)) < acc).astype(float)
+        runs = [
+            {
+                "flops_fraction": flops,
+                "accuracy": correct.mean(),
+                "policy_flops_fraction": 0.0,
+                "dynamic_blocks": 0,
+                "difficulty_spearman": 0.0,
+                "train_seconds": 1.0,
+                "run_dir": str(tmp_path / f"{agent}-{setting}"),
+            }
+        ]
+        return Point(agent, setting, runs, correct)
+
+    points = [point("good", f, 0.9, f"a{f}") for f in (0.3, 0.6, 0.9)]
+    points += [point("static", f, 0.8, f"b{f}") for f in (0.2, 0.5, 0.8)]
+    from agents.statistics import auc_difference, curve_auc
+
+    lo, hi = 0.3, 0.8
+    res = {
+        name: curve_auc([p.flops for p in ps], np.stack([p.correct[0] for p in ps]), lo, hi)
+        for name, ps in (("good", points[:3]), ("static", points[3:]))
+    }
+    auc = {"range": [lo, hi], "good": {"auc": res["good"]["auc"], "ci95": res["good"]["ci95"]}}
+    auc["good"]["vs_static"] = auc_difference(res["good"], res["static"])
+    assert auc["good"]["vs_static"]["difference"] == pytest.approx(0.1, abs=0.02)
+    assert auc["good"]["vs_static"]["ci95"][0] > 0.05
+    paths = write_outputs({"points": points, "paired": [], "auc": auc}, tmp_path / "out", "planted", 0)
+    assert "Area under the accuracy-vs-FLOPs curve" in paths[0].read_text()
+    assert all(p.exists() for p in paths)
 
 
 def test_bench_runs_small(tmp_path):
