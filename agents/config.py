@@ -21,8 +21,8 @@ class RunConfig:
     """backbone registry name (trained on --dataset and cached on first use)"""
     backbone_checkpoint: str | None = None
     """use this backbone checkpoint instead of the cached one"""
-    dataset: str = "digits"
-    """data set name: digits (embedded, offline), mnist, cifar10, cifar100, svhn, imagefolder"""
+    dataset: str = "cluttered_digits"
+    """data set: cluttered_digits or digits (embedded, offline), mnist, cifar10, cifar100, svhn, imagefolder"""
     data_root: str | None = None
     """folder with the data set's files (default $SKIPNET_DATA or ./data)"""
     download: bool = True
@@ -34,7 +34,9 @@ class RunConfig:
     backbone_epochs: int | None = None
     """epochs when the backbone has to be trained first (default: the trainer's for the data set)"""
     backbone_drop_rate: float = 0.5
-    """stochastic depth of the backbone trainer (0 disables)"""
+    """stochastic depth of the backbone trainer: drop rate of the last block (0 disables)"""
+    backbone_drop_schedule: str = "linear"
+    """stochastic depth of the backbone trainer: linear (decaying to 0 at the first block) or uniform"""
     alpha: float = HybridConfig.alpha
     """weight of compute in the reward: each block costs alpha x its share of the full network's FLOPs"""
     device: str = "auto"
@@ -52,6 +54,10 @@ class RunConfig:
     """hybrid: Adam learning rate of the gates in supervised pre-training"""
     sp_alpha: float | None = HybridConfig.sp_alpha
     """hybrid: weight of compute in SP's loss (default: --alpha; 0 is the paper's SP, cross-entropy alone)"""
+    sp_sample: bool = HybridConfig.sp_sample
+    """hybrid: SP gates are samples (logistic noise before the threshold, straight-through), not thresholds"""
+    sp_alpha_warmup: int = HybridConfig.sp_alpha_warmup
+    """hybrid: SP epochs over which the compute weight ramps up linearly from 0 (0: full weight at once)"""
     hrl_iterations: int = HybridConfig.hrl_iterations
     """hybrid: REINFORCE iterations (one batch of num_envs episodes each)"""
     hrl_lr: float = HybridConfig.hrl_lr
@@ -76,6 +82,10 @@ class RunConfig:
     """hybrid_rnn: LSTM hidden size (the reference code: 10 in its SP models, 64 in its RL models)"""
     rnn_embed: int = 64
     """hybrid_rnn: size of the pooled activation's embedding fed to the LSTM"""
+    rnn_pooling: str = "mean"
+    """hybrid_rnn: what the gate reads off the activation: mean (SkipNet's average pool) or mean_max_std"""
+    rnn_position_bias: bool = True
+    """hybrid_rnn: a learned logit offset per gated block (the data-independent part of the decision)"""
     # SB3 agents
     timesteps: int = 150_000
     """SB3 agents: environment steps (image-blocks) to train for"""

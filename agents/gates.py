@@ -113,6 +113,16 @@ class LSTMCell(nn.Module):
         return h, c
 
 
+# what the recurrent gate reads off the activation: SkipNet's global average pool, or that with the
+# spatial max and standard deviation beside it (contrast and clutter show in them)
+POOL_FNS = {
+    "mean": lambda h: h.mean(dim=(2, 3)),
+    "max": lambda h: h.amax(dim=(2, 3)),
+    "std": lambda h: h.std(dim=(2, 3)),
+}
+POOLINGS = {"mean": ("mean",), "mean_max_std": ("mean", "max", "std")}
+
+
 class RecurrentGate(GatePolicy):
     """SkipNet's recurrent gate: per block, global average pool and a 1x1 projection to an
     embedding (one projection per stage, as the reference code); one LSTM shared by all blocks,
@@ -126,11 +136,17 @@ class RecurrentGate(GatePolicy):
         hidden_size: int = 10,
         init_execute: float = 2.0,
         position_bias: bool = False,
+        pooling: str = "mean",
     ) -> None:
         super().__init__(backbone, first_gated)
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
         self.hidden_size = hidden_size
+        self.pooling = pooling
         channels = sorted({c for c, _, _ in self.input_shapes})
-        self.proj = nn.ModuleDict({str(c): nn.Linear(c, embed_dim) for c in channels})  # 1x1 conv on a pooled map
+        width = len(POOLINGS[pooling])
+        # per stage, a 1x1 conv on the pooled map (a linear layer on the pooled statistics)
+        self.proj = nn.ModuleDict({str(c): nn.Linear(width * c, embed_dim) for c in channels})
         self.lstm = LSTMCell(embed_dim, hidden_size)
         self.out = nn.Linear(hidden_size, 1)
         nn.init.constant_(self.out.bias, init_execute)
@@ -145,7 +161,8 @@ class RecurrentGate(GatePolicy):
     def forward(self, h: Tensor, k: int, state: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Any]:
         if state is None:
             state = self.initial_state(h.shape[0], h.device)
-        x = self.proj[str(h.shape[1])](h.mean(dim=(2, 3)))  # (B, embed)
+        pooled = torch.cat([POOL_FNS[name](h) for name in POOLINGS[self.pooling]], dim=1)  # (B, width * C)
+        x = self.proj[str(h.shape[1])](pooled)  # (B, embed)
         hidden, cell = self.lstm(x, state)
         logit = self.out(hidden).squeeze(1)  # (B,)
         if self.position_bias is not None:

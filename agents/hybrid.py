@@ -2,15 +2,24 @@
 
 Stage 1, supervised pre-training (SP): hard gates in the forward pass, ``g = 1[p >= 0.5]``, with
 the straight-through gradient ``g = stopgrad(1[p >= 0.5] - p) + p``; loss = cross-entropy of the
-routed network's prediction. Every block runs on every image here (the gradient of a skipped
-block's gate needs the block's output), so SP is masked, not sparse.
+routed network's prediction plus ``sp_alpha`` times the FLOPs the executed blocks cost (a share of
+the full network's). Every block runs on every image here (the gradient of a skipped block's gate
+needs the block's output), so SP is masked, not sparse.
+
+The compute term is ours. The paper's SP is cross-entropy alone (``--sp-alpha 0``), which works
+when the backbone trains with the gates; on a frozen backbone every block only helps, so SP
+without cost teaches the gates nothing but "execute". With it, SP is where the gates learn to
+route per image: the straight-through gradient of the cross-entropy with respect to gate ``k`` is
+a first-order estimate of how much running block ``k`` helps *this* image, against the block's
+price. ``sp_sample`` makes each gate a sample (logistic noise before the threshold).
 
 Stage 2, hybrid RL (HRL): the gates act in the batched environment, sampling ``a ~ Bernoulli(p)``
 at each block; the environment's reward is SkipNet's: a per-block compute cost (``alpha`` times the
 block's share of the network's FLOPs) and the negative cross-entropy at the end. REINFORCE on the
-returns ``R_i = r_i + gamma R_{i+1}`` with a baseline, the mean return of the batch at each gate
-(the reference code has none; ``--baseline none`` reproduces that), plus, when the backbone is
-fine-tuned, the cross-entropy of the routed prediction (the "supervised term").
+returns ``R_i = r_i + gamma R_{i+1}`` minus a baseline: the self-critical one (the return of the
+greedy route on the same image), the mean return of the batch at each gate, or none (the
+reference code); an optional entropy bonus; plus, when the backbone is fine-tuned, the
+cross-entropy of the routed prediction (the "supervised term").
 
 BatchNorm: the backbone stays in eval mode in both stages, so its running statistics are the base
 network's and sampled routes cannot shift them (the reference code's known accuracy drop); when
@@ -52,6 +61,8 @@ class HybridConfig:
     sp_epochs: int = 10
     sp_lr: float = 1e-3
     sp_alpha: float | None = None
+    sp_sample: bool = False
+    sp_alpha_warmup: int = 0
     hrl_iterations: int = 2000
     hrl_lr: float = 1e-3
     alpha: float = 1.0
@@ -79,20 +90,30 @@ def straight_through(p: Tensor) -> Tensor:
     return (hard - p).detach() + p
 
 
-def sp_forward(backbone: Backbone, gates: GatePolicy, x: Tensor) -> tuple[Tensor, Tensor]:
-    """Routed logits ``(B, classes)`` with straight-through hard gates, and ``p(execute)`` ``(B, N)``."""
+def sp_forward(
+    backbone: Backbone, gates: GatePolicy, x: Tensor, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
+    """Routed logits ``(B, classes)`` with straight-through hard gates, and the gates ``(B, N)``:
+    1.0 where the block ran, with the straight-through gradient to ``p(execute)``.
+
+    With a ``generator``, each gate is a sample: logistic noise is added to its logit before the
+    threshold (a hard Bernoulli(p) draw, the straight-through Gumbel-sigmoid of ConvNet-AIG), so
+    the gates explore and the loss is the expected one over routes; without, ``1[p >= 0.5]``.
+    """
     h = backbone.stem(x)
     for block in backbone.blocks[: gates.first_gated]:
         h = block(h)
     state = gates.initial_state(x.shape[0], x.device)
-    probs = []
+    executed = []
     for k, block in enumerate(backbone.blocks[gates.first_gated :]):
         logit, state = gates(h, k, state)
-        p = torch.sigmoid(logit)
-        g = straight_through(p)[:, None, None, None]  # (B, 1, 1, 1)
-        h = g * block(h) + (1.0 - g) * block.shortcut(h)
-        probs.append(p)
-    return backbone.head(h), torch.stack(probs, dim=1)
+        if generator is not None:
+            u = torch.rand(logit.shape, device=logit.device, generator=generator).clamp(1e-6, 1 - 1e-6)
+            logit = logit + torch.log(u) - torch.log1p(-u)  # + Logistic(0, 1)
+        g = straight_through(torch.sigmoid(logit))  # (B,)
+        h = g[:, None, None, None] * block(h) + (1.0 - g[:, None, None, None]) * block.shortcut(h)
+        executed.append(g)
+    return backbone.head(h), torch.stack(executed, dim=1)
 
 
 def discounted_returns(rewards: Tensor, gamma: float) -> Tensor:
@@ -238,10 +259,12 @@ class HybridTrainer:
         extra = torch.tensor(f.block_executed[first:], dtype=torch.float32) - torch.tensor(f.block_skipped[first:])
         cost_weight = (self.sp_alpha * extra / f.full).to(self.device)  # (N,)
         for epoch in range(self.done_units, cfg.sp_epochs):
+            ramp = min(1.0, (epoch + 1) / cfg.sp_alpha_warmup) if cfg.sp_alpha_warmup > 0 else 1.0
             for x, y in batches(self.data, cfg.num_envs, self.device, train=True, generator=self.generator):
-                logits, probs = sp_forward(self.backbone, self.gates, x)
+                noise = self.action_generator if cfg.sp_sample else None
+                logits, executed = sp_forward(self.backbone, self.gates, x, noise)
                 # hard gates forward, straight-through backward: the cost's gradient reaches p
-                cost = (straight_through(probs) * cost_weight).sum(dim=1).mean()
+                cost = ramp * (executed * cost_weight).sum(dim=1).mean()
                 loss = F.cross_entropy(logits, y) + cost
                 self._check_finite(loss, "SP")
                 self.sp_opt.zero_grad(set_to_none=True)
@@ -251,7 +274,7 @@ class HybridTrainer:
             self.done_units = epoch + 1
             if self.writer:
                 self.writer.add_scalar("losses/sp_cross_entropy", loss.item(), epoch)
-                self.writer.add_scalar("charts/sp_execute_rate", (probs >= 0.5).float().mean().item(), epoch)
+                self.writer.add_scalar("charts/sp_execute_rate", executed.mean().item(), epoch)
             self.save()
         bar.close()
         self.stage, self.done_units = "hrl", 0

@@ -77,7 +77,17 @@ def get_agent(name: str) -> AgentSpec:
 
 
 def _gates(ctx: AgentContext, kind: str):
-    kwargs = {"hidden_size": ctx.cfg.rnn_hidden, "embed_dim": ctx.cfg.rnn_embed} if kind == "rnn" else {}
+    c = ctx.cfg
+    kwargs = (
+        {
+            "hidden_size": c.rnn_hidden,
+            "embed_dim": c.rnn_embed,
+            "pooling": c.rnn_pooling,
+            "position_bias": c.rnn_position_bias,
+        }
+        if kind == "rnn"
+        else {}
+    )
     return create_gates(kind, ctx.backbone, **kwargs).to(ctx.device)
 
 

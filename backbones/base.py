@@ -86,17 +86,29 @@ class Backbone(nn.Module):
         """FLOPs per image of each part at ``input_size``, counted by ``torch.utils.flop_counter``."""
         return profile_backbone(self, self.input_size)
 
-    def set_stochastic_depth(self, final_drop_rate: float, protect_first: bool = True) -> None:
-        """Linear-decay rule: block ``i`` of ``L`` is dropped with probability ``p_L * i / (L - 1)``.
+    def set_stochastic_depth(
+        self, final_drop_rate: float, protect_first: bool = True, schedule: str = "linear"
+    ) -> None:
+        """Per-block drop probabilities for training.
 
-        With ``protect_first`` the first block (which SkipNet never skips) keeps rate 0.
+        ``"linear"`` (Huang et al.'s rule): block ``i`` of ``L`` is dropped with probability
+        ``p_L * i / (L - 1)``. ``"uniform"``: every block with ``p_L``, so that early blocks learn
+        to be skipped as much as late ones. With ``protect_first`` the first block (which SkipNet
+        never skips) keeps rate 0.
         """
         if not 0.0 <= final_drop_rate < 1.0:
             raise ValueError(f"final_drop_rate must be in [0, 1), got {final_drop_rate}")
+        if schedule not in ("linear", "uniform"):
+            raise ValueError(f"stochastic-depth schedule must be 'linear' or 'uniform', got {schedule!r}")
         n = len(self.blocks)
-        self.drop_rates = [final_drop_rate * i / max(n - 1, 1) for i in range(n)]
-        if not protect_first:
+        if schedule == "uniform":
+            self.drop_rates = [final_drop_rate] * n
+        elif protect_first:
+            self.drop_rates = [final_drop_rate * i / max(n - 1, 1) for i in range(n)]
+        else:
             self.drop_rates = [final_drop_rate * (i + 1) / n for i in range(n)]
+        if protect_first:
+            self.drop_rates[0] = 0.0
 
     def forward(self, x: Tensor) -> Tensor:
         """Image ``(B, C, H, W)`` -> logits ``(B, num_classes)``, every block executed

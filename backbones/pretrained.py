@@ -25,7 +25,18 @@ def get_trained(arch: str, dataset: str, **train_overrides: Any) -> tuple[Backbo
         the backbone (eval mode, on ``device``) and its checkpoint metadata.
     """
     cfg = TrainConfig(arch=arch, dataset=dataset, **train_overrides)
-    weight_fields = ("width", "image_size", "epochs", "batch_size", "lr", "weight_decay", "drop_rate", "shift", "seed")
+    weight_fields = (
+        "width",
+        "image_size",
+        "epochs",
+        "batch_size",
+        "lr",
+        "weight_decay",
+        "drop_rate",
+        "drop_schedule",
+        "shift",
+        "seed",
+    )
     key = "-".join(f"{f}{getattr(cfg, f)}" for f in weight_fields)
     if cfg.out is None:
         cfg = dataclasses.replace(

@@ -42,7 +42,7 @@ class TrainConfig:
 
     arch: str = "cifar_resnet38"
     """backbone registry name (see backbones.list_backbones())"""
-    dataset: str = "digits"
+    dataset: str = "cluttered_digits"
     """data set name (see backbones.list_datasets())"""
     data_root: str | None = None
     """folder with the data set's files (default $SKIPNET_DATA or ./data)"""
@@ -63,7 +63,9 @@ class TrainConfig:
     weight_decay: float = 5e-4
     """L2 weight decay"""
     drop_rate: float = 0.5
-    """stochastic depth: drop rate of the last block, decaying linearly to 0 at the first (0 disables)"""
+    """stochastic depth: drop rate of the last block (0 disables)"""
+    drop_schedule: str = "linear"
+    """stochastic depth: linear (decaying to 0 at the first block) or uniform (every block but the first)"""
     shift: int = 2
     """random-translation augmentation in pixels (in-memory data sets)"""
     seed: int = 0
@@ -189,7 +191,7 @@ def train(cfg: TrainConfig) -> tuple[Backbone, dict[str, Any]]:
     seed_everything(cfg.seed)
     backbone = create(cfg.arch, num_classes=train_data.num_classes, **arch_kwargs).to(device)
     if cfg.drop_rate > 0:
-        backbone.set_stochastic_depth(cfg.drop_rate)
+        backbone.set_stochastic_depth(cfg.drop_rate, schedule=cfg.drop_schedule)
     val_data = load_dataset(cfg.dataset, "val", cfg.data_root, cfg.download, cfg.image_size)
     test_data = load_dataset(cfg.dataset, "test", cfg.data_root, cfg.download, cfg.image_size)
 

@@ -66,6 +66,7 @@ def load_backbone_for(cfg: RunConfig, device: torch.device, train_data) -> tuple
         "image_size": train_data.input_size[1],
         "epochs": cfg.backbone_epochs,
         "drop_rate": cfg.backbone_drop_rate,
+        "drop_schedule": cfg.backbone_drop_schedule,
         "device": str(device),
         "progress": cfg.progress,
         "data_root": cfg.data_root,

@@ -22,7 +22,7 @@ from skipnet_env.core import AccuracyReward, BatchedRouting, CostTiming, RewardC
 from skipnet_env.sources import BackboneSpec, DatasetSpec, resolve_backbone, resolve_dataset
 
 DEFAULT_BACKBONE = "cifar_resnet38"
-DEFAULT_DATASET = "digits"
+DEFAULT_DATASET = "cluttered_digits"
 
 
 def observation_space(obs_dim: int) -> spaces.Box:

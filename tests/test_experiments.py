@@ -51,6 +51,10 @@ def test_every_agent_trains_evaluates_and_reloads(agent, cache, tmp_path):
         r["agent"] == agent and 0 <= r["accuracy"] <= 1 and 0 < r["flops_fraction"] <= 1.2
     )  # FFGate-I costs ~15% of a block
     assert len(r["execute_rate"]) == 8 and r["full_backbone_accuracy"] > 0
+    assert r["accuracy_ci95"][0] <= r["accuracy"] <= r["accuracy_ci95"][1]
+    assert -1 <= r["difficulty_spearman"] <= 1 and 0 <= r["dynamic_blocks"] <= 8
+    for name in ("gallery.png", "heatmap.png", "per_image.npz"):
+        assert (results.parent / name).stat().st_size > 0
     assert any(results.parent.glob("events.out.tfevents.*"))
     again = run(
         ["--agent", agent, *TINY_BACKBONE, "--eval-only", "--checkpoint", r["checkpoint"], "--no-progress"],

@@ -51,3 +51,17 @@ def test_gates_start_by_executing(net):
 def test_unknown_gate_kind(net):
     with pytest.raises(ValueError, match="rnn"):
         create_gates("transformer", net)
+
+
+def test_position_bias_shifts_one_block_and_pooling_options(net):
+    gates = RecurrentGate(net, position_bias=True, pooling="mean_max_std")
+    h = torch.randn(3, *gates.input_shapes[2])
+    state = gates.initial_state(3, torch.device("cpu"))
+    before, _ = gates(h, 2, state)
+    with torch.no_grad():
+        gates.position_bias[2] += 1.5
+    after, _ = gates(h, 2, state)
+    torch.testing.assert_close(after, before + 1.5)
+    assert gates.proj[str(h.shape[1])].in_features == 3 * h.shape[1]  # mean, max and std of each channel
+    with pytest.raises(ValueError, match="mean_max_std"):
+        RecurrentGate(net, pooling="median")

@@ -13,6 +13,7 @@ from agents.hybrid import (
     straight_through,
 )
 from backbones.checkpoint import safe_load
+from skipnet_env.core import BatchedRouting
 from tests.conftest import tiny_backbone
 
 
@@ -145,3 +146,48 @@ def test_each_stage_trains_at_its_own_learning_rate(tmp_path):
     trainer = _trainer(tmp_path, sp_lr=1e-3, hrl_lr=3e-2, finetune_backbone=True, backbone_lr=1e-5)
     assert [g["lr"] for g in trainer.sp_opt.param_groups] == [1e-3, 1e-5]
     assert [g["lr"] for g in trainer.hrl_opt.param_groups] == [3e-2, 1e-5]
+
+
+def test_sp_with_a_compute_term_learns_to_skip(tmp_path):
+    """On a frozen trained backbone, SP with cross-entropy alone keeps (nearly) every block; its
+    compute term teaches the gates to skip."""
+    from backbones.pretrained import get_trained
+
+    net, _ = get_trained("cifar_resnet20", "digits", width=0.25, epochs=4, progress=False)
+    data = backbones.load_dataset("digits", "train")
+    rates = {}
+    for sp_alpha in (0.0, 3.0):
+        torch.manual_seed(0)
+        hc = HybridConfig(num_envs=64, sp_epochs=2, sp_lr=3e-2, sp_alpha=sp_alpha, sp_sample=True)
+        trainer = HybridTrainer(
+            net, create_gates("rnn", net), data, hc, torch.device("cpu"), tmp_path / f"{sp_alpha}.pt", {}
+        )
+        trainer.progress = False
+        trainer.train_sp()
+        x, _ = data.batch(torch.arange(len(data)))
+        with torch.no_grad():
+            _, executed = sp_forward(net, trainer.gates, x)
+        rates[sp_alpha] = executed.mean().item()
+    assert rates[0.0] > 0.8 and rates[3.0] < rates[0.0] - 0.2
+
+
+def test_self_critical_advantage_vanishes_when_the_policy_is_deterministic(tmp_path):
+    trainer = _trainer(tmp_path)
+    with torch.no_grad():
+        trainer.gates.out.bias.fill_(30.0)  # p(execute) = 1: samples and the greedy route coincide
+    env = trainer.make_env()
+    env.reset(seed=0)
+    trainer.replay = BatchedRouting(trainer.backbone, env.core.reward)
+    ep = trainer.rollout(env)
+    returns = discounted_returns(ep["reward"], 1.0)
+    torch.testing.assert_close(trainer.greedy_returns(ep["start"], ep["label"]), returns)
+
+
+def test_hrl_is_reproducible_from_its_seed(tmp_path):
+    def gates_after(folder):
+        trainer = _trainer(tmp_path / folder, sp_epochs=0, hrl_iterations=3, baseline="self_critical")
+        trainer.train()
+        return trainer.gates.state_dict()
+
+    a, b = gates_after("a"), gates_after("b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
