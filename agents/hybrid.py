@@ -59,15 +59,15 @@ class HybridConfig:
     """The hybrid trainer's settings (see :class:`agents.config.RunConfig` for their meaning)."""
 
     sp_epochs: int = 10
-    sp_lr: float = 1e-3
+    sp_lr: float = 3e-3
     sp_alpha: float | None = None
-    sp_sample: bool = False
-    sp_alpha_warmup: int = 0
-    hrl_iterations: int = 2000
-    hrl_lr: float = 1e-3
+    sp_sample: bool = True
+    sp_alpha_warmup: int = 3
+    hrl_iterations: int = 500
+    hrl_lr: float = 1e-4
     alpha: float = 1.0
     gamma: float = 1.0
-    baseline: str = "batch_mean"
+    baseline: str = "self_critical"
     entropy_coef: float = 0.0
     rl_weight: float = 0.01
     num_envs: int = 128
