@@ -6,9 +6,21 @@ place they are set.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields
 
-from agents.hybrid import HybridConfig
+from agents.hybrid import BASELINES, HybridConfig
+
+# options a resumed run may change: how it runs, not what it computes (the learning rates too, so
+# that a diverged run can be resumed more gently; they then really apply)
+SAFE_ON_RESUME = frozenset(
+    {"device", "progress", "resume", "checkpoint", "run_dir", "eval_batch", "sp_lr", "hrl_lr", "backbone_lr",
+     "log_every", "checkpoint_every", "torch_deterministic", "debug"}
+)  # fmt: skip
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 @dataclass
@@ -107,3 +119,45 @@ class RunConfig:
     """images per evaluation batch"""
     progress: bool = True
     """show progress bars"""
+    debug: bool = False
+    """show the full traceback of an error (by default a bad option or file gets one line)"""
+
+    def __post_init__(self) -> None:
+        """Every numeric option checked before any work, the message naming the flag and its range."""
+        problems = []
+
+        def need(ok: bool, name: str, rule: str) -> None:
+            if not ok:
+                problems.append(f"{_flag(name)} must be {rule}, got {getattr(self, name)!r}")
+
+        def finite(name: str) -> bool:
+            v = getattr(self, name)
+            return isinstance(v, int | float) and math.isfinite(v)
+
+        for name in ("num_envs", "eval_batch", "rnn_hidden", "rnn_embed", "timesteps", "log_every", "checkpoint_every"):
+            need(getattr(self, name) >= 1, name, "an integer >= 1")
+        for name in ("sp_epochs", "hrl_iterations", "sp_alpha_warmup", "seed"):
+            need(getattr(self, name) >= 0, name, "an integer >= 0")
+        for name in ("sp_lr", "hrl_lr", "backbone_lr", "width"):
+            need(finite(name) and getattr(self, name) > 0, name, "a finite number > 0")
+        for name in ("alpha", "entropy_coef", "rl_weight"):
+            need(finite(name) and getattr(self, name) >= 0, name, "a finite number >= 0")
+        need(self.sp_alpha is None or (math.isfinite(self.sp_alpha) and self.sp_alpha >= 0), "sp_alpha", ">= 0")
+        need(0.0 <= self.gamma <= 1.0, "gamma", "in [0, 1]")
+        need(0.0 < self.budget <= 1.0, "budget", "a fraction of the full network's FLOPs in (0, 1]")
+        need(self.rate is None or 0.0 <= self.rate <= 1.0, "rate", "an execute probability in [0, 1]")
+        need(0.0 <= self.backbone_drop_rate < 1.0, "backbone_drop_rate", "in [0, 1)")
+        need(self.backbone_drop_schedule in ("linear", "uniform"), "backbone_drop_schedule", "linear or uniform")
+        need(self.backbone_epochs is None or self.backbone_epochs >= 1, "backbone_epochs", "an integer >= 1")
+        need(self.baseline in BASELINES, "baseline", "one of " + ", ".join(BASELINES))
+        need(self.rnn_pooling in ("mean", "mean_max_std"), "rnn_pooling", "mean or mean_max_std")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def differences(self, other: RunConfig) -> dict[str, tuple]:
+        """``{field: (mine, other's)}`` for every field that differs."""
+        return {
+            f.name: (getattr(self, f.name), getattr(other, f.name))
+            for f in fields(self)
+            if getattr(self, f.name) != getattr(other, f.name)
+        }

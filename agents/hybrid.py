@@ -52,6 +52,10 @@ log = logging.getLogger(__name__)
 
 
 BASELINES = ("self_critical", "batch_mean", "none")
+# a trained weight past this, or a loss past LOSS_LIMIT, means the run is diverging: it stops before
+# the weights become NaN and before a checkpoint holds them (trained gates stay far below: |w| < 100)
+WEIGHT_LIMIT = 1e4
+LOSS_LIMIT = 1e6
 
 
 @dataclass
@@ -190,6 +194,8 @@ class HybridTrainer:
         # HRL's action sampling draws from its own generator, saved and restored with the run
         self.action_generator = torch.Generator(device=device).manual_seed(cfg.seed + 1)
         self.stage, self.done_units = "sp", 0  # epochs in SP, iterations in HRL
+        self.env: SkipNetVectorEnv | None = None
+        self.resume_sampler: dict[str, Any] | None = None
 
     @property
     def sp_alpha(self) -> float:
@@ -206,6 +212,9 @@ class HybridTrainer:
 
     # -- checkpoints ------------------------------------------------------------------------
     def save(self) -> None:
+        """Write the checkpoint atomically, after checking that every trained weight is finite and
+        not running away: a good checkpoint is never replaced by a diverged one."""
+        self._check_weights()
         state = {
             "metadata": {
                 **self.metadata,
@@ -219,28 +228,54 @@ class HybridTrainer:
             "generator": self.generator.get_state(),
             "action_generator": self.action_generator.get_state(),
         }
+        if self.env is not None:  # where the environment's batches stand, for an exact resume
+            state["sampler"] = self.env.sampler.state_before_last_draw()
         if self.cfg.finetune_backbone:
             state["backbone"] = self.backbone.state_dict()
         atomic_save(state, self.checkpoint)
 
     def resume(self) -> None:
+        """Continue from the checkpoint: weights, optimizers, random generators and the
+        environment's place in the data, so the run ends where an uninterrupted one would. The
+        learning rates are this run's (``cfg``), not the checkpoint's: a diverged run can go on
+        more gently."""
         state = safe_load(self.checkpoint, map_location=self.device)
         self.gates.load_state_dict(state["gates"])
-        self.sp_opt.load_state_dict(state["sp_opt"])
-        self.hrl_opt.load_state_dict(state["hrl_opt"])
+        for name, opt, lr in (("sp_opt", self.sp_opt, self.cfg.sp_lr), ("hrl_opt", self.hrl_opt, self.cfg.hrl_lr)):
+            opt.load_state_dict(state[name])
+            for group, group_lr in zip(opt.param_groups, (lr, self.cfg.backbone_lr)):
+                group["lr"] = group["initial_lr"] = group_lr
         self.generator.set_state(state["generator"])
         self.action_generator.set_state(state["action_generator"].cpu())
+        self.resume_sampler = state.get("sampler")
         if "backbone" in state:
             self.backbone.load_state_dict(state["backbone"])
         self.stage, self.done_units = state["metadata"]["stage"], state["metadata"]["done_units"]
         log.info("resuming %s at stage %s, %d done", self.checkpoint, self.stage, self.done_units)
 
-    def _check_finite(self, loss: Tensor, where: str) -> None:
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"{where} loss is {loss.item()}: stopping. The last good checkpoint ({self.checkpoint}) is kept; "
-                "lower the learning rate and rerun with --resume."
-            )
+    def _diverged(self, what: str) -> FloatingPointError:
+        kept = (
+            f"The last good checkpoint ({self.checkpoint}) is kept: rerun with a lower learning rate and --resume."
+            if self.checkpoint.is_file()
+            else "No checkpoint was written yet: rerun with a lower learning rate (without --resume)."
+        )
+        return FloatingPointError(f"{what}: stopping. {kept}")
+
+    def _check_losses(self, losses: list[Tensor], where: str) -> None:
+        """Stop on a non-finite or runaway loss among the recent ``losses`` (one host sync for all)."""
+        worst = float(torch.stack(losses).detach().abs().nan_to_num(float("inf")).max())
+        if not math.isfinite(worst) or worst > LOSS_LIMIT:
+            raise self._diverged(f"{where} loss reached {worst:.4g}")
+
+    def _check_weights(self) -> None:
+        params = list(self.gates.named_parameters())
+        if self.cfg.finetune_backbone:
+            params += [(f"backbone.{n}", p) for n, p in self.backbone.named_parameters()]
+        largest = torch.stack([p.detach().abs().max() for _, p in params])  # one sync for all
+        worst = int(largest.nan_to_num(float("inf")).argmax())
+        value = float(largest[worst])
+        if not math.isfinite(value) or value > WEIGHT_LIMIT:
+            raise self._diverged(f"weight {params[worst][0]} reached {value:.4g} (limit {WEIGHT_LIMIT:g})")
 
     # -- stage 1 ----------------------------------------------------------------------------
     def train_sp(self) -> None:
@@ -260,17 +295,19 @@ class HybridTrainer:
         cost_weight = (self.sp_alpha * extra / f.full).to(self.device)  # (N,)
         for epoch in range(self.done_units, cfg.sp_epochs):
             ramp = min(1.0, (epoch + 1) / cfg.sp_alpha_warmup) if cfg.sp_alpha_warmup > 0 else 1.0
+            losses = []
             for x, y in batches(self.data, cfg.num_envs, self.device, train=True, generator=self.generator):
                 noise = self.action_generator if cfg.sp_sample else None
                 logits, executed = sp_forward(self.backbone, self.gates, x, noise)
                 # hard gates forward, straight-through backward: the cost's gradient reaches p
                 cost = ramp * (executed * cost_weight).sum(dim=1).mean()
                 loss = F.cross_entropy(logits, y) + cost
-                self._check_finite(loss, "SP")
                 self.sp_opt.zero_grad(set_to_none=True)
                 loss.backward()
                 self.sp_opt.step()
+                losses.append(loss.detach())
                 bar.update(1)
+            self._check_losses(losses, "SP")  # once an epoch: no host sync per step
             self.done_units = epoch + 1
             if self.writer:
                 self.writer.add_scalar("losses/sp_cross_entropy", loss.item(), epoch)
@@ -341,8 +378,12 @@ class HybridTrainer:
 
     def train_hrl(self) -> None:
         cfg = self.cfg
-        env = self.make_env()
-        env.reset(seed=cfg.seed + self.done_units)
+        env = self.env = self.make_env()
+        if self.resume_sampler is not None:  # replay the batch the interrupted run was about to play
+            env.sampler.restore(self.resume_sampler)
+            env.reset()
+        else:
+            env.reset(seed=cfg.seed)
         self.replay = BatchedRouting(self.backbone, env.core.reward, gate_first_block=self.gates.first_gated == 0)
         # linear decay to 0 over the stage: REINFORCE's noisy steps settle instead of wandering at the end
         start = self.done_units
@@ -370,7 +411,6 @@ class HybridTrainer:
             loss = cfg.rl_weight * (rl - cfg.entropy_coef * entropy)
             if cfg.finetune_backbone:  # the supervised term: trains the backbone through executed blocks
                 loss = loss + F.cross_entropy(ep["logits"], ep["label"])
-            self._check_finite(loss, "HRL")
             self.hrl_opt.zero_grad(set_to_none=True)
             loss.backward()
             self.hrl_opt.step()
@@ -379,6 +419,7 @@ class HybridTrainer:
             bar.update(1)
             # logged as means over log_every iterations: one host sync per log_every, not per iteration
             for name, value in (
+                ("losses/total", loss),
                 ("losses/reinforce", rl),
                 ("losses/entropy", entropy),
                 ("charts/episodic_return", returns[0].mean()),
@@ -387,6 +428,7 @@ class HybridTrainer:
             ):
                 logged.setdefault(name, []).append(value.detach())
             if self.done_units % cfg.log_every == 0 or self.done_units == cfg.hrl_iterations:
+                self._check_losses(logged["losses/total"], "HRL")
                 means = {name: float(torch.stack(values).mean()) for name, values in logged.items()}
                 logged.clear()
                 bar.set_postfix(

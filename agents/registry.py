@@ -165,6 +165,8 @@ def _sb3(algo: str) -> AgentSpec:
         callback = sb3_agents.CheckpointCallback(ctx.checkpoint, {**ctx.metadata, "stage": "train"}, bar=bar)
         if remaining > 0:
             model.learn(total_timesteps=remaining, callback=callback, reset_num_timesteps=state is None)
+        else:  # a finished run resumed: nothing to train, the model is only saved again
+            callback.init_callback(model)
         bar.close()
         callback.metadata["stage"] = "done"
         callback.save()

@@ -39,6 +39,8 @@ def atomic_save(obj: dict[str, Any], path: str | Path) -> None:
     mid-write never leaves a truncated checkpoint where a good one was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a save that was killed mid-write
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:

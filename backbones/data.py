@@ -62,6 +62,11 @@ class ImageTensors:
             raise ValueError(f"images must be (N, C, H, W) uint8, got {tuple(self.images.shape)} {self.images.dtype}")
         if self.labels.shape != (self.images.shape[0],):
             raise ValueError(f"labels must be ({self.images.shape[0]},), got {tuple(self.labels.shape)}")
+        if len(self.labels) and not 0 <= int(self.labels.min()) <= int(self.labels.max()) < self.num_classes:
+            raise ValueError(
+                f"labels of {self.name!r} must be class indices in [0, {self.num_classes}), got "
+                f"[{int(self.labels.min())}, {int(self.labels.max())}]: set num_classes to the number of classes"
+            )
 
     def __len__(self) -> int:
         return self.images.shape[0]

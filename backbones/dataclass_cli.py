@@ -57,20 +57,27 @@ def _parser_type(tp: Any) -> tuple[Any, dict[str, Any]]:
     return tp, {}
 
 
-def _flags(cls: type, parser: argparse.ArgumentParser, seen: dict[str, str], owner: str) -> None:
-    """Add a flag per field of ``cls``; a field that is itself a dataclass adds its own fields
-    (flat, unprefixed: ``--alpha``, not ``--run-alpha``)."""
+def _default(f: dataclasses.Field, instance: Any) -> Any:
+    if instance is not None:
+        return getattr(instance, f.name)
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+
+
+def _flags(cls: type, parser: argparse.ArgumentParser, seen: dict[str, str], owner: str, instance: Any = None) -> None:
+    """Add a flag per field of ``cls`` (defaults from ``instance`` when given); a field that is
+    itself a dataclass adds its own fields (flat, unprefixed: ``--alpha``, not ``--run-alpha``),
+    with the defaults of the outer field's default instance."""
     docs = field_docs(cls)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if dataclasses.is_dataclass(hints[f.name]):
-            _flags(hints[f.name], parser, seen, f"{owner}.{f.name}")
+            _flags(hints[f.name], parser, seen, f"{owner}.{f.name}", _default(f, instance))
             continue
         if f.name in seen:
             raise TypeError(f"field {f.name!r} of {owner} repeats one of {seen[f.name]}: a flag must be unique")
         seen[f.name] = owner
         flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        default = _default(f, instance)
         kind, extra = _parser_type(hints[f.name])
         help_text = docs.get(f.name, "")
         if kind is bool:
@@ -107,3 +114,11 @@ def parse(cls: type[T], argv: Sequence[str] | None = None, description: str | No
     """Parse ``argv`` (default: ``sys.argv[1:]``) into an instance of dataclass ``cls``."""
     ns = build_parser(cls, description).parse_args(argv)
     return _build(cls, vars(ns))
+
+
+def given_fields(cls: type, argv: Sequence[str] | None = None) -> set[str]:
+    """Names of the fields whose flags appear in ``argv`` (as opposed to taking their defaults)."""
+    parser = build_parser(cls)
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))

@@ -27,14 +27,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agents.config import RunConfig  # noqa: E402
+from agents.config import SAFE_ON_RESUME, RunConfig  # noqa: E402
 from agents.evaluate import EvalResult, evaluate  # noqa: E402
 from agents.policies import RoutingPolicy  # noqa: E402
 from agents.registry import AgentContext, get_agent  # noqa: E402
 from agents.statistics import bootstrap_ci, dynamic_blocks, paired_difference, spearman  # noqa: E402
 from backbones.checkpoint import CheckpointMismatchError, fingerprint, load_backbone, safe_load  # noqa: E402
 from backbones.data import ImageTensors, load_dataset  # noqa: E402
-from backbones.dataclass_cli import parse  # noqa: E402
+from backbones.dataclass_cli import given_fields, parse  # noqa: E402
 from backbones.device import resolve_device  # noqa: E402
 from backbones.pretrained import get_trained  # noqa: E402
 from backbones.registry import list_backbones  # noqa: E402
@@ -105,20 +105,64 @@ def check_agent_checkpoint(state: dict, path: str, agent: str, metadata: dict) -
         )
 
 
-def run(cfg: RunConfig) -> dict[str, Any]:
+def resumed_config(cfg: RunConfig, saved: dict[str, Any] | None, given: set[str] | None = None) -> RunConfig:
+    """The configuration a ``--resume`` continues: the one the checkpoint's run was started with,
+    with the options in :data:`SAFE_ON_RESUME` taken from ``cfg``.
+
+    Args:
+        cfg: this invocation's configuration.
+        saved: the run configuration stored in the checkpoint.
+        given: the fields set on the command line (``None``: every field of ``cfg`` counts as given).
+
+    Raises:
+        ValueError: naming every given option that differs from the saved run and may not change.
+    """
+    if saved is None:
+        raise CheckpointMismatchError(
+            f"{cfg.checkpoint} holds no run configuration (written by an older version): it cannot be resumed "
+            "exactly; start a new run"
+        )
+    names = {f.name for f in dataclasses.fields(RunConfig)}
+    started = RunConfig(**{k: v for k, v in saved.items() if k in names})
+    given = names if given is None else given
+    changed = {k: v for k, v in started.differences(cfg).items() if k in given and k not in SAFE_ON_RESUME}
+    if changed:
+        listed = "; ".join(f"--{k.replace('_', '-')}: the run has {a!r}, given {b!r}" for k, (a, b) in changed.items())
+        raise ValueError(
+            f"--resume continues the run as it was started, and these options differ: {listed}. Leave them out "
+            f"(the run's values apply) or start a new run. Options that may change on resume: "
+            f"{', '.join('--' + k.replace('_', '-') for k in sorted(SAFE_ON_RESUME))}"
+        )
+    return dataclasses.replace(started, **{k: getattr(cfg, k) for k in SAFE_ON_RESUME & given})
+
+
+def run(cfg: RunConfig, given: set[str] | None = None) -> dict[str, Any]:
     """Train (or load) ``cfg.agent``, evaluate it and the full backbone on the test split, write
-    ``results.json``; returns the results."""
+    ``results.json`` in a new run folder; returns the results.
+
+    ``given``: the options set on the command line, for ``--resume`` (see :func:`resumed_config`).
+    """
     from torch.utils.tensorboard import SummaryWriter
 
     spec = get_agent(cfg.agent)  # fail on an unknown agent before any work
     if (cfg.eval_only or cfg.resume) and not cfg.checkpoint:
         raise ValueError("--eval-only and --resume need --checkpoint PATH (an agent checkpoint)")
+    if cfg.eval_only and cfg.resume:
+        raise ValueError("--eval-only and --resume exclude each other: evaluate a checkpoint, or continue its run")
+    state = safe_load(cfg.checkpoint) if (cfg.eval_only or cfg.resume) else None
+    if cfg.resume:
+        assert state is not None
+        cfg = resumed_config(cfg, state.get("metadata", {}).get("run_config"), given)
     t0 = time.perf_counter()
     seed_everything(cfg.seed, cfg.torch_deterministic)
     device = resolve_device(cfg.device)
     split = {
         s: load_dataset(cfg.dataset, s, cfg.data_root, cfg.download, cfg.image_size) for s in ("train", "val", "test")
     }
+    if len(split["train"]) < cfg.num_envs:
+        raise ValueError(
+            f"--num-envs {cfg.num_envs} is more than the {len(split['train'])} training images of {cfg.dataset}"
+        )
     backbone, backbone_meta = load_backbone_for(cfg, device, split["train"])
     backbone = backbone.to(device).eval()
     metadata = {
@@ -131,14 +175,21 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         "run_config": dataclasses.asdict(cfg),
     }
 
-    state = None
-    if cfg.eval_only or cfg.resume:
-        state = safe_load(cfg.checkpoint, map_location=device)
+    stage = None
+    if state is not None:
         check_agent_checkpoint(state, cfg.checkpoint, cfg.agent, metadata)
+        stage = state["metadata"].get("stage")
+    if cfg.resume:  # the run continues in its own folder
         run_dir = Path(cfg.checkpoint).parent
-    else:
-        run_dir = new_run_dir(Path(cfg.run_dir), f"SkipNet-v0__{cfg.agent}__{cfg.seed}__{int(time.time())}")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    else:  # a new run, or an evaluation: a folder of its own, never the checkpoint's
+        kind = "eval" if cfg.eval_only else str(cfg.seed)
+        run_dir = new_run_dir(Path(cfg.run_dir), f"SkipNet-v0__{cfg.agent}__{kind}__{int(time.time())}")
+    if cfg.eval_only and stage != "done":
+        log.warning(
+            "warning: %s is unfinished (stage %r): evaluating the policy as it was when the checkpoint was written",
+            cfg.checkpoint,
+            stage,
+        )
     checkpoint = Path(cfg.checkpoint) if cfg.checkpoint else run_dir / "agent.pt"
     writer = SummaryWriter(str(run_dir))
     writer.add_text(
@@ -181,6 +232,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         "run_dir": str(run_dir),
         "config": dataclasses.asdict(cfg),
     }
+    if cfg.eval_only:
+        out["evaluated_checkpoint"] = {"path": str(checkpoint), "stage": stage, "finished": stage == "done"}
     (run_dir / "results.json").write_text(json.dumps(out, indent=2))
     return out
 
@@ -258,10 +311,21 @@ def format_table(r: dict[str, Any]) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
+USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)  # bad input, missing files, divergence
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """The command line: user errors print one line (``--debug`` for the traceback); bugs print theirs."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cfg = parse(RunConfig, argv, description=__doc__.strip().splitlines()[0])
-    result = run(cfg)
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        cfg = parse(RunConfig, argv, description=__doc__.strip().splitlines()[0])
+        result = run(cfg, given_fields(RunConfig, argv))
+    except USER_ERRORS as err:
+        if "--debug" in argv:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     print(format_table(result))
     return result
 

@@ -88,8 +88,8 @@ class SkipNetEnv(gym.Env[np.ndarray, int]):
         index = (options or {}).get("index")
         if index is None:
             index = int(self.np_random.integers(len(self.data)))
-        elif not 0 <= int(index) < len(self.data):
-            raise IndexError(f"options['index'] must be in [0, {len(self.data)}), got {index}")
+        elif not isinstance(index, int | np.integer) or isinstance(index, bool) or not 0 <= index < len(self.data):
+            raise IndexError(f"options['index'] must be an integer in [0, {len(self.data)}), got {index!r}")
         self._index = int(index)
         obs = self.core.start(*self._image(self._index))
         return obs[0].cpu().numpy(), {"index": self._index, "label": int(self.core.labels[0])}

@@ -97,9 +97,28 @@ class BatchSampler:
         self._order: Tensor | None = None
         self._pos = 0
         self._loader_iter = None
+        self._last_state: dict[str, Any] | None = None
+
+    def _state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"generator": self.generator.get_state(), "pos": self._pos}
+        if self._order is not None:
+            state["order"] = self._order
+        return state
+
+    def state_before_last_draw(self) -> dict[str, Any]:
+        """Where the sampler stood before it drew the current batch (tensors and ints: a checkpoint
+        can hold it); :meth:`restore` then :meth:`next` draws that batch again. In-memory data only."""
+        return self._last_state if self._last_state is not None else self._state()
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"].cpu())
+        self._pos = int(state["pos"])
+        self._order = state["order"].to(self.device) if "order" in state else None
+        self._loader_iter = None
 
     def next(self) -> tuple[Tensor, Tensor]:
         """Normalised images ``(B, C, H, W)`` and labels ``(B,)`` on the device."""
+        self._last_state = self._state() if isinstance(self.data, ImageTensors) else None
         if isinstance(self.data, ImageTensors):
             n = len(self.data)
             if self._order is None or self._pos + self.batch_size > n:

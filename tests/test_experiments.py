@@ -62,8 +62,11 @@ def test_every_agent_trains_evaluates_and_reloads(agent, cache, tmp_path):
         tmp_path,
     )
     assert "accuracy" in again.stdout
+    assert json.loads(results.read_text()) == r  # the evaluation wrote its own folder, not over the training's
+    (evaluation,) = (tmp_path / "runs").glob(f"SkipNet-v0__{agent}__eval__*/results.json")
+    reloaded = json.loads(evaluation.read_text())
+    assert reloaded["evaluated_checkpoint"] == {"path": r["checkpoint"], "stage": "done", "finished": True}
     if agent in ("hybrid_rnn", "hybrid_ff", "static", "full"):  # deterministic policies: same result on reload
-        reloaded = json.loads(results.read_text())
         assert reloaded["accuracy"] == r["accuracy"] and reloaded["flops_fraction"] == r["flops_fraction"]
 
 
@@ -114,23 +117,35 @@ def test_checkpoint_of_another_agent_or_backbone_is_refused(cache, tmp_path):
     assert proc.returncode != 0 and "backbone_fingerprint" in proc.stderr
 
 
-def test_resume_continues_a_killed_hybrid_run(cache, tmp_path):
-    args = [
-        "--agent",
-        "hybrid_rnn",
-        *TINY_BACKBONE,
-        "--sp-epochs",
-        "1",
-        "--num-envs",
-        "32",
-        "--no-progress",
-        "--run-dir",
-        str(tmp_path / "runs"),
-    ]
-    run([*args, "--hrl-iterations", "2"], cache, tmp_path)
+def test_resume_refuses_changed_config(cache, tmp_path):
+    args = [*("--agent", "hybrid_rnn"), *TINY_BACKBONE, *("--sp-epochs", "1", "--num-envs", "32", "--no-progress")]
+    run([*args, "--hrl-iterations", "2", "--run-dir", str(tmp_path / "runs")], cache, tmp_path)
     (ckpt,) = (tmp_path / "runs").glob("*/agent.pt")
-    proc = run([*args, "--hrl-iterations", "4", "--resume", "--checkpoint", str(ckpt)], cache, tmp_path)
-    assert "accuracy" in proc.stdout
+    proc = run([*args, "--hrl-iterations", "5", "--resume", "--checkpoint", str(ckpt)], cache, tmp_path, check=False)
+    assert proc.returncode == 2
+    assert "--hrl-iterations: the run has 2, given 5" in proc.stderr and "Traceback" not in proc.stderr
+    # the options left out take the run's values; the learning rates may change
+    proc = run(["--resume", "--checkpoint", str(ckpt), "--hrl-lr", "1e-5", "--no-progress"], cache, tmp_path)
+    r = json.loads((ckpt.parent / "results.json").read_text())
+    assert r["config"]["hrl_iterations"] == 2 and r["config"]["hrl_lr"] == 1e-5 and r["config"]["sp_epochs"] == 1
+
+
+def test_bad_options_are_one_line_errors_before_any_work(cache, tmp_path):
+    for flag, value, expected in [
+        ("--num-envs", "0", "--num-envs must be an integer >= 1, got 0"),
+        ("--hrl-iterations", "-5", "--hrl-iterations must be an integer >= 0"),
+        ("--seed", "-1", "--seed must be an integer >= 0"),
+        ("--alpha", "-1", "--alpha must be a finite number >= 0"),
+        ("--eval-batch", "0", "--eval-batch must be an integer >= 1"),
+    ]:
+        proc = run([flag, value, "--run-dir", str(tmp_path / "runs")], cache, tmp_path, check=False)
+        assert proc.returncode == 2 and expected in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("error: ")
+        assert "Traceback" not in proc.stderr and not (tmp_path / "runs").exists()
+    proc = run(["--num-envs", "0", "--debug"], cache, tmp_path, check=False)
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+    proc = run([*TINY_BACKBONE, "--num-envs", "5000", "--no-progress"], cache, tmp_path, check=False)
+    assert proc.returncode == 2 and "more than the 1258 training images" in proc.stderr
 
 
 def test_compare_writes_table_csv_json_and_curves(cache, tmp_path):

@@ -89,33 +89,73 @@ def _trainer(tmp_path, **cfg):
     net = tiny_backbone(20)
     gates = create_gates("rnn", net)
     data = backbones.load_dataset("digits", "val")
-    hc = HybridConfig(num_envs=32, checkpoint_every=2, **cfg)
+    hc = HybridConfig(**{"num_envs": 32, "checkpoint_every": 2, **cfg})
     return HybridTrainer(
         net, gates, data, hc, torch.device("cpu"), tmp_path / "agent.pt", {"agent": "x"}, progress=False
     )
 
 
-def test_trainer_runs_both_stages_and_resumes(tmp_path, monkeypatch):
-    trainer = _trainer(tmp_path, sp_epochs=1, hrl_iterations=4)
+def _gates_state(trainer):
+    return {k: v.clone() for k, v in trainer.gates.state_dict().items()}
+
+
+@pytest.mark.parametrize("die_at", [3, 5])  # in the iteration after a checkpoint, and two after it
+def test_interrupted_then_resumed_run_ends_with_the_same_gates(tmp_path, monkeypatch, die_at):
+    settings = {"sp_epochs": 1, "hrl_iterations": 6, "baseline": "self_critical"}
+    straight = _trainer(tmp_path / "straight", **settings)
+    straight.train()
+    expected = _gates_state(straight)
+
+    trainer = _trainer(tmp_path, **settings)
     calls = {"n": 0}
     real_rollout = trainer.rollout
 
-    def dies_on_third(*a, **k):  # the process is killed during the third HRL iteration
+    def dies(*a, **k):  # the process is killed during HRL iteration die_at
         calls["n"] += 1
-        if calls["n"] == 3:
+        if calls["n"] == die_at:
             raise KeyboardInterrupt
         return real_rollout(*a, **k)
 
-    monkeypatch.setattr(trainer, "rollout", dies_on_third)
+    monkeypatch.setattr(trainer, "rollout", dies)
     with pytest.raises(KeyboardInterrupt):
         trainer.train()
     meta = safe_load(tmp_path / "agent.pt")["metadata"]
-    assert meta["stage"] == "hrl" and meta["done_units"] == 2 and meta["agent"] == "x"
-    resumed = _trainer(tmp_path, sp_epochs=1, hrl_iterations=4)
+    assert meta["stage"] == "hrl" and meta["done_units"] == 2 * ((die_at - 1) // 2) and meta["agent"] == "x"
+    resumed = _trainer(tmp_path, **settings)
     resumed.resume()
-    assert (resumed.stage, resumed.done_units) == ("hrl", 2)
     resumed.train()
     assert safe_load(tmp_path / "agent.pt")["metadata"]["stage"] == "done"
+    got = _gates_state(resumed)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)  # bit for bit
+
+
+def test_resume_applies_this_runs_learning_rates(tmp_path):
+    trainer = _trainer(tmp_path, sp_epochs=1, hrl_iterations=4)
+    trainer.train_sp()
+    resumed = _trainer(tmp_path, sp_epochs=1, hrl_iterations=4, sp_lr=1e-5, hrl_lr=2e-6)
+    resumed.resume()
+    assert resumed.sp_opt.param_groups[0]["lr"] == 1e-5
+    assert resumed.hrl_opt.param_groups[0]["lr"] == resumed.hrl_opt.param_groups[0]["initial_lr"] == 2e-6
+
+
+def test_divergence_keeps_last_finite_checkpoint(tmp_path):
+    """A learning rate that blows the weights up without a NaN stops the run, and the checkpoint on
+    disk is the last good one."""
+    trainer = _trainer(tmp_path, sp_epochs=1, hrl_iterations=100, hrl_lr=1e30, checkpoint_every=1)
+    trainer.train_sp()
+    good = (tmp_path / "agent.pt").read_bytes()
+    with pytest.raises(FloatingPointError, match="last good checkpoint.*agent.pt.*--resume"):
+        trainer.train_hrl()
+    state = safe_load(tmp_path / "agent.pt")
+    assert (tmp_path / "agent.pt").read_bytes() == good
+    assert all(torch.isfinite(v).all() and v.abs().max() < 1e4 for v in state["gates"].values())
+
+
+def test_divergence_before_any_checkpoint_says_so(tmp_path):
+    trainer = _trainer(tmp_path, sp_epochs=1, sp_lr=1e30)
+    with pytest.raises(FloatingPointError, match="No checkpoint was written yet"):
+        trainer.train()
+    assert not (tmp_path / "agent.pt").exists()
 
 
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
