@@ -45,7 +45,7 @@ from backbones.base import Backbone
 from backbones.checkpoint import atomic_save, safe_load
 from backbones.data import ImageTensors
 from backbones.train import batches
-from skipnet_env.core import BatchedRouting
+from skipnet_env.core import DEFAULT_ALPHA, SKIPNET_REWARD, BatchedRouting
 from skipnet_env.vector_env import SkipNetVectorEnv
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ class HybridConfig:
     sp_alpha_warmup: int = 3
     hrl_iterations: int = 500
     hrl_lr: float = 1e-4
-    alpha: float = 1.0
+    alpha: float = DEFAULT_ALPHA
     gamma: float = 1.0
     baseline: str = "self_critical"
     entropy_coef: float = 0.0
@@ -324,8 +324,7 @@ class HybridTrainer:
             self.backbone,
             self.data,
             alpha=self.cfg.alpha,
-            accuracy_reward="neg_ce",
-            cost_timing="per_step",
+            **SKIPNET_REWARD,
             device=self.device,
             return_tensors=True,
             differentiable=self.cfg.finetune_backbone,

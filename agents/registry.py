@@ -24,6 +24,7 @@ from agents.policies import GateRoutingPolicy, RandomPolicy, RoutingPolicy, SB3R
 from backbones.base import Backbone
 from backbones.checkpoint import atomic_save
 from backbones.data import Dataset
+from skipnet_env.core import SKIPNET_REWARD
 
 log = logging.getLogger(__name__)
 
@@ -142,8 +143,7 @@ def _sb3(algo: str) -> AgentSpec:
             backbone=ctx.backbone,
             dataset=ctx.train_data,
             alpha=ctx.cfg.alpha,
-            accuracy_reward="neg_ce",
-            cost_timing="per_step",
+            **SKIPNET_REWARD,
             device=ctx.device,
         )
         env.seed(ctx.cfg.seed)

@@ -34,7 +34,7 @@ def path_gallery(
     rows_per_group = -(-per_side // cols)
     fig, axes = plt.subplots(2 * rows_per_group, cols, figsize=(1.3 * cols, 1.55 * 2 * rows_per_group))
     axes = np.atleast_2d(axes)
-    for g, (name, idx) in enumerate(groups):
+    for g, (_, idx) in enumerate(groups):
         for j in range(rows_per_group * cols):
             ax = axes[g * rows_per_group + j // cols, j % cols]
             ax.axis("off")
@@ -45,10 +45,11 @@ def path_gallery(
             ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=255)
             mark = "" if correct[i] else " x"
             ax.set_title(f"{labels[i]} | {int(blocks[i])}{mark}", fontsize=7)
-        axes[g * rows_per_group, 0].text(
-            0, -0.55, name, transform=axes[g * rows_per_group, 0].transAxes, fontsize=9, weight="bold"
-        )
-    fig.suptitle("label | gated blocks run (x: misclassified)", fontsize=9)
+    fig.suptitle(
+        f"top {rows_per_group} row(s): fewest blocks; bottom {rows_per_group}: most blocks\n"
+        "label | gated blocks run (x: misclassified)",
+        fontsize=9,
+    )
     fig.tight_layout()
     return fig
 

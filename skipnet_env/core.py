@@ -20,6 +20,10 @@ from skipnet_env.routing import route_block
 AccuracyReward = Literal["correct", "neg_ce"]
 CostTiming = Literal["terminal", "per_step"]
 
+DEFAULT_ALPHA = 1.0  # the weight of compute, wherever a default is needed: the env, the agents, the runs
+# SkipNet's own reward: the negative cross-entropy at the end, each block's cost as it is spent
+SKIPNET_REWARD = {"accuracy_reward": "neg_ce", "cost_timing": "per_step"}
+
 
 @dataclass(frozen=True)
 class RewardConfig:
@@ -36,7 +40,7 @@ class RewardConfig:
             the return is the same, the credit assignment denser.
     """
 
-    alpha: float = 0.1
+    alpha: float = DEFAULT_ALPHA
     accuracy: AccuracyReward = "correct"
     cost_timing: CostTiming = "terminal"
 

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from backbones.data import ImageTensors
 from backbones.device import resolve_device
-from skipnet_env.core import AccuracyReward, BatchedRouting, CostTiming, RewardConfig
+from skipnet_env.core import DEFAULT_ALPHA, AccuracyReward, BatchedRouting, CostTiming, RewardConfig
 from skipnet_env.sources import BackboneSpec, DatasetSpec, resolve_backbone, resolve_dataset
 
 DEFAULT_BACKBONE = "cifar_resnet38"
@@ -54,7 +54,7 @@ class SkipNetEnv(gym.Env[np.ndarray, int]):
         dataset: DatasetSpec = DEFAULT_DATASET,
         *,
         split: str = "train",
-        alpha: float = 0.1,
+        alpha: float = DEFAULT_ALPHA,
         accuracy_reward: AccuracyReward = "correct",
         cost_timing: CostTiming = "terminal",
         gate_first_block: bool = False,

@@ -25,7 +25,7 @@ from gymnasium.vector.utils import batch_space
 from torch import Tensor
 
 from backbones.device import resolve_device
-from skipnet_env.core import AccuracyReward, BatchedRouting, CostTiming, RewardConfig
+from skipnet_env.core import DEFAULT_ALPHA, AccuracyReward, BatchedRouting, CostTiming, RewardConfig
 from skipnet_env.env import DEFAULT_BACKBONE, DEFAULT_DATASET, observation_space
 from skipnet_env.sources import BackboneSpec, BatchSampler, DatasetSpec, resolve_backbone, resolve_dataset
 
@@ -51,7 +51,7 @@ class SkipNetVectorEnv(VectorEnv):
         dataset: DatasetSpec = DEFAULT_DATASET,
         *,
         split: str = "train",
-        alpha: float = 0.1,
+        alpha: float = DEFAULT_ALPHA,
         accuracy_reward: AccuracyReward = "correct",
         cost_timing: CostTiming = "terminal",
         gate_first_block: bool = False,
