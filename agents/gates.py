@@ -88,7 +88,6 @@ class FeedforwardGates(GatePolicy):
         super().__init__(backbone, first_gated)
         if kind not in FF_GATE_KINDS:
             raise ValueError(f"feedforward gate kind must be one of {sorted(FF_GATE_KINDS)}, got {kind!r}")
-        self.kind = kind
         self.gates = nn.ModuleList(FF_GATE_KINDS[kind](c) for c, _, _ in self.input_shapes)
         for gate in self.gates:  # start by executing (logit init_execute), as the backbone was trained
             nn.init.constant_(gate[-2].bias, init_execute)

@@ -22,7 +22,7 @@ class RoutingPolicy:
     name = "full"
 
     def reset(self, batch_size: int, device: torch.device) -> None:
-        self.batch_size, self.device = batch_size, device
+        """Start ``batch_size`` new episodes (stateless policies need nothing)."""
 
     def act(self, obs: Tensor, activation: Tensor, k: int) -> Tensor:
         """Execute mask ``(B,)`` bool for gated block ``k``."""
@@ -72,10 +72,6 @@ class GateRoutingPolicy(RoutingPolicy):
     def act(self, obs: Tensor, activation: Tensor, k: int) -> Tensor:
         logit, self.state = self.gates(activation, k, self.state)
         return logit >= 0.0  # sigmoid(logit) >= 0.5
-
-    @property
-    def gate_flops(self) -> float:
-        return float(sum(self.gates.flops))
 
 
 class SB3RoutingPolicy(RoutingPolicy):

@@ -36,7 +36,6 @@ class AgentContext:
     cfg: RunConfig
     backbone: Backbone
     train_data: Dataset
-    val_data: Dataset
     device: torch.device
     checkpoint: Path
     metadata: dict[str, Any]

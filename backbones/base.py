@@ -61,11 +61,6 @@ class Backbone(nn.Module):
         return len(self.blocks)
 
     @cached_property
-    def block_out_channels(self) -> list[int]:
-        """Channels of each block's output, read off a probe forward."""
-        return [shape[0] for shape in self.activation_shapes[1:]]
-
-    @cached_property
     def activation_shapes(self) -> list[tuple[int, int, int]]:
         """Per-sample shape ``(C, H, W)`` after the stem and after each block."""
         shapes = []

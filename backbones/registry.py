@@ -38,6 +38,16 @@ def list_backbones(pattern: str = "*") -> list[str]:
     return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
 
 
+def options(name: str) -> set[str]:
+    """The constructor options backbone ``name`` takes beyond ``num_classes`` (e.g. ``width``,
+    ``in_channels`` for CIFAR ResNets): callers ask this instead of testing the name's prefix."""
+    import inspect
+
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown backbone {name!r}; valid names: {', '.join(list_backbones())}")
+    return set(inspect.signature(_REGISTRY[name]).parameters) - {"num_classes"}
+
+
 def create(name: str, **kwargs: Any) -> Backbone:
     """Build the backbone registered as ``name``; keyword arguments go to its constructor."""
     try:

@@ -27,7 +27,7 @@ from backbones.checkpoint import atomic_save, backbone_metadata, check_metadata,
 from backbones.data import Dataset, ImageTensors, load_dataset, random_shift
 from backbones.dataclass_cli import parse
 from backbones.device import resolve_device
-from backbones.registry import create
+from backbones.registry import create, options
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +89,8 @@ class TrainConfig:
 
     def arch_kwargs(self, data: Dataset) -> dict[str, Any]:
         c, h, _ = data.input_size
-        if self.arch.startswith("cifar_"):
-            return {"in_channels": c, "width": self.width, "image_size": h}
-        return {"image_size": h}
+        wanted = {"in_channels": c, "width": self.width, "image_size": h}
+        return {k: v for k, v in wanted.items() if k in options(self.arch)}
 
     @property
     def checkpoint_path(self) -> Path:

@@ -197,9 +197,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
 
     device = resolve_device(args.device)
-    kwargs = {"image_size": args.image_size}
-    if args.backbone.startswith("cifar_"):
-        kwargs.update(width=args.width, in_channels=args.in_channels)
+    wanted = {"image_size": args.image_size, "width": args.width, "in_channels": args.in_channels}
+    kwargs = {k: v for k, v in wanted.items() if k in backbones.registry.options(args.backbone)}
     net = backbones.create(args.backbone, num_classes=10, **kwargs).to(device).eval()
     result: dict = {
         "machine": machine(device),

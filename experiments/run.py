@@ -37,7 +37,7 @@ from backbones.data import ImageTensors, load_dataset  # noqa: E402
 from backbones.dataclass_cli import given_fields, parse  # noqa: E402
 from backbones.device import resolve_device  # noqa: E402
 from backbones.pretrained import get_trained  # noqa: E402
-from backbones.registry import list_backbones  # noqa: E402
+from backbones.registry import list_backbones, options  # noqa: E402
 from experiments.figures import class_block_heatmap, path_gallery  # noqa: E402
 
 log = logging.getLogger("skipnet_gym.run")
@@ -72,7 +72,7 @@ def load_backbone_for(cfg: RunConfig, device: torch.device, train_data) -> tuple
         "data_root": cfg.data_root,
         "download": cfg.download,
     }
-    if cfg.backbone.startswith("cifar_"):
+    if "width" in options(cfg.backbone):
         overrides["width"] = cfg.width
     return get_trained(cfg.backbone, cfg.dataset, **overrides)
 
@@ -156,9 +156,7 @@ def run(cfg: RunConfig, given: set[str] | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     seed_everything(cfg.seed, cfg.torch_deterministic)
     device = resolve_device(cfg.device)
-    split = {
-        s: load_dataset(cfg.dataset, s, cfg.data_root, cfg.download, cfg.image_size) for s in ("train", "val", "test")
-    }
+    split = {s: load_dataset(cfg.dataset, s, cfg.data_root, cfg.download, cfg.image_size) for s in ("train", "test")}
     if len(split["train"]) < cfg.num_envs:
         raise ValueError(
             f"--num-envs {cfg.num_envs} is more than the {len(split['train'])} training images of {cfg.dataset}"
@@ -196,7 +194,7 @@ def run(cfg: RunConfig, given: set[str] | None = None) -> dict[str, Any]:
         "hyperparameters",
         "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(cfg).items()),
     )
-    ctx = AgentContext(cfg, backbone, split["train"], split["val"], device, checkpoint, metadata, writer)
+    ctx = AgentContext(cfg, backbone, split["train"], device, checkpoint, metadata, writer)
 
     # the frozen backbone's own accuracy, before --finetune-backbone (or a loaded checkpoint) changes it
     full = evaluate(RoutingPolicy(), backbone, split["test"], device, cfg.eval_batch)

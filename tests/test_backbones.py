@@ -33,7 +33,7 @@ def test_cifar_structure(depth, blocks):
         downsampling = i in (n, 2 * n)
         assert isinstance(block, BasicBlock)
         assert isinstance(block.shortcut, torch.nn.Sequential) == downsampling  # 1x1 projection + BN
-    assert net.block_out_channels == [16] * n + [32] * n + [64] * n
+    assert [c for c, _, _ in net.activation_shapes[1:]] == [16] * n + [32] * n + [64] * n
     assert net(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
 
 
