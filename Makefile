@@ -24,6 +24,7 @@ compare: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache
