@@ -144,7 +144,7 @@ def run(cfg: RunConfig, given: set[str] | None = None) -> dict[str, Any]:
     """
     from torch.utils.tensorboard import SummaryWriter
 
-    spec = get_agent(cfg.agent)  # fail on an unknown agent before any work
+    get_agent(cfg.agent)  # fail on an unknown agent before any work
     if (cfg.eval_only or cfg.resume) and not cfg.checkpoint:
         raise ValueError("--eval-only and --resume need --checkpoint PATH (an agent checkpoint)")
     if cfg.eval_only and cfg.resume:
@@ -153,6 +153,7 @@ def run(cfg: RunConfig, given: set[str] | None = None) -> dict[str, Any]:
     if cfg.resume:
         assert state is not None
         cfg = resumed_config(cfg, state.get("metadata", {}).get("run_config"), given)
+    spec = get_agent(cfg.agent)  # a resumed run's agent is the one it was started with
     t0 = time.perf_counter()
     seed_everything(cfg.seed, cfg.torch_deterministic)
     device = resolve_device(cfg.device)

@@ -59,3 +59,14 @@ def test_not_a_backbone_checkpoint(tmp_path):
     atomic_save({"weights": torch.ones(1)}, tmp_path / "w.pt")
     with pytest.raises(ValueError, match="not a backbone checkpoint"):
         backbones.load_backbone(tmp_path / "w.pt")
+
+
+def test_leftover_temporary_files_are_removed_by_the_next_save(tmp_path):
+    from backbones.checkpoint import atomic_save
+
+    stale = tmp_path / ".agent.pt.abc123.tmp"  # what a save killed mid-write leaves
+    stale.write_bytes(b"half a checkpoint")
+    other = tmp_path / ".other.pt.def456.tmp"  # another file's: not ours to remove
+    other.write_bytes(b"x")
+    atomic_save({"a": 1}, tmp_path / "agent.pt")
+    assert not stale.exists() and other.exists() and (tmp_path / "agent.pt").is_file()

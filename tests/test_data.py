@@ -84,3 +84,11 @@ def test_random_shift_moves_content_without_a_loop():
     positions = {tuple(torch.nonzero(s[0]).flatten().tolist()) for s in shifted}
     assert len(positions) > 5
     assert torch.equal(random_shift(x, 0), x)
+
+
+def test_labels_beyond_the_classes_are_refused_with_the_fix():
+    from backbones.data import ImageTensors
+
+    images = torch.zeros(4, 1, 8, 8, dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"class indices in \[0, 10\), got \[0, 10\].*num_classes"):
+        ImageTensors(images, torch.tensor([0, 3, 10, 2]), 10, (0.5,), (0.2,), "mine")

@@ -186,3 +186,10 @@ def test_spent_fraction_is_the_sum_of_the_executed_parts(env_parts, actions, ind
     assert info["flops"] == expected
     assert info["flops_fraction"] == pytest.approx(expected / f.full)
     assert (info["flops_fraction"] == 1.0) == all(actions)
+
+
+@pytest.mark.parametrize("index", [1.7, "3", True, -1, 10_000])
+def test_reset_index_must_be_an_integer_in_range(env_parts, index):
+    env = make(env_parts)
+    with pytest.raises(IndexError, match="must be an integer in"):
+        env.reset(options={"index": index})

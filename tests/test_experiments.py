@@ -130,6 +130,17 @@ def test_resume_refuses_changed_config(cache, tmp_path):
     assert r["config"]["hrl_iterations"] == 2 and r["config"]["hrl_lr"] == 1e-5 and r["config"]["sp_epochs"] == 1
 
 
+def test_resuming_a_finished_sb3_run_evaluates_it_again(cache, tmp_path):
+    args = ["--agent", "ppo", *TINY_BACKBONE, *TINY_BUDGETS["ppo"], "--no-progress"]
+    run([*args, "--run-dir", str(tmp_path / "runs")], cache, tmp_path)
+    (ckpt,) = (tmp_path / "runs").glob("*/agent.pt")
+    first = json.loads((ckpt.parent / "results.json").read_text())
+    proc = run(["--resume", "--checkpoint", str(ckpt), "--no-progress"], cache, tmp_path)
+    assert "accuracy" in proc.stdout
+    again = json.loads((ckpt.parent / "results.json").read_text())
+    assert again["accuracy"] == first["accuracy"] and again["config"]["timesteps"] == 600
+
+
 def test_bad_options_are_one_line_errors_before_any_work(cache, tmp_path):
     for flag, value, expected in [
         ("--num-envs", "0", "--num-envs must be an integer >= 1, got 0"),
