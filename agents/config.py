@@ -104,6 +104,8 @@ class RunConfig:
     # fixed policies
     rate: float | None = None
     """random: execute probability of each gated block (default: the rate that spends --budget)"""
+    static_mix: bool = True
+    """static: spend --budget exactly on average, running the next larger subset on a random share of images"""
     budget: float = 0.6
     """static, random: fraction of the full network's FLOPs to spend (static: at most; random: on average)"""
     # run control

@@ -86,12 +86,19 @@ def elimination_path(
     return path
 
 
-def static_for_budget(path: list[tuple[float, list[bool]]], budget: float) -> StaticPolicy:
-    """The first (most complete) subset on an :func:`elimination_path` within ``budget``."""
+def static_for_budget(
+    path: list[tuple[float, list[bool]]], budget: float, mix: bool = False, seed: int = 0
+) -> StaticPolicy:
+    """The first (most complete) subset on an :func:`elimination_path` within ``budget``; with
+    ``mix``, mixed with the next larger subset on the path on a random share of the images, so
+    that the policy spends ``budget`` exactly on average."""
     check_budget(budget)
-    for flops, mask in path:
+    for i, (flops, mask) in enumerate(path):
         if flops <= budget:
-            return StaticPolicy(mask)
+            if not mix or i == 0 or flops == budget:
+                return StaticPolicy(mask)
+            more_flops, more = path[i - 1]
+            return StaticPolicy(mask, more, (budget - flops) / (more_flops - flops), seed)
     raise ValueError(f"no subset on the path spends at most {budget} of the FLOPs (cheapest: {path[-1][0]:.3f})")
 
 

@@ -48,15 +48,40 @@ class RandomPolicy(RoutingPolicy):
 
 
 class StaticPolicy(RoutingPolicy):
-    """The same subset of blocks for every image: ``mask[k]`` says whether gated block ``k`` runs."""
+    """The same subset of blocks for every image: ``mask[k]`` says whether gated block ``k`` runs.
+
+    With ``mask_more`` and ``share_more``, a random ``share_more`` of the images (drawn from
+    ``seed``, independent of the image) runs the larger subset ``mask_more`` instead: two fixed
+    subsets mixed so that the policy spends a budget between theirs exactly, on average, which is
+    what a comparison at equal compute needs. Still data-independent.
+    """
 
     name = "static"
 
-    def __init__(self, mask: list[bool]) -> None:
+    def __init__(
+        self, mask: list[bool], mask_more: list[bool] | None = None, share_more: float = 0.0, seed: int = 0
+    ) -> None:
+        if not 0.0 <= share_more <= 1.0:
+            raise ValueError(f"share_more must be in [0, 1], got {share_more}")
         self.mask = [bool(m) for m in mask]
+        self.mask_more = [bool(m) for m in mask_more] if mask_more is not None else None
+        self.share_more, self.seed = share_more, seed
+        self._generators: dict[torch.device, torch.Generator] = {}
+        self._more: Tensor | None = None
+
+    def reset(self, batch_size: int, device: torch.device) -> None:
+        if self.mask_more is None:
+            return
+        g = self._generators.get(device)
+        if g is None:
+            g = self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+        self._more = torch.rand(batch_size, device=device, generator=g) < self.share_more  # (B,)
 
     def act(self, obs: Tensor, activation: Tensor, k: int) -> Tensor:
-        return torch.full((obs.shape[0],), self.mask[k], dtype=torch.bool, device=obs.device)
+        base = torch.full((obs.shape[0],), self.mask[k], dtype=torch.bool, device=obs.device)
+        if self.mask_more is None or self._more is None:
+            return base
+        return torch.where(self._more, torch.full_like(base, self.mask_more[k]), base)
 
 
 class GateRoutingPolicy(RoutingPolicy):

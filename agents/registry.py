@@ -210,9 +210,15 @@ def _train_random(ctx: AgentContext, state: dict | None) -> RoutingPolicy:
 
 def _train_static(ctx: AgentContext, state: dict | None) -> RoutingPolicy:
     path = cached_elimination_path(ctx.backbone, ctx.train_data, ctx.device, ctx.metadata, ctx.cfg.progress)
-    policy = static_for_budget(path, ctx.cfg.budget)
-    _fixed_save(ctx, mask=torch.tensor(policy.mask))
+    policy = static_for_budget(path, ctx.cfg.budget, ctx.cfg.static_mix, ctx.cfg.seed)
+    more = {} if policy.mask_more is None else {"mask_more": torch.tensor(policy.mask_more)}
+    _fixed_save(ctx, mask=torch.tensor(policy.mask), share_more=policy.share_more, **more)
     return policy
+
+
+def _load_static(ctx: AgentContext, state: dict) -> RoutingPolicy:
+    more = state["mask_more"].tolist() if "mask_more" in state else None
+    return StaticPolicy(state["mask"].tolist(), more, float(state.get("share_more", 0.0)), ctx.cfg.seed)
 
 
 register_agent("full", AgentSpec(_train_full, lambda ctx, s: RoutingPolicy(), role="reference", seeded=False))
@@ -222,7 +228,7 @@ register_agent(
 )
 register_agent(
     "static",
-    AgentSpec(_train_static, lambda ctx, s: StaticPolicy(s["mask"].tolist()), role="matched", seeded=False),
+    AgentSpec(_train_static, _load_static, role="matched"),
 )
 
 __all__ = ["AGENTS", "AgentContext", "AgentSpec", "get_agent", "register_agent"]

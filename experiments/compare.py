@@ -90,16 +90,42 @@ def _point(agent: str, setting: str, runs: list[dict[str, Any]]) -> Point:
     return Point(agent, setting, runs, np.stack(correct))
 
 
+def _config_key(cfg: RunConfig | dict) -> str:
+    """What makes two runs the same run: every option but how it was shown and where it was
+    written (a stored configuration lacking a newer option takes its default)."""
+    if isinstance(cfg, dict):
+        names = {f.name for f in dataclasses.fields(RunConfig)}
+        cfg = RunConfig(**{k: v for k, v in cfg.items() if k in names})
+    d = dataclasses.asdict(cfg)
+    for name in ("progress", "run_dir", "debug", "device"):
+        d.pop(name, None)
+    return json.dumps(d, sort_keys=True)
+
+
+def finished_runs(run_dir: Path) -> dict[str, dict[str, Any]]:
+    """Finished runs under ``run_dir`` by configuration: a comparison started again (after a kill,
+    or with more agents) reuses them instead of training them twice."""
+    found = {}
+    for path in sorted(run_dir.glob("*/results.json")):
+        r = json.loads(path.read_text())
+        if "config" in r and not r["config"].get("eval_only") and (path.parent / "per_image.npz").is_file():
+            found[_config_key(r["config"])] = r
+    return found
+
+
 def compare(cfg: CompareConfig) -> dict[str, Any]:
     """Run every agent, setting and seed; returns the points and the paired statistics."""
     specs = {name: get_agent(name) for name in cfg.agents}  # unknown names fail before hours of work
     learned = [a for a in cfg.agents if specs[a].role == "learned"]
 
+    finished = finished_runs(Path(cfg.run.run_dir))
+
     def runs_of(agent: str, **overrides: Any) -> list[dict[str, Any]]:
         seeds = cfg.seeds if specs[agent].seeded else cfg.seeds[:1]
         out = []
         for seed in seeds:
-            r = run(dataclasses.replace(cfg.run, agent=agent, seed=seed, **overrides))
+            run_cfg = dataclasses.replace(cfg.run, agent=agent, seed=seed, **overrides)
+            r = finished.get(_config_key(run_cfg)) or run(run_cfg)
             log.info(
                 "%s %s seed %d: accuracy %.4f at %.3f FLOPs", agent, overrides, seed, r["accuracy"], r["flops_fraction"]
             )

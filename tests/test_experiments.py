@@ -141,6 +141,25 @@ def test_resuming_a_finished_sb3_run_evaluates_it_again(cache, tmp_path):
     assert again["accuracy"] == first["accuracy"] and again["config"]["timesteps"] == 600
 
 
+def test_eval_only_keeps_training_results_and_warns_on_unfinished_checkpoints(cache, tmp_path):
+    import torch
+
+    args = ["--agent", "static", *TINY_BACKBONE, "--no-progress"]
+    run([*args, "--run-dir", str(tmp_path / "train")], cache, tmp_path)
+    (ckpt,) = (tmp_path / "train").glob("*/agent.pt")
+    before = {p.name: p.read_bytes() for p in ckpt.parent.iterdir() if p.is_file()}
+    proc = run([*args, "--eval-only", "--checkpoint", str(ckpt), "--run-dir", str(tmp_path / "eval")], cache, tmp_path)
+    assert {p.name: p.read_bytes() for p in ckpt.parent.iterdir() if p.is_file()} == before
+    (evaluation,) = (tmp_path / "eval").glob("SkipNet-v0__static__eval__*/results.json")
+    assert json.loads(evaluation.read_text())["evaluated_checkpoint"]["finished"] is True
+    assert "unfinished" not in proc.stderr
+    state = torch.load(ckpt, weights_only=True)
+    state["metadata"]["stage"] = "train"  # as a run killed mid-training leaves it
+    torch.save(state, ckpt)
+    proc = run([*args, "--eval-only", "--checkpoint", str(ckpt), "--run-dir", str(tmp_path / "eval")], cache, tmp_path)
+    assert "is unfinished (stage 'train')" in proc.stderr
+
+
 def test_bad_options_are_one_line_errors_before_any_work(cache, tmp_path):
     for flag, value, expected in [
         ("--num-envs", "0", "--num-envs must be an integer >= 1, got 0"),

@@ -61,3 +61,20 @@ def test_static_search_meets_the_budget(setup):
     assert sum(policy.mask) >= 1
     with pytest.raises(ValueError, match="budget"):
         search_static(net, data, 0.0, CPU)
+
+
+def test_static_mixture_spends_the_budget_exactly(setup):
+    from agents.fixed import elimination_path, static_for_budget
+
+    net, data = setup
+    path = elimination_path(net, data, CPU, progress=False)
+    flops = [f for f, _ in path]
+    assert flops == sorted(flops, reverse=True) and path[0][1] == [True] * 8
+    budget = (flops[3] + flops[4]) / 2  # between two subsets on the path
+    pure = static_for_budget(path, budget)
+    assert pure.mask == path[4][1] and static_flops_fraction(net, pure.mask) < budget
+    mixed = static_for_budget(path, budget, mix=True, seed=1)
+    assert mixed.mask == path[4][1] and mixed.mask_more == path[3][1] and mixed.share_more == pytest.approx(0.5)
+    r = evaluate(mixed, net, data, CPU)
+    assert r.flops_fraction == pytest.approx(budget, abs=0.03)  # on average over the images
+    assert r.execute_rate == pytest.approx([float(m) for m in path[4][1]], abs=0.6)
