@@ -198,7 +198,7 @@ def test_compare_writes_table_csv_json_and_curves(cache, tmp_path):
     assert "Paired differences at equal compute" in table
     result = json.loads((out / "compare.json").read_text())
     seeds = {p["agent"]: p["seeds"] for p in result["points"]}
-    assert seeds == {"hybrid_rnn": 2, "random": 2, "static": 1, "full": 1}  # static and full are not seeded
+    assert seeds == {"hybrid_rnn": 2, "random": 2, "static": 2, "full": 1}  # the static mixture is seeded, full is not
     hybrid = [p for p in result["points"] if p["agent"] == "hybrid_rnn"]
     assert len(hybrid) == 2 and all(len(p["run_dirs"]) == 2 for p in hybrid)
     assert all(len(set(p["run_dirs"])) == len(p["run_dirs"]) for p in result["points"])  # one folder per run
