@@ -398,7 +398,7 @@ class HybridTrainer:
         )
         logged: dict[str, list[Tensor]] = {}
         for it in range(self.done_units, cfg.hrl_iterations):
-            if cfg.finetune_backbone and it > start:
+            if cfg.finetune_backbone and it > 0:
                 # the autoreset computed the next batch's first activation with the weights of before the
                 # last update; start it again so the graph holds the current weights
                 env.reset()

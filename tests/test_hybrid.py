@@ -99,9 +99,10 @@ def _gates_state(trainer):
     return {k: v.clone() for k, v in trainer.gates.state_dict().items()}
 
 
-@pytest.mark.parametrize("die_at", [3, 5])  # in the iteration after a checkpoint, and two after it
-def test_interrupted_then_resumed_run_ends_with_the_same_gates(tmp_path, monkeypatch, die_at):
-    settings = {"sp_epochs": 1, "hrl_iterations": 6, "baseline": "self_critical"}
+# killed in the iteration after a checkpoint, and two after it; and with the backbone fine-tuned
+@pytest.mark.parametrize("die_at,finetune", [(3, False), (5, False), (5, True)])
+def test_interrupted_then_resumed_run_ends_with_the_same_gates(tmp_path, monkeypatch, die_at, finetune):
+    settings = {"sp_epochs": 1, "hrl_iterations": 6, "baseline": "self_critical", "finetune_backbone": finetune}
     straight = _trainer(tmp_path / "straight", **settings)
     straight.train()
     expected = _gates_state(straight)
