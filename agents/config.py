@@ -19,7 +19,8 @@ SAFE_ON_RESUME = frozenset(
 )  # fmt: skip
 
 
-def _flag(name: str) -> str:
+def flag(name: str) -> str:
+    """The command-line flag of field ``name``: ``hrl_lr`` -> ``--hrl-lr``."""
     return "--" + name.replace("_", "-")
 
 
@@ -130,7 +131,7 @@ class RunConfig:
 
         def need(ok: bool, name: str, rule: str) -> None:
             if not ok:
-                problems.append(f"{_flag(name)} must be {rule}, got {getattr(self, name)!r}")
+                problems.append(f"{flag(name)} must be {rule}, got {getattr(self, name)!r}")
 
         def finite(name: str) -> bool:
             v = getattr(self, name)

@@ -16,6 +16,22 @@ from torch import Tensor
 from agents.gates import GatePolicy
 
 
+class SeededDraws:
+    """One ``torch.Generator`` per device, seeded with ``seed``: a policy's random draws are the
+    same on every run, on whichever device it evaluates."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def rand(self, n: int, device: torch.device) -> Tensor:
+        """``(n,)`` uniform draws in [0, 1) on ``device``."""
+        g = self._generators.get(device)
+        if g is None:
+            g = self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+        return torch.rand(n, device=device, generator=g)
+
+
 class RoutingPolicy:
     """Interface (and the ``full`` policy: execute everything)."""
 
@@ -38,13 +54,10 @@ class RandomPolicy(RoutingPolicy):
         if not 0.0 <= rate <= 1.0:
             raise ValueError(f"execute rate must be in [0, 1], got {rate}")
         self.rate, self.seed = rate, seed
-        self._generators: dict[torch.device, torch.Generator] = {}
+        self._draws = SeededDraws(seed)
 
     def act(self, obs: Tensor, activation: Tensor, k: int) -> Tensor:
-        g = self._generators.get(obs.device)
-        if g is None:
-            g = self._generators[obs.device] = torch.Generator(device=obs.device).manual_seed(self.seed)
-        return torch.rand(obs.shape[0], device=obs.device, generator=g) < self.rate
+        return self._draws.rand(obs.shape[0], obs.device) < self.rate
 
 
 class StaticPolicy(RoutingPolicy):
@@ -66,16 +79,12 @@ class StaticPolicy(RoutingPolicy):
         self.mask = [bool(m) for m in mask]
         self.mask_more = [bool(m) for m in mask_more] if mask_more is not None else None
         self.share_more, self.seed = share_more, seed
-        self._generators: dict[torch.device, torch.Generator] = {}
+        self._draws = SeededDraws(seed)
         self._more: Tensor | None = None
 
     def reset(self, batch_size: int, device: torch.device) -> None:
-        if self.mask_more is None:
-            return
-        g = self._generators.get(device)
-        if g is None:
-            g = self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
-        self._more = torch.rand(batch_size, device=device, generator=g) < self.share_more  # (B,)
+        if self.mask_more is not None:
+            self._more = self._draws.rand(batch_size, device) < self.share_more  # (B,)
 
     def act(self, obs: Tensor, activation: Tensor, k: int) -> Tensor:
         base = torch.full((obs.shape[0],), self.mask[k], dtype=torch.bool, device=obs.device)

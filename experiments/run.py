@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agents.config import SAFE_ON_RESUME, RunConfig  # noqa: E402
+from agents.config import SAFE_ON_RESUME, RunConfig, flag  # noqa: E402
 from agents.evaluate import EvalResult, evaluate  # noqa: E402
 from agents.policies import RoutingPolicy  # noqa: E402
 from agents.registry import AgentContext, get_agent  # noqa: E402
@@ -127,11 +127,11 @@ def resumed_config(cfg: RunConfig, saved: dict[str, Any] | None, given: set[str]
     given = names if given is None else given
     changed = {k: v for k, v in started.differences(cfg).items() if k in given and k not in SAFE_ON_RESUME}
     if changed:
-        listed = "; ".join(f"--{k.replace('_', '-')}: the run has {a!r}, given {b!r}" for k, (a, b) in changed.items())
+        listed = "; ".join(f"{flag(k)}: the run has {a!r}, given {b!r}" for k, (a, b) in changed.items())
         raise ValueError(
             f"--resume continues the run as it was started, and these options differ: {listed}. Leave them out "
             f"(the run's values apply) or start a new run. Options that may change on resume: "
-            f"{', '.join('--' + k.replace('_', '-') for k in sorted(SAFE_ON_RESUME))}"
+            f"{', '.join(flag(k) for k in sorted(SAFE_ON_RESUME))}"
         )
     return dataclasses.replace(started, **{k: getattr(cfg, k) for k in SAFE_ON_RESUME & given})
 
@@ -266,7 +266,7 @@ def write_figures(run_dir: Path, writer: Any, result: EvalResult, test_data: Any
     import matplotlib.pyplot as plt
 
     pi = result.per_image
-    figures = {"heatmap": class_block_heatmap(pi["executed"], pi["label"], int(pi["label"].max()) + 1)}
+    figures = {"heatmap": class_block_heatmap(pi["executed"], pi["label"], test_data.num_classes)}
     if isinstance(test_data, ImageTensors):  # an image folder's pictures are not held in memory
         figures["gallery"] = path_gallery(
             test_data.images.cpu().numpy(), result.blocks_per_image, pi["label"], pi["correct"]
