@@ -7,9 +7,18 @@ place they are set.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
+
+import torch
 
 from agents.hybrid import BASELINES, HybridConfig
+from skipnet_env.engine import PRECISIONS
+
+# batch sizes by device: a GPU needs about a thousand images in flight to be busy, a CPU core does not
+DEVICE_BATCHES = {
+    "cuda": {"num_envs": 1024, "eval_batch": 2048},
+    "cpu": {"num_envs": HybridConfig.num_envs, "eval_batch": 512},
+}
 
 # options a resumed run may change: how it runs, not what it computes (the learning rates too, so
 # that a diverged run can be resumed more gently; they then really apply)
@@ -58,8 +67,10 @@ class RunConfig:
     """seed for python, numpy, torch and the environment"""
     torch_deterministic: bool = False
     """ask cuDNN for deterministic kernels"""
-    num_envs: int = HybridConfig.num_envs
-    """images per batch in the environment (B)"""
+    num_envs: int | None = None
+    """images per batch in the environment and in SP (B; default 128 on the CPU, 1024 on CUDA)"""
+    precision: str = HybridConfig.precision
+    """compute precision of the frozen backbone: auto (bf16 on CUDA, fp32 elsewhere), fp32 or bf16"""
     # hybrid (SkipNet) agents
     sp_epochs: int = HybridConfig.sp_epochs
     """hybrid: supervised pre-training epochs over the training set"""
@@ -118,8 +129,8 @@ class RunConfig:
     """continue the run whose checkpoint is --checkpoint"""
     run_dir: str = "runs"
     """TensorBoard and results folder"""
-    eval_batch: int = 512
-    """images per evaluation batch"""
+    eval_batch: int | None = None
+    """images per evaluation batch (default 512 on the CPU, 2048 on CUDA)"""
     progress: bool = True
     """show progress bars"""
     debug: bool = False
@@ -137,8 +148,11 @@ class RunConfig:
             v = getattr(self, name)
             return isinstance(v, int | float) and math.isfinite(v)
 
-        for name in ("num_envs", "eval_batch", "rnn_hidden", "rnn_embed", "timesteps", "log_every", "checkpoint_every"):
+        for name in ("rnn_hidden", "rnn_embed", "timesteps", "log_every", "checkpoint_every"):
             need(getattr(self, name) >= 1, name, "an integer >= 1")
+        for name in ("num_envs", "eval_batch"):
+            need(getattr(self, name) is None or getattr(self, name) >= 1, name, "an integer >= 1")
+        need(self.precision in ("auto", *PRECISIONS), "precision", "one of auto, " + ", ".join(PRECISIONS))
         for name in ("sp_epochs", "hrl_iterations", "sp_alpha_warmup", "seed"):
             need(getattr(self, name) >= 0, name, "an integer >= 0")
         for name in ("sp_lr", "hrl_lr", "backbone_lr", "width"):
@@ -156,6 +170,11 @@ class RunConfig:
         need(self.rnn_pooling in ("mean", "mean_max_std"), "rnn_pooling", "mean or mean_max_std")
         if problems:
             raise ValueError("; ".join(problems))
+
+    def for_device(self, device: torch.device) -> RunConfig:
+        """This configuration with the batch sizes left unset filled in for ``device``."""
+        batches = DEVICE_BATCHES["cuda" if device.type == "cuda" else "cpu"]
+        return replace(self, **{k: v for k, v in batches.items() if getattr(self, k) is None})
 
     def differences(self, other: RunConfig) -> dict[str, tuple]:
         """``{field: (mine, other's)}`` for every field that differs."""

@@ -82,10 +82,12 @@ def evaluate(
     device: torch.device,
     batch_size: int = 512,
     gate_first_block: bool = False,
+    precision: str = "auto",
 ) -> EvalResult:
-    """Route every image of ``data`` with ``policy`` (deterministic decisions) and measure."""
+    """Route every image of ``data`` with ``policy`` (deterministic decisions) and measure, on the
+    frozen execution engine at ``precision``."""
     t0 = time.perf_counter()
-    core = BatchedRouting(backbone.to(device).eval(), RewardConfig(alpha=0.0), gate_first_block)
+    core = BatchedRouting(backbone.to(device).eval(), RewardConfig(alpha=0.0), gate_first_block, precision=precision)
     correct, cross_entropy, executed, labels = [], [], [], []
     spent = 0.0
     policy_flops = None

@@ -93,7 +93,8 @@ class FeedforwardGates(GatePolicy):
             nn.init.constant_(gate[-2].bias, init_execute)
 
     def forward(self, h: Tensor, k: int, state: Any = None) -> tuple[Tensor, Any]:
-        return self.gates[k](h), None
+        # the gates compute in their own precision, whatever the backbone's (bf16 on a frozen CUDA one)
+        return self.gates[k](h.to(self.gates[k][-2].weight.dtype)), None
 
 
 class LSTMCell(nn.Module):
@@ -114,10 +115,11 @@ class LSTMCell(nn.Module):
 
 # what the recurrent gate reads off the activation: SkipNet's global average pool, or that with the
 # spatial max and standard deviation beside it (contrast and clutter show in them)
+# (in fp32, whatever the backbone computes in)
 POOL_FNS = {
-    "mean": lambda h: h.mean(dim=(2, 3)),
-    "max": lambda h: h.amax(dim=(2, 3)),
-    "std": lambda h: h.std(dim=(2, 3)),
+    "mean": lambda h: h.mean(dim=(2, 3), dtype=torch.float32),
+    "max": lambda h: h.amax(dim=(2, 3)).float(),
+    "std": lambda h: h.float().std(dim=(2, 3)),
 }
 POOLINGS = {"mean": ("mean",), "mean_max_std": ("mean", "max", "std")}
 

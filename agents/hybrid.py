@@ -46,6 +46,7 @@ from backbones.checkpoint import atomic_save, safe_load
 from backbones.data import ImageTensors
 from backbones.train import batches
 from skipnet_env.core import DEFAULT_ALPHA, SKIPNET_REWARD, BatchedRouting
+from skipnet_env.engine import freeze, prepare_input
 from skipnet_env.vector_env import SkipNetVectorEnv
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,7 @@ class HybridConfig:
     entropy_coef: float = 0.0
     rl_weight: float = 0.01
     num_envs: int = 128
+    precision: str = "auto"
     finetune_backbone: bool = False
     backbone_lr: float = 1e-4
     seed: int = 0
@@ -104,7 +106,7 @@ def sp_forward(
     threshold (a hard Bernoulli(p) draw, the straight-through Gumbel-sigmoid of ConvNet-AIG), so
     the gates explore and the loss is the expected one over routes; without, ``1[p >= 0.5]``.
     """
-    h = backbone.stem(x)
+    h = backbone.stem(prepare_input(backbone, x))
     for block in backbone.blocks[: gates.first_gated]:
         h = block(h)
     state = gates.initial_state(x.shape[0], x.device)
@@ -115,9 +117,10 @@ def sp_forward(
             u = torch.rand(logit.shape, device=logit.device, generator=generator).clamp(1e-6, 1 - 1e-6)
             logit = logit + torch.log(u) - torch.log1p(-u)  # + Logistic(0, 1)
         g = straight_through(torch.sigmoid(logit))  # (B,)
-        h = g[:, None, None, None] * block(h) + (1.0 - g[:, None, None, None]) * block.shortcut(h)
+        m = g.to(h.dtype)[:, None, None, None]  # in the backbone's precision (bf16 on the CUDA engine)
+        h = m * block(h) + (1.0 - m) * block.shortcut(h)
         executed.append(g)
-    return backbone.head(h), torch.stack(executed, dim=1)
+    return backbone.head(h).float(), torch.stack(executed, dim=1)
 
 
 def discounted_returns(rewards: Tensor, gamma: float) -> Tensor:
@@ -293,12 +296,15 @@ class HybridTrainer:
         first = self.gates.first_gated
         extra = torch.tensor(f.block_executed[first:], dtype=torch.float32) - torch.tensor(f.block_skipped[first:])
         cost_weight = (self.sp_alpha * extra / f.full).to(self.device)  # (N,)
+        # a frozen backbone runs on the execution engine (BN folded; bf16, channels_last on CUDA):
+        # the gradient reaches the gates through its activations, not its weights
+        sp_net = self.backbone if cfg.finetune_backbone else freeze(self.backbone, precision=cfg.precision)
         for epoch in range(self.done_units, cfg.sp_epochs):
             ramp = min(1.0, (epoch + 1) / cfg.sp_alpha_warmup) if cfg.sp_alpha_warmup > 0 else 1.0
             losses = []
             for x, y in batches(self.data, cfg.num_envs, self.device, train=True, generator=self.generator):
                 noise = self.action_generator if cfg.sp_sample else None
-                logits, executed = sp_forward(self.backbone, self.gates, x, noise)
+                logits, executed = sp_forward(sp_net, self.gates, x, noise)
                 # hard gates forward, straight-through backward: the cost's gradient reaches p
                 cost = ramp * (executed * cost_weight).sum(dim=1).mean()
                 loss = F.cross_entropy(logits, y) + cost
@@ -326,6 +332,7 @@ class HybridTrainer:
             alpha=self.cfg.alpha,
             **SKIPNET_REWARD,
             device=self.device,
+            precision=self.cfg.precision,
             return_tensors=True,
             differentiable=self.cfg.finetune_backbone,
             gate_first_block=self.gates.first_gated == 0,
@@ -339,7 +346,7 @@ class HybridTrainer:
         ``flops_fraction``.
         """
         state = self.gates.initial_state(env.num_envs, self.device)
-        start = env.activation
+        start = env.activation.clone()  # the next step may write the activation in place
         log_probs, entropies, rewards = [], [], []
         info: dict[str, Any] = {}
         for k in range(env.num_gates):
@@ -383,7 +390,10 @@ class HybridTrainer:
             env.reset()
         else:
             env.reset(seed=cfg.seed)
-        self.replay = BatchedRouting(self.backbone, env.core.reward, gate_first_block=self.gates.first_gated == 0)
+        # a fine-tuned backbone changes every iteration: the replay runs on it (under no_grad), not on a frozen copy
+        self.replay = BatchedRouting(
+            self.backbone, env.core.reward, self.gates.first_gated == 0, cfg.finetune_backbone, cfg.precision
+        )
         # linear decay to 0 over the stage: REINFORCE's noisy steps settle instead of wandering at the end
         start = self.done_units
         schedule = torch.optim.lr_scheduler.LambdaLR(

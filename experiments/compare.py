@@ -39,6 +39,7 @@ from agents.config import RunConfig  # noqa: E402
 from agents.registry import get_agent  # noqa: E402
 from agents.statistics import auc_difference, bootstrap_ci, common_range, curve_auc, paired_difference  # noqa: E402
 from backbones.dataclass_cli import parse  # noqa: E402
+from backbones.device import resolve_device  # noqa: E402
 from experiments.run import run  # noqa: E402
 
 log = logging.getLogger("skipnet_gym.compare")
@@ -96,7 +97,7 @@ def _config_key(cfg: RunConfig | dict) -> str:
     if isinstance(cfg, dict):
         names = {f.name for f in dataclasses.fields(RunConfig)}
         cfg = RunConfig(**{k: v for k, v in cfg.items() if k in names})
-    d = dataclasses.asdict(cfg)
+    d = dataclasses.asdict(cfg.for_device(resolve_device(cfg.device)))
     for name in ("progress", "run_dir", "debug", "device"):
         d.pop(name, None)
     return json.dumps(d, sort_keys=True)

@@ -157,6 +157,7 @@ def run(cfg: RunConfig, given: set[str] | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     seed_everything(cfg.seed, cfg.torch_deterministic)
     device = resolve_device(cfg.device)
+    cfg = cfg.for_device(device)  # batch sizes left unset: the device's defaults, recorded with the run
     split = {s: load_dataset(cfg.dataset, s, cfg.data_root, cfg.download, cfg.image_size) for s in ("train", "test")}
     if len(split["train"]) < cfg.num_envs:
         raise ValueError(
@@ -198,11 +199,11 @@ def run(cfg: RunConfig, given: set[str] | None = None) -> dict[str, Any]:
     ctx = AgentContext(cfg, backbone, split["train"], device, checkpoint, metadata, writer)
 
     # the frozen backbone's own accuracy, before --finetune-backbone (or a loaded checkpoint) changes it
-    full = evaluate(RoutingPolicy(), backbone, split["test"], device, cfg.eval_batch)
+    full = evaluate(RoutingPolicy(), backbone, split["test"], device, cfg.eval_batch, precision=cfg.precision)
     t_train = time.perf_counter()
     policy = spec.load(ctx, state) if cfg.eval_only else spec.train(ctx, state)
     train_seconds = time.perf_counter() - t_train
-    result = evaluate(policy, backbone, split["test"], device, cfg.eval_batch)
+    result = evaluate(policy, backbone, split["test"], device, cfg.eval_batch, precision=cfg.precision)
     writer.add_scalar("eval/accuracy", result.accuracy, 0)
     writer.add_scalar("eval/flops_fraction", result.flops_fraction, 0)
     dynamics = routing_statistics(result, full, cfg.seed)

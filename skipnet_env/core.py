@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from backbones.base import Backbone
+from skipnet_env.engine import Router, freeze, prepare_input
 from skipnet_env.routing import route_block
 
 AccuracyReward = Literal["correct", "neg_ce"]
@@ -61,17 +62,31 @@ class BatchedRouting:
         reward: the scoring rule.
         gate_first_block: let the agent skip the first block too (SkipNet always runs it).
         differentiable: keep the autograd graph through the backbone (for agents that fine-tune
-            it, as SkipNet's full recipe does); off, everything runs under ``torch.no_grad``.
+            it, as SkipNet's full recipe does); off, everything runs under ``torch.no_grad`` on
+            the frozen execution engine (:mod:`skipnet_env.engine`).
+        precision: the engine's compute precision when not ``differentiable``: ``"auto"`` (bf16
+            on CUDA, fp32 elsewhere), ``"fp32"`` or ``"bf16"``.
+        buckets, graphs: the engine's routing (:class:`skipnet_env.engine.Router`); default by device.
 
     The observation of each episode is ``[pooled activation (zero-padded to the widest block),
     one-hot position of the next gated block, fraction of the full network's FLOPs spent]``.
     """
 
     def __init__(
-        self, backbone: Backbone, reward: RewardConfig, gate_first_block: bool = False, differentiable: bool = False
+        self,
+        backbone: Backbone,
+        reward: RewardConfig,
+        gate_first_block: bool = False,
+        differentiable: bool = False,
+        precision: str = "auto",
+        buckets: int | None = None,
+        graphs: bool | None = None,
     ) -> None:
         self.backbone = backbone.eval()
         self.differentiable = differentiable
+        # what runs: the backbone itself when gradients flow through it, else its frozen copy
+        self.net = backbone if differentiable else freeze(backbone, precision=precision)
+        self.router = None if differentiable else Router(self.net, buckets, graphs)
         self.reward = reward
         self.device = next(backbone.parameters()).device
         self.first_gated = 0 if gate_first_block else 1
@@ -99,16 +114,24 @@ class BatchedRouting:
     def start(self, images: Tensor, labels: Tensor) -> Tensor:
         """Begin B episodes on ``images`` ``(B, C, H, W)``; returns the first observation ``(B, obs_dim)``."""
         with torch.set_grad_enabled(self.differentiable):
-            h = self.backbone.stem(images)
-            for block in self.backbone.blocks[: self.first_gated]:
+            h = self.net.stem(prepare_input(self.net, images))
+            for block in self.net.blocks[: self.first_gated]:
                 h = block(h)
-        return self.begin(h, labels)
+        return self._begin(h, labels)
 
     def begin(self, h: Tensor, labels: Tensor) -> Tensor:
         """Begin B episodes from ``h`` ``(B, C, H, W)``, the activation entering the first gated
-        block (what :meth:`start` computes from images): replays episodes on the same images."""
+        block (what :meth:`start` computes from images): replays episodes on the same images.
+        ``h`` itself is never written."""
+        h = prepare_input(self.net, h)
+        if self.router is not None and not self.router.buckets:
+            h = h.clone()  # the eager engine routes in place
+        return self._begin(h, labels)
+
+    def _begin(self, h: Tensor, labels: Tensor) -> Tensor:
         b = h.shape[0]
-        self.h = h  # (B, C, H, W)
+        # (B, C, H, W); on the frozen engine it is written in place by the next step
+        self.h = h if self.router is None else self.router.begin(h)
         self.labels = labels  # (B,)
         self.step_index = 0
         self.spent_flops = torch.full((b,), self.prefix_flops, dtype=torch.float64, device=self.device)  # (B,)
@@ -121,7 +144,7 @@ class BatchedRouting:
         assert self.h is not None
         b, c = self.h.shape[:2]
         obs = torch.zeros(b, self.obs_dim, device=self.device)  # (B, D)
-        obs[:, :c] = self.h.detach().mean(dim=(2, 3))
+        obs[:, :c] = self.h.detach().mean(dim=(2, 3), dtype=torch.float32)
         if not self.done:
             obs[:, self.max_channels + self.step_index] = 1.0
         obs[:, -1] = (self.spent_flops / self.full_flops).float()
@@ -146,8 +169,13 @@ class BatchedRouting:
 
     def _advance(self, execute: Tensor, num_execute: int | None) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         k = self.step_index
-        block = self.backbone.blocks[self.first_gated + k]
-        self.h = route_block(block, self.h, execute, num_execute)
+        index = self.first_gated + k
+        if self.router is None:
+            self.h = route_block(self.net.blocks[index], self.h, execute, num_execute)
+        else:
+            if num_execute is None:
+                num_execute = int(execute.sum())  # the one device sync: the executed row count sets the shapes
+            self.h = self.router.route(index, self.h, execute, num_execute)
         step_flops = torch.where(execute, self.exec_flops[k], self.skip_flops[k])  # (B,)
         self.spent_flops += step_flops
         if k == 0:  # the per-step charge of the first step includes the stem and always-run blocks
@@ -156,7 +184,7 @@ class BatchedRouting:
         self.step_index += 1
         info: dict[str, Tensor] = {"label": self.labels, "executed": self.executed.clone()}
         if self.done:
-            self.logits = self.backbone.head(self.h)  # (B, num_classes)
+            self.logits = self.net.head(self.h).float()  # (B, num_classes)
             self.spent_flops += self.head_flops
             step_flops = step_flops + self.head_flops
             prediction = self.logits.argmax(dim=1)

@@ -15,14 +15,17 @@ import numpy as np
 import torch
 from gymnasium import spaces
 from torch import Tensor
+from typing_extensions import Unpack
 
 from backbones.data import ImageTensors
-from backbones.device import resolve_device
-from skipnet_env.core import DEFAULT_ALPHA, AccuracyReward, BatchedRouting, CostTiming, RewardConfig
-from skipnet_env.sources import BackboneSpec, DatasetSpec, resolve_backbone, resolve_dataset
-
-DEFAULT_BACKBONE = "cifar_resnet38"
-DEFAULT_DATASET = "cluttered_digits"
+from skipnet_env.sources import (
+    DEFAULT_BACKBONE,
+    DEFAULT_DATASET,
+    BackboneSpec,
+    DatasetSpec,
+    EnvOptions,
+    build_routing,
+)
 
 
 def observation_space(obs_dim: int) -> spaces.Box:
@@ -33,17 +36,11 @@ class SkipNetEnv(gym.Env[np.ndarray, int]):
     """One image per episode; the backbone and the image stay on ``device``.
 
     Args:
-        backbone: a :class:`backbones.Backbone`, a checkpoint path, or a registry name (then the
-            backbone trained on ``dataset`` is taken from the cache, trained first if missing).
-        dataset: a data set name (see ``backbones.list_datasets()``) or an ``ImageTensors``.
-        split: ``train``, ``val`` or ``test``.
-        alpha: weight of compute in the reward (>= 0).
-        accuracy_reward: ``"correct"`` (1/0) or ``"neg_ce"`` (SkipNet's negative cross-entropy).
-        cost_timing: ``"terminal"`` (all cost at the end) or ``"per_step"`` (each block's FLOPs when spent).
-        gate_first_block: let the agent skip the first block (SkipNet always runs it).
-        device: ``"auto"``, ``"cpu"``, ``"cuda"``, ...
-        data_root, download, image_size: passed to ``backbones.load_dataset``.
-        backbone_train: overrides of ``backbones.train.TrainConfig`` when a named backbone is trained.
+        backbone: a :class:`backbones.Backbone`, a checkpoint path, or a registry name.
+        dataset: a data set name or an ``ImageTensors``.
+        **options: ``split``, ``alpha``, ``accuracy_reward``, ``cost_timing``,
+            ``gate_first_block``, ``device``, ``data_root``, ``download``, ``image_size``,
+            ``backbone_train``, ``precision``: see :func:`skipnet_env.sources.build_routing`.
     """
 
     metadata: dict[str, Any] = {"render_modes": []}
@@ -52,24 +49,12 @@ class SkipNetEnv(gym.Env[np.ndarray, int]):
         self,
         backbone: BackboneSpec = DEFAULT_BACKBONE,
         dataset: DatasetSpec = DEFAULT_DATASET,
-        *,
-        split: str = "train",
-        alpha: float = DEFAULT_ALPHA,
-        accuracy_reward: AccuracyReward = "correct",
-        cost_timing: CostTiming = "terminal",
-        gate_first_block: bool = False,
-        device: str | torch.device = "auto",
-        data_root: str | None = None,
-        download: bool = True,
-        image_size: int | None = None,
-        backbone_train: dict[str, Any] | None = None,
+        **options: Unpack[EnvOptions],
     ) -> None:
-        reward = RewardConfig(alpha, accuracy_reward, cost_timing)  # validate before any heavy work
-        self.device = resolve_device(device)
-        data = resolve_dataset(dataset, split, data_root, download, image_size)
-        self.backbone = resolve_backbone(backbone, data, self.device, backbone_train)
+        routing = build_routing(backbone, dataset, **options)
+        self.device, self.backbone, self.core = routing.device, routing.backbone, routing.core
+        data = routing.data
         self.data = data.to(self.device) if isinstance(data, ImageTensors) else data
-        self.core = BatchedRouting(self.backbone, reward, gate_first_block)
         self.num_gates = self.core.num_gates
         self.observation_space = observation_space(self.core.obs_dim)
         self.action_space = spaces.Discrete(2)

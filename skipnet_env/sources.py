@@ -3,19 +3,98 @@ checked against each other, and a sampler of image batches that lives on the dev
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
+from typing_extensions import TypedDict, Unpack
 
 from backbones.base import Backbone
 from backbones.checkpoint import load_backbone
 from backbones.data import Dataset, FolderImages, ImageTensors, load_dataset
+from backbones.device import resolve_device
 from backbones.registry import list_backbones
+from skipnet_env.core import DEFAULT_ALPHA, AccuracyReward, BatchedRouting, CostTiming, RewardConfig
 
 BackboneSpec = str | Path | Backbone
 DatasetSpec = str | Dataset
+DEFAULT_BACKBONE = "cifar_resnet38"
+DEFAULT_DATASET = "cluttered_digits"
+
+
+class EnvOptions(TypedDict, total=False):
+    """The keyword options every routing env takes (see :func:`build_routing`)."""
+
+    split: str
+    alpha: float
+    accuracy_reward: AccuracyReward
+    cost_timing: CostTiming
+    gate_first_block: bool
+    device: str | torch.device
+    data_root: str | None
+    download: bool
+    image_size: int | None
+    backbone_train: dict[str, Any] | None
+    precision: str
+
+
+@dataclass
+class Routing:
+    """What an env runs on: its device, data set, backbone and the batched state machine."""
+
+    device: torch.device
+    data: Dataset
+    backbone: Backbone
+    core: BatchedRouting
+
+
+def build_routing(
+    backbone: BackboneSpec = DEFAULT_BACKBONE,
+    dataset: DatasetSpec = DEFAULT_DATASET,
+    differentiable: bool = False,
+    **options: Unpack[EnvOptions],
+) -> Routing:
+    """Build an env's sources in one place.
+
+    Args:
+        backbone: a :class:`backbones.Backbone`, a checkpoint path, or a registry name (then the
+            backbone trained on ``dataset`` is taken from the cache, trained first if missing).
+        dataset: a data set name (see ``backbones.list_datasets()``) or an ``ImageTensors``.
+        differentiable: keep the autograd graph through the backbone (see :class:`BatchedRouting`).
+        **options: ``split`` (``train``, ``val``, ``test``; default train); ``alpha`` (weight of
+            compute in the reward, >= 0); ``accuracy_reward`` (``"correct"``: 1/0, or ``"neg_ce"``:
+            SkipNet's negative cross-entropy); ``cost_timing`` (``"terminal"``: all cost at the
+            end, or ``"per_step"``: each block's FLOPs when spent); ``gate_first_block`` (let the
+            agent skip the first block, which SkipNet always runs); ``device`` (``"auto"``,
+            ``"cpu"``, ``"cuda"``, ...); ``data_root``, ``download``, ``image_size`` (passed to
+            ``backbones.load_dataset``); ``backbone_train`` (overrides of
+            ``backbones.train.TrainConfig`` when a named backbone is trained); ``precision`` of the
+            frozen backbone (``"auto"``: bf16 on CUDA, fp32 elsewhere; ``"fp32"``; ``"bf16"``).
+    """
+    unknown = set(options) - set(EnvOptions.__annotations__)
+    if unknown:
+        known = sorted(EnvOptions.__annotations__)
+        raise TypeError(f"unknown env option(s) {sorted(unknown)}; the options are {known}")
+    reward = RewardConfig(  # validated before any heavy work
+        options.get("alpha", DEFAULT_ALPHA),
+        options.get("accuracy_reward", "correct"),
+        options.get("cost_timing", "terminal"),
+    )
+    device = resolve_device(options.get("device", "auto"))
+    data = resolve_dataset(
+        dataset,
+        options.get("split", "train"),
+        options.get("data_root"),
+        options.get("download", True),
+        options.get("image_size"),
+    )
+    net = resolve_backbone(backbone, data, device, options.get("backbone_train"))
+    core = BatchedRouting(
+        net, reward, options.get("gate_first_block", False), differentiable, options.get("precision", "auto")
+    )
+    return Routing(device, data, net, core)
 
 
 def resolve_dataset(

@@ -23,15 +23,23 @@ from gymnasium import spaces
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 from torch import Tensor
+from typing_extensions import Unpack
 
-from backbones.device import resolve_device
-from skipnet_env.core import DEFAULT_ALPHA, AccuracyReward, BatchedRouting, CostTiming, RewardConfig
-from skipnet_env.env import DEFAULT_BACKBONE, DEFAULT_DATASET, observation_space
-from skipnet_env.sources import BackboneSpec, BatchSampler, DatasetSpec, resolve_backbone, resolve_dataset
+from skipnet_env.env import observation_space
+from skipnet_env.sources import (
+    DEFAULT_BACKBONE,
+    DEFAULT_DATASET,
+    BackboneSpec,
+    BatchSampler,
+    DatasetSpec,
+    EnvOptions,
+    build_routing,
+)
 
 
 class SkipNetVectorEnv(VectorEnv):
-    """``num_envs`` images per episode batch; arguments as :class:`skipnet_env.env.SkipNetEnv`, plus:
+    """``num_envs`` images per episode batch; ``backbone``, ``dataset`` and ``**options`` as
+    :class:`skipnet_env.env.SkipNetEnv` (:func:`skipnet_env.sources.build_routing`), plus:
 
     Args:
         num_envs: images per batch (B).
@@ -50,30 +58,19 @@ class SkipNetVectorEnv(VectorEnv):
         backbone: BackboneSpec = DEFAULT_BACKBONE,
         dataset: DatasetSpec = DEFAULT_DATASET,
         *,
-        split: str = "train",
-        alpha: float = DEFAULT_ALPHA,
-        accuracy_reward: AccuracyReward = "correct",
-        cost_timing: CostTiming = "terminal",
-        gate_first_block: bool = False,
-        device: str | torch.device = "auto",
-        data_root: str | None = None,
-        download: bool = True,
-        image_size: int | None = None,
-        backbone_train: dict[str, Any] | None = None,
         return_tensors: bool = False,
         differentiable: bool = False,
         num_workers: int = 0,
+        **options: Unpack[EnvOptions],
     ) -> None:
         if not isinstance(num_envs, int) or num_envs < 1:
             raise ValueError(f"num_envs must be a positive integer, got {num_envs!r}")
-        reward = RewardConfig(alpha, accuracy_reward, cost_timing)
         if differentiable and not return_tensors:
             raise ValueError("differentiable=True needs return_tensors=True (numpy arrays carry no gradient)")
-        self.device = resolve_device(device)
-        data = resolve_dataset(dataset, split, data_root, download, image_size)
-        self.backbone = resolve_backbone(backbone, data, self.device, backbone_train)
+        routing = build_routing(backbone, dataset, differentiable, **options)
+        self.device, self.backbone, self.core = routing.device, routing.backbone, routing.core
+        data = routing.data
         self.sampler = BatchSampler(data, num_envs, self.device, num_workers)
-        self.core = BatchedRouting(self.backbone, reward, gate_first_block, differentiable)
         self.num_envs = num_envs
         self.num_gates = self.core.num_gates
         self.return_tensors = return_tensors
@@ -88,7 +85,9 @@ class SkipNetVectorEnv(VectorEnv):
 
     @property
     def activation(self) -> Tensor:
-        """The current activation map ``(B, C, H, W)`` on the device (the input of the next gated block)."""
+        """The current activation map ``(B, C, H, W)`` on the device (the input of the next gated
+        block), in the backbone's compute precision. On the frozen engine the next step may write it
+        in place: clone it to keep it."""
         if self.core.h is None:
             raise RuntimeError("no activation before reset()")
         return self.core.h

@@ -1,0 +1,278 @@
+"""The execution engine for frozen backbones: every forward the project runs through a backbone
+it does not train (env steps, evaluation, the static search, SP's gate training, the bench).
+
+:func:`freeze` makes an inference copy of a backbone: BatchNorm folded into the convolutions
+(``torch.nn.utils.fusion``), its parameters frozen, on CUDA in bf16 and channels_last by default.
+:class:`Router` runs a gated block on the rows that execute it, in place:
+
+- eagerly with exact shapes (the CPU default): gather the executing rows, run the block, write its
+  output back into the activation (no full-size copy for identity-shortcut blocks);
+- bucketed (the CUDA default): the executed-row count is rounded up to one of ``buckets`` sizes,
+  the padding rows are computed and discarded, so each (block, bucket) has static shapes and is
+  captured once in a CUDA graph, then replayed: one launch per block, cost following the rows.
+
+Both paths give the real rows the same outputs (tested on the CPU, where the bucketed path runs
+eagerly over the same static buffers).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from backbones.base import Backbone
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
+    """The compute dtype of ``precision`` (``"auto"``: bf16 on CUDA where supported, else fp32)."""
+    if precision == "auto":
+        cuda_bf16 = device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else torch.float32
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}: use auto, {', '.join(PRECISIONS)}")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"bf16 was asked for but {torch.cuda.get_device_name(device)} does not support it; use fp32")
+    if precision == "bf16" and device.type not in ("cpu", "cuda"):
+        raise ValueError(f"bf16 is supported on cpu and cuda here, not on {device.type}; use fp32")
+    return PRECISIONS[precision]
+
+
+def fold_batchnorm(module: nn.Module) -> int:
+    """Fold every eval-mode BatchNorm that directly follows a convolution into it, in place.
+
+    A pair is a ``Conv2d`` child registered right before a ``BatchNorm2d`` child of the same width
+    (``conv1, bn1`` in a residual block, ``Conv2d, BatchNorm2d`` in a ``Sequential``): the fused
+    convolution replaces the conv and the BatchNorm becomes ``Identity``. Returns how many were folded.
+    """
+    folded = 0
+    for parent in list(module.modules()):
+        children = list(parent.named_children())
+        for (conv_name, conv), (bn_name, bn) in zip(children, children[1:]):
+            if (
+                isinstance(conv, nn.Conv2d)
+                and isinstance(bn, nn.BatchNorm2d)
+                and bn.num_features == conv.out_channels
+                and bn.track_running_stats
+            ):
+                setattr(parent, conv_name, fuse_conv_bn_eval(conv.eval(), bn.eval()))
+                setattr(parent, bn_name, nn.Identity())
+                folded += 1
+    return folded
+
+
+def _fold_checked(part: nn.Module, probe: Tensor) -> nn.Module:
+    """``part`` with its BatchNorms folded, if that keeps its output on ``probe``; else ``part``
+    itself (a forward that does not apply each BatchNorm right after its convolution)."""
+    folded = copy.deepcopy(part)
+    if fold_batchnorm(folded) == 0:
+        return part
+    with torch.no_grad():
+        want, got = part(probe), folded(probe)
+        same = torch.allclose(want, got, rtol=1e-3, atol=1e-4 * (1.0 + float(want.abs().max())))
+        if same and hasattr(part, "shortcut"):
+            same = torch.allclose(part.shortcut(probe), folded.shortcut(probe), rtol=1e-3, atol=1e-4)
+    if not same:
+        log.warning("BatchNorm folding changed the output of %s: left unfolded", type(part).__name__)
+        return part
+    return folded
+
+
+def freeze(
+    backbone: Backbone,
+    device: torch.device | str | None = None,
+    precision: str = "auto",
+    fold_bn: bool = True,
+    channels_last: bool | None = None,
+) -> Backbone:
+    """An inference copy of ``backbone`` (the original is left as it is).
+
+    Args:
+        device: where the copy lives (default: the backbone's).
+        precision: ``"auto"`` (bf16 on CUDA, fp32 elsewhere), ``"fp32"`` or ``"bf16"``.
+        fold_bn: fold BatchNorm into the convolutions (checked block by block on a probe batch).
+        channels_last: NHWC memory format (default: on CUDA).
+
+    The copy keeps the original's FLOPs profile and activation shapes, and records its
+    ``compute_dtype`` and ``memory_format``; feed it images through :func:`prepare_input`.
+    """
+    device = torch.device(device) if device is not None else next(backbone.parameters()).device
+    dtype = resolve_precision(precision, device)
+    if channels_last is None:
+        channels_last = device.type == "cuda"
+    _ = backbone.flops, backbone.activation_shapes  # profiled on the original, carried by the copy
+    frozen = copy.deepcopy(backbone).to(device).eval()
+    frozen.requires_grad_(False)
+    if fold_bn:
+        with torch.no_grad():
+            g = torch.Generator(device="cpu").manual_seed(0)
+            h = torch.randn(4, *backbone.input_size, generator=g).to(device)
+            frozen.stem = _fold_checked(frozen.stem, h)
+            h = frozen.stem(h)
+            for i, block in enumerate(frozen.blocks):
+                frozen.blocks[i] = _fold_checked(block, h)
+                h = block(h)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    frozen.to(dtype=dtype, memory_format=memory_format)
+    frozen.compute_dtype = dtype
+    frozen.memory_format = memory_format
+    return frozen
+
+
+def prepare_input(backbone: nn.Module, x: Tensor) -> Tensor:
+    """``x`` in the dtype and memory format a :func:`freeze` copy computes in (as is for others)."""
+    dtype = getattr(backbone, "compute_dtype", None)
+    if dtype is None:
+        return x
+    return x.to(dtype=dtype, memory_format=backbone.memory_format)
+
+
+def identity_shortcut(block: nn.Module) -> bool:
+    return isinstance(block.shortcut, nn.Identity)
+
+
+def route_inplace(block: nn.Module, h: Tensor, execute: Tensor, num_execute: int) -> Tensor:
+    """``block`` on the rows of ``h`` where ``execute``, its shortcut elsewhere; ``h`` ``(B, C, H, W)``
+    is overwritten where the shortcut is the identity (no full-size copy), so only use it on an
+    activation nothing else holds. Exact shapes, eager: the CPU path."""
+    batch = h.shape[0]
+    if num_execute == batch:
+        return block(h)
+    if num_execute == 0:
+        return block.shortcut(h)
+    run = torch.argsort(~execute, stable=True)[:num_execute]  # executed rows, no host sync
+    out_run = block(h.index_select(0, run))  # (B_run, C', H', W')
+    out = h if identity_shortcut(block) else block.shortcut(h)  # a projection runs on every row: cheap
+    return out.index_copy_(0, run, out_run)
+
+
+def bucket_sizes(batch: int, buckets: int) -> list[int]:
+    """``buckets`` row counts from ``batch / buckets`` up to ``batch`` (rounded up to 8 rows)."""
+    sizes = {min(batch, math.ceil(batch * (i + 1) / buckets / 8) * 8) for i in range(buckets)}
+    return sorted(sizes)
+
+
+@dataclass
+class _Buffers:
+    """The static tensors one batch size's bucketed steps read and write."""
+
+    execute: Tensor  # (B,) bool
+    acts: dict[tuple[int, ...], Tensor]  # (B, C, H, W) per activation shape
+
+
+class Router:
+    """Runs gated blocks of a frozen backbone on their executing rows.
+
+    Args:
+        backbone: a :func:`freeze` copy (or any backbone in eval mode under ``no_grad``).
+        buckets: 0: exact row counts, eager (the CPU default). ``n > 0``: the row count is rounded
+            up to one of ``n`` sizes and the block runs on static buffers (the CUDA default, 8).
+        graphs: capture each (block, bucket) in a CUDA graph on first use and replay it (CUDA
+            only; default on CUDA when bucketed).
+    """
+
+    def __init__(self, backbone: Backbone, buckets: int | None = None, graphs: bool | None = None) -> None:
+        self.backbone = backbone
+        self.device = next(backbone.parameters()).device
+        cuda = self.device.type == "cuda"
+        self.buckets = (8 if cuda else 0) if buckets is None else buckets
+        if self.buckets < 0:
+            raise ValueError(f"buckets must be >= 0 (0: exact row counts), got {self.buckets}")
+        self.graphs = (cuda and self.buckets > 0) if graphs is None else graphs
+        if self.graphs and not cuda:
+            raise ValueError(f"CUDA graphs need a CUDA device, not {self.device}; pass graphs=False")
+        if self.graphs and self.buckets == 0:
+            raise ValueError("CUDA graphs need static shapes: pass buckets > 0")
+        self._buffers: dict[int, _Buffers] = {}
+        self._steps: dict[tuple[int, int, int], Callable[[], None]] = {}
+        self._pool = torch.cuda.graph_pool_handle() if self.graphs else None
+
+    def begin(self, h: Tensor) -> Tensor:
+        """The activation to route from: ``h`` copied into this batch size's static buffer when
+        bucketed (the caller's tensor is never written), else ``h`` as is."""
+        if not self.buckets:
+            return h
+        buf = self._buffers_for(h.shape[0]).acts[tuple(h.shape[1:])]
+        return buf.copy_(h)
+
+    def route(self, index: int, h: Tensor, execute: Tensor, num_execute: int) -> Tensor:
+        """Block ``index`` of the backbone on the rows of ``h`` where ``execute`` ``(B,)`` bool,
+        its shortcut elsewhere; ``num_execute`` is ``execute.sum()`` on the host. May write ``h``."""
+        block = self.backbone.blocks[index]
+        if not self.buckets:
+            return route_inplace(block, h, execute, num_execute)
+        batch = h.shape[0]
+        bufs = self._buffers_for(batch)
+        out_shape = tuple(self.backbone.activation_shapes[index + 1])
+        out = bufs.acts[out_shape]
+        if num_execute == 0:  # nothing to run: the shortcut alone
+            return h if identity_shortcut(block) else out.copy_(block.shortcut(h))
+        static_h = bufs.acts[tuple(h.shape[1:])]
+        if h.data_ptr() != static_h.data_ptr():  # an activation from elsewhere: into the buffer the step reads
+            h = static_h.copy_(h)
+        bufs.execute.copy_(execute)
+        bucket = next(s for s in bucket_sizes(batch, self.buckets) if s >= num_execute)
+        key = (batch, index, bucket)
+        if key not in self._steps:
+            self._steps[key] = self._build(block, h, out, bufs.execute, bucket)
+        self._steps[key]()
+        return out
+
+    def _buffers_for(self, batch: int) -> _Buffers:
+        bufs = self._buffers.get(batch)
+        if bufs is None:
+            dtype = getattr(self.backbone, "compute_dtype", torch.float32)
+            fmt = getattr(self.backbone, "memory_format", torch.contiguous_format)
+            acts = {
+                tuple(shape): torch.zeros(batch, *shape, device=self.device, dtype=dtype).to(memory_format=fmt)
+                for shape in self.backbone.activation_shapes
+            }
+            execute = torch.zeros(batch, dtype=torch.bool, device=self.device)
+            bufs = self._buffers[batch] = _Buffers(execute, acts)
+        return bufs
+
+    def _build(self, block: nn.Module, h: Tensor, out: Tensor, execute: Tensor, bucket: int) -> Callable[[], None]:
+        """The step of ``block`` at ``bucket`` rows over the static ``h`` -> ``out``: executed rows
+        first, the first ``bucket`` of them (padded with skipped rows) through the block, the
+        block's output kept on the executed rows only. In place when the shortcut is the identity
+        (``out is h``)."""
+        identity = identity_shortcut(block)
+        arange = torch.arange(h.shape[0], device=self.device)
+
+        def step(h: Tensor = h, out: Tensor = out, execute: Tensor = execute) -> None:
+            order = torch.argsort(~execute, stable=True)[:bucket]  # (bucket,) executed rows first
+            real = (arange[:bucket] < execute.sum())[:, None, None, None]  # (bucket, 1, 1, 1)
+            x = h.index_select(0, order)
+            if identity:
+                keep = x
+            else:
+                out.copy_(block.shortcut(h))
+                keep = out.index_select(0, order)
+            out.index_copy_(0, order, torch.where(real, block(x), keep))
+
+        if not self.graphs:
+            return step
+        # warm up (cuDNN / cuBLAS picks their kernels) on scratch copies, so that the real
+        # buffers are written only by the replays, then capture
+        scratch_h = h.clone()
+        scratch_out = scratch_h if identity else out.clone()
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                step(scratch_h, scratch_out, execute)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            step()
+        return graph.replay
