@@ -1,0 +1,170 @@
+"""The execution engine: BN folding, the precision switch, in-place and bucketed routing (the
+CUDA-graph path's logic runs eagerly on the CPU over the same static buffers)."""
+
+import pytest
+import torch
+from torch import nn
+
+from agents.config import RunConfig
+from agents.gates import create_gates
+from agents.hybrid import sp_forward
+from skipnet_env.core import BatchedRouting, RewardConfig
+from skipnet_env.engine import Router, bucket_sizes, fold_batchnorm, freeze, prepare_input, resolve_precision
+from skipnet_env.routing import route_block
+from tests.conftest import randomize, tiny_backbone
+
+CPU = torch.device("cpu")
+
+
+def test_folded_backbone_computes_what_the_original_does():
+    net = tiny_backbone(20)
+    frozen = freeze(net, CPU, precision="fp32")
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in frozen.modules())  # every BN folded
+    assert any(isinstance(m, nn.BatchNorm2d) for m in net.modules())  # the original untouched
+    assert not any(p.requires_grad for p in frozen.parameters())
+    assert frozen.flops == net.flops and frozen.activation_shapes == net.activation_shapes
+    x = torch.randn(8, 1, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(frozen(x), net(x), rtol=1e-4, atol=1e-4)
+
+
+def test_bf16_on_the_cpu_stays_close_to_fp32():
+    net = tiny_backbone(20)
+    frozen = freeze(net, CPU, precision="bf16", channels_last=True)
+    x = torch.randn(64, 1, 16, 16)
+    xb = prepare_input(frozen, x)
+    assert xb.dtype == torch.bfloat16 and xb.is_contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        want, got = net(x), frozen(xb).float()
+    assert (got.argmax(1) == want.argmax(1)).float().mean() > 0.9
+    assert (got - want).abs().max() < 0.1 * want.abs().max()
+
+
+def test_precision_errors_say_what_is_supported():
+    with pytest.raises(ValueError, match="unknown precision 'fp16': use auto, fp32, bf16"):
+        resolve_precision("fp16", CPU)
+    with pytest.raises(ValueError, match="not on meta; use fp32"):
+        resolve_precision("bf16", torch.device("meta"))
+    assert resolve_precision("auto", CPU) == torch.float32
+    with pytest.raises(ValueError, match="--precision must be one of auto, fp32, bf16"):
+        RunConfig(precision="half")
+
+
+class BnFirst(nn.Module):
+    """Registers conv before bn but applies bn first: folding would change what it computes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.shortcut = nn.Identity()
+
+    def forward(self, x):
+        return self.conv(self.bn(x)) + x
+
+
+def test_a_block_folding_would_change_stays_unfolded(caplog):
+    net = tiny_backbone(20)
+    net.blocks[2] = randomize(BnFirst())
+    frozen = freeze(net, CPU, precision="fp32")
+    assert isinstance(frozen.blocks[2].bn, nn.BatchNorm2d)  # left as it was
+    assert "left unfolded" in caplog.text
+    x = torch.randn(4, 1, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(frozen(x), net(x), rtol=1e-4, atol=1e-4)
+    # folding itself finds the pair by registration order, which is why it is checked
+    assert fold_batchnorm(BnFirst()) == 1
+
+
+def test_bucket_sizes_cover_the_batch():
+    assert bucket_sizes(256, 8) == [32, 64, 96, 128, 160, 192, 224, 256]
+    assert bucket_sizes(10, 4) == [8, 10]
+    assert bucket_sizes(1, 8) == [1]
+
+
+@pytest.mark.parametrize("buckets", [0, 3, 8])
+def test_routed_steps_match_the_reference_on_every_row(buckets):
+    """Eager in place and bucketed (padding rows computed and dropped) give every real row what
+    the reference gather/scatter gives, at every executed count from none to all."""
+    net = tiny_backbone(20)
+    frozen = freeze(net, CPU, precision="fp32")
+    router = Router(frozen, buckets=buckets)
+    g = torch.Generator().manual_seed(0)
+    batch = 24
+    x = torch.randn(batch, 1, 16, 16, generator=g)
+    with torch.no_grad():
+        for count in (0, 1, 7, 12, 23, 24):
+            h_ref = net.stem(x)
+            h = router.begin(frozen.stem(x))
+            for i in range(net.num_blocks):
+                execute = torch.zeros(batch, dtype=torch.bool)
+                execute[torch.randperm(batch, generator=g)[:count]] = True
+                h_ref = route_block(net.blocks[i], h_ref, execute)
+                h = router.route(i, h, execute, count)
+                torch.testing.assert_close(h, h_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_routing_never_writes_the_callers_activation():
+    net = tiny_backbone(20)
+    reward = RewardConfig(alpha=0.0)
+    for buckets in (0, 4):
+        core = BatchedRouting(net, reward, precision="fp32", buckets=buckets)
+        h = torch.randn(16, 4, 16, 16)
+        kept = h.clone()
+        core.begin(h, torch.zeros(16, dtype=torch.long))
+        for _ in range(core.num_gates):
+            core.advance(torch.arange(16) % 3 == 0)
+        assert torch.equal(h, kept)
+
+
+def test_engine_episodes_match_the_differentiable_path():
+    """The frozen engine (folded, in place) and the plain backbone give the same episodes."""
+    net = tiny_backbone(20)
+    x, y = torch.randn(32, 1, 16, 16), torch.randint(0, 10, (32,))
+    g = torch.Generator().manual_seed(1)
+    masks = torch.rand(8, 32, generator=g) < 0.5
+    results = []
+    for differentiable, buckets in ((True, None), (False, 0), (False, 4)):
+        core = BatchedRouting(net, RewardConfig(alpha=0.5), differentiable=differentiable, buckets=buckets)
+        with torch.no_grad():
+            core.start(x, y)
+            total = torch.zeros(32)
+            for k in range(core.num_gates):
+                obs, reward, info = core.advance(masks[k])
+                total += reward
+        results.append((obs, total, info["logits"]))
+    for obs, total, logits in results[1:]:
+        torch.testing.assert_close(obs, results[0][0], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(total, results[0][1], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(logits, results[0][2], rtol=1e-4, atol=1e-4)
+
+
+def test_graphs_need_cuda_and_buckets():
+    frozen = freeze(tiny_backbone(20), CPU, precision="fp32")
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
+        Router(frozen, buckets=8, graphs=True)
+    assert Router(frozen).buckets == 0 and not Router(frozen).graphs  # the CPU default: exact, eager
+
+
+@pytest.mark.parametrize("kind", ["rnn", "ff1"])
+def test_gates_read_a_bf16_backbone_and_sp_trains_through_it(kind):
+    net = tiny_backbone(20)
+    frozen = freeze(net, CPU, precision="bf16")
+    gates = create_gates(kind, net)
+    x = torch.randn(8, 1, 16, 16)
+    logits, executed = sp_forward(frozen, gates, x)
+    assert logits.dtype == torch.float32 and executed.shape == (8, 8)
+    logits.sum().backward()
+    grads = [p.grad for p in gates.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(gr).all() for gr in grads)
+    assert all(p.grad is None for p in frozen.parameters())
+
+
+def test_batch_defaults_follow_the_device():
+    cfg = RunConfig()
+    assert (cfg.num_envs, cfg.eval_batch) == (None, None)
+    cpu = cfg.for_device(CPU)
+    assert (cpu.num_envs, cpu.eval_batch) == (128, 512)
+    cuda = cfg.for_device(torch.device("cuda"))
+    assert cuda.num_envs >= 1024 and cuda.eval_batch >= 1024
+    assert RunConfig(num_envs=64).for_device(torch.device("cuda")).num_envs == 64  # what the user set stays
