@@ -209,7 +209,9 @@ def _train_random(ctx: AgentContext, state: dict | None) -> RoutingPolicy:
 
 
 def _train_static(ctx: AgentContext, state: dict | None) -> RoutingPolicy:
-    path = cached_elimination_path(ctx.backbone, ctx.train_data, ctx.device, ctx.metadata, ctx.cfg.progress)
+    path = cached_elimination_path(
+        ctx.backbone, ctx.train_data, ctx.device, ctx.metadata, ctx.cfg.progress, precision=ctx.cfg.precision
+    )
     policy = static_for_budget(path, ctx.cfg.budget, ctx.cfg.static_mix, ctx.cfg.seed)
     more = {} if policy.mask_more is None else {"mask_more": torch.tensor(policy.mask_more)}
     _fixed_save(ctx, mask=torch.tensor(policy.mask), share_more=policy.share_more, **more)

@@ -78,3 +78,29 @@ def test_static_mixture_spends_the_budget_exactly(setup):
     r = evaluate(mixed, net, data, CPU)
     assert r.flops_fraction == pytest.approx(budget, abs=0.03)  # on average over the images
     assert r.execute_rate == pytest.approx([float(m) for m in path[4][1]], abs=0.6)
+
+
+def test_elimination_scores_each_removal_exactly(setup):
+    """With one drop per round the path is exact greedy elimination: the cached-prefix scores
+    pick the block a brute-force search over full forwards picks."""
+    import torch.nn.functional as F
+
+    from agents.fixed import elimination_path
+    from skipnet_env.routing import routed_forward
+
+    net, data = setup
+    x, y = data.batch(torch.arange(len(data)))
+    path = elimination_path(net, data, CPU, max_images=len(data), rerank=1e-3, progress=False, precision="fp32")
+    mask = [True] * 8
+    for step in range(3):
+        scores = {}
+        for k in (j for j in range(8) if mask[j]):
+            trial = [run and j != k for j, run in enumerate(mask)]
+            with torch.no_grad():
+                logits = routed_forward(net, x, torch.tensor([[True] + trial] * len(y)))
+            scores[k] = float(F.cross_entropy(logits, y))
+        best = min(scores, key=scores.get)
+        mask = [run and j != best for j, run in enumerate(mask)]
+        assert path[step + 1][1] == mask
+    with pytest.raises(ValueError, match="rerank"):
+        elimination_path(net, data, CPU, rerank=0.0)
