@@ -1,14 +1,22 @@
 """Benchmarks of the environment and of real sparse execution, measured side by side in one run.
 
-    python experiments/bench.py                      # both parts, CIFAR ResNet-110, batch 256
-    python experiments/bench.py --device cuda
+    python experiments/bench.py                      # CIFAR ResNet-110; batch 256 (CPU) or 256 and 2048 (CUDA)
+    python experiments/bench.py --device cuda        # every GPU target of BENCHMARKS.md in one command
     python experiments/bench.py --backbone cifar_resnet38 --width 0.5 --in-channels 1 --image-size 16
+    python experiments/bench.py --parts recipe static --recipe-images 4096   # smaller on a CPU
 
-1. Throughput in image-blocks per second: the batched vector env (torch and numpy outputs) vs
-   SB3's DummyVecEnv over the same number of single-image envs vs the plain backbone forward on
-   the same batches (the limit).
-2. Real savings: wall-clock of the routed forward at policies that execute 25/50/75% of the block
-   FLOPs, vs the full forward and vs the masked forward of the original SkipNet code.
+Parts:
+
+- ``forward``: the plain forward of the device, eager fp32 (the original network) and on the
+  frozen execution engine (BN folded; bf16 + channels_last on CUDA; also captured whole in one
+  CUDA graph there). The fastest is the *limit* every other figure is compared with.
+- ``throughput``: image-blocks per second of the batched vector env (torch and numpy outputs) and
+  of SB3's DummyVecEnv over single-image envs, against the plain forward on the same batches.
+- ``savings``: wall-clock of the routed forward at policies that execute 25/50/75% of the block
+  FLOPs, on the engine and on the reference gather/scatter path, over the limit.
+- ``recipe``: one SP epoch and ``--recipe-hrl`` HRL iterations of the hybrid recipe on
+  ``--recipe-images`` synthetic images at the device's default batch sizes.
+- ``static``: the static baseline's elimination path over the device's default image count.
 
 Weights are random (speed does not depend on them) and images synthetic, so this runs offline.
 Timings are medians over interleaved rounds (every variant once per round), so that a noisy,
@@ -18,6 +26,7 @@ shared machine slows all of them alike.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -30,12 +39,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import backbones  # noqa: E402
+from backbones.base import Backbone  # noqa: E402
 from backbones.data import ImageTensors  # noqa: E402
 from backbones.device import resolve_device  # noqa: E402
+from skipnet_env.engine import Router, freeze, prepare_input  # noqa: E402
 from skipnet_env.env import SkipNetEnv  # noqa: E402
 from skipnet_env.routing import masked_forward, routed_forward  # noqa: E402
 from skipnet_env.vector_env import SkipNetVectorEnv  # noqa: E402
@@ -72,6 +84,39 @@ def synthetic(n: int, input_size: tuple[int, int, int], num_classes: int, seed: 
     return ImageTensors(images, labels, num_classes, (0.5,) * input_size[0], (0.25,) * input_size[0], "synthetic")
 
 
+def graphed(fn: Callable[[Tensor], Tensor], x: Tensor) -> Callable[[], None]:
+    """``fn(x)`` captured in one CUDA graph over a static copy of ``x``; returns its replay."""
+    static = x.clone()
+    side = torch.cuda.Stream(x.device)
+    side.wait_stream(torch.cuda.current_stream(x.device))
+    with torch.cuda.stream(side), torch.no_grad():
+        for _ in range(3):
+            fn(static)
+    torch.cuda.current_stream(x.device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        fn(static)
+    return graph.replay
+
+
+def forward_variants(net: Backbone, frozen: Backbone, x: Tensor) -> dict[str, Callable[[], None]]:
+    """The plain full forwards of the device: eager fp32, the engine, the engine in one CUDA graph."""
+    xe = prepare_input(frozen, x)
+    fmt = ", channels_last" if frozen.memory_format == torch.channels_last else ""
+    engine = f"engine ({str(frozen.compute_dtype).removeprefix('torch.')}{fmt}, BN folded)"
+    fns: dict[str, Callable[[], None]] = {"eager fp32": lambda: net(x), engine: lambda: frozen(xe)}
+    if x.device.type == "cuda":
+        fns[f"{engine}, one CUDA graph"] = graphed(frozen, xe)
+    return fns
+
+
+def bench_forward(net: Backbone, frozen: Backbone, batch: int, device: torch.device, rounds: int) -> dict[str, float]:
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(batch, *net.input_size, generator=g).to(device)
+    with torch.no_grad():
+        return interleaved(forward_variants(net, frozen, x), rounds, device)
+
+
 def bench_throughput(net, data, batch: int, device: torch.device, rounds: int, dummy: bool) -> dict[str, float]:
     from stable_baselines3.common.vec_env import DummyVecEnv
 
@@ -86,12 +131,31 @@ def bench_throughput(net, data, batch: int, device: torch.device, rounds: int, d
     gates = vec_t.num_gates
     order = torch.randperm(len(data), device=device)
     pos = {"i": 0}
+    frozen = vec_t.core.net
+    x0, _ = data_dev.batch(order[:batch])
+    best = {name: fn for name, fn in forward_variants(net, frozen, x0).items() if name != "eager fp32"}
+    (engine_name, engine_fn), *graph = best.items()
+    static_input = None
+    if graph:  # the graphed forward reads a static input: each batch is copied into it
+        static_input = prepare_input(frozen, x0).clone()
+        graph_fn = graphed(frozen, static_input)
+
+    def draw() -> Tensor:  # the same work as the env: draw a batch and normalise it
+        i = pos["i"] = (pos["i"] + batch) % (len(data) - batch)
+        return data_dev.batch(order[i : i + batch])[0]
 
     @torch.no_grad()
-    def plain() -> None:  # the same work: draw a batch, normalise, full forward
-        i = pos["i"] = (pos["i"] + batch) % (len(data) - batch)
-        x, _ = data_dev.batch(order[i : i + batch])
-        net(x).argmax(1)
+    def plain_fp32() -> None:
+        net(draw()).argmax(1)
+
+    @torch.no_grad()
+    def plain_engine() -> None:
+        frozen(prepare_input(frozen, draw())).argmax(1)
+
+    @torch.no_grad()
+    def plain_graphed() -> None:
+        static_input.copy_(prepare_input(frozen, draw()))
+        graph_fn()
 
     def episode(env, ones) -> Callable[[], None]:
         def run() -> None:  # one full episode per env (the autoreset draws the next batch)
@@ -101,10 +165,14 @@ def bench_throughput(net, data, batch: int, device: torch.device, rounds: int, d
         return run
 
     fns = {
-        "plain backbone forward": plain,
+        "plain forward, eager fp32": plain_fp32,
+        f"plain forward, {engine_name}": plain_engine,
         "vector env, torch tensors": episode(vec_t, ones_t),
         "vector env, numpy arrays": episode(vec_n, ones_n),
     }
+    if graph:
+        fns[f"plain forward, {graph[0][0]}"] = plain_graphed
+    del engine_fn
     medians = interleaved(fns, rounds, device)
     if dummy:
         singles = DummyVecEnv([lambda: SkipNetEnv(net, data, device=device)] * batch)
@@ -118,51 +186,113 @@ def bench_throughput(net, data, batch: int, device: torch.device, rounds: int, d
     return {name: batch * blocks / t for name, t in medians.items()}  # image-blocks per second
 
 
-def bench_savings(net, batch: int, device: torch.device, rounds: int, rates: list[float]) -> list[dict]:
+def engine_routed(frozen: Backbone, router: Router, x: Tensor, mask: Tensor, counts: list[int]) -> Callable[[], None]:
+    """The env's routed forward on the engine: executed counts known on the host, as the env's
+    one sync per step provides them."""
+
+    def run() -> None:
+        h = router.begin(frozen.stem(x))
+        for i in range(frozen.num_blocks):
+            h = router.route(i, h, mask[:, i], counts[i])
+        frozen.head(h)
+
+    return run
+
+
+def bench_savings(net, frozen, batch: int, device: torch.device, rounds: int, rates: list[float]) -> list[dict]:
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(batch, *net.input_size, generator=g).to(device)
+    xe = prepare_input(frozen, x)
+    router = Router(frozen)
     f = net.flops
     exec_f = torch.tensor(f.block_executed, dtype=torch.float64)
     skip_f = torch.tensor(f.block_skipped, dtype=torch.float64)
     masks = {}
-    for rate in rates:
+    for rate in [*rates, 1.0]:
         m = torch.rand(batch, net.num_blocks, generator=g) < rate
         m[:, 0] = True  # SkipNet always runs the first block
         masks[rate] = m
-    fns: dict[str, Callable[[], None]] = {}
-    ones = torch.ones(batch, net.num_blocks, dtype=torch.bool, device=device)
     with torch.no_grad():
-        fns["full"] = lambda: net(x)
+        plain = forward_variants(net, frozen, x)
+        fns = dict(plain)
         for rate, m in masks.items():
-            md = m.to(device)
-            fns[f"routed {rate}"] = lambda md=md: routed_forward(net, x, md)
-            fns[f"masked {rate}"] = lambda md=md: masked_forward(net, x, md)
-        fns["routed all"] = lambda: routed_forward(net, x, ones)
+            md, counts = m.to(device), m.sum(0).tolist()
+            fns[f"engine {rate}"] = engine_routed(frozen, router, xe, md, counts)
+            fns[f"reference {rate}"] = lambda md=md: routed_forward(net, x, md)
+            if rate < 1.0:
+                fns[f"masked {rate}"] = lambda md=md: masked_forward(net, x, md)
+        for fn in list(fns.values()):  # CUDA graphs of every bucket the masks reach, captured before timing
+            fn()
         medians = interleaved(fns, rounds, device)
+    full = {name: medians[name] for name in plain}
+    best_name = min(full, key=full.get)
+    best = full[best_name]
     rows = []
     for rate, m in masks.items():
         e = m.double()
-        block_fraction = float((e @ exec_f + (1 - e) @ skip_f).mean() / exec_f.sum())
-        total_fraction = float(((e @ exec_f + (1 - e) @ skip_f).mean() + f.stem + f.head) / f.full)
-        rows.append(
-            {
-                "execute_rate": rate,
-                "block_flops_fraction": block_fraction,
-                "network_flops_fraction": total_fraction,
-                "routed_time_fraction": medians[f"routed {rate}"] / medians["full"],
-                "masked_time_fraction": medians[f"masked {rate}"] / medians["full"],
-                "routed_ms": 1e3 * medians[f"routed {rate}"],
-                "masked_ms": 1e3 * medians[f"masked {rate}"],
-            }
-        )
-    rows.append(
-        {
-            "execute_rate": 1.0,
-            "full_ms": 1e3 * medians["full"],
-            "routed_all_time_fraction": medians["routed all"] / medians["full"],
+        spent = (e @ exec_f + (1 - e) @ skip_f).mean()
+        row = {
+            "execute_rate": rate,
+            "block_flops_fraction": float(spent / exec_f.sum()),
+            "network_flops_fraction": float((spent + f.stem + f.head) / f.full),
+            "engine_ms": 1e3 * medians[f"engine {rate}"],
+            "reference_ms": 1e3 * medians[f"reference {rate}"],
+            "engine_over_best_full": medians[f"engine {rate}"] / best,
+            "reference_over_eager_full": medians[f"reference {rate}"] / medians["eager fp32"],
         }
-    )
-    return rows
+        if rate < 1.0:
+            row["masked_over_eager_full"] = medians[f"masked {rate}"] / medians["eager fp32"]
+        rows.append(row)
+    return [{"full_ms": {k: 1e3 * v for k, v in full.items()}, "best_full": best_name}, *rows]
+
+
+def bench_recipe(net: Backbone, device: torch.device, images: int, hrl_iterations: int) -> dict[str, float]:
+    """Seconds of one SP epoch over ``images`` synthetic images and of ``hrl_iterations`` HRL
+    iterations, at the device's default batch size and the hybrid_rnn gates' defaults."""
+    import tempfile
+
+    from agents.config import RunConfig
+    from agents.gates import create_gates
+    from agents.hybrid import HybridTrainer
+    from agents.registry import hybrid_config
+
+    cfg = RunConfig(sp_epochs=1, hrl_iterations=hrl_iterations, progress=False).for_device(device)
+    cfg = dataclasses.replace(cfg, num_envs=min(cfg.num_envs, images))
+    data = synthetic(images, net.input_size, net.num_classes, seed=1)
+    rnn = {"hidden_size": cfg.rnn_hidden, "embed_dim": cfg.rnn_embed, "position_bias": cfg.rnn_position_bias}
+    gates = create_gates("rnn", net, **rnn).to(device)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = HybridTrainer(
+            net, gates, data, hybrid_config(cfg), device, Path(tmp) / "agent.pt", {}, progress=False
+        )
+        sync(device)
+        t0 = time.perf_counter()
+        trainer.train_sp()
+        sync(device)
+        t1 = time.perf_counter()
+        trainer.train_hrl()
+        sync(device)
+        t2 = time.perf_counter()
+    return {
+        "batch": cfg.num_envs,
+        "images": images,
+        "sp_epoch_s": t1 - t0,
+        "hrl_iterations": hrl_iterations,
+        "hrl_s": t2 - t1,
+        "hrl_episodes_per_s": hrl_iterations * cfg.num_envs / (t2 - t1),
+    }
+
+
+def bench_static(net: Backbone, device: torch.device) -> dict[str, float]:
+    from agents.fixed import default_search_images, elimination_path
+
+    images = default_search_images(device)
+    data = synthetic(images, net.input_size, net.num_classes, seed=2)
+    sync(device)
+    t0 = time.perf_counter()
+    path = elimination_path(net, data, device, progress=False)
+    sync(device)
+    return {"images": images, "seconds": time.perf_counter() - t0, "path_points": len(path)}
 
 
 def machine(device: torch.device) -> str:
@@ -182,62 +312,87 @@ def reexec_with_malloc_settings() -> None:
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC_ENV})
 
 
+PARTS = ("forward", "throughput", "savings", "recipe", "static")
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--backbone", default="cifar_resnet110", help="registry name")
     p.add_argument("--width", type=float, default=1.0, help="CIFAR ResNet width multiplier")
     p.add_argument("--in-channels", type=int, default=3)
     p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--batch", type=int, default=256, help="images per batch (B)")
+    p.add_argument("--batch", type=int, nargs="+", default=None, help="batch sizes B (default: 256; 256 2048 on CUDA)")
     p.add_argument("--device", default="auto")
     p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
-    p.add_argument("--parts", nargs="+", default=["throughput", "savings"], choices=["throughput", "savings"])
+    p.add_argument(
+        "--parts", nargs="+", default=["forward", "throughput", "savings"], choices=PARTS, help="what to measure"
+    )
+    p.add_argument("--recipe-images", type=int, default=50_000, help="recipe: synthetic training images (SP epoch)")
+    p.add_argument("--recipe-hrl", type=int, default=100, help="recipe: HRL iterations")
     p.add_argument("--no-dummy", action="store_true", help="skip the (slow) DummyVecEnv measurement")
     p.add_argument("--out", default=None, help="write the figures as JSON here")
     args = p.parse_args(argv)
 
     device = resolve_device(args.device)
+    batch_sizes = args.batch or ([256, 2048] if device.type == "cuda" else [256])
     wanted = {"image_size": args.image_size, "width": args.width, "in_channels": args.in_channels}
     kwargs = {k: v for k, v in wanted.items() if k in backbones.registry.options(args.backbone)}
     net = backbones.create(args.backbone, num_classes=10, **kwargs).to(device).eval()
+    frozen = freeze(net)
     result: dict = {
         "machine": machine(device),
         "backbone": args.backbone,
         "width": args.width,
         "input_size": list(net.input_size),
-        "batch": args.batch,
         "blocks": net.num_blocks,
+        "batches": {},
     }
-    print(
-        f"# {args.backbone} (width {args.width}, input {tuple(net.input_size)}), batch {args.batch}, "
-        f"on {result['machine']}\n"
-    )
-    if "throughput" in args.parts:
-        data = synthetic(8 * args.batch, net.input_size, 10)
-        ips = bench_throughput(net, data, args.batch, device, args.rounds, not args.no_dummy)
-        result["throughput"] = ips
-        limit = ips["plain backbone forward"]
-        print("| runner | image-blocks/s | slowdown vs plain forward |\n|---|---:|---:|")
-        for name, v in ips.items():
-            print(f"| {name} | {v:,.0f} | {limit / v:.2f}x |")
-        dummy = next((v for k, v in ips.items() if k.startswith("SB3")), None)
-        if dummy:
-            print(f"\nvector env (torch) vs DummyVecEnv: {ips['vector env, torch tensors'] / dummy:.1f}x faster\n")
-    if "savings" in args.parts:
-        rows = bench_savings(net, args.batch, device, args.rounds, [0.25, 0.5, 0.75])
-        result["savings"] = rows
-        full = rows[-1]
+    print(f"# {args.backbone} (width {args.width}, input {tuple(net.input_size)}) on {result['machine']}\n")
+    for batch in batch_sizes:
+        out: dict = result["batches"].setdefault(str(batch), {})
+        if "forward" in args.parts:
+            ms = {k: 1e3 * v for k, v in bench_forward(net, frozen, batch, device, args.rounds).items()}
+            out["forward_ms"] = ms
+            print(f"## Plain forward, B = {batch}\n\n| forward | ms | vs eager fp32 |\n|---|---:|---:|")
+            for name, v in ms.items():
+                print(f"| {name} | {v:.2f} | {ms['eager fp32'] / v:.2f}x faster |")
+            print()
+        if "throughput" in args.parts:
+            data = synthetic(8 * batch, net.input_size, 10)
+            ips = bench_throughput(net, data, batch, device, args.rounds, not args.no_dummy)
+            out["throughput"] = ips
+            limit = max(v for k, v in ips.items() if k.startswith("plain"))
+            print(f"## Throughput, B = {batch} (image-blocks/s)\n")
+            print("| runner | image-blocks/s | share of the best plain forward |\n|---|---:|---:|")
+            for name, v in ips.items():
+                print(f"| {name} | {v:,.0f} | {v / limit:.2f} |")
+            dummy = next((v for k, v in ips.items() if k.startswith("SB3")), None)
+            if dummy:
+                print(f"\nvector env (torch) vs DummyVecEnv: {ips['vector env, torch tensors'] / dummy:.1f}x faster")
+            print()
+        if "savings" in args.parts:
+            head, *rows = bench_savings(net, frozen, batch, device, args.rounds, [0.25, 0.5, 0.75])
+            out["savings"] = [head, *rows]
+            print(f"## Routed forward, B = {batch}: time over the best full forward ({head['best_full']})\n")
+            print("| execute rate | block FLOPs | engine / best full | reference / eager full | masked / eager full |")
+            print("|---:|---:|---:|---:|---:|")
+            for r in rows:
+                masked = f"{r['masked_over_eager_full']:.3f}" if "masked_over_eager_full" in r else "-"
+                print(
+                    f"| {r['execute_rate']:.2f} | {r['block_flops_fraction']:.3f} | {r['engine_over_best_full']:.3f} | "
+                    f"{r['reference_over_eager_full']:.3f} | {masked} |"
+                )
+            print()
+    if "recipe" in args.parts:
+        r = result["recipe"] = bench_recipe(net, device, args.recipe_images, args.recipe_hrl)
         print(
-            f"full forward: {full['full_ms']:.1f} ms; routed forward with every block executed: "
-            f"{full['routed_all_time_fraction']:.3f} of it\n"
+            f"## Recipe (hybrid_rnn, B = {r['batch']}): one SP epoch over {r['images']:,} images "
+            f"{r['sp_epoch_s']:.1f} s; "
+            f"{r['hrl_iterations']} HRL iterations {r['hrl_s']:.1f} s ({r['hrl_episodes_per_s']:,.0f} episodes/s)\n"
         )
-        print("| execute rate | block FLOPs fraction | routed time fraction | time/FLOPs | masked time fraction |")
-        print("|---:|---:|---:|---:|---:|")
-        for r in rows[:-1]:
-            print(
-                f"| {r['execute_rate']:.2f} | {r['block_flops_fraction']:.3f} | {r['routed_time_fraction']:.3f} | "
-                f"{r['routed_time_fraction'] / r['block_flops_fraction']:.2f} | {r['masked_time_fraction']:.3f} |"
-            )
+    if "static" in args.parts:
+        r = result["static"] = bench_static(net, device)
+        print(f"## Static search: elimination path over {r['images']:,} images in {r['seconds']:.1f} s\n")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2))

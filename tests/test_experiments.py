@@ -266,6 +266,16 @@ def test_bench_runs_small(tmp_path):
             "8",
             "--rounds",
             "1",
+            "--parts",
+            "forward",
+            "throughput",
+            "savings",
+            "recipe",
+            "static",
+            "--recipe-images",
+            "32",
+            "--recipe-hrl",
+            "2",
             "--out",
             str(out),
         ],
@@ -275,4 +285,9 @@ def test_bench_runs_small(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert result["throughput"]["plain backbone forward"] > 0 and len(result["savings"]) == 4
+    figures = result["batches"]["8"]
+    assert figures["forward_ms"]["eager fp32"] > 0 and figures["throughput"]["vector env, torch tensors"] > 0
+    head, *rows = figures["savings"]
+    assert head["best_full"] in figures["forward_ms"] and [r["execute_rate"] for r in rows] == [0.25, 0.5, 0.75, 1.0]
+    assert result["recipe"]["sp_epoch_s"] > 0 and result["recipe"]["hrl_episodes_per_s"] > 0
+    assert result["static"]["path_points"] >= 2
