@@ -24,7 +24,7 @@ DEVICE_BATCHES = {
 # that a diverged run can be resumed more gently; they then really apply)
 SAFE_ON_RESUME = frozenset(
     {"device", "progress", "resume", "checkpoint", "run_dir", "eval_batch", "sp_lr", "hrl_lr", "backbone_lr",
-     "log_every", "checkpoint_every", "torch_deterministic", "debug"}
+     "blockdrop_lr", "log_every", "checkpoint_every", "torch_deterministic", "debug"}
 )  # fmt: skip
 
 
@@ -38,7 +38,8 @@ class RunConfig:
     """Train and evaluate a routing agent on a frozen backbone (SkipNet-Gym)."""
 
     agent: str = "hybrid_rnn"
-    """agent name: hybrid_rnn, hybrid_ff, hybrid_ff2, ppo, a2c, recurrent_ppo, random, static, full"""
+    """agent: hybrid_rnn, hybrid_ff, hybrid_ff2, blockdrop, ppo, a2c, recurrent_ppo, ppo_oneshot, random, static,
+    full"""
     backbone: str = "cifar_resnet38"
     """backbone registry name (trained on --dataset and cached on first use)"""
     backbone_checkpoint: str | None = None
@@ -110,9 +111,16 @@ class RunConfig:
     """hybrid_rnn: what the gate reads off the activation: mean (SkipNet's average pool) or mean_max_std"""
     rnn_position_bias: bool = True
     """hybrid_rnn: a learned logit offset per gated block (the data-independent part of the decision)"""
+    # BlockDrop (one-shot) agent
+    blockdrop_iterations: int = 1000
+    """blockdrop: REINFORCE iterations (one batch of num_envs images each)"""
+    blockdrop_lr: float = 1e-3
+    """blockdrop: Adam learning rate of the policy network"""
+    blockdrop_width: int = 16
+    """blockdrop: channels of the policy network's first layer (then 2x, 4x)"""
     # SB3 agents
     timesteps: int = 150_000
-    """SB3 agents: environment steps (image-blocks) to train for"""
+    """SB3 agents: environment steps to train for (image-blocks; images for ppo_oneshot)"""
     # fixed policies
     rate: float | None = None
     """random: execute probability of each gated block (default: the rate that spends --budget)"""
@@ -148,14 +156,14 @@ class RunConfig:
             v = getattr(self, name)
             return isinstance(v, int | float) and math.isfinite(v)
 
-        for name in ("rnn_hidden", "rnn_embed", "timesteps", "log_every", "checkpoint_every"):
+        for name in ("rnn_hidden", "rnn_embed", "timesteps", "log_every", "checkpoint_every", "blockdrop_width"):
             need(getattr(self, name) >= 1, name, "an integer >= 1")
         for name in ("num_envs", "eval_batch"):
             need(getattr(self, name) is None or getattr(self, name) >= 1, name, "an integer >= 1")
         need(self.precision in ("auto", *PRECISIONS), "precision", "one of auto, " + ", ".join(PRECISIONS))
-        for name in ("sp_epochs", "hrl_iterations", "sp_alpha_warmup", "seed"):
+        for name in ("sp_epochs", "hrl_iterations", "sp_alpha_warmup", "seed", "blockdrop_iterations"):
             need(getattr(self, name) >= 0, name, "an integer >= 0")
-        for name in ("sp_lr", "hrl_lr", "backbone_lr", "width"):
+        for name in ("sp_lr", "hrl_lr", "backbone_lr", "width", "blockdrop_lr"):
             need(finite(name) and getattr(self, name) > 0, name, "a finite number > 0")
         for name in ("alpha", "entropy_coef", "rl_weight"):
             need(finite(name) and getattr(self, name) >= 0, name, "a finite number >= 0")
@@ -171,9 +179,12 @@ class RunConfig:
         if problems:
             raise ValueError("; ".join(problems))
 
-    def for_device(self, device: torch.device) -> RunConfig:
-        """This configuration with the batch sizes left unset filled in for ``device``."""
-        batches = DEVICE_BATCHES["cuda" if device.type == "cuda" else "cpu"]
+    def for_device(self, device: torch.device, max_batch: int | None = None) -> RunConfig:
+        """This configuration with the batch sizes left unset filled in for ``device`` (the
+        environment's at most ``max_batch``, the training set's size)."""
+        batches = dict(DEVICE_BATCHES["cuda" if device.type == "cuda" else "cpu"])
+        if max_batch is not None:
+            batches["num_envs"] = min(batches["num_envs"], max_batch)
         return replace(self, **{k: v for k, v in batches.items() if getattr(self, k) is None})
 
     def differences(self, other: RunConfig) -> dict[str, tuple]:

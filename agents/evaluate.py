@@ -65,7 +65,9 @@ def policy_flops_per_image(policy: RoutingPolicy, core: BatchedRouting, x: torch
     """FLOPs one episode of ``policy`` costs per image, counted by running it on one image."""
     obs = core.start(x[:1], y[:1])
     policy.reset(1, x.device)
-    total = 0
+    with FlopCounterMode(display=False) as counter:
+        policy.begin(x[:1])
+    total = counter.get_total_flops()
     for k in range(core.num_gates):
         with FlopCounterMode(display=False) as counter:
             execute = policy.act(obs, core.h, k)
@@ -96,6 +98,7 @@ def evaluate(
             policy_flops = policy_flops_per_image(policy, core, x, y)
         obs = core.start(x, y)
         policy.reset(x.shape[0], device)
+        policy.begin(x)
         info: dict = {}
         for k in range(core.num_gates):
             obs, _, info = core.advance(policy.act(obs, core.h, k).to(device))

@@ -2,7 +2,8 @@
 
 A policy sees, at each gated block ``k``, the environment's observation ``(B, D)`` and the
 activation entering the block ``(B, C, H, W)`` (both device tensors) and returns the execute
-mask ``(B,)`` bool. ``reset(B)`` starts new episodes (recurrent policies clear their state).
+mask ``(B,)`` bool. ``reset(B)`` starts new episodes (recurrent policies clear their state);
+``begin(images)`` shows the images first (one-shot policies decide from them).
 """
 
 from __future__ import annotations
@@ -39,6 +40,10 @@ class RoutingPolicy:
 
     def reset(self, batch_size: int, device: torch.device) -> None:
         """Start ``batch_size`` new episodes (stateless policies need nothing)."""
+
+    def begin(self, images: Tensor) -> None:
+        """The episodes' normalised images ``(B, C, H, W)``, before the first block: one-shot
+        policies (BlockDrop) decide the whole mask from them; others ignore them."""
 
     def act(self, obs: Tensor, activation: Tensor, k: int) -> Tensor:
         """Execute mask ``(B,)`` bool for gated block ``k``."""
@@ -129,3 +134,21 @@ class SB3RoutingPolicy(RoutingPolicy):
         else:
             actions, _ = self.model.predict(obs_np, deterministic=True)
         return torch.as_tensor(actions, device=obs.device) == 1
+
+
+class SB3OneShotPolicy(RoutingPolicy):
+    """A Stable-Baselines3 model trained on ``SkipNetOneShot-v0``: the whole mask from the images
+    (deterministically), then block ``k`` of it at each step."""
+
+    def __init__(self, model: Any, name: str) -> None:
+        self.model, self.name = model, name
+        self._mask: Tensor | None = None
+
+    def begin(self, images: Tensor) -> None:
+        actions, _ = self.model.predict(images.float().cpu().numpy(), deterministic=True)
+        self._mask = torch.as_tensor(actions, device=images.device) == 1  # (B, N)
+
+    def act(self, obs: Tensor, activation: Tensor, k: int) -> Tensor:
+        if self._mask is None:
+            raise RuntimeError("a one-shot policy decides from the images: call begin(images) first")
+        return self._mask[:, k]

@@ -16,11 +16,19 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from agents.blockdrop import BlockDropConfig, BlockDropNet, BlockDropTrainer, OneShotPolicy
 from agents.config import RunConfig
 from agents.fixed import cached_elimination_path, random_rate_for_budget, static_for_budget
 from agents.gates import create_gates
 from agents.hybrid import HybridConfig, HybridTrainer
-from agents.policies import GateRoutingPolicy, RandomPolicy, RoutingPolicy, SB3RoutingPolicy, StaticPolicy
+from agents.policies import (
+    GateRoutingPolicy,
+    RandomPolicy,
+    RoutingPolicy,
+    SB3OneShotPolicy,
+    SB3RoutingPolicy,
+    StaticPolicy,
+)
 from backbones.base import Backbone
 from backbones.checkpoint import atomic_save
 from backbones.data import Dataset
@@ -131,23 +139,31 @@ register_agent("hybrid_ff2", _hybrid("ff2"))
 # -- Stable-Baselines3 -----------------------------------------------------------------------------
 
 
-def _sb3(algo: str) -> AgentSpec:
+def _sb3(algo: str, env_id: str = "SkipNet-v0") -> AgentSpec:
+    """An SB3 algorithm on ``SkipNet-v0`` (block by block) or ``SkipNetOneShot-v0`` (one mask per image)."""
     from agents import sb3_agents
+
+    oneshot = env_id == "SkipNetOneShot-v0"
 
     def make(ctx: AgentContext):
         from skipnet_env.sb3_bridge import make_sb3_env
 
         env = make_sb3_env(
             ctx.cfg.num_envs,
+            env_id,
             backbone=ctx.backbone,
             dataset=ctx.train_data,
             alpha=ctx.cfg.alpha,
-            **SKIPNET_REWARD,
+            **({} if oneshot else SKIPNET_REWARD),
             device=ctx.device,
+            precision=ctx.cfg.precision,
         )
         env.seed(ctx.cfg.seed)
-        num_gates = env.get_attr("num_gates")[0]
-        return sb3_agents.build_model(algo, env, ctx.cfg.seed, ctx.device, num_gates)
+        episode_length = 1 if oneshot else env.get_attr("num_gates")[0]
+        return sb3_agents.build_model(algo, env, ctx.cfg.seed, ctx.device, episode_length)
+
+    def policy(model) -> RoutingPolicy:
+        return SB3OneShotPolicy(model, f"{algo}_oneshot") if oneshot else SB3RoutingPolicy(model, algo)
 
     def train(ctx: AgentContext, state: dict | None) -> RoutingPolicy:
         model = make(ctx)
@@ -169,18 +185,51 @@ def _sb3(algo: str) -> AgentSpec:
         bar.close()
         callback.metadata["stage"] = "done"
         callback.save()
-        return SB3RoutingPolicy(model, algo)
+        return policy(model)
 
     def load(ctx: AgentContext, state: dict) -> RoutingPolicy:
         model = make(ctx)
         sb3_agents.load_model_state(model, state)
-        return SB3RoutingPolicy(model, algo)
+        return policy(model)
 
     return AgentSpec(train, load)
 
 
 for _algo in ("ppo", "a2c", "recurrent_ppo"):
     register_agent(_algo, _sb3(_algo))
+register_agent("ppo_oneshot", _sb3("ppo", "SkipNetOneShot-v0"))
+
+
+# -- one-shot agents (SkipNetOneShot-v0: the whole mask from the image) -----------------------------
+
+
+def _blockdrop_net(ctx: AgentContext, width: int | None = None) -> BlockDropNet:
+    num_gates = ctx.backbone.num_blocks - 1
+    return BlockDropNet(ctx.backbone.input_size[0], num_gates, width or ctx.cfg.blockdrop_width).to(ctx.device)
+
+
+def _train_blockdrop(ctx: AgentContext, state: dict | None) -> RoutingPolicy:
+    c = ctx.cfg
+    cfg = BlockDropConfig(
+        c.blockdrop_iterations, c.blockdrop_lr, c.alpha, c.num_envs, c.entropy_coef, c.seed, c.checkpoint_every,
+        c.precision,
+    )  # fmt: skip
+    trainer = BlockDropTrainer(
+        ctx.backbone, _blockdrop_net(ctx), ctx.train_data, cfg, ctx.device, ctx.checkpoint, ctx.metadata, ctx.writer,
+        c.progress,
+    )  # fmt: skip
+    if state is not None:
+        trainer.resume(state)
+    return trainer.train()
+
+
+def _load_blockdrop(ctx: AgentContext, state: dict) -> RoutingPolicy:
+    net = _blockdrop_net(ctx, width=state["net"]["features.0.weight"].shape[0])  # the width it was trained with
+    net.load_state_dict(state["net"])
+    return OneShotPolicy(net)
+
+
+register_agent("blockdrop", AgentSpec(_train_blockdrop, _load_blockdrop))
 
 
 # -- fixed policies ---------------------------------------------------------------------------------

@@ -69,8 +69,10 @@ SB3_ALGOS: dict[str, Callable[[VecEnv, int, str, int], BaseAlgorithm]] = {
 }
 
 
-def build_model(algo: str, env: VecEnv, seed: int, device: torch.device, num_gates: int) -> BaseAlgorithm:
-    return SB3_ALGOS[algo](env, seed, "cuda" if device.type == "cuda" else "cpu", num_gates)
+def build_model(algo: str, env: VecEnv, seed: int, device: torch.device, episode_length: int) -> BaseAlgorithm:
+    """``algo`` on ``env``, its rollouts sized by the episodes' length in steps (the gated blocks
+    of ``SkipNet-v0``; 1 on ``SkipNetOneShot-v0``)."""
+    return SB3_ALGOS[algo](env, seed, "cuda" if device.type == "cuda" else "cpu", episode_length)
 
 
 def model_state(model: BaseAlgorithm) -> dict[str, Any]:

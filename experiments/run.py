@@ -157,8 +157,9 @@ def run(cfg: RunConfig, given: set[str] | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     seed_everything(cfg.seed, cfg.torch_deterministic)
     device = resolve_device(cfg.device)
-    cfg = cfg.for_device(device)  # batch sizes left unset: the device's defaults, recorded with the run
     split = {s: load_dataset(cfg.dataset, s, cfg.data_root, cfg.download, cfg.image_size) for s in ("train", "test")}
+    # batch sizes left unset: the device's defaults (at most the training set), recorded with the run
+    cfg = cfg.for_device(device, max_batch=len(split["train"]))
     if len(split["train"]) < cfg.num_envs:
         raise ValueError(
             f"--num-envs {cfg.num_envs} is more than the {len(split['train'])} training images of {cfg.dataset}"

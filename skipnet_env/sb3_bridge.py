@@ -1,5 +1,6 @@
-"""Stable-Baselines3 ``VecEnv`` over the batched environment, so
-``stable_baselines3.PPO("MlpPolicy", make_sb3_env(...))`` trains on B images in lockstep."""
+"""Stable-Baselines3 ``VecEnv`` over the batched environments, so
+``stable_baselines3.PPO("MlpPolicy", make_sb3_env(...))`` trains on B images in lockstep, block
+by block (``SkipNet-v0``) or a whole mask per image (``SkipNetOneShot-v0``, ``MultiBinary``)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,16 @@ from typing import Any
 import numpy as np
 from stable_baselines3.common.vec_env import VecEnv, VecMonitor
 
+from skipnet_env.oneshot import SkipNetOneShotVectorEnv
 from skipnet_env.vector_env import SkipNetVectorEnv
+
+VECTOR_ENVS = {"SkipNet-v0": SkipNetVectorEnv, "SkipNetOneShot-v0": SkipNetOneShotVectorEnv}
 
 
 class SB3VecEnv(VecEnv):
-    """Adapts :class:`SkipNetVectorEnv` (numpy mode) to SB3's ``VecEnv`` interface."""
+    """Adapts a batched env (numpy mode) to SB3's ``VecEnv`` interface."""
 
-    def __init__(self, venv: SkipNetVectorEnv) -> None:
+    def __init__(self, venv: SkipNetVectorEnv | SkipNetOneShotVectorEnv) -> None:
         if venv.return_tensors:
             raise ValueError("the SB3 bridge needs a SkipNetVectorEnv with return_tensors=False")
         self.venv = venv
@@ -30,7 +34,7 @@ class SB3VecEnv(VecEnv):
         return obs
 
     def step_async(self, actions: np.ndarray) -> None:
-        self._actions = np.asarray(actions).reshape(self.num_envs)
+        self._actions = np.asarray(actions).reshape(self.num_envs, *self.action_space.shape)
 
     def step_wait(self):
         obs, reward, terminated, truncated, info = self.venv.step(self._actions)
@@ -67,6 +71,8 @@ class SB3VecEnv(VecEnv):
         return [indices] if isinstance(indices, int) else list(indices)
 
 
-def make_sb3_env(num_envs: int = 64, **env_kwargs: Any) -> VecMonitor:
+def make_sb3_env(num_envs: int = 64, env_id: str = "SkipNet-v0", **env_kwargs: Any) -> VecMonitor:
     """A monitored SB3 ``VecEnv`` of ``num_envs`` images in lockstep (episode returns logged)."""
-    return VecMonitor(SB3VecEnv(SkipNetVectorEnv(num_envs, **env_kwargs)))
+    if env_id not in VECTOR_ENVS:
+        raise ValueError(f"env_id must be one of {', '.join(VECTOR_ENVS)}, got {env_id!r}")
+    return VecMonitor(SB3VecEnv(VECTOR_ENVS[env_id](num_envs, **env_kwargs)))

@@ -16,6 +16,17 @@ TINY_BUDGETS = {
     "ppo": ["--timesteps", "600", "--num-envs", "16"],
     "a2c": ["--timesteps", "600", "--num-envs", "16"],
     "recurrent_ppo": ["--timesteps", "600", "--num-envs", "16"],
+    "blockdrop": [
+        "--blockdrop-iterations",
+        "4",
+        "--blockdrop-width",
+        "4",
+        "--num-envs",
+        "32",
+        "--checkpoint-every",
+        "2",
+    ],
+    "ppo_oneshot": ["--timesteps", "128", "--num-envs", "16"],
     "random": ["--rate", "0.5"],
     "static": ["--budget", "0.7"],
     "full": [],
@@ -66,7 +77,13 @@ def test_every_agent_trains_evaluates_and_reloads(agent, cache, tmp_path):
     (evaluation,) = (tmp_path / "runs").glob(f"SkipNet-v0__{agent}__eval__*/results.json")
     reloaded = json.loads(evaluation.read_text())
     assert reloaded["evaluated_checkpoint"] == {"path": r["checkpoint"], "stage": "done", "finished": True}
-    if agent in ("hybrid_rnn", "hybrid_ff", "static", "full"):  # deterministic policies: same result on reload
+    if agent in (
+        "hybrid_rnn",
+        "hybrid_ff",
+        "blockdrop",
+        "static",
+        "full",
+    ):  # deterministic policies: same result on reload
         assert reloaded["accuracy"] == r["accuracy"] and reloaded["flops_fraction"] == r["flops_fraction"]
 
 

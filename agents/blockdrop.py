@@ -1,0 +1,185 @@
+"""BlockDrop (Wu et al., CVPR 2018) on ``SkipNetOneShot-v0``: a small policy network looks at the
+image once and outputs N Bernoulli probabilities, the whole execute mask; trained with REINFORCE
+and a self-critical baseline (the greedy mask's reward on the same images).
+
+Differences from the paper, said plainly: the reward is the environment's (accuracy minus
+``alpha`` times the FLOPs fraction, as for every agent here) instead of BlockDrop's
+``1 - (blocks used / N)^2`` or ``-gamma``; no curriculum over the number of blocks; the policy is a
+three-layer CNN instead of a ResNet-8, and the backbone stays frozen (no joint fine-tuning).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from agents.policies import RoutingPolicy
+from backbones.base import Backbone
+from backbones.checkpoint import atomic_save
+from backbones.data import Dataset
+from skipnet_env.oneshot import SkipNetOneShotVectorEnv, run_mask
+
+
+class BlockDropNet(nn.Module):
+    """Image ``(B, C, H, W)`` -> execute logits ``(B, N)``: three conv-BN-ReLU layers of stride 2
+    (BlockDrop, too, looks at a downsampled image), global average pool, a linear layer; starts by
+    executing every block. At width 16 it costs about 3% of the default backbone's FLOPs (counted
+    in every evaluation)."""
+
+    def __init__(self, in_channels: int, num_gates: int, width: int = 16, init_execute: float = 2.0) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c = in_channels
+        for out in (width, 2 * width, 4 * width):
+            layers += [nn.Conv2d(c, out, 3, 2, 1, bias=False), nn.BatchNorm2d(out), nn.ReLU(True)]
+            c = out
+        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.logits = nn.Linear(c, num_gates)
+        nn.init.zeros_(self.logits.weight)
+        nn.init.constant_(self.logits.bias, init_execute)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.logits(self.features(x.float()))
+
+
+class OneShotPolicy(RoutingPolicy):
+    """A mask-at-once network at evaluation: execute where ``p(execute) >= 0.5``, decided from the
+    images when the episode begins."""
+
+    def __init__(self, net: BlockDropNet, name: str = "blockdrop") -> None:
+        self.net, self.name = net.eval(), name
+        self._mask: Tensor | None = None
+
+    @torch.no_grad()
+    def begin(self, images: Tensor) -> None:
+        self._mask = self.net(images) >= 0.0  # (B, N)
+
+    def act(self, obs: Tensor, activation: Tensor, k: int) -> Tensor:
+        if self._mask is None:
+            raise RuntimeError("a one-shot policy decides from the images: call begin(images) first")
+        return self._mask[:, k]
+
+
+@dataclass
+class BlockDropConfig:
+    iterations: int = 1000
+    lr: float = 1e-3
+    alpha: float = 1.0
+    num_envs: int = 128
+    entropy_coef: float = 0.0
+    seed: int = 0
+    checkpoint_every: int = 100
+    precision: str = "auto"
+
+
+class BlockDropTrainer:
+    """REINFORCE with a self-critical baseline on the batched one-shot env; checkpoints atomically
+    every ``checkpoint_every`` iterations and resumes exactly (the sampler, the action generator
+    and the optimizer are saved with the network)."""
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        net: BlockDropNet,
+        data: Dataset,
+        cfg: BlockDropConfig,
+        device: torch.device,
+        checkpoint: Path,
+        metadata: dict[str, Any],
+        writer: Any = None,
+        progress: bool = True,
+    ) -> None:
+        self.net, self.cfg, self.device = net.to(device), cfg, device
+        self.checkpoint, self.metadata, self.writer, self.progress = checkpoint, metadata, writer, progress
+        self.env = SkipNetOneShotVectorEnv(
+            cfg.num_envs,
+            backbone,
+            data,
+            return_tensors=True,
+            alpha=cfg.alpha,
+            device=device,
+            precision=cfg.precision,
+        )
+        self.opt = torch.optim.Adam(self.net.parameters(), lr=cfg.lr)
+        self.generator = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+        self.done = 0
+        self.env.reset(seed=cfg.seed)
+
+    def state(self, stage: str) -> dict[str, Any]:
+        return {
+            "metadata": {**self.metadata, "stage": stage, "done_units": self.done},
+            "net": self.net.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "generator": self.generator.get_state(),
+            "sampler": self.env.sampler.state_before_last_draw(),
+        }
+
+    def resume(self, state: dict[str, Any]) -> None:
+        self.net.load_state_dict(state["net"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"].cpu())
+        self.env.sampler.restore(state["sampler"])
+        self.env.reset()  # the batch the interrupted run was about to play
+        self.done = int(state["metadata"]["done_units"])
+
+    def step(self) -> dict[str, Tensor]:
+        """One REINFORCE update on the current batch; returns detached statistics."""
+        env, core = self.env, self.env.core
+        x, y = env._batch
+        logits = self.net(x)  # (B, N)
+        p = torch.sigmoid(logits)
+        sampled = torch.rand(p.shape, device=p.device, generator=self.generator) < p.detach()
+        greedy = logits.detach() >= 0.0
+        with torch.no_grad():  # the self-critical baseline: the greedy mask on the same images
+            counts = greedy.sum(0).tolist()  # one sync for the replay's shapes
+            _, greedy_reward, _ = run_mask(core, x, y, greedy, counts)
+        _, reward, _, _, info = env.step(sampled)  # runs the sample, then draws the next batch
+        dist = torch.distributions.Bernoulli(logits=logits, validate_args=False)
+        log_prob = dist.log_prob(sampled.float()).sum(1)  # (B,)
+        entropy = dist.entropy().sum(1).mean()
+        advantage = reward - greedy_reward
+        loss = -(advantage * log_prob).mean() - self.cfg.entropy_coef * entropy
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        final = info["final_info"]
+        return {
+            "losses/total": loss.detach(),
+            "charts/episodic_return": reward.mean(),
+            "charts/train_accuracy": final["correct"].float().mean(),
+            "charts/flops_fraction": final["flops_fraction"].mean(),
+        }
+
+    def train(self) -> OneShotPolicy:
+        bar = tqdm(
+            total=self.cfg.iterations, initial=self.done, desc="BlockDrop (REINFORCE)", disable=not self.progress
+        )
+        logged: dict[str, list[Tensor]] = {}
+        while self.done < self.cfg.iterations:
+            for name, value in self.step().items():
+                logged.setdefault(name, []).append(value)
+            self.done += 1
+            bar.update(1)
+            if self.done % self.cfg.checkpoint_every == 0 or self.done == self.cfg.iterations:
+                means = {name: float(torch.stack(v).mean()) for name, v in logged.items()}  # one sync
+                logged.clear()
+                if not all(math.isfinite(v) for v in means.values()):
+                    raise FloatingPointError(f"BlockDrop diverged at iteration {self.done}: {means}")
+                bar.set_postfix(
+                    acc=f"{means['charts/train_accuracy']:.3f}", flops=f"{means['charts/flops_fraction']:.3f}"
+                )
+                if self.writer:
+                    for name, value in means.items():
+                        self.writer.add_scalar(name, value, self.done)
+                stage = "done" if self.done == self.cfg.iterations else "train"
+                atomic_save(self.state(stage), self.checkpoint)
+        bar.close()
+        if self.cfg.iterations == 0:
+            atomic_save(self.state("done"), self.checkpoint)
+        return OneShotPolicy(self.net)

@@ -1,0 +1,231 @@
+"""``SkipNetOneShot-v0``: BlockDrop's framing. One step per image: the agent sees the image (or
+the stem's activation) and picks the whole execute mask at once.
+
+Action ``MultiBinary(N)``: 1 executes gated block ``k``, 0 skips it. Observation: the normalised
+image ``(C, H, W)`` (``observation="image"``, default) or the activation entering the first gated
+block (``"stem"``). Reward: the same accuracy-minus-compute as ``SkipNet-v0``
+(:class:`skipnet_env.core.RewardConfig`, summed over the blocks). Every episode is one step long.
+
+The batched :class:`SkipNetOneShotVectorEnv` (the ``vector_entry_point``) runs the mask through the
+same routed execution as ``SkipNet-v0`` (:class:`skipnet_env.core.BatchedRouting`, one engine),
+block by block, with one host sync per step for all the blocks' executed counts.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium import spaces
+from gymnasium.vector import AutoresetMode, VectorEnv
+from gymnasium.vector.utils import batch_space
+from torch import Tensor
+from typing_extensions import Unpack
+
+from backbones.data import ImageTensors
+from skipnet_env.core import BatchedRouting
+from skipnet_env.sources import (
+    DEFAULT_BACKBONE,
+    DEFAULT_DATASET,
+    BackboneSpec,
+    BatchSampler,
+    DatasetSpec,
+    EnvOptions,
+    build_routing,
+)
+
+Observation = Literal["image", "stem"]
+
+
+def observation_shape(core: BatchedRouting, observation: Observation) -> tuple[int, ...]:
+    if observation == "image":
+        return tuple(core.backbone.input_size)
+    if observation == "stem":
+        return tuple(core.backbone.activation_shapes[core.first_gated])
+    raise ValueError(f"observation must be 'image' or 'stem', got {observation!r}")
+
+
+def run_mask(core: BatchedRouting, images: Tensor, labels: Tensor, execute: Tensor, counts: list[int]) -> tuple:
+    """One episode per image: ``execute`` ``(B, N)`` bool through the gated blocks; returns the
+    stem observation ``(B, C, H, W)`` (fp32), the total reward ``(B,)`` and the final info."""
+    core.start(images, labels)
+    stem = core.h.float()
+    total = torch.zeros(images.shape[0], device=images.device)
+    info: dict[str, Tensor] = {}
+    for k in range(core.num_gates):
+        _, reward, info = core.advance(execute[:, k], counts[k])
+        total += reward
+    return stem, total, info
+
+
+class SkipNetOneShotEnv(gym.Env[np.ndarray, np.ndarray]):
+    """One image per episode, one step. Arguments as :class:`skipnet_env.env.SkipNetEnv`, plus
+    ``observation`` (``"image"`` or ``"stem"``)."""
+
+    metadata: dict[str, Any] = {"render_modes": []}
+
+    def __init__(
+        self,
+        backbone: BackboneSpec = DEFAULT_BACKBONE,
+        dataset: DatasetSpec = DEFAULT_DATASET,
+        observation: Observation = "image",
+        **options: Unpack[EnvOptions],
+    ) -> None:
+        routing = build_routing(backbone, dataset, **options)
+        self.device, self.backbone, self.core = routing.device, routing.backbone, routing.core
+        self.data = routing.data.to(self.device) if isinstance(routing.data, ImageTensors) else routing.data
+        self.observation = observation
+        self.num_gates = self.core.num_gates
+        self.observation_space = spaces.Box(-np.inf, np.inf, observation_shape(self.core, observation), np.float32)
+        self.action_space = spaces.MultiBinary(self.num_gates)
+        self._image: tuple[Tensor, Tensor] | None = None
+        self._index = -1
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
+        """Draw a random image, or ``options["index"]``."""
+        super().reset(seed=seed)
+        index = (options or {}).get("index")
+        if index is None:
+            index = int(self.np_random.integers(len(self.data)))
+        elif not isinstance(index, int | np.integer) or isinstance(index, bool) or not 0 <= index < len(self.data):
+            raise IndexError(f"options['index'] must be an integer in [0, {len(self.data)}), got {index!r}")
+        self._index = int(index)
+        if isinstance(self.data, ImageTensors):
+            x, y = self.data.normalize(self.data.images[index : index + 1]), self.data.labels[index : index + 1]
+        else:
+            image, label = self.data.dataset[index]
+            x, y = image[None].to(self.device), torch.tensor([label], device=self.device)
+        self._image = (x, y)
+        if self.observation == "stem":
+            self.core.start(x, y)
+            x = self.core.h
+        return x[0].float().cpu().numpy(), {"index": self._index, "label": int(y[0])}
+
+    def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict]:
+        if self._image is None:
+            raise RuntimeError("step() called after the episode ended (or before reset()): call reset() first")
+        mask = check_mask(action, (self.num_gates,))
+        x, y = self._image
+        execute = torch.from_numpy(mask[None]).to(self.device)
+        _, reward, info = run_mask(self.core, x, y, execute, mask.astype(int).tolist())
+        self._image = None
+        out = {k: (v[0].cpu().numpy() if v.ndim > 1 else v[0].item()) for k, v in info.items() if k != "logits"}
+        out["index"] = self._index
+        obs = np.zeros(self.observation_space.shape, dtype=np.float32)  # nothing follows the one step
+        return obs, float(reward[0]), True, False, out
+
+
+def check_mask(action: Any, shape: tuple[int, ...]) -> np.ndarray:
+    """A bool mask of ``shape`` from a 0/1 array, else a ``ValueError`` saying what arrived."""
+    arr = np.asarray(action)
+    if arr.shape != shape:
+        raise ValueError(
+            f"the action is the whole execute mask: an array of shape {shape} of 0 (skip) / 1 (execute), "
+            f"got shape {arr.shape}"
+        )
+    # integers, bools, or floats that are exactly 0.0 / 1.0 (what SB3 samples from a MultiBinary space)
+    numeric = np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating) or arr.dtype == np.bool_
+    if not numeric or not np.all((arr == 0) | (arr == 1)):
+        raise ValueError(f"mask entries must be 0 (skip) or 1 (execute), got {np.unique(arr).tolist()} ({arr.dtype})")
+    return arr.astype(bool)
+
+
+class SkipNetOneShotVectorEnv(VectorEnv):
+    """``num_envs`` images per step, on the device; every episode ends on its one step and the
+    next batch is drawn at once (same-step autoreset). Arguments as
+    :class:`skipnet_env.vector_env.SkipNetVectorEnv`, plus ``observation``. Actions: ``(B, N)``
+    0/1 (numpy array or, with ``return_tensors``, a device tensor)."""
+
+    metadata: dict[str, Any] = {"autoreset_mode": AutoresetMode.SAME_STEP, "render_modes": []}
+
+    def __init__(
+        self,
+        num_envs: int = 64,
+        backbone: BackboneSpec = DEFAULT_BACKBONE,
+        dataset: DatasetSpec = DEFAULT_DATASET,
+        *,
+        observation: Observation = "image",
+        return_tensors: bool = False,
+        num_workers: int = 0,
+        **options: Unpack[EnvOptions],
+    ) -> None:
+        if not isinstance(num_envs, int) or num_envs < 1:
+            raise ValueError(f"num_envs must be a positive integer, got {num_envs!r}")
+        routing = build_routing(backbone, dataset, **options)
+        self.device, self.backbone, self.core = routing.device, routing.backbone, routing.core
+        self.sampler = BatchSampler(routing.data, num_envs, self.device, num_workers)
+        self.num_envs, self.num_gates = num_envs, self.core.num_gates
+        self.observation, self.return_tensors = observation, return_tensors
+        shape = observation_shape(self.core, observation)
+        self.single_observation_space = spaces.Box(-np.inf, np.inf, shape, np.float32)
+        self.single_action_space = spaces.MultiBinary(self.num_gates)
+        self.observation_space = batch_space(self.single_observation_space, num_envs)
+        self.action_space = batch_space(self.single_action_space, num_envs)
+        self._batch: tuple[Tensor, Tensor] | None = None
+        self._all = torch.ones(num_envs, dtype=torch.bool, device=self.device)
+
+    @property
+    def images(self) -> Tensor:
+        """The current batch's normalised images ``(B, C, H, W)`` on the device."""
+        if self._batch is None:
+            raise RuntimeError("no images before reset()")
+        return self._batch[0]
+
+    def _draw(self) -> Tensor:
+        self._batch = self.sampler.next()
+        x, y = self._batch
+        if self.observation == "image":
+            return x.float()
+        self.core.start(x, y)
+        return self.core.h.float()
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Any, dict]:
+        super().reset(seed=seed)
+        if seed is not None:
+            self.sampler.seed(seed)
+        obs = self._draw()
+        return self._out(obs), {"label": self._out(self._batch[1])}
+
+    def step(self, actions: Any) -> tuple[Any, Any, Any, Any, dict]:
+        if self._batch is None:
+            raise RuntimeError("step() called before reset(): call reset() first")
+        execute, counts = self._check_actions(actions)
+        x, y = self._batch
+        stem, reward, info = run_mask(self.core, x, y, execute, counts)
+        final_obs = x.float() if self.observation == "image" else stem
+        if not self.return_tensors:
+            info.pop("logits")
+        final_info = {k: self._out(v) for k, v in info.items()}
+        obs = self._draw()
+        out_info = {
+            "final_obs": self._out(final_obs),
+            "_final_obs": self._out(self._all),
+            "final_info": final_info,
+            "_final_info": self._out(self._all),
+            "label": self._out(self._batch[1]),
+        }
+        done = self._out(self._all)
+        return self._out(obs), self._out(reward), done, self._out(~self._all), out_info
+
+    def _check_actions(self, actions: Any) -> tuple[Tensor, list[int]]:
+        """``(B, N)`` bool on the device and each block's executed count on the host (one sync)."""
+        shape = (self.num_envs, self.num_gates)
+        if isinstance(actions, Tensor):
+            if tuple(actions.shape) != shape or actions.is_floating_point() or actions.is_complex():
+                raise ValueError(
+                    f"actions must be a {shape} integer or bool tensor of 0/1, "
+                    f"got {tuple(actions.shape)} {actions.dtype}"
+                )
+            a = actions.to(self.device)
+            execute = a == 1
+            stats = torch.cat([execute.sum(0), ((a != 0) & ~execute).sum().reshape(1)]).tolist()
+            if stats[-1]:
+                raise ValueError(f"actions must be 0 (skip) or 1 (execute); {stats[-1]} entries were neither")
+            return execute, stats[:-1]
+        mask = check_mask(actions, shape)
+        return torch.from_numpy(mask).to(self.device), mask.sum(0).tolist()
+
+    def _out(self, x: Tensor) -> Any:
+        return x if self.return_tensors else x.cpu().numpy()
