@@ -19,6 +19,7 @@ import logging
 import random
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -136,11 +137,29 @@ def resumed_config(cfg: RunConfig, saved: dict[str, Any] | None, given: set[str]
     return dataclasses.replace(started, **{k: getattr(cfg, k) for k in SAFE_ON_RESUME & given})
 
 
-def run(cfg: RunConfig, given: set[str] | None = None) -> dict[str, Any]:
+class ReportingWriter:
+    """A TensorBoard writer that also hands every scalar to ``report(tag, value, step)``: how a
+    sweep's trial reports its metrics while it trains."""
+
+    def __init__(self, writer: Any, report: Callable[[str, float, int], None]) -> None:
+        self.writer, self.report = writer, report
+
+    def add_scalar(self, tag: str, value: Any, step: int | None = None, *args: Any, **kwargs: Any) -> None:
+        self.writer.add_scalar(tag, value, step, *args, **kwargs)
+        self.report(tag, float(value), int(step or 0))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.writer, name)
+
+
+def run(
+    cfg: RunConfig, given: set[str] | None = None, report: Callable[[str, float, int], None] | None = None
+) -> dict[str, Any]:
     """Train (or load) ``cfg.agent``, evaluate it and the full backbone on the test split, write
     ``results.json`` in a new run folder; returns the results.
 
     ``given``: the options set on the command line, for ``--resume`` (see :func:`resumed_config`).
+    ``report``: called with every scalar the run logs, as it logs it (see :class:`ReportingWriter`).
     """
     from torch.utils.tensorboard import SummaryWriter
 
@@ -192,7 +211,9 @@ def run(cfg: RunConfig, given: set[str] | None = None) -> dict[str, Any]:
             stage,
         )
     checkpoint = Path(cfg.checkpoint) if cfg.checkpoint else run_dir / "agent.pt"
-    writer = SummaryWriter(str(run_dir))
+    writer: Any = SummaryWriter(str(run_dir))
+    if report is not None:
+        writer = ReportingWriter(writer, report)
     writer.add_text(
         "hyperparameters",
         "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(cfg).items()),

@@ -1,0 +1,53 @@
+"""The Ray Tune sweep: its search space, the Pareto front, and a 2-trial local sweep end to end."""
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from experiments.sweep import SweepConfig, cast, pareto_front
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_pareto_front_keeps_exactly_the_undominated_points():
+    points = [(0.90, 0.5), (0.92, 0.7), (0.89, 0.6), (0.92, 0.8), (0.80, 0.3), (0.90, 0.5)]
+    # (0.89, 0.6) is dominated by (0.90, 0.5); (0.92, 0.8) by (0.92, 0.7); equal points do not dominate each other
+    assert pareto_front(points) == [True, True, False, False, True, True]
+
+
+def test_values_take_the_run_options_types_and_unknown_options_are_named():
+    assert cast("alpha", "2") == 2.0 and isinstance(cast("alpha", "2"), float)
+    assert cast("hrl_iterations", "30") == 30 and cast("agent", "blockdrop") == "blockdrop"
+    assert cast("sp_alpha", "None") is None and cast("sp_sample", "false") is False
+    with pytest.raises(ValueError, match="unknown run option 'alpah'"):
+        cast("alpah", "1")
+    with pytest.raises(ValueError, match="--search must be one of grid, optuna"):
+        SweepConfig(search="random")
+
+
+def test_a_two_trial_sweep_writes_every_run_and_the_front(tmp_path):
+    pytest.importorskip("ray.tune")
+    env = {**os.environ, "SKIPNET_CACHE": str(tmp_path / "cache")}
+    args = [
+        sys.executable, str(ROOT / "experiments/sweep.py"), "--grid", "alpha=0.5,4", "--out", str(tmp_path / "sweeps"),
+        "--name", "t", "--max-concurrent", "2", "--dataset", "digits", "--backbone", "cifar_resnet20", "--width",
+        "0.25", "--backbone-epochs", "1", "--sp-epochs", "1", "--hrl-iterations", "4", "--num-envs", "32",
+        "--log-every", "2",
+    ]  # fmt: skip
+    proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "2 trials; Pareto front" in proc.stdout
+    rows = list(csv.DictReader(open(tmp_path / "sweeps" / "t" / "pareto.csv")))
+    assert sorted(float(r["alpha"]) for r in rows) == [0.5, 4.0]
+    assert any(r["pareto"] == "True" for r in rows)
+    for r in rows:  # every trial keeps its run: results, per-image outcomes, TensorBoard
+        run_dir = Path(r["run_dir"])
+        assert (run_dir / "results.json").is_file() and (run_dir / "per_image.npz").is_file()
+        assert any(run_dir.glob("events.out.tfevents.*"))
+    assert (tmp_path / "sweeps" / "t" / "pareto.png").stat().st_size > 0
+    again = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert again.returncode == 2 and "--restore" in again.stderr  # a finished sweep is never overwritten
