@@ -100,7 +100,8 @@ def check_metadata(metadata: dict[str, Any], path: str | Path, **expected: Any) 
     if wrong:
         raise CheckpointMismatchError(
             f"checkpoint {path} does not match what was asked for ({'; '.join(wrong)}). "
-            "Point to a checkpoint of the right backbone and data set, or train one with python -m backbones.train."
+            "Point to a checkpoint of the right backbone and data set, or train one with "
+            "python -m experiments.train_backbone."
         )
 
 

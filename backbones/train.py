@@ -1,4 +1,4 @@
-"""Train a backbone: ``python -m backbones.train --arch cifar_resnet38 --dataset digits``.
+"""Train a backbone (the command line: ``python -m experiments.train_backbone --arch cifar_resnet38``).
 
 Standard SGD recipe (momentum 0.9, weight decay, cosine learning rate), optional stochastic depth
 (random block drops; a backbone trained with it tolerates skipped blocks far better), a progress
@@ -25,7 +25,6 @@ from tqdm.auto import tqdm
 from backbones.base import Backbone
 from backbones.checkpoint import atomic_save, backbone_metadata, check_metadata, load_backbone, safe_load
 from backbones.data import Dataset, ImageTensors, load_dataset, random_shift
-from backbones.dataclass_cli import parse
 from backbones.device import resolve_device
 from backbones.registry import create, options
 
@@ -274,17 +273,3 @@ def train(cfg: TrainConfig) -> tuple[Backbone, dict[str, Any]]:
     meta = safe_load(path)["metadata"]
     log.info("trained %s on %s: test accuracy %.4f (%s)", cfg.arch, cfg.dataset, meta.get("test_accuracy", -1), path)
     return backbone, meta
-
-
-def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cfg = parse(TrainConfig, argv)
-    _, meta = train(cfg)
-    print(
-        f"{meta['arch']} on {meta['dataset']}: val accuracy {meta['val_accuracy']:.4f}, "
-        f"test accuracy {meta['test_accuracy']:.4f} -> {cfg.checkpoint_path}"
-    )
-
-
-if __name__ == "__main__":
-    main()

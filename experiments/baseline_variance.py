@@ -12,19 +12,16 @@ estimator across batches (sum over parameters) and its ratio to the reference co
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from agents.gates import create_gates  # noqa: E402
-from agents.hybrid import BASELINES, HybridConfig, HybridTrainer, advantages, discounted_returns, reinforce_loss  # noqa: E402
-from backbones.data import load_dataset  # noqa: E402
-from backbones.pretrained import get_trained  # noqa: E402
-from skipnet_env.core import BatchedRouting  # noqa: E402
+from agents.gates import create_gates
+from agents.hybrid import BASELINES, HybridConfig, HybridTrainer, advantages, discounted_returns, reinforce_loss
+from backbones.data import load_dataset
+from backbones.pretrained import get_trained
+from skipnet_env.core import BatchedRouting
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

@@ -41,16 +41,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import backbones  # noqa: E402
-from backbones.base import Backbone  # noqa: E402
-from backbones.data import ImageTensors  # noqa: E402
-from backbones.device import resolve_device  # noqa: E402
-from skipnet_env.engine import Router, freeze, prepare_input  # noqa: E402
-from skipnet_env.env import SkipNetEnv  # noqa: E402
-from skipnet_env.routing import masked_forward, routed_forward  # noqa: E402
-from skipnet_env.vector_env import SkipNetVectorEnv  # noqa: E402
+import backbones
+from backbones.base import Backbone
+from backbones.data import ImageTensors
+from backbones.device import resolve_device
+from skipnet_env.engine import Router, freeze, prepare_input
+from skipnet_env.env import SkipNetEnv
+from skipnet_env.routing import masked_forward, routed_forward
+from skipnet_env.vector_env import SkipNetVectorEnv
 
 
 def sync(device: torch.device) -> None:

@@ -25,7 +25,6 @@ import csv
 import dataclasses
 import json
 import logging
-import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,14 +32,12 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from agents.config import RunConfig  # noqa: E402
-from agents.registry import get_agent  # noqa: E402
-from agents.statistics import auc_difference, bootstrap_ci, common_range, curve_auc, paired_difference  # noqa: E402
-from backbones.dataclass_cli import parse  # noqa: E402
-from backbones.device import resolve_device  # noqa: E402
-from experiments.run import run  # noqa: E402
+from agents.config import RunConfig
+from agents.registry import get_agent
+from agents.statistics import auc_difference, bootstrap_ci, common_range, curve_auc, paired_difference
+from backbones.device import resolve_device
+from experiments.cli import parse
+from experiments.run import run
 
 log = logging.getLogger("skipnet_gym.compare")
 

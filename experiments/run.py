@@ -26,20 +26,18 @@ from typing import Any
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from agents.config import SAFE_ON_RESUME, RunConfig, flag  # noqa: E402
-from agents.evaluate import EvalResult, evaluate  # noqa: E402
-from agents.policies import RoutingPolicy  # noqa: E402
-from agents.registry import AgentContext, get_agent  # noqa: E402
-from agents.statistics import bootstrap_ci, dynamic_blocks, paired_difference, spearman  # noqa: E402
-from backbones.checkpoint import CheckpointMismatchError, fingerprint, load_backbone, safe_load  # noqa: E402
-from backbones.data import ImageTensors, load_dataset  # noqa: E402
-from backbones.dataclass_cli import given_fields, parse  # noqa: E402
-from backbones.device import resolve_device  # noqa: E402
-from backbones.pretrained import get_trained  # noqa: E402
-from backbones.registry import list_backbones, options  # noqa: E402
-from experiments.figures import class_block_heatmap, path_gallery  # noqa: E402
+from agents.config import SAFE_ON_RESUME, RunConfig, flag
+from agents.evaluate import EvalResult, evaluate
+from agents.policies import RoutingPolicy
+from agents.registry import AgentContext, get_agent
+from agents.statistics import bootstrap_ci, dynamic_blocks, paired_difference, spearman
+from backbones.checkpoint import CheckpointMismatchError, fingerprint, load_backbone, safe_load
+from backbones.data import ImageTensors, load_dataset
+from backbones.device import resolve_device
+from backbones.pretrained import get_trained
+from backbones.registry import list_backbones, options
+from experiments.cli import given_fields, parse
+from experiments.figures import class_block_heatmap, path_gallery
 
 log = logging.getLogger("skipnet_gym.run")
 

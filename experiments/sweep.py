@@ -30,10 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from agents.config import RunConfig  # noqa: E402
-from backbones.dataclass_cli import parse  # noqa: E402
+from agents.config import RunConfig
+from experiments.cli import parse
 
 log = logging.getLogger("skipnet_gym.sweep")
 SEARCHES = ("grid", "optuna")

@@ -147,7 +147,7 @@ def check_compatible(backbone: Backbone, data: Dataset) -> None:
     if problems:
         raise ValueError(
             f"backbone {backbone.arch} does not fit data set {data.name!r}: {'; '.join(problems)}. "
-            "Use a backbone trained on this data set (python -m backbones.train --dataset ...)."
+            "Use a backbone trained on this data set (python -m experiments.train_backbone --dataset ...)."
         )
 
 

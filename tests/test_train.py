@@ -69,7 +69,7 @@ def test_command_line_entry_point(tmp_path):
         [
             sys.executable,
             "-m",
-            "backbones.train",
+            "experiments.train_backbone",
             "--arch",
             "cifar_resnet20",
             "--width",
@@ -90,7 +90,7 @@ def test_command_line_entry_point(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "test accuracy" in result.stdout and out.is_file()
     help_text = subprocess.run(
-        [sys.executable, "-m", "backbones.train", "--help"],
+        [sys.executable, "-m", "experiments.train_backbone", "--help"],
         capture_output=True,
         text=True,
         cwd=Path(__file__).resolve().parents[1],
