@@ -131,7 +131,7 @@ class BlockDropTrainer:
     def step(self) -> dict[str, Tensor]:
         """One REINFORCE update on the current batch; returns detached statistics."""
         env, core = self.env, self.env.core
-        x, y = env._batch
+        x, y = env.batch
         logits = self.net(x)  # (B, N)
         p = torch.sigmoid(logits)
         sampled = torch.rand(p.shape, device=p.device, generator=self.generator) < p.detach()
@@ -175,8 +175,8 @@ class BlockDropTrainer:
                     acc=f"{means['charts/train_accuracy']:.3f}", flops=f"{means['charts/flops_fraction']:.3f}"
                 )
                 if self.writer:
-                    for name, value in means.items():
-                        self.writer.add_scalar(name, value, self.done)
+                    for name, mean in means.items():
+                        self.writer.add_scalar(name, mean, self.done)
                 stage = "done" if self.done == self.cfg.iterations else "train"
                 atomic_save(self.state(stage), self.checkpoint)
         bar.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import torch
 
@@ -182,10 +183,16 @@ class RunConfig:
     def for_device(self, device: torch.device, max_batch: int | None = None) -> RunConfig:
         """This configuration with the batch sizes left unset filled in for ``device`` (the
         environment's at most ``max_batch``, the training set's size)."""
-        batches = dict(DEVICE_BATCHES["cuda" if device.type == "cuda" else "cpu"])
+        batches: dict[str, Any] = dict(DEVICE_BATCHES["cuda" if device.type == "cuda" else "cpu"])
         if max_batch is not None:
             batches["num_envs"] = min(batches["num_envs"], max_batch)
         return replace(self, **{k: v for k, v in batches.items() if getattr(self, k) is None})
+
+    def batch_sizes(self) -> tuple[int, int]:
+        """``(num_envs, eval_batch)`` of a configuration :meth:`for_device` has resolved."""
+        if self.num_envs is None or self.eval_batch is None:
+            raise RuntimeError("the batch sizes are set by the device: call for_device() first")
+        return self.num_envs, self.eval_batch
 
     def differences(self, other: RunConfig) -> dict[str, tuple]:
         """``{field: (mine, other's)}`` for every field that differs."""

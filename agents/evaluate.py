@@ -70,7 +70,7 @@ def policy_flops_per_image(policy: RoutingPolicy, core: BatchedRouting, x: torch
     total = counter.get_total_flops()
     for k in range(core.num_gates):
         with FlopCounterMode(display=False) as counter:
-            execute = policy.act(obs, core.h, k)
+            execute = policy.act(obs, core.activation, k)
         total += counter.get_total_flops()
         obs, _, _ = core.advance(execute.reshape(1))
     return int(total)
@@ -101,7 +101,7 @@ def evaluate(
         policy.begin(x)
         info: dict = {}
         for k in range(core.num_gates):
-            obs, _, info = core.advance(policy.act(obs, core.h, k).to(device))
+            obs, _, info = core.advance(policy.act(obs, core.activation, k).to(device))
         correct.append(info["correct"])
         cross_entropy.append(F.cross_entropy(info["logits"], y, reduction="none"))
         executed.append(info["executed"])

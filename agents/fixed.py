@@ -12,7 +12,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from agents.policies import StaticPolicy
-from backbones.base import Backbone
+from backbones.base import Backbone, skip
 from backbones.data import Dataset
 from backbones.train import batches
 from skipnet_env.engine import freeze, prepare_input, resolve_precision
@@ -66,9 +66,11 @@ def elimination_path(
         raise ValueError(f"rerank must be a share of the remaining blocks in (0, 1], got {rerank}")
     max_images = default_search_images(device) if max_images is None else max_images
     net = freeze(backbone.to(device).eval(), device, precision)
-    starts, labels = [], []  # the activation entering the first gated block, per batch
+    starts: list[Tensor] = []  # the activation entering the first gated block, per batch
+    labels: list[Tensor] = []
     for x, y in batches(data, batch_size, device, train=False):
-        x, y = x[: max_images - sum(len(t) for t in labels)], y[: max_images - sum(len(t) for t in labels)]
+        room = max_images - sum(len(t) for t in labels)
+        x, y = x[:room], y[:room]
         h = net.stem(prepare_input(net, x))
         for block in net.blocks[:first_gated]:
             h = block(h)
@@ -81,7 +83,7 @@ def elimination_path(
 
     def run_from(h: Tensor, mask: list[bool], start: int) -> Tensor:
         for block, run in zip(gated[start:], mask[start:]):
-            h = block(h) if run else block.shortcut(h)
+            h = block(h) if run else skip(block, h)
         return h
 
     def removal_scores(mask: list[bool]) -> dict[int, float]:
@@ -93,9 +95,9 @@ def elimination_path(
             for k, (block, run) in enumerate(zip(gated, mask)):
                 if run:
                     entering[k] = h
-                h = block(h) if run else block.shortcut(h)
+                h = block(h) if run else skip(block, h)
             for i, k in enumerate(active):
-                out = run_from(gated[k].shortcut(entering[k]), mask, k + 1)
+                out = run_from(skip(gated[k], entering[k]), mask, k + 1)
                 totals[i] += F.cross_entropy(net.head(out).float(), y, reduction="sum").double()
         return dict(zip(active, (totals / num_images).tolist()))  # one host sync per round
 

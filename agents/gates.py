@@ -9,8 +9,9 @@ FLOPs are counted with ``torch.utils.flop_counter`` per gated block (:meth:`Gate
 
 from __future__ import annotations
 
+import functools
 from functools import cached_property
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -50,7 +51,9 @@ class GatePolicy(nn.Module):
         state = self.initial_state(1, device)
         out = []
         for k, shape in enumerate(self.input_shapes):
-            n, (_, state) = count_flops(lambda h, k=k, s=state: self(h, k, s), torch.zeros(1, *shape, device=device))
+            n, (_, state) = count_flops(
+                functools.partial(self, k=k, state=state), torch.zeros(1, *shape, device=device)
+            )
             out.append(n)
         self.train(was_training)
         return out
@@ -90,11 +93,12 @@ class FeedforwardGates(GatePolicy):
             raise ValueError(f"feedforward gate kind must be one of {sorted(FF_GATE_KINDS)}, got {kind!r}")
         self.gates = nn.ModuleList(FF_GATE_KINDS[kind](c) for c, _, _ in self.input_shapes)
         for gate in self.gates:  # start by executing (logit init_execute), as the backbone was trained
-            nn.init.constant_(gate[-2].bias, init_execute)
+            logit_conv = cast(nn.Conv2d, list(gate.children())[-2])
+            nn.init.constant_(cast(Tensor, logit_conv.bias), init_execute)
 
     def forward(self, h: Tensor, k: int, state: Any = None) -> tuple[Tensor, Any]:
         # the gates compute in their own precision, whatever the backbone's (bf16 on a frozen CUDA one)
-        return self.gates[k](h.to(self.gates[k][-2].weight.dtype)), None
+        return self.gates[k](h.to(next(self.gates[k].parameters()).dtype)), None
 
 
 class LSTMCell(nn.Module):

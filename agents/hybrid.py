@@ -41,9 +41,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from agents.gates import GatePolicy
-from backbones.base import Backbone
+from backbones.base import Backbone, skip
 from backbones.checkpoint import atomic_save, safe_load
-from backbones.data import ImageTensors
+from backbones.data import Dataset
 from backbones.train import batches
 from skipnet_env.core import DEFAULT_ALPHA, SKIPNET_REWARD, BatchedRouting
 from skipnet_env.engine import freeze, prepare_input
@@ -118,7 +118,7 @@ def sp_forward(
             logit = logit + torch.log(u) - torch.log1p(-u)  # + Logistic(0, 1)
         g = straight_through(torch.sigmoid(logit))  # (B,)
         m = g.to(h.dtype)[:, None, None, None]  # in the backbone's precision (bf16 on the CUDA engine)
-        h = m * block(h) + (1.0 - m) * block.shortcut(h)
+        h = m * block(h) + (1.0 - m) * skip(block, h)
         executed.append(g)
     return backbone.head(h).float(), torch.stack(executed, dim=1)
 
@@ -174,7 +174,7 @@ class HybridTrainer:
         self,
         backbone: Backbone,
         gates: GatePolicy,
-        train_data: ImageTensors,
+        train_data: Dataset,
         cfg: HybridConfig,
         device: torch.device,
         checkpoint: Path,
@@ -377,7 +377,7 @@ class HybridTrainer:
         state = self.gates.initial_state(start.shape[0], self.device)
         rewards = []
         for k in range(core.num_gates):
-            logit, state = self.gates(core.h, k, state)
+            logit, state = self.gates(core.activation, k, state)
             _, reward, _ = core.advance(logit >= 0.0)
             rewards.append(reward)
         return discounted_returns(torch.stack(rewards), self.cfg.gamma)
@@ -444,8 +444,8 @@ class HybridTrainer:
                     acc=f"{means['charts/train_accuracy']:.3f}", flops=f"{means['charts/flops_fraction']:.3f}"
                 )
                 if self.writer:
-                    for name, value in means.items():
-                        self.writer.add_scalar(name, value, self.done_units)
+                    for name, mean in means.items():
+                        self.writer.add_scalar(name, mean, self.done_units)
             if self.done_units % cfg.checkpoint_every == 0:
                 self.save()
         bar.close()

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from agents.blockdrop import BlockDropConfig, BlockDropNet, BlockDropTrainer, OneShotPolicy
 from agents.config import RunConfig
 from agents.fixed import cached_elimination_path, random_rate_for_budget, static_for_budget
-from agents.gates import create_gates
+from agents.gates import GatePolicy, create_gates
 from agents.hybrid import HybridConfig, HybridTrainer
 from agents.policies import (
     GateRoutingPolicy,
@@ -84,9 +84,9 @@ def get_agent(name: str) -> AgentSpec:
 # -- SkipNet's hybrid gates -----------------------------------------------------------------------
 
 
-def _gates(ctx: AgentContext, kind: str):
+def _gates(ctx: AgentContext, kind: str) -> GatePolicy:
     c = ctx.cfg
-    kwargs = (
+    kwargs: dict[str, Any] = (
         {
             "hidden_size": c.rnn_hidden,
             "embed_dim": c.rnn_embed,
@@ -149,7 +149,7 @@ def _sb3(algo: str, env_id: str = "SkipNet-v0") -> AgentSpec:
         from skipnet_env.sb3_bridge import make_sb3_env
 
         env = make_sb3_env(
-            ctx.cfg.num_envs,
+            ctx.cfg.batch_sizes()[0],
             env_id,
             backbone=ctx.backbone,
             dataset=ctx.train_data,
@@ -211,7 +211,7 @@ def _blockdrop_net(ctx: AgentContext, width: int | None = None) -> BlockDropNet:
 def _train_blockdrop(ctx: AgentContext, state: dict | None) -> RoutingPolicy:
     c = ctx.cfg
     cfg = BlockDropConfig(
-        c.blockdrop_iterations, c.blockdrop_lr, c.alpha, c.num_envs, c.entropy_coef, c.seed, c.checkpoint_every,
+        c.blockdrop_iterations, c.blockdrop_lr, c.alpha, c.batch_sizes()[0], c.entropy_coef, c.seed, c.checkpoint_every,
         c.precision,
     )  # fmt: skip
     trainer = BlockDropTrainer(

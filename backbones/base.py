@@ -16,6 +16,12 @@ from torch import Tensor, nn
 from backbones.flops import FlopsProfile, profile_backbone
 
 
+def skip(block: nn.Module, h: Tensor) -> Tensor:
+    """What a skipped ``block`` outputs for ``h``: its ``shortcut`` applied to it."""
+    shortcut: nn.Module = block.shortcut  # type: ignore[assignment]  # the contract's attribute
+    return shortcut(h)
+
+
 class Backbone(nn.Module):
     """A residual network split into ``stem``, an ordered ``blocks`` list, and ``head``.
 
@@ -28,6 +34,10 @@ class Backbone(nn.Module):
         arch: registry name (written into checkpoints).
         arch_kwargs: constructor arguments beyond ``num_classes`` (written into checkpoints).
     """
+
+    # what an inference copy (skipnet_env.engine.freeze) computes in; None: as built, fp32
+    compute_dtype: torch.dtype | None = None
+    memory_format: torch.memory_format = torch.contiguous_format
 
     def __init__(
         self,
@@ -48,7 +58,7 @@ class Backbone(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.head = head
         self.num_classes = num_classes
-        self.input_size = tuple(input_size)
+        self.input_size: tuple[int, int, int] = (input_size[0], input_size[1], input_size[2])
         self.arch = arch
         self.arch_kwargs = dict(arch_kwargs or {})
         # Stochastic depth (Huang et al. 2016): per-block probability of dropping the block for a
@@ -112,7 +122,7 @@ class Backbone(nn.Module):
         for block, rate in zip(self.blocks, self.drop_rates):
             if self.training and rate > 0.0:
                 keep = torch.rand(h.shape[0], device=h.device) >= rate  # (B,)
-                h = torch.where(keep[:, None, None, None], block(h), block.shortcut(h))
+                h = torch.where(keep[:, None, None, None], block(h), skip(block, h))
             else:
                 h = block(h)
         return self.head(h)

@@ -6,19 +6,20 @@ work (BatchNorm in eval mode, ReLU, additions) is not counted, as is usual for F
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 if TYPE_CHECKING:
     from backbones.base import Backbone
 
 
-def count_flops(module: nn.Module, x: torch.Tensor) -> tuple[int, torch.Tensor]:
-    """FLOPs of ``module(x)`` and its output, counted by the framework."""
+def count_flops(module: Callable[[torch.Tensor], Any], x: torch.Tensor) -> tuple[int, Any]:
+    """FLOPs of ``module(x)`` (a module or any function of ``x``) and its output, counted by the framework."""
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         out = module(x)
     return int(counter.get_total_flops()), out
@@ -55,6 +56,8 @@ class FlopsProfile:
 
 def profile_backbone(backbone: Backbone, input_size: tuple[int, int, int]) -> FlopsProfile:
     """Count each part of ``backbone`` on one image of ``input_size`` (C, H, W)."""
+    from backbones.base import skip  # base imports this module
+
     was_training = backbone.training
     backbone.eval()
     device = next(backbone.parameters()).device
@@ -62,7 +65,7 @@ def profile_backbone(backbone: Backbone, input_size: tuple[int, int, int]) -> Fl
     stem, h = count_flops(backbone.stem, x)
     executed, skipped = [], []
     for block in backbone.blocks:
-        s, _ = count_flops(block.shortcut, h)
+        s, _ = count_flops(functools.partial(skip, block), h)
         e, h = count_flops(block, h)
         executed.append(e)
         skipped.append(s)

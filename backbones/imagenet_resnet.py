@@ -25,7 +25,8 @@ class TorchvisionBlock(nn.Module):
 
     @property
     def shortcut(self) -> nn.Module:
-        return self.block.downsample if self.block.downsample is not None else _IDENTITY
+        downsample = self.block.downsample
+        return downsample if isinstance(downsample, nn.Module) else _IDENTITY
 
     def forward(self, x: Tensor) -> Tensor:
         return self.block(x)

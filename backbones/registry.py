@@ -29,7 +29,7 @@ def register_depths(prefix: str, builder: Callable[..., Backbone], depths: tuple
     """Register ``builder(depth, **kwargs)`` as ``f"{prefix}{depth}"`` for every depth."""
     for depth in depths:
         build = functools.partial(builder, depth)
-        build.__doc__ = doc.format(depth=depth)  # type: ignore[attr-defined]
+        build.__doc__ = doc.format(depth=depth)
         register(f"{prefix}{depth}")(build)
 
 

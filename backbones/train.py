@@ -86,6 +86,11 @@ class TrainConfig:
         if self.epochs is None:
             self.epochs = DEFAULT_EPOCHS.get(self.dataset, 30)
 
+    @property
+    def total_epochs(self) -> int:
+        """``epochs``, or the data set's default when it was left unset."""
+        return self.epochs if self.epochs is not None else DEFAULT_EPOCHS.get(self.dataset, 30)
+
     def arch_kwargs(self, data: Dataset) -> dict[str, Any]:
         c, h, _ = data.input_size
         wanted = {"in_channels": c, "width": self.width, "image_size": h}
@@ -184,7 +189,7 @@ def train(cfg: TrainConfig) -> tuple[Backbone, dict[str, Any]]:
         check_metadata(state["metadata"], path, **expected)
         if state["metadata"].get("complete"):
             log.info("reusing finished backbone %s", path)
-            return load_backbone(path, map_location=device, **{k: expected[k] for k in ("arch", "dataset")})
+            return load_backbone(path, map_location=device, arch=cfg.arch, dataset=cfg.dataset)
 
     seed_everything(cfg.seed)
     backbone = create(cfg.arch, num_classes=train_data.num_classes, **arch_kwargs).to(device)
@@ -193,8 +198,9 @@ def train(cfg: TrainConfig) -> tuple[Backbone, dict[str, Any]]:
     val_data = load_dataset(cfg.dataset, "val", cfg.data_root, cfg.download, cfg.image_size)
     test_data = load_dataset(cfg.dataset, "test", cfg.data_root, cfg.download, cfg.image_size)
 
+    epochs = cfg.total_epochs
     steps_per_epoch = math.ceil(len(train_data) / cfg.batch_size)
-    total_steps = cfg.epochs * steps_per_epoch
+    total_steps = epochs * steps_per_epoch
     optimizer = torch.optim.SGD(
         backbone.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True
     )
@@ -221,7 +227,7 @@ def train(cfg: TrainConfig) -> tuple[Backbone, dict[str, Any]]:
     )
     val_acc = 0.0
     backbone.train()
-    for epoch in range(start_epoch, cfg.epochs):
+    for epoch in range(start_epoch, epochs):
         t0 = time.perf_counter()
         for x, y in batches(
             train_data,
@@ -249,7 +255,7 @@ def train(cfg: TrainConfig) -> tuple[Backbone, dict[str, Any]]:
         writer.add_scalar("charts/val_accuracy", val_acc, step)
         writer.add_scalar("charts/learning_rate", scheduler.get_last_lr()[0], step)
         writer.add_scalar("charts/epoch_seconds", time.perf_counter() - t0, step)
-        done = epoch + 1 == cfg.epochs
+        done = epoch + 1 == epochs
         extra: dict[str, Any] = {"complete": done, "val_accuracy": val_acc, "train_config": config_dict}
         if done:
             extra["test_accuracy"] = evaluate(backbone, test_data, device)

@@ -26,7 +26,7 @@ shared machine slows all of them alike.
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import functools
 import json
 import os
 import platform
@@ -36,6 +36,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,7 +57,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def interleaved(fns: dict[str, Callable[[], None]], rounds: int, device: torch.device) -> dict[str, float]:
+def interleaved(fns: dict[str, Callable[[], Any]], rounds: int, device: torch.device) -> dict[str, float]:
     """Median seconds of each function, every function timed once per round."""
     for fn in fns.values():  # warm-up
         fn()
@@ -82,7 +83,7 @@ def synthetic(n: int, input_size: tuple[int, int, int], num_classes: int, seed: 
     return ImageTensors(images, labels, num_classes, (0.5,) * input_size[0], (0.25,) * input_size[0], "synthetic")
 
 
-def graphed(fn: Callable[[Tensor], Tensor], x: Tensor) -> Callable[[], None]:
+def graphed(fn: Callable[[Tensor], Tensor], x: Tensor) -> Callable[[], Any]:
     """``fn(x)`` captured in one CUDA graph over a static copy of ``x``; returns its replay."""
     static = x.clone()
     side = torch.cuda.Stream(x.device)
@@ -97,12 +98,12 @@ def graphed(fn: Callable[[Tensor], Tensor], x: Tensor) -> Callable[[], None]:
     return graph.replay
 
 
-def forward_variants(net: Backbone, frozen: Backbone, x: Tensor) -> dict[str, Callable[[], None]]:
+def forward_variants(net: Backbone, frozen: Backbone, x: Tensor) -> dict[str, Callable[[], Any]]:
     """The plain full forwards of the device: eager fp32, the engine, the engine in one CUDA graph."""
     xe = prepare_input(frozen, x)
     fmt = ", channels_last" if frozen.memory_format == torch.channels_last else ""
     engine = f"engine ({str(frozen.compute_dtype).removeprefix('torch.')}{fmt}, BN folded)"
-    fns: dict[str, Callable[[], None]] = {"eager fp32": lambda: net(x), engine: lambda: frozen(xe)}
+    fns: dict[str, Callable[[], Any]] = {"eager fp32": lambda: net(x), engine: lambda: frozen(xe)}
     if x.device.type == "cuda":
         fns[f"{engine}, one CUDA graph"] = graphed(frozen, xe)
     return fns
@@ -133,10 +134,8 @@ def bench_throughput(net, data, batch: int, device: torch.device, rounds: int, d
     x0, _ = data_dev.batch(order[:batch])
     best = {name: fn for name, fn in forward_variants(net, frozen, x0).items() if name != "eager fp32"}
     (engine_name, engine_fn), *graph = best.items()
-    static_input = None
-    if graph:  # the graphed forward reads a static input: each batch is copied into it
-        static_input = prepare_input(frozen, x0).clone()
-        graph_fn = graphed(frozen, static_input)
+    static_input = prepare_input(frozen, x0).clone()  # the graphed forward reads a static input
+    graph_fn = graphed(frozen, static_input) if graph else None
 
     def draw() -> Tensor:  # the same work as the env: draw a batch and normalise it
         i = pos["i"] = (pos["i"] + batch) % (len(data) - batch)
@@ -153,9 +152,10 @@ def bench_throughput(net, data, batch: int, device: torch.device, rounds: int, d
     @torch.no_grad()
     def plain_graphed() -> None:
         static_input.copy_(prepare_input(frozen, draw()))
+        assert graph_fn is not None
         graph_fn()
 
-    def episode(env, ones) -> Callable[[], None]:
+    def episode(env, ones) -> Callable[[], Any]:
         def run() -> None:  # one full episode per env (the autoreset draws the next batch)
             for _ in range(gates):
                 env.step(ones)
@@ -184,7 +184,7 @@ def bench_throughput(net, data, batch: int, device: torch.device, rounds: int, d
     return {name: batch * blocks / t for name, t in medians.items()}  # image-blocks per second
 
 
-def engine_routed(frozen: Backbone, router: Router, x: Tensor, mask: Tensor, counts: list[int]) -> Callable[[], None]:
+def engine_routed(frozen: Backbone, router: Router, x: Tensor, mask: Tensor, counts: list[int]) -> Callable[[], Any]:
     """The env's routed forward on the engine: executed counts known on the host, as the env's
     one sync per step provides them."""
 
@@ -216,14 +216,14 @@ def bench_savings(net, frozen, batch: int, device: torch.device, rounds: int, ra
         for rate, m in masks.items():
             md, counts = m.to(device), m.sum(0).tolist()
             fns[f"engine {rate}"] = engine_routed(frozen, router, xe, md, counts)
-            fns[f"reference {rate}"] = lambda md=md: routed_forward(net, x, md)
+            fns[f"reference {rate}"] = functools.partial(routed_forward, net, x, md)
             if rate < 1.0:
-                fns[f"masked {rate}"] = lambda md=md: masked_forward(net, x, md)
+                fns[f"masked {rate}"] = functools.partial(masked_forward, net, x, md)
         for fn in list(fns.values()):  # CUDA graphs of every bucket the masks reach, captured before timing
             fn()
         medians = interleaved(fns, rounds, device)
     full = {name: medians[name] for name in plain}
-    best_name = min(full, key=full.get)
+    best_name = min(full, key=lambda name: full[name])
     best = full[best_name]
     rows = []
     for rate, m in masks.items():
@@ -244,7 +244,7 @@ def bench_savings(net, frozen, batch: int, device: torch.device, rounds: int, ra
     return [{"full_ms": {k: 1e3 * v for k, v in full.items()}, "best_full": best_name}, *rows]
 
 
-def bench_recipe(net: Backbone, device: torch.device, images: int, hrl_iterations: int) -> dict[str, float]:
+def bench_recipe(net: Backbone, device: torch.device, images: int, hrl_iterations: int) -> dict[str, Any]:
     """Seconds of one SP epoch over ``images`` synthetic images and of ``hrl_iterations`` HRL
     iterations, at the device's default batch size and the hybrid_rnn gates' defaults."""
     import tempfile
@@ -254,8 +254,8 @@ def bench_recipe(net: Backbone, device: torch.device, images: int, hrl_iteration
     from agents.hybrid import HybridTrainer
     from agents.registry import hybrid_config
 
-    cfg = RunConfig(sp_epochs=1, hrl_iterations=hrl_iterations, progress=False).for_device(device)
-    cfg = dataclasses.replace(cfg, num_envs=min(cfg.num_envs, images))
+    cfg = RunConfig(sp_epochs=1, hrl_iterations=hrl_iterations, progress=False).for_device(device, images)
+    batch, _ = cfg.batch_sizes()
     data = synthetic(images, net.input_size, net.num_classes, seed=1)
     rnn = {"hidden_size": cfg.rnn_hidden, "embed_dim": cfg.rnn_embed, "position_bias": cfg.rnn_position_bias}
     gates = create_gates("rnn", net, **rnn).to(device)
@@ -272,12 +272,12 @@ def bench_recipe(net: Backbone, device: torch.device, images: int, hrl_iteration
         sync(device)
         t2 = time.perf_counter()
     return {
-        "batch": cfg.num_envs,
+        "batch": batch,
         "images": images,
         "sp_epoch_s": t1 - t0,
         "hrl_iterations": hrl_iterations,
         "hrl_s": t2 - t1,
-        "hrl_episodes_per_s": hrl_iterations * cfg.num_envs / (t2 - t1),
+        "hrl_episodes_per_s": hrl_iterations * batch / (t2 - t1),
     }
 
 

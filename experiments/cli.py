@@ -13,7 +13,7 @@ import textwrap
 import types
 import typing
 from collections.abc import Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 T = TypeVar("T")
 
@@ -60,7 +60,10 @@ def _parser_type(tp: Any) -> tuple[Any, dict[str, Any]]:
 def _default(f: dataclasses.Field, instance: Any) -> Any:
     if instance is not None:
         return getattr(instance, f.name)
-    return f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    factory: Any = f.default_factory
+    return factory()
 
 
 def _flags(cls: type, parser: argparse.ArgumentParser, seen: dict[str, str], owner: str, instance: Any = None) -> None:
@@ -99,7 +102,7 @@ def _build(cls: type[T], values: dict[str, Any]) -> T:
     """An instance of ``cls`` from the parsed flat ``values`` (nested dataclasses built too)."""
     hints = typing.get_type_hints(cls)
     kwargs: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
+    for f in dataclasses.fields(cast(Any, cls)):
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
             kwargs[f.name] = _build(tp, values)  # type: ignore[arg-type]

@@ -166,7 +166,7 @@ def run(
         raise ValueError("--eval-only and --resume need --checkpoint PATH (an agent checkpoint)")
     if cfg.eval_only and cfg.resume:
         raise ValueError("--eval-only and --resume exclude each other: evaluate a checkpoint, or continue its run")
-    state = safe_load(cfg.checkpoint) if (cfg.eval_only or cfg.resume) else None
+    state = safe_load(cfg.checkpoint) if (cfg.eval_only or cfg.resume) and cfg.checkpoint else None
     if cfg.resume:
         assert state is not None
         cfg = resumed_config(cfg, state.get("metadata", {}).get("run_config"), given)
@@ -177,9 +177,10 @@ def run(
     split = {s: load_dataset(cfg.dataset, s, cfg.data_root, cfg.download, cfg.image_size) for s in ("train", "test")}
     # batch sizes left unset: the device's defaults (at most the training set), recorded with the run
     cfg = cfg.for_device(device, max_batch=len(split["train"]))
-    if len(split["train"]) < cfg.num_envs:
+    num_envs, eval_batch = cfg.batch_sizes()
+    if len(split["train"]) < num_envs:
         raise ValueError(
-            f"--num-envs {cfg.num_envs} is more than the {len(split['train'])} training images of {cfg.dataset}"
+            f"--num-envs {num_envs} is more than the {len(split['train'])} training images of {cfg.dataset}"
         )
     backbone, backbone_meta = load_backbone_for(cfg, device, split["train"])
     backbone = backbone.to(device).eval()
@@ -195,9 +196,10 @@ def run(
 
     stage = None
     if state is not None:
+        assert cfg.checkpoint is not None  # the state was read from it
         check_agent_checkpoint(state, cfg.checkpoint, cfg.agent, metadata)
         stage = state["metadata"].get("stage")
-    if cfg.resume:  # the run continues in its own folder
+    if cfg.resume and cfg.checkpoint:  # the run continues in its own folder
         run_dir = Path(cfg.checkpoint).parent
     else:  # a new run, or an evaluation: a folder of its own, never the checkpoint's
         kind = "eval" if cfg.eval_only else str(cfg.seed)
@@ -219,11 +221,11 @@ def run(
     ctx = AgentContext(cfg, backbone, split["train"], device, checkpoint, metadata, writer)
 
     # the frozen backbone's own accuracy, before --finetune-backbone (or a loaded checkpoint) changes it
-    full = evaluate(RoutingPolicy(), backbone, split["test"], device, cfg.eval_batch, precision=cfg.precision)
+    full = evaluate(RoutingPolicy(), backbone, split["test"], device, eval_batch, precision=cfg.precision)
     t_train = time.perf_counter()
-    policy = spec.load(ctx, state) if cfg.eval_only else spec.train(ctx, state)
+    policy = spec.load(ctx, state) if cfg.eval_only and state is not None else spec.train(ctx, state)
     train_seconds = time.perf_counter() - t_train
-    result = evaluate(policy, backbone, split["test"], device, cfg.eval_batch, precision=cfg.precision)
+    result = evaluate(policy, backbone, split["test"], device, eval_batch, precision=cfg.precision)
     writer.add_scalar("eval/accuracy", result.accuracy, 0)
     writer.add_scalar("eval/flops_fraction", result.flops_fraction, 0)
     dynamics = routing_statistics(result, full, cfg.seed)
@@ -273,9 +275,10 @@ def routing_statistics(result: EvalResult, full: EvalResult, seed: int) -> dict[
 def write_per_image(path: Path, result: EvalResult, full: EvalResult) -> None:
     """Per-test-image outcomes of the policy and of the full backbone (a plain ``.npz``, read with
     ``allow_pickle=False``): what paired comparisons between runs are computed from."""
+    arrays: dict[str, Any] = dict(result.per_image)
     np.savez_compressed(
         path,
-        **result.per_image,
+        **arrays,
         full_correct=full.per_image["correct"],
         full_cross_entropy=full.per_image["cross_entropy"],
     )

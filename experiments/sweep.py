@@ -289,7 +289,11 @@ def _plot(rows: list[dict[str, Any]], png: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for on, style in ((False, {"color": "0.6", "label": "trials"}), (True, {"color": "C3", "label": "Pareto front"})):
+    styles: tuple[tuple[bool, dict[str, Any]], ...] = (
+        (False, {"color": "0.6", "label": "trials"}),
+        (True, {"color": "C3", "label": "Pareto front"}),
+    )
+    for on, style in styles:
         pts = [r for r in rows if r["pareto"] == on]
         if pts:
             ax.errorbar(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,7 @@ CostTiming = Literal["terminal", "per_step"]
 
 DEFAULT_ALPHA = 1.0  # the weight of compute, wherever a default is needed: the env, the agents, the runs
 # SkipNet's own reward: the negative cross-entropy at the end, each block's cost as it is spent
-SKIPNET_REWARD = {"accuracy_reward": "neg_ce", "cost_timing": "per_step"}
+SKIPNET_REWARD: dict[str, Any] = {"accuracy_reward": "neg_ce", "cost_timing": "per_step"}
 
 
 @dataclass(frozen=True)
@@ -108,6 +108,13 @@ class BatchedRouting:
         self.h: Tensor | None = None
 
     @property
+    def activation(self) -> Tensor:
+        """The activation entering the next gated block ``(B, C, H, W)``, in the compute precision."""
+        if self.h is None:
+            raise RuntimeError("no activation before start() or begin()")
+        return self.h
+
+    @property
     def done(self) -> bool:
         return self.step_index >= self.num_gates
 
@@ -171,11 +178,11 @@ class BatchedRouting:
         k = self.step_index
         index = self.first_gated + k
         if self.router is None:
-            self.h = route_block(self.net.blocks[index], self.h, execute, num_execute)
+            self.h = route_block(self.net.blocks[index], self.activation, execute, num_execute)
         else:
             if num_execute is None:
                 num_execute = int(execute.sum())  # the one device sync: the executed row count sets the shapes
-            self.h = self.router.route(index, self.h, execute, num_execute)
+            self.h = self.router.route(index, self.activation, execute, num_execute)
         step_flops = torch.where(execute, self.exec_flops[k], self.skip_flops[k])  # (B,)
         self.spent_flops += step_flops
         if k == 0:  # the per-step charge of the first step includes the stem and always-run blocks

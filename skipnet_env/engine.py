@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from backbones.base import Backbone
+from backbones.base import Backbone, skip
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def _fold_checked(part: nn.Module, probe: Tensor) -> nn.Module:
         want, got = part(probe), folded(probe)
         same = torch.allclose(want, got, rtol=1e-3, atol=1e-4 * (1.0 + float(want.abs().max())))
         if same and hasattr(part, "shortcut"):
-            same = torch.allclose(part.shortcut(probe), folded.shortcut(probe), rtol=1e-3, atol=1e-4)
+            same = torch.allclose(skip(part, probe), skip(folded, probe), rtol=1e-3, atol=1e-4)
     if not same:
         log.warning("BatchNorm folding changed the output of %s: left unfolded", type(part).__name__)
         return part
@@ -123,18 +123,18 @@ def freeze(
                 frozen.blocks[i] = _fold_checked(block, h)
                 h = block(h)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    frozen.to(dtype=dtype, memory_format=memory_format)
+    frozen.to(dtype=dtype)
+    frozen.to(memory_format=memory_format)
     frozen.compute_dtype = dtype
     frozen.memory_format = memory_format
     return frozen
 
 
-def prepare_input(backbone: nn.Module, x: Tensor) -> Tensor:
+def prepare_input(backbone: Backbone, x: Tensor) -> Tensor:
     """``x`` in the dtype and memory format a :func:`freeze` copy computes in (as is for others)."""
-    dtype = getattr(backbone, "compute_dtype", None)
-    if dtype is None:
+    if backbone.compute_dtype is None:
         return x
-    return x.to(dtype=dtype, memory_format=backbone.memory_format)
+    return x.to(dtype=backbone.compute_dtype, memory_format=backbone.memory_format)
 
 
 def identity_shortcut(block: nn.Module) -> bool:
@@ -149,10 +149,10 @@ def route_inplace(block: nn.Module, h: Tensor, execute: Tensor, num_execute: int
     if num_execute == batch:
         return block(h)
     if num_execute == 0:
-        return block.shortcut(h)
+        return skip(block, h)
     run = torch.argsort(~execute, stable=True)[:num_execute]  # executed rows, no host sync
     out_run = block(h.index_select(0, run))  # (B_run, C', H', W')
-    out = h if identity_shortcut(block) else block.shortcut(h)  # a projection runs on every row: cheap
+    out = h if identity_shortcut(block) else skip(block, h)  # a projection runs on every row: cheap
     return out.index_copy_(0, run, out_run)
 
 
@@ -216,7 +216,7 @@ class Router:
         out_shape = tuple(self.backbone.activation_shapes[index + 1])
         out = bufs.acts[out_shape]
         if num_execute == 0:  # nothing to run: the shortcut alone
-            return h if identity_shortcut(block) else out.copy_(block.shortcut(h))
+            return h if identity_shortcut(block) else out.copy_(skip(block, h))
         static_h = bufs.acts[tuple(h.shape[1:])]
         if h.data_ptr() != static_h.data_ptr():  # an activation from elsewhere: into the buffer the step reads
             h = static_h.copy_(h)
@@ -231,8 +231,8 @@ class Router:
     def _buffers_for(self, batch: int) -> _Buffers:
         bufs = self._buffers.get(batch)
         if bufs is None:
-            dtype = getattr(self.backbone, "compute_dtype", torch.float32)
-            fmt = getattr(self.backbone, "memory_format", torch.contiguous_format)
+            dtype = self.backbone.compute_dtype or torch.float32
+            fmt = self.backbone.memory_format
             acts = {
                 tuple(shape): torch.zeros(batch, *shape, device=self.device, dtype=dtype).to(memory_format=fmt)
                 for shape in self.backbone.activation_shapes
@@ -256,7 +256,7 @@ class Router:
             if identity:
                 keep = x
             else:
-                out.copy_(block.shortcut(h))
+                out.copy_(skip(block, h))
                 keep = out.index_select(0, order)
             out.index_copy_(0, order, torch.where(real, block(x), keep))
 

@@ -32,7 +32,7 @@ def observation_space(obs_dim: int) -> spaces.Box:
     return spaces.Box(-np.inf, np.inf, shape=(obs_dim,), dtype=np.float32)
 
 
-class SkipNetEnv(gym.Env[np.ndarray, int]):
+class SkipNetEnv(gym.Env[np.ndarray, Any]):
     """One image per episode; the backbone and the image stay on ``device``.
 
     Args:

@@ -51,7 +51,7 @@ def run_mask(core: BatchedRouting, images: Tensor, labels: Tensor, execute: Tens
     """One episode per image: ``execute`` ``(B, N)`` bool through the gated blocks; returns the
     stem observation ``(B, C, H, W)`` (fp32), the total reward ``(B,)`` and the final info."""
     core.start(images, labels)
-    stem = core.h.float()
+    stem = core.activation.float()
     total = torch.zeros(images.shape[0], device=images.device)
     info: dict[str, Tensor] = {}
     for k in range(core.num_gates):
@@ -78,7 +78,8 @@ class SkipNetOneShotEnv(gym.Env[np.ndarray, np.ndarray]):
         self.data = routing.data.to(self.device) if isinstance(routing.data, ImageTensors) else routing.data
         self.observation = observation
         self.num_gates = self.core.num_gates
-        self.observation_space = spaces.Box(-np.inf, np.inf, observation_shape(self.core, observation), np.float32)
+        self.obs_shape = observation_shape(self.core, observation)
+        self.observation_space = spaces.Box(-np.inf, np.inf, self.obs_shape, np.float32)
         self.action_space = spaces.MultiBinary(self.num_gates)
         self._image: tuple[Tensor, Tensor] | None = None
         self._index = -1
@@ -100,7 +101,7 @@ class SkipNetOneShotEnv(gym.Env[np.ndarray, np.ndarray]):
         self._image = (x, y)
         if self.observation == "stem":
             self.core.start(x, y)
-            x = self.core.h
+            x = self.core.activation
         return x[0].float().cpu().numpy(), {"index": self._index, "label": int(y[0])}
 
     def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict]:
@@ -113,7 +114,7 @@ class SkipNetOneShotEnv(gym.Env[np.ndarray, np.ndarray]):
         self._image = None
         out = {k: (v[0].cpu().numpy() if v.ndim > 1 else v[0].item()) for k, v in info.items() if k != "logits"}
         out["index"] = self._index
-        obs = np.zeros(self.observation_space.shape, dtype=np.float32)  # nothing follows the one step
+        obs = np.zeros(self.obs_shape, dtype=np.float32)  # nothing follows the one step
         return obs, float(reward[0]), True, False, out
 
 
@@ -167,32 +168,29 @@ class SkipNetOneShotVectorEnv(VectorEnv):
         self._all = torch.ones(num_envs, dtype=torch.bool, device=self.device)
 
     @property
-    def images(self) -> Tensor:
-        """The current batch's normalised images ``(B, C, H, W)`` on the device."""
+    def batch(self) -> tuple[Tensor, Tensor]:
+        """The current batch on the device: normalised images ``(B, C, H, W)`` and labels ``(B,)``."""
         if self._batch is None:
-            raise RuntimeError("no images before reset()")
-        return self._batch[0]
+            raise RuntimeError("no images before reset(): call reset() first")
+        return self._batch
 
     def _draw(self) -> Tensor:
-        self._batch = self.sampler.next()
-        x, y = self._batch
+        self._batch = x, y = self.sampler.next()
         if self.observation == "image":
             return x.float()
         self.core.start(x, y)
-        return self.core.h.float()
+        return self.core.activation.float()
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Any, dict]:
         super().reset(seed=seed)
         if seed is not None:
             self.sampler.seed(seed)
         obs = self._draw()
-        return self._out(obs), {"label": self._out(self._batch[1])}
+        return self._out(obs), {"label": self._out(self.batch[1])}
 
     def step(self, actions: Any) -> tuple[Any, Any, Any, Any, dict]:
-        if self._batch is None:
-            raise RuntimeError("step() called before reset(): call reset() first")
+        x, y = self.batch
         execute, counts = self._check_actions(actions)
-        x, y = self._batch
         stem, reward, info = run_mask(self.core, x, y, execute, counts)
         final_obs = x.float() if self.observation == "image" else stem
         if not self.return_tensors:
@@ -204,7 +202,7 @@ class SkipNetOneShotVectorEnv(VectorEnv):
             "_final_obs": self._out(self._all),
             "final_info": final_info,
             "_final_info": self._out(self._all),
-            "label": self._out(self._batch[1]),
+            "label": self._out(self.batch[1]),
         }
         done = self._out(self._all)
         return self._out(obs), self._out(reward), done, self._out(~self._all), out_info

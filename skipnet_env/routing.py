@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from backbones.base import Backbone
+from backbones.base import Backbone, skip
 
 
 def route_block(block: nn.Module, h: Tensor, execute: Tensor, num_execute: int | None = None) -> Tensor:
@@ -32,15 +32,15 @@ def route_block(block: nn.Module, h: Tensor, execute: Tensor, num_execute: int |
     if num_execute == batch:
         return block(h)
     if num_execute == 0:
-        return block.shortcut(h)
+        return skip(block, h)
     order = torch.argsort(~execute, stable=True)  # (B,) executed rows first
-    run, skip = order[:num_execute], order[num_execute:]
+    run, skipped = order[:num_execute], order[num_execute:]
     out_run = block(h.index_select(0, run))  # (B_run, C', H', W')
     if isinstance(block.shortcut, nn.Identity):  # skipped rows keep their activation as it is
         return h.index_copy(0, run, out_run)
     out = out_run.new_empty((batch, *out_run.shape[1:]))
     out.index_copy_(0, run, out_run)
-    out.index_copy_(0, skip, block.shortcut(h.index_select(0, skip)))
+    out.index_copy_(0, skipped, skip(block, h.index_select(0, skipped)))
     return out
 
 
@@ -58,5 +58,5 @@ def masked_forward(backbone: Backbone, x: Tensor, execute: Tensor) -> Tensor:
     h = backbone.stem(x)
     for i, block in enumerate(backbone.blocks):
         m = execute[:, i].to(h.dtype)[:, None, None, None]  # (B, 1, 1, 1)
-        h = block(h) * m + block.shortcut(h) * (1.0 - m)
+        h = block(h) * m + skip(block, h) * (1.0 - m)
     return backbone.head(h)

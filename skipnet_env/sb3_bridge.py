@@ -34,7 +34,7 @@ class SB3VecEnv(VecEnv):
         return obs
 
     def step_async(self, actions: np.ndarray) -> None:
-        self._actions = np.asarray(actions).reshape(self.num_envs, *self.action_space.shape)
+        self._actions = np.asarray(actions).reshape(self.num_envs, *(self.action_space.shape or ()))
 
     def step_wait(self):
         obs, reward, terminated, truncated, info = self.venv.step(self._actions)

@@ -3,6 +3,7 @@ checked against each other, and a sampler of image batches that lives on the dev
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -175,7 +176,7 @@ class BatchSampler:
             self.generator.manual_seed(seed)
         self._order: Tensor | None = None
         self._pos = 0
-        self._loader_iter = None
+        self._loader_iter: Iterator[Any] | None = None
         self._last_state: dict[str, Any] | None = None
 
     def _state(self) -> dict[str, Any]:
@@ -207,17 +208,17 @@ class BatchSampler:
             self._pos += self.batch_size
             return self.data.batch(idx)
         if self._loader_iter is None:
-            self._loader_iter = iter(self._loader())
+            self._loader_iter = iter(self._loader(self.data))
         try:
             x, y = next(self._loader_iter)
         except StopIteration:
-            self._loader_iter = iter(self._loader())
+            self._loader_iter = iter(self._loader(self.data))
             x, y = next(self._loader_iter)
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
-    def _loader(self) -> torch.utils.data.DataLoader:
+    def _loader(self, data: FolderImages) -> torch.utils.data.DataLoader:
         return torch.utils.data.DataLoader(
-            self.data.dataset,
+            data.dataset,
             batch_size=self.batch_size,
             shuffle=True,
             drop_last=True,
