@@ -41,6 +41,20 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
+class _Repeatable(argparse.Action):
+    """A list flag that may be given more than once: ``--grid a=1 b=2 --grid c=3`` gives all
+    three; the default applies only when the flag is absent."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.filled: set[int] = set()  # namespaces this flag already wrote to
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: Any = None) -> None:
+        before = list(getattr(namespace, self.dest)) if id(namespace) in self.filled else []
+        setattr(namespace, self.dest, before + list(values))
+        self.filled.add(id(namespace))
+
+
 def _parser_type(tp: Any) -> tuple[Any, dict[str, Any]]:
     """argparse ``type`` and extra kwargs for a field's annotation."""
     origin = typing.get_origin(tp)
@@ -51,7 +65,7 @@ def _parser_type(tp: Any) -> tuple[Any, dict[str, Any]]:
         return type(args[0]), {"choices": list(args)}
     if origin in (list, tuple, Sequence):
         inner, _ = _parser_type(args[0]) if args else (str, {})
-        return inner, {"nargs": "+"}
+        return inner, {"nargs": "+", "action": _Repeatable}
     if tp is bool:
         return bool, {}
     return tp, {}

@@ -14,7 +14,6 @@ import gymnasium as gym
 import numpy as np
 import torch
 from gymnasium import spaces
-from torch import Tensor
 from typing_extensions import Unpack
 
 from backbones.data import ImageTensors
@@ -25,6 +24,7 @@ from skipnet_env.sources import (
     DatasetSpec,
     EnvOptions,
     build_routing,
+    one_image,
 )
 
 
@@ -61,22 +61,11 @@ class SkipNetEnv(gym.Env[np.ndarray, Any]):
         self._execute = torch.tensor([[False], [True]], device=self.device)  # (2, 1): action -> mask, no copy per step
         self._index = -1
 
-    def _image(self, index: int) -> tuple[Tensor, Tensor]:
-        if isinstance(self.data, ImageTensors):
-            return self.data.normalize(self.data.images[index : index + 1]), self.data.labels[index : index + 1]
-        x, y = self.data.dataset[index]
-        return x[None].to(self.device), torch.tensor([y], device=self.device)
-
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
         """Start an episode on a random image, or on ``options["index"]``."""
         super().reset(seed=seed)
-        index = (options or {}).get("index")
-        if index is None:
-            index = int(self.np_random.integers(len(self.data)))
-        elif not isinstance(index, int | np.integer) or isinstance(index, bool) or not 0 <= index < len(self.data):
-            raise IndexError(f"options['index'] must be an integer in [0, {len(self.data)}), got {index!r}")
-        self._index = int(index)
-        obs = self.core.start(*self._image(self._index))
+        self._index, x, y = one_image(self.data, self.device, self.np_random, options)
+        obs = self.core.start(x, y)
         return obs[0].cpu().numpy(), {"index": self._index, "label": int(self.core.labels[0])}
 
     def step(self, action: int) -> tuple[np.ndarray, float, bool, bool, dict]:

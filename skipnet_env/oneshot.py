@@ -34,6 +34,7 @@ from skipnet_env.sources import (
     DatasetSpec,
     EnvOptions,
     build_routing,
+    one_image,
 )
 
 Observation = Literal["image", "stem"]
@@ -87,17 +88,7 @@ class SkipNetOneShotEnv(gym.Env[np.ndarray, np.ndarray]):
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
         """Draw a random image, or ``options["index"]``."""
         super().reset(seed=seed)
-        index = (options or {}).get("index")
-        if index is None:
-            index = int(self.np_random.integers(len(self.data)))
-        elif not isinstance(index, int | np.integer) or isinstance(index, bool) or not 0 <= index < len(self.data):
-            raise IndexError(f"options['index'] must be an integer in [0, {len(self.data)}), got {index!r}")
-        self._index = int(index)
-        if isinstance(self.data, ImageTensors):
-            x, y = self.data.normalize(self.data.images[index : index + 1]), self.data.labels[index : index + 1]
-        else:
-            image, label = self.data.dataset[index]
-            x, y = image[None].to(self.device), torch.tensor([label], device=self.device)
+        self._index, x, y = one_image(self.data, self.device, self.np_random, options)
         self._image = (x, y)
         if self.observation == "stem":
             self.core.start(x, y)

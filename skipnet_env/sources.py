@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 from typing_extensions import TypedDict, Unpack
@@ -150,6 +151,23 @@ def check_compatible(backbone: Backbone, data: Dataset) -> None:
             f"backbone {backbone.arch} does not fit data set {data.name!r}: {'; '.join(problems)}. "
             "Use a backbone trained on this data set (python -m experiments.train_backbone --dataset ...)."
         )
+
+
+def one_image(
+    data: Dataset, device: torch.device, rng: np.random.Generator, options: dict[str, Any] | None
+) -> tuple[int, Tensor, Tensor]:
+    """The image a single-image env's ``reset`` starts on: ``options["index"]``, or a random one
+    drawn from ``rng``; returns its index, the normalised image ``(1, C, H, W)`` and label ``(1,)``."""
+    index = (options or {}).get("index")
+    if index is None:
+        index = int(rng.integers(len(data)))
+    elif not isinstance(index, int | np.integer) or isinstance(index, bool) or not 0 <= index < len(data):
+        raise IndexError(f"options['index'] must be an integer in [0, {len(data)}), got {index!r}")
+    index = int(index)
+    if isinstance(data, ImageTensors):
+        return index, data.normalize(data.images[index : index + 1]), data.labels[index : index + 1]
+    x, y = data.dataset[index]
+    return index, x[None].to(device), torch.tensor([y], device=device)
 
 
 class BatchSampler:

@@ -51,3 +51,11 @@ def test_a_two_trial_sweep_writes_every_run_and_the_front(tmp_path):
     assert (tmp_path / "sweeps" / "t" / "pareto.png").stat().st_size > 0
     again = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert again.returncode == 2 and "--restore" in again.stderr  # a finished sweep is never overwritten
+
+
+def test_list_flags_may_repeat_and_the_default_applies_only_when_absent():
+    from experiments.cli import parse
+
+    cfg = parse(SweepConfig, ["--grid", "alpha=1,2", "--grid", "seed=0,1", "agent=blockdrop"])
+    assert cfg.grid == ("alpha=1,2", "seed=0,1", "agent=blockdrop")
+    assert parse(SweepConfig, []).grid == SweepConfig().grid
