@@ -12,6 +12,7 @@ from typing import Any
 
 from backbones.base import Backbone
 from backbones.cache import cache_dir
+from backbones.data import load_dataset
 from backbones.train import TrainConfig, train
 
 __all__ = ["cache_dir", "get_trained"]
@@ -25,6 +26,9 @@ def get_trained(arch: str, dataset: str, **train_overrides: Any) -> tuple[Backbo
         the backbone (eval mode, on ``device``) and its checkpoint metadata.
     """
     cfg = TrainConfig(arch=arch, dataset=dataset, **train_overrides)
+    if cfg.image_size is None:  # the data set's own size, named in the key as the envs name it
+        data = load_dataset(dataset, "train", cfg.data_root, cfg.download, None)
+        cfg = dataclasses.replace(cfg, image_size=data.input_size[1])
     weight_fields = (
         "width",
         "image_size",

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 from stable_baselines3.common.vec_env import VecEnv, VecMonitor
+from stable_baselines3.common.vec_env.base_vec_env import VecEnvStepReturn
 
 from skipnet_env.oneshot import SkipNetOneShotVectorEnv
 from skipnet_env.vector_env import SkipNetVectorEnv
@@ -36,7 +37,7 @@ class SB3VecEnv(VecEnv):
     def step_async(self, actions: np.ndarray) -> None:
         self._actions = np.asarray(actions).reshape(self.num_envs, *(self.action_space.shape or ()))
 
-    def step_wait(self):
+    def step_wait(self) -> VecEnvStepReturn:
         obs, reward, terminated, truncated, info = self.venv.step(self._actions)
         dones = terminated | truncated
         infos: list[dict[str, Any]] = [{} for _ in range(self.num_envs)]  # SB3's API: one dict per env

@@ -96,3 +96,15 @@ def test_command_line_entry_point(tmp_path):
         cwd=Path(__file__).resolve().parents[1],
     ).stdout
     assert "stochastic depth" in help_text  # field docstrings become the help
+
+
+def test_a_backbone_asked_for_without_an_image_size_is_the_one_the_envs_use(monkeypatch):
+    """get_trained(arch, dataset) and the envs (which pass the data set's size) share one cache entry."""
+    import backbones.pretrained as pretrained
+
+    paths = []
+    monkeypatch.setattr(pretrained, "train", lambda cfg: paths.append(cfg.out) or (None, {}))
+    pretrained.get_trained("cifar_resnet20", "digits")
+    size = pretrained.load_dataset("digits", "train").input_size[1]
+    pretrained.get_trained("cifar_resnet20", "digits", image_size=size)
+    assert paths[0] == paths[1]
