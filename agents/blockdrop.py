@@ -2,10 +2,13 @@
 image once and outputs N Bernoulli probabilities, the whole execute mask; trained with REINFORCE
 and a self-critical baseline (the greedy mask's reward on the same images).
 
-Differences from the paper, said plainly: the reward is the environment's (accuracy minus
-``alpha`` times the FLOPs fraction, as for every agent here) instead of BlockDrop's
-``1 - (blocks used / N)^2`` or ``-gamma``; no curriculum over the number of blocks; the policy is a
-three-layer CNN instead of a ResNet-8, and the backbone stays frozen (no joint fine-tuning).
+Differences from the paper, said plainly: the reward is the environment's (the negative
+cross-entropy minus ``alpha`` times the FLOPs fraction, as SkipNet's; ``accuracy_reward="correct"``
+gives 1/0) instead of BlockDrop's ``1 - (blocks used / N)^2`` or ``-gamma``; its bounded
+exploration (``explore``, 0.8 in the paper) is off by default; no curriculum over the number of
+blocks; the policy is a three-layer CNN instead of a ResNet-8; the backbone stays frozen (no joint
+fine-tuning). With the 1/0 reward the masks collapsed to one fixed subset that lost to ``static``;
+with the cross-entropy they tie it (BENCHMARKS.md, section 8).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from agents.policies import RoutingPolicy
 from backbones.base import Backbone
 from backbones.checkpoint import atomic_save
 from backbones.data import Dataset
+from skipnet_env.core import AccuracyReward
 from skipnet_env.oneshot import SkipNetOneShotVectorEnv, run_mask
 
 
@@ -76,6 +80,8 @@ class BlockDropConfig:
     seed: int = 0
     checkpoint_every: int = 100
     precision: str = "auto"
+    accuracy_reward: AccuracyReward = "neg_ce"  # the env's accuracy term (see RewardConfig); or "correct"
+    explore: float = 1.0  # BlockDrop's bound: masks sampled from explore * p + (1 - explore) * (1 - p)
 
 
 class BlockDropTrainer:
@@ -103,6 +109,7 @@ class BlockDropTrainer:
             data,
             return_tensors=True,
             alpha=cfg.alpha,
+            accuracy_reward=cfg.accuracy_reward,
             device=device,
             precision=cfg.precision,
         )
@@ -134,13 +141,17 @@ class BlockDropTrainer:
         x, y = env.batch
         logits = self.net(x)  # (B, N)
         p = torch.sigmoid(logits)
+        p = self.cfg.explore * p + (1.0 - self.cfg.explore) * (1.0 - p)  # BlockDrop keeps sampling both ways
         sampled = torch.rand(p.shape, device=p.device, generator=self.generator) < p.detach()
         greedy = logits.detach() >= 0.0
         with torch.no_grad():  # the self-critical baseline: the greedy mask on the same images
             counts = greedy.sum(0).tolist()  # one sync for the replay's shapes
             _, greedy_reward, _ = run_mask(core, x, y, greedy, counts)
         _, reward, _, _, info = env.step(sampled)  # runs the sample, then draws the next batch
-        dist = torch.distributions.Bernoulli(logits=logits, validate_args=False)
+        if self.cfg.explore < 1.0:
+            dist = torch.distributions.Bernoulli(probs=p, validate_args=False)
+        else:  # from the logits: exact where p saturates
+            dist = torch.distributions.Bernoulli(logits=logits, validate_args=False)
         log_prob = dist.log_prob(sampled.float()).sum(1)  # (B,)
         entropy = dist.entropy().sum(1).mean()
         advantage = reward - greedy_reward

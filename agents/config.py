@@ -119,6 +119,10 @@ class RunConfig:
     """blockdrop: Adam learning rate of the policy network"""
     blockdrop_width: int = 16
     """blockdrop: channels of the policy network's first layer (then 2x, 4x)"""
+    blockdrop_reward: str = "neg_ce"
+    """blockdrop: the accuracy term of the reward: neg_ce (negative cross-entropy) or correct (1/0)"""
+    blockdrop_explore: float = 1.0
+    """blockdrop: masks sampled from explore * p + (1 - explore) * (1 - p) (BlockDrop's paper: 0.8; 1: off)"""
     # SB3 agents
     timesteps: int = 150_000
     """SB3 agents: environment steps to train for (image-blocks; images for ppo_oneshot)"""
@@ -177,6 +181,8 @@ class RunConfig:
         need(self.backbone_epochs is None or self.backbone_epochs >= 1, "backbone_epochs", "an integer >= 1")
         need(self.baseline in BASELINES, "baseline", "one of " + ", ".join(BASELINES))
         need(self.rnn_pooling in ("mean", "mean_max_std"), "rnn_pooling", "mean or mean_max_std")
+        need(self.blockdrop_reward in ("neg_ce", "correct"), "blockdrop_reward", "neg_ce or correct")
+        need(0.5 < self.blockdrop_explore <= 1.0, "blockdrop_explore", "in (0.5, 1]")
         if problems:
             raise ValueError("; ".join(problems))
 

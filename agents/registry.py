@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from tqdm.auto import tqdm
@@ -32,7 +32,7 @@ from agents.policies import (
 from backbones.base import Backbone
 from backbones.checkpoint import atomic_save
 from backbones.data import Dataset
-from skipnet_env.core import SKIPNET_REWARD
+from skipnet_env.core import SKIPNET_REWARD, AccuracyReward
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +212,7 @@ def _train_blockdrop(ctx: AgentContext, state: dict | None) -> RoutingPolicy:
     c = ctx.cfg
     cfg = BlockDropConfig(
         c.blockdrop_iterations, c.blockdrop_lr, c.alpha, c.batch_sizes()[0], c.entropy_coef, c.seed, c.checkpoint_every,
-        c.precision,
+        c.precision, cast(AccuracyReward, c.blockdrop_reward), c.blockdrop_explore,
     )  # fmt: skip
     trainer = BlockDropTrainer(
         ctx.backbone, _blockdrop_net(ctx), ctx.train_data, cfg, ctx.device, ctx.checkpoint, ctx.metadata, ctx.writer,

@@ -98,10 +98,11 @@ def test_blockdrop_learns_to_skip_and_resumes_exactly(parts, tmp_path):
         assert torch.equal(resumed.net.state_dict()[key], value), key
 
 
-def test_blockdrop_training_lowers_the_compute_it_spends(parts, tmp_path):
+@pytest.mark.parametrize("accuracy, explore", [("correct", 1.0), ("neg_ce", 0.8)])
+def test_blockdrop_training_lowers_the_compute_it_spends(parts, tmp_path, accuracy, explore):
     trainer = _trainer(parts, tmp_path, 40, every=40)
-    trainer.cfg.alpha = 3.0
-    trainer.env.core.reward = type(trainer.env.core.reward)(alpha=3.0)
+    trainer.cfg.explore = explore
+    trainer.env.core.reward = type(trainer.env.core.reward)(alpha=3.0, accuracy=accuracy)
     start = trainer.step()["charts/flops_fraction"]
     trainer.train()
     end = trainer.step()["charts/flops_fraction"]
