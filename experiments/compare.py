@@ -88,11 +88,15 @@ def _point(agent: str, setting: str, runs: list[dict[str, Any]]) -> Point:
     return Point(agent, setting, runs, np.stack(correct))
 
 
-def _config_key(cfg: RunConfig | dict) -> str:
+def _config_key(cfg: RunConfig | dict) -> str | None:
     """What makes two runs the same run: every option but how it was shown and where it was
-    written (a stored configuration lacking a newer option takes its default)."""
+    written. A stored configuration that lacks an option of this version matches nothing: it was
+    run before the option existed, and taking today's default for it would reuse a run made with a
+    different setting whenever that default changed (returns ``None``)."""
     if isinstance(cfg, dict):
         names = {f.name for f in dataclasses.fields(RunConfig)}
+        if not names <= set(cfg):
+            return None
         cfg = RunConfig(**{k: v for k, v in cfg.items() if k in names})
     d = dataclasses.asdict(cfg.for_device(resolve_device(cfg.device)))
     for name in ("progress", "run_dir", "debug", "device"):
@@ -107,7 +111,9 @@ def finished_runs(run_dir: Path) -> dict[str, dict[str, Any]]:
     for path in sorted(run_dir.glob("*/results.json")):
         r = json.loads(path.read_text())
         if "config" in r and not r["config"].get("eval_only") and (path.parent / "per_image.npz").is_file():
-            found[_config_key(r["config"])] = r
+            key = _config_key(r["config"])
+            if key is not None:
+                found[key] = r
     return found
 
 
@@ -123,7 +129,8 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
         out = []
         for seed in seeds:
             run_cfg = dataclasses.replace(cfg.run, agent=agent, seed=seed, **overrides)
-            r = finished.get(_config_key(run_cfg)) or run(run_cfg)
+            key = _config_key(run_cfg)
+            r = (finished.get(key) if key is not None else None) or run(run_cfg)
             log.info(
                 "%s %s seed %d: accuracy %.4f at %.3f FLOPs", agent, overrides, seed, r["accuracy"], r["flops_fraction"]
             )

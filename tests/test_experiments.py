@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_BACKBONE = ["--dataset", "digits", "--backbone", "cifar_resnet20", "--width", "0.25", "--backbone-epochs", "1"]
@@ -308,3 +309,18 @@ def test_bench_runs_small(tmp_path):
     assert head["best_full"] in figures["forward_ms"] and [r["execute_rate"] for r in rows] == [0.25, 0.5, 0.75, 1.0]
     assert result["recipe"]["sp_epoch_s"] > 0 and result["recipe"]["hrl_episodes_per_s"] > 0
     assert result["static"]["path_points"] >= 2
+
+
+def test_a_stored_run_lacking_an_option_of_this_version_is_not_reused():
+    """A run made before an option existed may have used another value of it (its default could
+    have changed since): a comparison reruns it rather than taking today's default."""
+    import dataclasses
+
+    from agents.config import RunConfig
+    from experiments.compare import _config_key
+
+    cfg = RunConfig(agent="blockdrop", device="cpu")
+    stored = dataclasses.asdict(cfg.for_device(torch.device("cpu")))
+    assert _config_key(stored) == _config_key(cfg)
+    del stored["blockdrop_reward"]
+    assert _config_key(stored) is None
