@@ -151,7 +151,7 @@ def route_inplace(block: nn.Module, h: Tensor, execute: Tensor, num_execute: int
     if num_execute == 0:
         return skip(block, h)
     run = torch.argsort(~execute, stable=True)[:num_execute]  # executed rows, no host sync
-    out_run = block(h.index_select(0, run))  # (B_run, C', H', W')
+    out_run = block(h[run])  # (B_run, C', H', W'); indexing keeps channels_last, index_select does not
     out = h if identity_shortcut(block) else skip(block, h)  # a projection runs on every row: cheap
     return out.index_copy_(0, run, out_run)
 
@@ -252,12 +252,12 @@ class Router:
         def step(h: Tensor = h, out: Tensor = out, execute: Tensor = execute) -> None:
             order = torch.argsort(~execute, stable=True)[:bucket]  # (bucket,) executed rows first
             real = (arange[:bucket] < execute.sum())[:, None, None, None]  # (bucket, 1, 1, 1)
-            x = h.index_select(0, order)
+            x = h[order]  # (indexing keeps channels_last; index_select would return NCHW)
             if identity:
                 keep = x
             else:
                 out.copy_(skip(block, h))
-                keep = out.index_select(0, order)
+                keep = out[order]
             out.index_copy_(0, order, torch.where(real, block(x), keep))
 
         if not self.graphs:

@@ -168,3 +168,18 @@ def test_batch_defaults_follow_the_device():
     cuda = cfg.for_device(torch.device("cuda"))
     assert cuda.num_envs >= 1024 and cuda.eval_batch >= 1024
     assert RunConfig(num_envs=64).for_device(torch.device("cuda")).num_envs == 64  # what the user set stays
+
+
+def test_routed_rows_keep_the_channels_last_layout():
+    """A gathered sub-batch stays NHWC, so the convolutions of a channels_last engine get the
+    layout their weights have (index_select would hand them NCHW)."""
+    frozen = freeze(tiny_backbone(20), CPU, precision="fp32", channels_last=True)
+    seen = []
+    frozen.blocks[1].register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    router = Router(frozen, buckets=4)
+    with torch.no_grad():
+        h = router.begin(frozen.stem(prepare_input(frozen, torch.randn(16, 1, 16, 16))))
+        router.route(1, h, torch.arange(16) % 2 == 0, 8)
+        route_inplace_h = frozen.stem(prepare_input(frozen, torch.randn(16, 1, 16, 16)))
+        Router(frozen, buckets=0).route(1, route_inplace_h, torch.arange(16) % 2 == 0, 8)
+    assert len(seen) == 2 and all(x.is_contiguous(memory_format=torch.channels_last) for x in seen)
