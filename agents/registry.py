@@ -211,9 +211,17 @@ def _blockdrop_net(ctx: AgentContext, width: int | None = None) -> BlockDropNet:
 def _train_blockdrop(ctx: AgentContext, state: dict | None) -> RoutingPolicy:
     c = ctx.cfg
     cfg = BlockDropConfig(
-        c.blockdrop_iterations, c.blockdrop_lr, c.alpha, c.batch_sizes()[0], c.entropy_coef, c.seed, c.checkpoint_every,
-        c.precision, cast(AccuracyReward, c.blockdrop_reward), c.blockdrop_explore,
-    )  # fmt: skip
+        iterations=c.blockdrop_iterations,
+        lr=c.blockdrop_lr,
+        alpha=c.alpha,
+        num_envs=c.batch_sizes()[0],
+        entropy_coef=c.entropy_coef,
+        seed=c.seed,
+        checkpoint_every=c.checkpoint_every,
+        precision=c.precision,
+        accuracy_reward=cast(AccuracyReward, c.blockdrop_reward),
+        explore=c.blockdrop_explore,
+    )
     trainer = BlockDropTrainer(
         ctx.backbone, _blockdrop_net(ctx), ctx.train_data, cfg, ctx.device, ctx.checkpoint, ctx.metadata, ctx.writer,
         c.progress,

@@ -98,11 +98,16 @@ def graphed(fn: Callable[[Tensor], Tensor], x: Tensor) -> Callable[[], Any]:
     return graph.replay
 
 
+def engine_label(frozen: Backbone) -> str:
+    """How the engine's copy computes, e.g. ``engine (bfloat16, channels_last, BN folded)``."""
+    fmt = ", channels_last" if frozen.memory_format == torch.channels_last else ""
+    return f"engine ({str(frozen.compute_dtype).removeprefix('torch.')}{fmt}, BN folded)"
+
+
 def forward_variants(net: Backbone, frozen: Backbone, x: Tensor) -> dict[str, Callable[[], Any]]:
     """The plain full forwards of the device: eager fp32, the engine, the engine in one CUDA graph."""
     xe = prepare_input(frozen, x)
-    fmt = ", channels_last" if frozen.memory_format == torch.channels_last else ""
-    engine = f"engine ({str(frozen.compute_dtype).removeprefix('torch.')}{fmt}, BN folded)"
+    engine = engine_label(frozen)
     fns: dict[str, Callable[[], Any]] = {"eager fp32": lambda: net(x), engine: lambda: frozen(xe)}
     if x.device.type == "cuda":
         fns[f"{engine}, one CUDA graph"] = graphed(frozen, xe)
@@ -132,10 +137,8 @@ def bench_throughput(net, data, batch: int, device: torch.device, rounds: int, d
     pos = {"i": 0}
     frozen = vec_t.core.net
     x0, _ = data_dev.batch(order[:batch])
-    best = {name: fn for name, fn in forward_variants(net, frozen, x0).items() if name != "eager fp32"}
-    (engine_name, engine_fn), *graph = best.items()
     static_input = prepare_input(frozen, x0).clone()  # the graphed forward reads a static input
-    graph_fn = graphed(frozen, static_input) if graph else None
+    graph_fn = graphed(frozen, static_input) if device.type == "cuda" else None
 
     def draw() -> Tensor:  # the same work as the env: draw a batch and normalise it
         i = pos["i"] = (pos["i"] + batch) % (len(data) - batch)
@@ -164,13 +167,12 @@ def bench_throughput(net, data, batch: int, device: torch.device, rounds: int, d
 
     fns = {
         "plain forward, eager fp32": plain_fp32,
-        f"plain forward, {engine_name}": plain_engine,
+        f"plain forward, {engine_label(frozen)}": plain_engine,
         "vector env, torch tensors": episode(vec_t, ones_t),
         "vector env, numpy arrays": episode(vec_n, ones_n),
     }
-    if graph:
-        fns[f"plain forward, {graph[0][0]}"] = plain_graphed
-    del engine_fn
+    if graph_fn is not None:
+        fns[f"plain forward, {engine_label(frozen)}, one CUDA graph"] = plain_graphed
     medians = interleaved(fns, rounds, device)
     if dummy:
         singles = DummyVecEnv([lambda: SkipNetEnv(net, data, device=device)] * batch)

@@ -157,6 +157,7 @@ class SkipNetOneShotVectorEnv(VectorEnv):
         self.action_space = batch_space(self.single_action_space, num_envs)
         self._batch: tuple[Tensor, Tensor] | None = None
         self._all = torch.ones(num_envs, dtype=torch.bool, device=self.device)
+        self._none = torch.zeros(num_envs, dtype=torch.bool, device=self.device)  # made once, not per step
 
     @property
     def batch(self) -> tuple[Tensor, Tensor]:
@@ -196,7 +197,7 @@ class SkipNetOneShotVectorEnv(VectorEnv):
             "label": self._out(self.batch[1]),
         }
         done = self._out(self._all)
-        return self._out(obs), self._out(reward), done, self._out(~self._all), out_info
+        return self._out(obs), self._out(reward), done, self._out(self._none), out_info
 
     def _check_actions(self, actions: Any) -> tuple[Tensor, list[int]]:
         """``(B, N)`` bool on the device and each block's executed count on the host (one sync)."""
