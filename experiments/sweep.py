@@ -59,7 +59,7 @@ class SweepConfig:
     scheduler: str = "none"
     """none, or asha (stops trials whose --scheduler-metric lags, as they report it)"""
     scheduler_metric: str = "charts/episodic_return"
-    """asha: the reported training scalar to compare trials by (higher is better)"""
+    """asha: the reported training scalar to compare trials by (higher is better; a return depends on alpha)"""
     address: str | None = None
     """Ray cluster to join (e.g. auto); default: start Ray on this machine"""
     name: str = "sweep"
@@ -210,6 +210,9 @@ def sweep(cfg: SweepConfig) -> dict[str, Any]:
     train = load_dataset(run_cfg.dataset, "train", run_cfg.data_root, run_cfg.download, run_cfg.image_size)
     load_backbone_for(run_cfg, resolve_device(run_cfg.device), train)
 
+    # a trial reports its training scalars as it goes and the objectives once, at the end: the
+    # searcher (and a scheduler) read the reports that carry their metrics and skip the others
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     gpus = cfg.gpus_per_trial
     if gpus is None:
         gpus = 1.0 / cfg.max_concurrent if torch.cuda.is_available() else 0.0
@@ -252,12 +255,15 @@ def sweep(cfg: SweepConfig) -> dict[str, Any]:
 
 def write_front(grid: Any, path: Path) -> dict[str, Any]:
     """``pareto.csv`` and ``pareto.png`` in ``path`` from Tune's results."""
-    rows, failed = [], []
+    rows, failed, stopped = [], [], []
     for result in grid:
         m = result.metrics or {}
-        if result.error is not None or not m.get("done_run"):
-            log.warning("trial %s did not finish: %s", result.path, result.error)
+        if result.error is not None:
+            log.warning("trial %s failed: %s", result.path, result.error)
             failed.append(str(result.path))
+            continue
+        if not m.get("done_run"):  # stopped early by the scheduler: no test figures, not on the front
+            stopped.append(str(result.path))
             continue
         rows.append(
             {
@@ -279,7 +285,7 @@ def write_front(grid: Any, path: Path) -> dict[str, Any]:
         writer.writeheader()
         writer.writerows(rows)
     _plot(rows, path / "pareto.png")
-    return {"trials": rows, "front": [r for r in rows if r["pareto"]], "failed": failed}
+    return {"trials": rows, "front": [r for r in rows if r["pareto"]], "failed": failed, "stopped": stopped}
 
 
 def _plot(rows: list[dict[str, Any]], png: Path) -> None:
@@ -328,7 +334,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             raise
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    print(f"{len(result['trials'])} trials; Pareto front (FLOPs, accuracy):")
+    stopped = f" ({len(result['stopped'])} more stopped early by the scheduler)" if result["stopped"] else ""
+    print(f"{len(result['trials'])} trials{stopped}; Pareto front (FLOPs, accuracy):")
     for r in result["front"]:
         swept = {k: v for k, v in r.items() if k in RUN_FIELDS and k != "run_dir"}
         print(f"  {r['flops_fraction']:.3f}  {r['accuracy']:.4f}  {swept}")
