@@ -59,3 +59,20 @@ def test_list_flags_may_repeat_and_the_default_applies_only_when_absent():
     cfg = parse(SweepConfig, ["--grid", "alpha=1,2", "--grid", "seed=0,1", "agent=blockdrop"])
     assert cfg.grid == ("alpha=1,2", "seed=0,1", "agent=blockdrop")
     assert parse(SweepConfig, []).grid == SweepConfig().grid
+
+
+def test_optuna_search_reads_the_objectives_reported_at_the_end(tmp_path):
+    """Trials report training scalars first and the objectives last: the multi-objective search
+    must take them (it refused the first report before)."""
+    pytest.importorskip("optuna")
+    env = {**os.environ, "SKIPNET_CACHE": str(tmp_path / "cache")}
+    args = [
+        sys.executable, str(ROOT / "experiments/sweep.py"), "--search", "optuna", "--samples", "2", "--space",
+        "alpha=loguniform:0.2:4", "--out", str(tmp_path / "sweeps"), "--name", "o", "--dataset", "digits",
+        "--backbone", "cifar_resnet20", "--width", "0.25", "--backbone-epochs", "1", "--sp-epochs", "1",
+        "--hrl-iterations", "4", "--num-envs", "32",
+    ]  # fmt: skip
+    proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = list(csv.DictReader(open(tmp_path / "sweeps" / "o" / "pareto.csv")))
+    assert len(rows) == 2 and all(0.2 <= float(r["alpha"]) <= 4 for r in rows)
