@@ -20,12 +20,12 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from agents.policies import RoutingPolicy
 from backbones.base import Backbone
 from backbones.checkpoint import atomic_save
 from backbones.data import Dataset
+from backbones.progress import progress_bar
 from skipnet_env.core import AccuracyReward
 from skipnet_env.oneshot import SkipNetOneShotVectorEnv, run_mask
 
@@ -168,9 +168,7 @@ class BlockDropTrainer:
         }
 
     def train(self) -> OneShotPolicy:
-        bar = tqdm(
-            total=self.cfg.iterations, initial=self.done, desc="BlockDrop (REINFORCE)", disable=not self.progress
-        )
+        bar = progress_bar(self.cfg.iterations, "BlockDrop (REINFORCE)", self.progress, initial=self.done)
         logged: dict[str, list[Tensor]] = {}
         while self.done < self.cfg.iterations:
             for name, value in self.step().items():

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields, replace
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from agents.hybrid import BASELINES, HybridConfig
+from agents.skip_ready import BatchNormMode, JointConfig
 from skipnet_env.engine import PRECISIONS
+
+BackboneRecipe = Literal["base", "skip_ready"]
 
 # batch sizes by device: a GPU needs about a thousand images in flight to be busy, a CPU core does not
 DEVICE_BATCHES = {
@@ -61,6 +64,17 @@ class RunConfig:
     """stochastic depth of the backbone trainer: drop rate of the last block (0 disables)"""
     backbone_drop_schedule: str = "linear"
     """stochastic depth of the backbone trainer: linear (decaying to 0 at the first block) or uniform"""
+    backbone_recipe: BackboneRecipe = "base"
+    """base: the backbone as trained (frozen); skip_ready: the base backbone trained further with its gates (joint
+    SP, the paper's recipe), then frozen: every agent runs on it"""
+    joint_epochs: int = JointConfig.epochs
+    """skip_ready: epochs of joint SP (backbone + gates)"""
+    joint_lr: float = JointConfig.lr
+    """skip_ready: peak SGD learning rate of the backbone in joint SP (cosine decay)"""
+    joint_alpha: float = JointConfig.alpha
+    """skip_ready: weight of compute in joint SP's loss (0: the paper's SP, cross-entropy alone)"""
+    joint_bn: BatchNormMode = JointConfig.bn
+    """skip_ready: BatchNorm in joint SP: train (the routed network's batch statistics) or frozen (the base's)"""
     alpha: float = HybridConfig.alpha
     """weight of compute in the reward: each block costs alpha x its share of the full network's FLOPs"""
     device: str = "auto"
@@ -168,9 +182,9 @@ class RunConfig:
         need(self.precision in ("auto", *PRECISIONS), "precision", "one of auto, " + ", ".join(PRECISIONS))
         for name in ("sp_epochs", "hrl_iterations", "sp_alpha_warmup", "seed", "blockdrop_iterations"):
             need(getattr(self, name) >= 0, name, "an integer >= 0")
-        for name in ("sp_lr", "hrl_lr", "backbone_lr", "width", "blockdrop_lr"):
+        for name in ("sp_lr", "hrl_lr", "backbone_lr", "width", "blockdrop_lr", "joint_lr"):
             need(finite(name) and getattr(self, name) > 0, name, "a finite number > 0")
-        for name in ("alpha", "entropy_coef", "rl_weight"):
+        for name in ("alpha", "entropy_coef", "rl_weight", "joint_alpha"):
             need(finite(name) and getattr(self, name) >= 0, name, "a finite number >= 0")
         need(self.sp_alpha is None or (math.isfinite(self.sp_alpha) and self.sp_alpha >= 0), "sp_alpha", ">= 0")
         need(0.0 <= self.gamma <= 1.0, "gamma", "in [0, 1]")
@@ -178,6 +192,9 @@ class RunConfig:
         need(self.rate is None or 0.0 <= self.rate <= 1.0, "rate", "an execute probability in [0, 1]")
         need(0.0 <= self.backbone_drop_rate < 1.0, "backbone_drop_rate", "in [0, 1)")
         need(self.backbone_drop_schedule in ("linear", "uniform"), "backbone_drop_schedule", "linear or uniform")
+        need(self.backbone_recipe in ("base", "skip_ready"), "backbone_recipe", "base or skip_ready")
+        need(self.joint_bn in ("train", "frozen"), "joint_bn", "train or frozen")
+        need(self.joint_epochs >= 1, "joint_epochs", "an integer >= 1")
         need(self.backbone_epochs is None or self.backbone_epochs >= 1, "backbone_epochs", "an integer >= 1")
         need(self.baseline in BASELINES, "baseline", "one of " + ", ".join(BASELINES))
         need(self.rnn_pooling in ("mean", "mean_max_std"), "rnn_pooling", "mean or mean_max_std")
@@ -185,6 +202,22 @@ class RunConfig:
         need(0.5 < self.blockdrop_explore <= 1.0, "blockdrop_explore", "in (0.5, 1]")
         if problems:
             raise ValueError("; ".join(problems))
+
+    def joint_config(self) -> JointConfig:
+        """The joint SP stage of ``backbone_recipe="skip_ready"``: its seed is the run's, its batch the base
+        training's on every device."""
+        return JointConfig(
+            epochs=self.joint_epochs, lr=self.joint_lr, alpha=self.joint_alpha, bn=self.joint_bn, seed=self.seed
+        )
+
+    def gate_options(self) -> dict[str, Any]:
+        """The recurrent gate's options (``hybrid_rnn``'s, and the gates joint SP trains)."""
+        return {
+            "hidden_size": self.rnn_hidden,
+            "embed_dim": self.rnn_embed,
+            "pooling": self.rnn_pooling,
+            "position_bias": self.rnn_position_bias,
+        }
 
     def for_device(self, device: torch.device, max_batch: int | None = None) -> RunConfig:
         """This configuration with the batch sizes left unset filled in for ``device`` (the

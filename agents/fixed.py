@@ -9,11 +9,11 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from agents.policies import StaticPolicy
 from backbones.base import Backbone, skip
 from backbones.data import Dataset
+from backbones.progress import progress_bar
 from backbones.train import batches
 from skipnet_env.engine import freeze, prepare_input, resolve_precision
 
@@ -106,7 +106,7 @@ def elimination_path(
 
     mask = [True] * len(gated)
     path = [(static_flops_fraction(backbone, mask, first_gated), mask)]
-    bar = tqdm(total=len(gated), desc="static elimination path (blocks dropped)", disable=not progress, leave=False)
+    bar = progress_bar(len(gated), "static elimination path (blocks dropped)", progress)
     while any(mask) and path[-1][0] > min_budget:
         scores = removal_scores(mask)
 

@@ -38,12 +38,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from agents.gates import GatePolicy
 from backbones.base import Backbone, skip
 from backbones.checkpoint import atomic_save, safe_load
 from backbones.data import Dataset
+from backbones.progress import progress_bar
 from backbones.train import batches
 from skipnet_env.core import DEFAULT_ALPHA, SKIPNET_REWARD, BatchedRouting
 from skipnet_env.engine import freeze, prepare_input
@@ -121,6 +121,15 @@ def sp_forward(
         h = m * block(h) + (1.0 - m) * skip(block, h)
         executed.append(g)
     return backbone.head(h).float(), torch.stack(executed, dim=1)
+
+
+def execute_cost(backbone: Backbone, first_gated: int) -> Tensor:
+    """``(N,)``: what executing gated block ``k`` rather than skipping it costs, as a share of the
+    full network's FLOPs (the block's FLOPs minus its shortcut's)."""
+    f = backbone.flops
+    executed = torch.tensor(f.block_executed[first_gated:], dtype=torch.float32)
+    skipped = torch.tensor(f.block_skipped[first_gated:], dtype=torch.float32)
+    return (executed - skipped) / f.full
 
 
 def discounted_returns(rewards: Tensor, gamma: float) -> Tensor:
@@ -284,18 +293,11 @@ class HybridTrainer:
     def train_sp(self) -> None:
         cfg = self.cfg
         steps = math.ceil(len(self.data) / cfg.num_envs)
-        bar = tqdm(
-            total=cfg.sp_epochs * steps,
-            initial=self.done_units * steps,
-            desc="SP (straight-through)",
-            disable=not self.progress,
-            leave=False,
+        bar = progress_bar(
+            cfg.sp_epochs * steps, "SP (straight-through)", self.progress, initial=self.done_units * steps
         )
         # the compute cost of executing gated block k rather than skipping it, a share of the full network
-        f = self.backbone.flops
-        first = self.gates.first_gated
-        extra = torch.tensor(f.block_executed[first:], dtype=torch.float32) - torch.tensor(f.block_skipped[first:])
-        cost_weight = (self.sp_alpha * extra / f.full).to(self.device)  # (N,)
+        cost_weight = (self.sp_alpha * execute_cost(self.backbone, self.gates.first_gated)).to(self.device)  # (N,)
         # a frozen backbone runs on the execution engine (BN folded; bf16, channels_last on CUDA):
         # the gradient reaches the gates through its activations, not its weights
         sp_net = self.backbone if cfg.finetune_backbone else freeze(self.backbone, precision=cfg.precision)
@@ -399,13 +401,7 @@ class HybridTrainer:
         schedule = torch.optim.lr_scheduler.LambdaLR(
             self.hrl_opt, lambda it: 1.0 - (start + it) / max(cfg.hrl_iterations, 1)
         )
-        bar = tqdm(
-            total=cfg.hrl_iterations,
-            initial=self.done_units,
-            desc="HRL (REINFORCE)",
-            disable=not self.progress,
-            leave=False,
-        )
+        bar = progress_bar(cfg.hrl_iterations, "HRL (REINFORCE)", self.progress, initial=self.done_units)
         logged: dict[str, list[Tensor]] = {}
         for it in range(self.done_units, cfg.hrl_iterations):
             if cfg.finetune_backbone and it > 0:

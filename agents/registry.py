@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
-from tqdm.auto import tqdm
 
 from agents.blockdrop import BlockDropConfig, BlockDropNet, BlockDropTrainer, OneShotPolicy
 from agents.config import RunConfig
@@ -29,9 +28,11 @@ from agents.policies import (
     SB3RoutingPolicy,
     StaticPolicy,
 )
+from agents.skip_ready import load_gates
 from backbones.base import Backbone
 from backbones.checkpoint import atomic_save
 from backbones.data import Dataset
+from backbones.progress import progress_bar
 from skipnet_env.core import SKIPNET_REWARD, AccuracyReward
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,8 @@ class AgentContext:
     checkpoint: Path
     metadata: dict[str, Any]
     writer: Any = None
+    backbone_meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """the backbone checkpoint's metadata (a skip-ready one names its file and its gates)"""
 
 
 @dataclass(frozen=True)
@@ -85,18 +88,20 @@ def get_agent(name: str) -> AgentSpec:
 
 
 def _gates(ctx: AgentContext, kind: str) -> GatePolicy:
-    c = ctx.cfg
-    kwargs: dict[str, Any] = (
-        {
-            "hidden_size": c.rnn_hidden,
-            "embed_dim": c.rnn_embed,
-            "pooling": c.rnn_pooling,
-            "position_bias": c.rnn_position_bias,
-        }
-        if kind == "rnn"
-        else {}
-    )
+    kwargs: dict[str, Any] = ctx.cfg.gate_options() if kind == "rnn" else {}
     return create_gates(kind, ctx.backbone, **kwargs).to(ctx.device)
+
+
+def _start_gates(ctx: AgentContext, kind: str) -> GatePolicy:
+    """New gates, or, on a skip-ready backbone whose joint SP trained gates of this kind and shape,
+    those gates: the paper's recipe (SP jointly, then HRL) continues from them."""
+    gates = _gates(ctx, kind)
+    joint = ctx.backbone_meta.get("skip_ready", {}).get("gates")
+    wanted = {"kind": kind, "first_gated": gates.first_gated, **(ctx.cfg.gate_options() if kind == "rnn" else {})}
+    if joint == wanted and "checkpoint" in ctx.backbone_meta:
+        gates.load_state_dict(load_gates(ctx.backbone_meta["checkpoint"], ctx.backbone, ctx.device).state_dict())
+        log.info("hybrid_%s starts from the gates joint SP trained beside the backbone", kind)
+    return gates
 
 
 def hybrid_config(cfg: RunConfig) -> HybridConfig:
@@ -113,7 +118,7 @@ def _hybrid(kind: str) -> AgentSpec:
     def train(ctx: AgentContext, state: dict | None) -> RoutingPolicy:
         c = ctx.cfg
         hcfg = hybrid_config(c)
-        gates = _gates(ctx, kind)
+        gates = _start_gates(ctx, kind)
         trainer = HybridTrainer(
             ctx.backbone, gates, ctx.train_data, hcfg, ctx.device, ctx.checkpoint, ctx.metadata, ctx.writer, c.progress
         )
@@ -170,13 +175,7 @@ def _sb3(algo: str, env_id: str = "SkipNet-v0") -> AgentSpec:
         if state is not None:
             sb3_agents.load_model_state(model, state)
         remaining = ctx.cfg.timesteps - model.num_timesteps
-        bar = tqdm(
-            total=ctx.cfg.timesteps,
-            initial=model.num_timesteps,
-            desc=f"{algo} (SB3)",
-            disable=not ctx.cfg.progress,
-            leave=False,
-        )
+        bar = progress_bar(ctx.cfg.timesteps, f"{algo} (SB3)", ctx.cfg.progress, initial=model.num_timesteps)
         callback = sb3_agents.CheckpointCallback(ctx.checkpoint, {**ctx.metadata, "stage": "train"}, bar=bar)
         if remaining > 0:
             model.learn(total_timesteps=remaining, callback=callback, reset_num_timesteps=state is None)

@@ -20,12 +20,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from backbones.base import Backbone
 from backbones.checkpoint import atomic_save, backbone_metadata, check_metadata, load_backbone, safe_load
 from backbones.data import Dataset, ImageTensors, load_dataset, random_shift
 from backbones.device import resolve_device
+from backbones.progress import progress_bar
 from backbones.registry import create, options
 
 log = logging.getLogger(__name__)
@@ -218,12 +218,8 @@ def train(cfg: TrainConfig) -> tuple[Backbone, dict[str, Any]]:
 
     writer = SummaryWriter(str(Path(cfg.log_dir) / run_name))
     writer.add_text("hyperparameters", "\n".join(f"|{k}|{v}|" for k, v in config_dict.items()))
-    bar = tqdm(
-        total=total_steps,
-        initial=start_epoch * steps_per_epoch,
-        desc=f"train {cfg.arch} on {cfg.dataset}",
-        disable=not cfg.progress,
-        leave=False,
+    bar = progress_bar(
+        total_steps, f"train {cfg.arch} on {cfg.dataset}", cfg.progress, initial=start_epoch * steps_per_epoch
     )
     val_acc = 0.0
     backbone.train()
@@ -251,6 +247,15 @@ def train(cfg: TrainConfig) -> tuple[Backbone, dict[str, Any]]:
             bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{val_acc:.3f}")
         val_acc = evaluate(backbone, val_data, device)
         step = (epoch + 1) * steps_per_epoch
+        log.info(
+            "backbone %s epoch %d/%d: loss %.4f, validation accuracy %.4f (%.1f s)",
+            cfg.arch,
+            epoch + 1,
+            epochs,
+            loss.item(),
+            val_acc,
+            time.perf_counter() - t0,
+        )
         writer.add_scalar("losses/train_loss", loss.item(), step)
         writer.add_scalar("charts/val_accuracy", val_acc, step)
         writer.add_scalar("charts/learning_rate", scheduler.get_last_lr()[0], step)

@@ -30,6 +30,7 @@ from agents.config import SAFE_ON_RESUME, RunConfig, flag
 from agents.evaluate import EvalResult, evaluate
 from agents.policies import RoutingPolicy
 from agents.registry import AgentContext, get_agent
+from agents.skip_ready import get_skip_ready
 from agents.statistics import bootstrap_ci, dynamic_blocks, paired_difference, spearman
 from backbones.checkpoint import CheckpointMismatchError, fingerprint, load_backbone, safe_load
 from backbones.data import ImageTensors, load_dataset
@@ -51,6 +52,21 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 
 def load_backbone_for(cfg: RunConfig, device: torch.device, train_data) -> tuple[Any, dict]:
+    """The backbone the run's agents route: ``--backbone-checkpoint``, or the registry backbone trained
+    on the data (cached), or (``--backbone-recipe skip_ready``) that one trained further with its gates
+    (cached); and its checkpoint's metadata (a skip-ready one holds ``base``: the base network)."""
+    base, meta = load_base_backbone(cfg, device, train_data)
+    if cfg.backbone_recipe == "base" or cfg.backbone_checkpoint:
+        return base, meta
+    val = load_dataset(cfg.dataset, "val", cfg.data_root, cfg.download, cfg.image_size)
+    net, ready_meta = get_skip_ready(
+        base, meta, train_data, cfg.joint_config(), "rnn", cfg.gate_options(), device, val_data=val,
+        progress=cfg.progress,
+    )  # fmt: skip
+    return net, {**ready_meta, "base": base}
+
+
+def load_base_backbone(cfg: RunConfig, device: torch.device, train_data) -> tuple[Any, dict]:
     if cfg.backbone_checkpoint:
         return load_backbone(
             cfg.backbone_checkpoint,
@@ -183,6 +199,7 @@ def run(
             f"--num-envs {num_envs} is more than the {len(split['train'])} training images of {cfg.dataset}"
         )
     backbone, backbone_meta = load_backbone_for(cfg, device, split["train"])
+    base = backbone_meta.pop("base", None)  # the network a skip-ready backbone was made from
     backbone = backbone.to(device).eval()
     metadata = {
         "agent": cfg.agent,
@@ -218,13 +235,20 @@ def run(
         "hyperparameters",
         "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(cfg).items()),
     )
-    ctx = AgentContext(cfg, backbone, split["train"], device, checkpoint, metadata, writer)
+    ctx = AgentContext(cfg, backbone, split["train"], device, checkpoint, metadata, writer, backbone_meta)
 
     # the frozen backbone's own accuracy, before --finetune-backbone (or a loaded checkpoint) changes it
     full = evaluate(RoutingPolicy(), backbone, split["test"], device, eval_batch, precision=cfg.precision)
+    base_result = (
+        None
+        if base is None
+        else evaluate(RoutingPolicy(), base, split["test"], device, eval_batch, precision=cfg.precision)
+    )
+    log.info("full backbone: test accuracy %.4f", full.accuracy)
     t_train = time.perf_counter()
     policy = spec.load(ctx, state) if cfg.eval_only and state is not None else spec.train(ctx, state)
     train_seconds = time.perf_counter() - t_train
+    log.info("%s trained in %.1f s", cfg.agent, train_seconds)
     result = evaluate(policy, backbone, split["test"], device, eval_batch, precision=cfg.precision)
     writer.add_scalar("eval/accuracy", result.accuracy, 0)
     writer.add_scalar("eval/flops_fraction", result.flops_fraction, 0)
@@ -254,6 +278,13 @@ def run(
         "run_dir": str(run_dir),
         "config": dataclasses.asdict(cfg),
     }
+    if base_result is not None:  # the skip-ready recipe against the network it started from
+        out["base_backbone_accuracy"] = base_result.accuracy
+        out["accuracy_vs_base"] = paired_difference(
+            result.per_image["correct"], base_result.per_image["correct"], cfg.seed
+        )
+    if "skip_ready" in backbone_meta:
+        out["skip_ready_backbone"] = backbone_meta.get("checkpoint", cfg.backbone_checkpoint)
     if cfg.eval_only:
         out["evaluated_checkpoint"] = {"path": str(checkpoint), "stage": stage, "finished": stage == "done"}
     (run_dir / "results.json").write_text(json.dumps(out, indent=2))
@@ -311,6 +342,18 @@ def format_table(r: dict[str, Any]) -> str:
             f"(full backbone {100 * r['full_backbone_accuracy']:.2f}%; paired difference "
             f"{100 * r['accuracy_vs_full']['difference']:+.2f} "
             f"[{100 * r['accuracy_vs_full']['ci95'][0]:+.2f}, {100 * r['accuracy_vs_full']['ci95'][1]:+.2f}])",
+        ),
+        *(
+            [
+                (
+                    "vs the base network",
+                    f"base {100 * r['base_backbone_accuracy']:.2f}% (the skip-ready backbone's start); paired "
+                    f"difference {100 * r['accuracy_vs_base']['difference']:+.2f} "
+                    f"[{100 * r['accuracy_vs_base']['ci95'][0]:+.2f}, {100 * r['accuracy_vs_base']['ci95'][1]:+.2f}]",
+                )
+            ]
+            if "accuracy_vs_base" in r
+            else []
         ),
         (
             "FLOPs spent",

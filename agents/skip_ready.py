@@ -1,0 +1,318 @@
+"""The paper's supervised pre-training, jointly: a skip-ready backbone trained *with* its gates.
+
+SkipNet's SP does not route a network trained without gates: it trains the backbone and the gates
+together, with hard gates in the forward pass and the straight-through gradient. A frozen network
+that was never taught to lose blocks caps what any router can do (BENCHMARKS.md section 4); a
+network trained beside its gates learns to make the skipped blocks' work unnecessary for the
+images that skip them. This module is that stage:
+
+    base training ──► joint SP (backbone + gates) ──► skip-ready backbone checkpoint (+ its gates)
+
+The result is an ordinary backbone checkpoint (``metadata`` + ``model``, loaded by
+:func:`backbones.checkpoint.load_backbone`), its metadata saying it was trained with gates and how
+(``metadata["skip_ready"]``), with the gates' weights beside it (``gates``). From there on it is
+frozen: the environment serves it, and every agent (SkipNet's gates, PPO, BlockDrop, static,
+random) is compared on the same network.
+
+What the stage does, per batch: the routed network's forward with straight-through hard gates
+(:func:`agents.hybrid.sp_forward`; sampled gates with ``sample``), loss = cross-entropy + ``alpha``
+times the FLOPs the executed blocks cost (ramped up over ``alpha_warmup`` epochs; ``alpha = 0`` is
+the paper's SP, cross-entropy alone); the backbone trains with SGD (momentum, weight decay, cosine
+schedule), the gates with Adam; the base training's pad-and-crop (and flip) augmentation.
+BatchNorm either trains (``bn="train"``: batch statistics of the routed network, as the paper) or
+keeps the base network's statistics (``"frozen"``, affine parameters still trained).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+
+from agents.gates import GatePolicy, create_gates
+from agents.hybrid import execute_cost, sp_forward
+from backbones.base import Backbone
+from backbones.cache import cache_dir
+from backbones.checkpoint import atomic_save, backbone_metadata, fingerprint, load_backbone, safe_load
+from backbones.data import Dataset
+from backbones.progress import progress_bar
+from backbones.train import batches, evaluate, seed_everything
+
+log = logging.getLogger(__name__)
+
+BatchNormMode = Literal["train", "frozen"]
+
+
+@dataclass
+class JointConfig:
+    """Joint supervised pre-training of a backbone and its gates (the paper's SP)."""
+
+    epochs: int = 6
+    """epochs over the training set"""
+    lr: float = 0.02
+    """peak SGD learning rate of the backbone (cosine decay to 0)"""
+    gate_lr: float = 3e-3
+    """Adam learning rate of the gates"""
+    alpha: float = 2.0
+    """weight of compute in the loss (each gated block costs alpha x its share of the FLOPs); 0: the paper's SP"""
+    alpha_warmup: int = 2
+    """epochs over which the compute weight ramps up linearly from 0"""
+    sample: bool = True
+    """gates are samples (logistic noise before the threshold, straight-through), not thresholds"""
+    bn: BatchNormMode = "train"
+    """BatchNorm: train (batch statistics of the routed network) or frozen (the base network's statistics)"""
+    momentum: float = 0.9
+    """SGD momentum of the backbone"""
+    weight_decay: float = 5e-4
+    """L2 weight decay of the backbone"""
+    shift: int = 2
+    """pad-and-crop augmentation in pixels (the base training's)"""
+    batch_size: int = 128
+    """images per step"""
+    seed: int = 0
+    """seed of the data order, the augmentation and the gates' samples"""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.epochs < 1:
+            problems.append(f"epochs must be >= 1, got {self.epochs}")
+        for name in ("lr", "gate_lr"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                problems.append(f"{name} must be a finite number > 0, got {getattr(self, name)}")
+        if not (math.isfinite(self.alpha) and self.alpha >= 0):
+            problems.append(f"alpha must be a finite number >= 0, got {self.alpha}")
+        if self.alpha_warmup < 0 or self.shift < 0 or self.batch_size < 1:
+            problems.append("alpha_warmup and shift must be >= 0, batch_size >= 1")
+        if self.bn not in ("train", "frozen"):
+            problems.append(f"bn must be 'train' or 'frozen', got {self.bn!r}")
+        if problems:
+            raise ValueError("joint SP: " + "; ".join(problems))
+
+
+class JointTrainer:
+    """Trains ``backbone`` and ``gates`` together; writes a skip-ready backbone checkpoint at
+    ``checkpoint`` after every epoch (atomically) and resumes an unfinished one exactly.
+
+    Args:
+        backbone: the trained base network (modified in place).
+        gates: the gates to train beside it.
+        data: training images.
+        cfg: the stage's settings.
+        device: where it runs.
+        checkpoint: the skip-ready backbone checkpoint to write.
+        dataset: the data set's name, for the checkpoint's metadata.
+        metadata: more metadata for the checkpoint (the base network's identity, the gates' kind).
+        progress: show a progress bar (on a terminal only).
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        gates: GatePolicy,
+        data: Dataset,
+        cfg: JointConfig,
+        device: torch.device,
+        checkpoint: Path,
+        dataset: str,
+        metadata: dict[str, Any] | None = None,
+        progress: bool = True,
+    ) -> None:
+        self.backbone, self.gates, self.data, self.cfg = backbone.to(device), gates.to(device), data, cfg
+        self.device, self.checkpoint, self.dataset = device, Path(checkpoint), dataset
+        self.metadata, self.progress = dict(metadata or {}), progress
+        self.backbone.requires_grad_(True)
+        self.steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
+        total = cfg.epochs * self.steps_per_epoch
+        self.backbone_opt = torch.optim.SGD(
+            self.backbone.parameters(),
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+            nesterov=cfg.momentum > 0,
+        )
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.backbone_opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
+        )
+        self.gate_opt = torch.optim.Adam(self.gates.parameters(), lr=cfg.gate_lr)
+        self.generator = torch.Generator().manual_seed(cfg.seed)  # data order
+        self.noise = torch.Generator(device=device).manual_seed(cfg.seed + 1)  # the gates' samples
+        self.epoch = 0
+        self.history: list[dict[str, float]] = []
+
+    def save(self, complete: bool, **extra: Any) -> None:
+        meta = backbone_metadata(
+            self.backbone,
+            self.dataset,
+            complete=complete,
+            skip_ready={**self.metadata, "joint_config": dataclasses.asdict(self.cfg), "history": self.history},
+            **extra,
+        )
+        atomic_save(
+            {
+                "metadata": meta,
+                "model": self.backbone.state_dict(),
+                "gates": self.gates.state_dict(),
+                "backbone_opt": self.backbone_opt.state_dict(),
+                "schedule": self.schedule.state_dict(),
+                "gate_opt": self.gate_opt.state_dict(),
+                "generator": self.generator.get_state(),
+                "noise": self.noise.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                "epoch": self.epoch,
+            },
+            self.checkpoint,
+        )
+
+    def resume(self, state: dict[str, Any]) -> None:
+        """Continue from an unfinished checkpoint of this stage, bit for bit."""
+        self.backbone.load_state_dict(state["model"])
+        self.gates.load_state_dict(state["gates"])
+        self.backbone_opt.load_state_dict(state["backbone_opt"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.gate_opt.load_state_dict(state["gate_opt"])
+        self.generator.set_state(state["generator"])
+        self.noise.set_state(state["noise"].cpu())
+        torch.set_rng_state(state["torch_rng"])
+        self.epoch = int(state["epoch"])
+        self.history = list(state["metadata"]["skip_ready"].get("history", []))
+        log.info("resuming joint SP %s at epoch %d", self.checkpoint, self.epoch)
+
+    def train(self, val_data: Dataset | None = None) -> tuple[Backbone, GatePolicy]:
+        cfg = self.cfg
+        cost_weight = execute_cost(self.backbone, self.gates.first_gated).to(self.device)  # (N,)
+        bar = progress_bar(
+            total=cfg.epochs * self.steps_per_epoch,
+            initial=self.epoch * self.steps_per_epoch,
+            desc="joint SP (backbone + gates)",
+            enabled=self.progress,
+        )
+        for epoch in range(self.epoch, cfg.epochs):
+            t0 = time.perf_counter()
+            self.backbone.train(cfg.bn == "train")
+            self.gates.train()
+            ramp = min(1.0, (epoch + 1) / cfg.alpha_warmup) if cfg.alpha_warmup > 0 else 1.0
+            losses, rates = [], []
+            for x, y in batches(
+                self.data, cfg.batch_size, self.device, train=True, shift=cfg.shift, generator=self.generator
+            ):
+                logits, executed = sp_forward(self.backbone, self.gates, x, self.noise if cfg.sample else None)
+                cost = ramp * cfg.alpha * (executed * cost_weight).sum(dim=1).mean()
+                loss = F.cross_entropy(logits, y) + cost
+                self.backbone_opt.zero_grad(set_to_none=True)
+                self.gate_opt.zero_grad(set_to_none=True)
+                loss.backward()
+                self.backbone_opt.step()
+                self.gate_opt.step()
+                self.schedule.step()
+                losses.append(loss.detach())
+                rates.append(executed.detach().mean())
+                bar.update(1)
+            worst = float(torch.stack(losses).abs().max())
+            if not math.isfinite(worst):
+                raise FloatingPointError(
+                    f"joint SP loss reached {worst} at epoch {epoch}: lower --joint-lr "
+                    f"(the last good checkpoint {self.checkpoint} is kept)"
+                )
+            self.epoch = epoch + 1
+            record = {
+                "epoch": float(self.epoch),
+                "loss": float(torch.stack(losses).mean()),
+                "execute_rate": float(torch.stack(rates).mean()),
+                "seconds": time.perf_counter() - t0,
+            }
+            self.history.append(record)
+            log.info(
+                "joint SP epoch %d/%d: loss %.4f, gates execute %.1f%% of the gated blocks (%.1f s)",
+                self.epoch,
+                cfg.epochs,
+                record["loss"],
+                100 * record["execute_rate"],
+                record["seconds"],
+            )
+            done = self.epoch == cfg.epochs
+            extra: dict[str, Any] = {}
+            if done and val_data is not None:
+                extra["val_accuracy_all_blocks"] = evaluate(self.backbone.eval(), val_data, self.device)
+            self.save(complete=done, **extra)
+        bar.close()
+        self.backbone.eval().requires_grad_(False)
+        self.gates.eval()
+        return self.backbone, self.gates
+
+
+def _key(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def skip_ready_path(base_meta: dict[str, Any], base_fingerprint: str, cfg: JointConfig, gates: dict[str, Any]) -> Path:
+    """Where the cache keeps the skip-ready backbone made from the base network ``base_fingerprint``
+    with ``cfg`` and gates ``gates`` (kind and options): keyed by everything that changes it."""
+    key = _key({"base": base_fingerprint, "joint": dataclasses.asdict(cfg), "gates": gates})
+    return cache_dir() / "backbones" / f"skipready-{base_meta['arch']}-{base_meta['dataset']}-{key}.pt"
+
+
+def get_skip_ready(
+    base: Backbone,
+    base_meta: dict[str, Any],
+    train_data: Dataset,
+    cfg: JointConfig,
+    gate_kind: str,
+    gate_options: dict[str, Any],
+    device: torch.device,
+    *,
+    val_data: Dataset | None = None,
+    path: Path | None = None,
+    progress: bool = True,
+) -> tuple[Backbone, dict[str, Any]]:
+    """The skip-ready backbone made from ``base`` by joint SP: trained on first use, then cached.
+
+    ``base`` itself is not modified (the stage trains a copy). Returns the skip-ready backbone (eval
+    mode, frozen) and its checkpoint's metadata, with ``metadata["checkpoint"]`` its path (its gates
+    are stored there too: :func:`load_gates`).
+    """
+    import copy
+
+    base_fp = fingerprint(base)
+    gates_id = {"kind": gate_kind, "first_gated": 1, **gate_options}
+    path = path or skip_ready_path(base_meta, base_fp, cfg, gates_id)
+    state = safe_load(path, map_location=device) if path.is_file() else None
+    if state is not None and state["metadata"].get("complete"):
+        log.info("reusing skip-ready backbone %s", path)
+        net, meta = load_backbone(path, map_location=device)
+        return net.to(device).eval(), {**meta, "checkpoint": str(path)}
+    seed_everything(cfg.seed)  # the gates' initial weights
+    backbone = copy.deepcopy(base).to(device)
+    gates = create_gates(gate_kind, backbone, **gate_options)
+    metadata = {
+        "base_fingerprint": base_fp,
+        "base_test_accuracy": base_meta.get("test_accuracy"),
+        "base_train_config": base_meta.get("train_config"),
+        "gates": gates_id,
+    }
+    trainer = JointTrainer(backbone, gates, train_data, cfg, device, path, base_meta["dataset"], metadata, progress)
+    if state is not None:
+        trainer.resume(state)
+    net, _ = trainer.train(val_data)
+    meta = safe_load(path)["metadata"]
+    return net, {**meta, "checkpoint": str(path)}
+
+
+def load_gates(path: str | Path, backbone: Backbone, device: torch.device | str = "cpu") -> GatePolicy:
+    """The gates trained beside the skip-ready backbone at ``path`` (eval mode)."""
+    state = safe_load(path, map_location=device)
+    info = state.get("metadata", {}).get("skip_ready")
+    if info is None or "gates" not in state:
+        raise ValueError(f"{path} is not a skip-ready backbone (no gates trained beside it)")
+    options = {k: v for k, v in info["gates"].items() if k not in ("kind", "first_gated")}
+    gates = create_gates(info["gates"]["kind"], backbone, info["gates"]["first_gated"], **options)
+    gates.load_state_dict(state["gates"])
+    return gates.to(device).eval()

@@ -1,0 +1,115 @@
+"""Joint SP: the skip-ready backbone, its checkpoint, its cache and its exact resume."""
+
+import pytest
+import torch
+
+import backbones
+from agents.gates import create_gates
+from agents.skip_ready import JointConfig, JointTrainer, get_skip_ready, load_gates
+from backbones.checkpoint import fingerprint, load_backbone, safe_load
+from tests.conftest import tiny_backbone
+
+
+@pytest.fixture(scope="module")
+def digits_train():
+    return backbones.load_dataset("digits", "train")
+
+
+def _trainer(net, data, path, epochs=2, **kw):
+    torch.manual_seed(0)
+    gates = create_gates("rnn", net)
+    cfg = JointConfig(epochs=epochs, batch_size=64, seed=3, **kw)
+    return JointTrainer(
+        net, gates, data, cfg, torch.device("cpu"), path, "digits", {"gates": {"kind": "rnn", "first_gated": 1}}, False
+    )
+
+
+def _params(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_joint_sp_trains_backbone_and_gates_and_writes_a_backbone_checkpoint(digits_train, tmp_path):
+    net = tiny_backbone(20)
+    before_net = _params(net)
+    trainer = _trainer(net, digits_train, tmp_path / "ready.pt")
+    before_gates = _params(trainer.gates)
+    trained, gates = trainer.train()
+    changed = [
+        k for k, v in trained.state_dict().items() if v.dtype.is_floating_point and not torch.equal(v, before_net[k])
+    ]
+    assert any("blocks.3" in k for k in changed) and any("running_mean" in k for k in changed)  # BN trains by default
+    assert not torch.equal(gates.out.weight, before_gates["out.weight"])
+    # an ordinary backbone checkpoint, saying how it was made, its gates beside it
+    loaded, meta = load_backbone(tmp_path / "ready.pt", arch=trained.arch, dataset="digits")
+    assert fingerprint(loaded) == fingerprint(trained)
+    assert meta["complete"] and meta["skip_ready"]["joint_config"]["epochs"] == 2
+    assert len(meta["skip_ready"]["history"]) == 2
+    reloaded = load_gates(tmp_path / "ready.pt", loaded)
+    x = torch.randn(4, 1, 16, 16)
+    h = loaded.stem(x)
+    torch.testing.assert_close(reloaded(h, 0)[0], gates(trained.stem(x), 0)[0])
+
+
+def test_frozen_batchnorm_keeps_the_base_statistics(digits_train, tmp_path):
+    net = tiny_backbone(20)
+    means = {k: v.clone() for k, v in net.state_dict().items() if "running_mean" in k}
+    trained, _ = _trainer(net, digits_train, tmp_path / "ready.pt", epochs=1, bn="frozen").train()
+    assert all(torch.equal(trained.state_dict()[k], v) for k, v in means.items())
+
+
+def test_joint_sp_resumes_bit_for_bit(digits_train, tmp_path):
+    whole, _ = _trainer(tiny_backbone(20), digits_train, tmp_path / "whole.pt", epochs=2).train()
+
+    state_after_one = _one_epoch(_trainer(tiny_backbone(20), digits_train, tmp_path / "split.pt", epochs=2))
+    assert state_after_one["epoch"] == 1 and not state_after_one["metadata"]["complete"]
+    torch.manual_seed(1234)  # the process's RNG moved on: resume must restore it
+    resumed = _trainer(tiny_backbone(20), digits_train, tmp_path / "split.pt", epochs=2)
+    resumed.resume(state_after_one)
+    net, gates = resumed.train()
+    for k, v in whole.state_dict().items():
+        assert torch.equal(v, net.state_dict()[k]), k
+    assert safe_load(tmp_path / "split.pt")["metadata"]["complete"]
+
+
+def _one_epoch(trainer):
+    """Run ``trainer`` until its first checkpoint is written, then stop as a killed run would."""
+
+    class Stop(Exception):
+        pass
+
+    save = trainer.save
+
+    def save_then_stop(**kwargs):
+        save(**kwargs)
+        raise Stop
+
+    trainer.save = save_then_stop
+    with pytest.raises(Stop):
+        trainer.train()
+    return safe_load(trainer.checkpoint)
+
+
+def test_get_skip_ready_caches_by_base_and_settings(digits_train, tmp_path):
+    base = tiny_backbone(20)
+    meta = {"arch": base.arch, "dataset": "digits", "test_accuracy": 0.5}
+    cfg = JointConfig(epochs=1, batch_size=64)
+    options = {"hidden_size": 4, "embed_dim": 4}
+    before = fingerprint(base)
+    ready, ready_meta = get_skip_ready(
+        base, meta, digits_train, cfg, "rnn", options, torch.device("cpu"), progress=False
+    )
+    assert fingerprint(base) == before  # the base network is not modified
+    assert ready_meta["skip_ready"]["base_fingerprint"] == before
+    again, again_meta = get_skip_ready(base, meta, digits_train, cfg, "rnn", options, torch.device("cpu"))
+    assert again_meta["checkpoint"] == ready_meta["checkpoint"] and fingerprint(again) == fingerprint(ready)
+    other, other_meta = get_skip_ready(
+        base, meta, digits_train, JointConfig(epochs=1, batch_size=64, alpha=0.5), "rnn", options, torch.device("cpu")
+    )
+    assert other_meta["checkpoint"] != ready_meta["checkpoint"]
+
+
+def test_joint_config_refuses_bad_values():
+    with pytest.raises(ValueError, match="bn must be"):
+        JointConfig(bn="running")
+    with pytest.raises(ValueError, match="epochs must be >= 1"):
+        JointConfig(epochs=0)
