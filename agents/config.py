@@ -18,6 +18,9 @@ from skipnet_env.engine import PRECISIONS
 
 BackboneRecipe = Literal["base", "skip_ready"]
 
+# what static and random spend when --budget is not given
+FIXED_POLICY_BUDGET = 0.6
+
 # batch sizes by device: a GPU needs about a thousand images in flight to be busy, a CPU core does not
 DEVICE_BATCHES = {
     "cuda": {"num_envs": 1024, "eval_batch": 2048},
@@ -73,6 +76,9 @@ class RunConfig:
     """skip_ready: peak SGD learning rate of the backbone in joint SP (cosine decay)"""
     joint_alpha: float = JointConfig.alpha
     """skip_ready: weight of compute in joint SP's loss (0: the paper's SP, cross-entropy alone)"""
+    joint_budget: float | None = JointConfig.budget
+    """skip_ready: FLOPs fraction joint SP's gates are trained to spend (a Lagrange multiplier replaces
+    --joint-alpha as the compute weight)"""
     joint_bn: BatchNormMode = JointConfig.bn
     """skip_ready: BatchNorm in joint SP: train (the routed network's batch statistics) or frozen (the base's)"""
     alpha: float = HybridConfig.alpha
@@ -145,8 +151,10 @@ class RunConfig:
     """random: execute probability of each gated block (default: the rate that spends --budget)"""
     static_mix: bool = True
     """static: spend --budget exactly on average, running the next larger subset on a random share of images"""
-    budget: float = 0.6
-    """static, random: fraction of the full network's FLOPs to spend (static: at most; random: on average)"""
+    budget: float | None = None
+    """fraction of the full network's FLOPs to spend: static (at most) and random (on average), default 0.6; hybrid
+    agents (met by the training: the compute weight becomes a Lagrange multiplier, starting at --alpha), default: none,
+    --alpha prices compute"""
     # run control
     eval_only: bool = False
     """evaluate --checkpoint without training"""
@@ -188,7 +196,12 @@ class RunConfig:
             need(finite(name) and getattr(self, name) >= 0, name, "a finite number >= 0")
         need(self.sp_alpha is None or (math.isfinite(self.sp_alpha) and self.sp_alpha >= 0), "sp_alpha", ">= 0")
         need(0.0 <= self.gamma <= 1.0, "gamma", "in [0, 1]")
-        need(0.0 < self.budget <= 1.0, "budget", "a fraction of the full network's FLOPs in (0, 1]")
+        need(
+            self.budget is None or 0.0 < self.budget <= 1.0,
+            "budget",
+            "a fraction of the full network's FLOPs in (0, 1]",
+        )
+        need(self.joint_budget is None or 0.0 < self.joint_budget <= 1.0, "joint_budget", "a FLOPs fraction in (0, 1]")
         need(self.rate is None or 0.0 <= self.rate <= 1.0, "rate", "an execute probability in [0, 1]")
         need(0.0 <= self.backbone_drop_rate < 1.0, "backbone_drop_rate", "in [0, 1)")
         need(self.backbone_drop_schedule in ("linear", "uniform"), "backbone_drop_schedule", "linear or uniform")
@@ -207,7 +220,12 @@ class RunConfig:
         """The joint SP stage of ``backbone_recipe="skip_ready"``: its seed is the run's, its batch the base
         training's on every device."""
         return JointConfig(
-            epochs=self.joint_epochs, lr=self.joint_lr, alpha=self.joint_alpha, bn=self.joint_bn, seed=self.seed
+            epochs=self.joint_epochs,
+            lr=self.joint_lr,
+            alpha=self.joint_alpha,
+            budget=self.joint_budget,
+            bn=self.joint_bn,
+            seed=self.seed,
         )
 
     def gate_options(self) -> dict[str, Any]:

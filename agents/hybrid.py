@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from agents.compute_price import ComputePrice, SpendingMeter
 from agents.gates import GatePolicy
 from backbones.base import Backbone, skip
 from backbones.checkpoint import atomic_save, safe_load
@@ -57,6 +58,10 @@ BASELINES = ("self_critical", "batch_mean", "none")
 # the weights become NaN and before a checkpoint holds them (trained gates stay far below: |w| < 100)
 WEIGHT_LIMIT = 1e4
 LOSS_LIMIT = 1e6
+# dual-ascent step of a budget's compute weight, per SP step: the weight moves by this times the gap
+# between the FLOPs fraction spent and the budget (a gap of 0.1 moves it by about 0.5 an epoch of
+# 94 steps, alpha's useful range being 0.5-4)
+BUDGET_STEP = 0.05
 
 
 @dataclass
@@ -71,6 +76,7 @@ class HybridConfig:
     hrl_iterations: int = 500
     hrl_lr: float = 1e-4
     alpha: float = DEFAULT_ALPHA
+    budget: float | None = None
     gamma: float = 1.0
     baseline: str = "self_critical"
     entropy_coef: float = 0.0
@@ -98,9 +104,10 @@ def straight_through(p: Tensor) -> Tensor:
 
 def sp_forward(
     backbone: Backbone, gates: GatePolicy, x: Tensor, generator: torch.Generator | None = None
-) -> tuple[Tensor, Tensor]:
-    """Routed logits ``(B, classes)`` with straight-through hard gates, and the gates ``(B, N)``:
-    1.0 where the block ran, with the straight-through gradient to ``p(execute)``.
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Routed logits ``(B, classes)`` with straight-through hard gates, the gates ``(B, N)``: 1.0
+    where the block ran, with the straight-through gradient to ``p(execute)``, and the greedy
+    decisions ``(B, N)`` bool (``p >= 0.5``: what the gates would decide at evaluation).
 
     With a ``generator``, each gate is a sample: logistic noise is added to its logit before the
     threshold (a hard Bernoulli(p) draw, the straight-through Gumbel-sigmoid of ConvNet-AIG), so
@@ -110,9 +117,10 @@ def sp_forward(
     for block in backbone.blocks[: gates.first_gated]:
         h = block(h)
     state = gates.initial_state(x.shape[0], x.device)
-    executed = []
+    executed, greedy = [], []
     for k, block in enumerate(backbone.blocks[gates.first_gated :]):
         logit, state = gates(h, k, state)
+        greedy.append(logit.detach() >= 0.0)
         if generator is not None:
             u = torch.rand(logit.shape, device=logit.device, generator=generator).clamp(1e-6, 1 - 1e-6)
             logit = logit + torch.log(u) - torch.log1p(-u)  # + Logistic(0, 1)
@@ -120,16 +128,7 @@ def sp_forward(
         m = g.to(h.dtype)[:, None, None, None]  # in the backbone's precision (bf16 on the CUDA engine)
         h = m * block(h) + (1.0 - m) * skip(block, h)
         executed.append(g)
-    return backbone.head(h).float(), torch.stack(executed, dim=1)
-
-
-def execute_cost(backbone: Backbone, first_gated: int) -> Tensor:
-    """``(N,)``: what executing gated block ``k`` rather than skipping it costs, as a share of the
-    full network's FLOPs (the block's FLOPs minus its shortcut's)."""
-    f = backbone.flops
-    executed = torch.tensor(f.block_executed[first_gated:], dtype=torch.float32)
-    skipped = torch.tensor(f.block_skipped[first_gated:], dtype=torch.float32)
-    return (executed - skipped) / f.full
+    return backbone.head(h).float(), torch.stack(executed, dim=1), torch.stack(greedy, dim=1)
 
 
 def discounted_returns(rewards: Tensor, gamma: float) -> Tensor:
@@ -206,8 +205,16 @@ class HybridTrainer:
         # HRL's action sampling draws from its own generator, saved and restored with the run
         self.action_generator = torch.Generator(device=device).manual_seed(cfg.seed + 1)
         self.stage, self.done_units = "sp", 0  # epochs in SP, iterations in HRL
+        # SP's compute weight: sp_alpha, or with a budget the multiplier that meets it (HRL then prices
+        # compute at the multiplier SP ended with)
+        self.price = ComputePrice(self.sp_alpha, cfg.budget, BUDGET_STEP, device)
         self.env: SkipNetVectorEnv | None = None
         self.resume_sampler: dict[str, Any] | None = None
+
+    @property
+    def hrl_alpha(self) -> float:
+        """Weight of compute in HRL: ``alpha``, or with a budget the multiplier SP reached."""
+        return self.cfg.alpha if self.cfg.budget is None else float(self.price.value)
 
     @property
     def sp_alpha(self) -> float:
@@ -239,6 +246,7 @@ class HybridTrainer:
             "hrl_opt": self.hrl_opt.state_dict(),
             "generator": self.generator.get_state(),
             "action_generator": self.action_generator.get_state(),
+            "price": self.price.state_dict(),
         }
         if self.env is not None:  # where the environment's batches stand, for an exact resume
             state["sampler"] = self.env.sampler.state_before_last_draw()
@@ -260,6 +268,8 @@ class HybridTrainer:
         self.generator.set_state(state["generator"])
         self.action_generator.set_state(state["action_generator"].cpu())
         self.resume_sampler = state.get("sampler")
+        if "price" in state:
+            self.price.load_state_dict(state["price"])
         if "backbone" in state:
             self.backbone.load_state_dict(state["backbone"])
         self.stage, self.done_units = state["metadata"]["stage"], state["metadata"]["done_units"]
@@ -297,29 +307,43 @@ class HybridTrainer:
             cfg.sp_epochs * steps, "SP (straight-through)", self.progress, initial=self.done_units * steps
         )
         # the compute cost of executing gated block k rather than skipping it, a share of the full network
-        cost_weight = (self.sp_alpha * execute_cost(self.backbone, self.gates.first_gated)).to(self.device)  # (N,)
+        meter = SpendingMeter(self.backbone, self.gates, self.device)
         # a frozen backbone runs on the execution engine (BN folded; bf16, channels_last on CUDA):
         # the gradient reaches the gates through its activations, not its weights
         sp_net = self.backbone if cfg.finetune_backbone else freeze(self.backbone, precision=cfg.precision)
         for epoch in range(self.done_units, cfg.sp_epochs):
-            ramp = min(1.0, (epoch + 1) / cfg.sp_alpha_warmup) if cfg.sp_alpha_warmup > 0 else 1.0
-            losses = []
+            # a budget's multiplier needs no ramp: it rises from alpha as far as the spending asks
+            ramp = min(1.0, (epoch + 1) / cfg.sp_alpha_warmup) if cfg.sp_alpha_warmup > 0 and not cfg.budget else 1.0
+            losses, spent = [], []
             for x, y in batches(self.data, cfg.num_envs, self.device, train=True, generator=self.generator):
                 noise = self.action_generator if cfg.sp_sample else None
-                logits, executed = sp_forward(sp_net, self.gates, x, noise)
+                logits, executed, greedy = sp_forward(sp_net, self.gates, x, noise)
                 # hard gates forward, straight-through backward: the cost's gradient reaches p
-                cost = ramp * (executed * cost_weight).sum(dim=1).mean()
+                cost = ramp * self.price.value * (executed @ meter.cost).mean()
                 loss = F.cross_entropy(logits, y) + cost
                 self.sp_opt.zero_grad(set_to_none=True)
                 loss.backward()
                 self.sp_opt.step()
+                spent.append(meter.spent(greedy).mean())
+                self.price.update(spent[-1])  # the compute the gates would spend at evaluation
                 losses.append(loss.detach())
                 bar.update(1)
             self._check_losses(losses, "SP")  # once an epoch: no host sync per step
             self.done_units = epoch + 1
+            flops, price = float(torch.stack(spent).mean()), float(self.price.value)
+            log.info(
+                "SP epoch %d/%d: loss %.4f, greedy gates spend %.1f%% of the FLOPs, compute weight %.3f",
+                self.done_units,
+                cfg.sp_epochs,
+                float(torch.stack(losses).mean()),
+                100 * flops,
+                price,
+            )
             if self.writer:
                 self.writer.add_scalar("losses/sp_cross_entropy", loss.item(), epoch)
                 self.writer.add_scalar("charts/sp_execute_rate", executed.mean().item(), epoch)
+                self.writer.add_scalar("charts/sp_flops_fraction", flops, epoch)
+                self.writer.add_scalar("charts/compute_weight", price, epoch)
             self.save()
         bar.close()
         self.stage, self.done_units = "hrl", 0
@@ -331,7 +355,7 @@ class HybridTrainer:
             self.cfg.num_envs,
             self.backbone,
             self.data,
-            alpha=self.cfg.alpha,
+            alpha=self.hrl_alpha,
             **SKIPNET_REWARD,
             device=self.device,
             precision=self.cfg.precision,

@@ -16,7 +16,7 @@ from typing import Any, cast
 import torch
 
 from agents.blockdrop import BlockDropConfig, BlockDropNet, BlockDropTrainer, OneShotPolicy
-from agents.config import RunConfig
+from agents.config import FIXED_POLICY_BUDGET, RunConfig
 from agents.fixed import cached_elimination_path, random_rate_for_budget, static_for_budget
 from agents.gates import GatePolicy, create_gates
 from agents.hybrid import HybridConfig, HybridTrainer
@@ -67,6 +67,8 @@ class AgentSpec:
     load: Callable[[AgentContext, dict], RoutingPolicy]
     role: str = "learned"
     seeded: bool = True
+    takes_budget: bool = False
+    """``--budget`` means something to this agent (static, random; the hybrid gates meet it by training)"""
 
 
 AGENTS: dict[str, AgentSpec] = {}
@@ -76,6 +78,10 @@ def register_agent(name: str, spec: AgentSpec) -> None:
     if name in AGENTS:
         raise ValueError(f"agent {name!r} is registered twice")
     AGENTS[name] = spec
+
+
+def agents_taking_budget() -> list[str]:
+    return sorted(name for name, spec in AGENTS.items() if spec.takes_budget)
 
 
 def get_agent(name: str) -> AgentSpec:
@@ -133,7 +139,7 @@ def _hybrid(kind: str) -> AgentSpec:
             ctx.backbone.load_state_dict(state["backbone"])
         return GateRoutingPolicy(gates.eval(), f"hybrid_{kind}")
 
-    return AgentSpec(train, load)
+    return AgentSpec(train, load, takes_budget=True)
 
 
 register_agent("hybrid_rnn", _hybrid("rnn"))
@@ -251,11 +257,15 @@ def _train_full(ctx: AgentContext, state: dict | None) -> RoutingPolicy:
     return RoutingPolicy()
 
 
+def _budget(ctx: AgentContext) -> float:
+    return FIXED_POLICY_BUDGET if ctx.cfg.budget is None else ctx.cfg.budget
+
+
 def _random_rate(ctx: AgentContext) -> float:
     """``--rate``, or the rate at which random skipping spends ``--budget`` of the FLOPs."""
     if ctx.cfg.rate is not None:
         return ctx.cfg.rate
-    return random_rate_for_budget(ctx.backbone, ctx.cfg.budget)
+    return random_rate_for_budget(ctx.backbone, _budget(ctx))
 
 
 def _train_random(ctx: AgentContext, state: dict | None) -> RoutingPolicy:
@@ -268,7 +278,7 @@ def _train_static(ctx: AgentContext, state: dict | None) -> RoutingPolicy:
     path = cached_elimination_path(
         ctx.backbone, ctx.train_data, ctx.device, ctx.metadata, ctx.cfg.progress, precision=ctx.cfg.precision
     )
-    policy = static_for_budget(path, ctx.cfg.budget, ctx.cfg.static_mix, ctx.cfg.seed)
+    policy = static_for_budget(path, _budget(ctx), ctx.cfg.static_mix, ctx.cfg.seed)
     more = {} if policy.mask_more is None else {"mask_more": torch.tensor(policy.mask_more)}
     _fixed_save(ctx, mask=torch.tensor(policy.mask), share_more=policy.share_more, **more)
     return policy
@@ -282,11 +292,13 @@ def _load_static(ctx: AgentContext, state: dict) -> RoutingPolicy:
 register_agent("full", AgentSpec(_train_full, lambda ctx, s: RoutingPolicy(), role="reference", seeded=False))
 register_agent(
     "random",
-    AgentSpec(_train_random, lambda ctx, s: RandomPolicy(float(s["rate"]), ctx.cfg.seed), role="matched"),
+    AgentSpec(
+        _train_random, lambda ctx, s: RandomPolicy(float(s["rate"]), ctx.cfg.seed), role="matched", takes_budget=True
+    ),
 )
 register_agent(
     "static",
-    AgentSpec(_train_static, _load_static, role="matched"),
+    AgentSpec(_train_static, _load_static, role="matched", takes_budget=True),
 )
 
 __all__ = ["AGENTS", "AgentContext", "AgentSpec", "get_agent", "register_agent"]

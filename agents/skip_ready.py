@@ -38,8 +38,9 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
+from agents.compute_price import ComputePrice, SpendingMeter
 from agents.gates import GatePolicy, create_gates
-from agents.hybrid import execute_cost, sp_forward
+from agents.hybrid import BUDGET_STEP, sp_forward
 from backbones.base import Backbone
 from backbones.cache import cache_dir
 from backbones.checkpoint import atomic_save, backbone_metadata, fingerprint, load_backbone, safe_load
@@ -64,6 +65,9 @@ class JointConfig:
     """Adam learning rate of the gates"""
     alpha: float = 2.0
     """weight of compute in the loss (each gated block costs alpha x its share of the FLOPs); 0: the paper's SP"""
+    budget: float | None = None
+    """target FLOPs fraction (gates included): the compute weight becomes a Lagrange multiplier, starting at alpha,
+    that meets it"""
     alpha_warmup: int = 2
     """epochs over which the compute weight ramps up linearly from 0"""
     sample: bool = True
@@ -92,6 +96,8 @@ class JointConfig:
             problems.append(f"alpha must be a finite number >= 0, got {self.alpha}")
         if self.alpha_warmup < 0 or self.shift < 0 or self.batch_size < 1:
             problems.append("alpha_warmup and shift must be >= 0, batch_size >= 1")
+        if self.budget is not None and not (math.isfinite(self.budget) and 0 < self.budget <= 1):
+            problems.append(f"budget must be a FLOPs fraction in (0, 1], got {self.budget}")
         if self.bn not in ("train", "frozen"):
             problems.append(f"bn must be 'train' or 'frozen', got {self.bn!r}")
         if problems:
@@ -145,6 +151,7 @@ class JointTrainer:
         self.gate_opt = torch.optim.Adam(self.gates.parameters(), lr=cfg.gate_lr)
         self.generator = torch.Generator().manual_seed(cfg.seed)  # data order
         self.noise = torch.Generator(device=device).manual_seed(cfg.seed + 1)  # the gates' samples
+        self.price = ComputePrice(cfg.alpha, cfg.budget, BUDGET_STEP, device)
         self.epoch = 0
         self.history: list[dict[str, float]] = []
 
@@ -168,6 +175,7 @@ class JointTrainer:
                 "noise": self.noise.get_state(),
                 "torch_rng": torch.get_rng_state(),
                 "epoch": self.epoch,
+                "price": self.price.state_dict(),
             },
             self.checkpoint,
         )
@@ -182,13 +190,14 @@ class JointTrainer:
         self.generator.set_state(state["generator"])
         self.noise.set_state(state["noise"].cpu())
         torch.set_rng_state(state["torch_rng"])
+        self.price.load_state_dict(state["price"])
         self.epoch = int(state["epoch"])
         self.history = list(state["metadata"]["skip_ready"].get("history", []))
         log.info("resuming joint SP %s at epoch %d", self.checkpoint, self.epoch)
 
     def train(self, val_data: Dataset | None = None) -> tuple[Backbone, GatePolicy]:
         cfg = self.cfg
-        cost_weight = execute_cost(self.backbone, self.gates.first_gated).to(self.device)  # (N,)
+        meter = SpendingMeter(self.backbone, self.gates, self.device)
         bar = progress_bar(
             total=cfg.epochs * self.steps_per_epoch,
             initial=self.epoch * self.steps_per_epoch,
@@ -199,14 +208,17 @@ class JointTrainer:
             t0 = time.perf_counter()
             self.backbone.train(cfg.bn == "train")
             self.gates.train()
-            ramp = min(1.0, (epoch + 1) / cfg.alpha_warmup) if cfg.alpha_warmup > 0 else 1.0
-            losses, rates = [], []
+            # a budget's multiplier needs no ramp: it rises from alpha as far as the spending asks
+            ramp = min(1.0, (epoch + 1) / cfg.alpha_warmup) if cfg.alpha_warmup > 0 and not cfg.budget else 1.0
+            losses, rates, spent = [], [], []
             for x, y in batches(
                 self.data, cfg.batch_size, self.device, train=True, shift=cfg.shift, generator=self.generator
             ):
-                logits, executed = sp_forward(self.backbone, self.gates, x, self.noise if cfg.sample else None)
-                cost = ramp * cfg.alpha * (executed * cost_weight).sum(dim=1).mean()
+                logits, executed, greedy = sp_forward(self.backbone, self.gates, x, self.noise if cfg.sample else None)
+                cost = ramp * self.price.value * (executed @ meter.cost).mean()
                 loss = F.cross_entropy(logits, y) + cost
+                spent.append(meter.spent(greedy).mean())
+                self.price.update(spent[-1])
                 self.backbone_opt.zero_grad(set_to_none=True)
                 self.gate_opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -227,15 +239,18 @@ class JointTrainer:
                 "epoch": float(self.epoch),
                 "loss": float(torch.stack(losses).mean()),
                 "execute_rate": float(torch.stack(rates).mean()),
+                "flops_fraction": float(torch.stack(spent).mean()),
+                "compute_weight": float(self.price.value),
                 "seconds": time.perf_counter() - t0,
             }
             self.history.append(record)
             log.info(
-                "joint SP epoch %d/%d: loss %.4f, gates execute %.1f%% of the gated blocks (%.1f s)",
+                "joint SP epoch %d/%d: loss %.4f, greedy gates spend %.1f%% of the FLOPs, compute weight %.3f (%.1f s)",
                 self.epoch,
                 cfg.epochs,
                 record["loss"],
-                100 * record["execute_rate"],
+                100 * record["flops_fraction"],
+                record["compute_weight"],
                 record["seconds"],
             )
             done = self.epoch == cfg.epochs

@@ -29,7 +29,7 @@ import torch
 from agents.config import SAFE_ON_RESUME, RunConfig, flag
 from agents.evaluate import EvalResult, evaluate
 from agents.policies import RoutingPolicy
-from agents.registry import AgentContext, get_agent
+from agents.registry import AgentContext, agents_taking_budget, get_agent
 from agents.skip_ready import get_skip_ready
 from agents.statistics import bootstrap_ci, dynamic_blocks, paired_difference, spearman
 from backbones.checkpoint import CheckpointMismatchError, fingerprint, load_backbone, safe_load
@@ -52,11 +52,15 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 
 def load_backbone_for(cfg: RunConfig, device: torch.device, train_data) -> tuple[Any, dict]:
-    """The backbone the run's agents route: ``--backbone-checkpoint``, or the registry backbone trained
-    on the data (cached), or (``--backbone-recipe skip_ready``) that one trained further with its gates
-    (cached); and its checkpoint's metadata (a skip-ready one holds ``base``: the base network)."""
+    """The backbone the run's agents route, and its checkpoint's metadata.
+
+    The base network is ``--backbone-checkpoint``, or the registry backbone trained on the data
+    (cached). With ``--backbone-recipe skip_ready`` it is trained further with its gates (joint SP,
+    cached) and the metadata holds ``base``, the base network; a checkpoint that is skip-ready
+    already is used as it is.
+    """
     base, meta = load_base_backbone(cfg, device, train_data)
-    if cfg.backbone_recipe == "base" or cfg.backbone_checkpoint:
+    if cfg.backbone_recipe == "base" or "skip_ready" in meta:
         return base, meta
     val = load_dataset(cfg.dataset, "val", cfg.data_root, cfg.download, cfg.image_size)
     net, ready_meta = get_skip_ready(
@@ -68,13 +72,14 @@ def load_backbone_for(cfg: RunConfig, device: torch.device, train_data) -> tuple
 
 def load_base_backbone(cfg: RunConfig, device: torch.device, train_data) -> tuple[Any, dict]:
     if cfg.backbone_checkpoint:
-        return load_backbone(
+        net, meta = load_backbone(
             cfg.backbone_checkpoint,
             dataset=cfg.dataset,
             num_classes=train_data.num_classes,
             input_size=train_data.input_size,
             map_location=device,
         )
+        return net, {**meta, "checkpoint": cfg.backbone_checkpoint}
     if cfg.backbone not in list_backbones():
         raise ValueError(f"unknown backbone {cfg.backbone!r}; valid names: {', '.join(list_backbones())}")
     overrides: dict[str, Any] = {
@@ -187,6 +192,11 @@ def run(
         assert state is not None
         cfg = resumed_config(cfg, state.get("metadata", {}).get("run_config"), given)
     spec = get_agent(cfg.agent)  # a resumed run's agent is the one it was started with
+    if cfg.budget is not None and not spec.takes_budget:
+        raise ValueError(
+            f"--budget does not apply to --agent {cfg.agent}: price compute with --alpha (agents that take a budget: "
+            f"{', '.join(agents_taking_budget())})"
+        )
     t0 = time.perf_counter()
     seed_everything(cfg.seed, cfg.torch_deterministic)
     device = resolve_device(cfg.device)
@@ -256,7 +266,7 @@ def run(
     for name, value in dynamics.items():
         if isinstance(value, float | int):
             writer.add_scalar(f"eval/{name}", value, 0)
-    write_per_image(run_dir / "per_image.npz", result, full)
+    write_per_image(run_dir / "per_image.npz", result, full, base_result)
     write_figures(run_dir, writer, result, split["test"])
     writer.close()
 
@@ -303,10 +313,13 @@ def routing_statistics(result: EvalResult, full: EvalResult, seed: int) -> dict[
     }
 
 
-def write_per_image(path: Path, result: EvalResult, full: EvalResult) -> None:
-    """Per-test-image outcomes of the policy and of the full backbone (a plain ``.npz``, read with
-    ``allow_pickle=False``): what paired comparisons between runs are computed from."""
+def write_per_image(path: Path, result: EvalResult, full: EvalResult, base: EvalResult | None = None) -> None:
+    """Per-test-image outcomes of the policy, of the full backbone and (a skip-ready backbone's) of the
+    base network it was made from (a plain ``.npz``, read with ``allow_pickle=False``): what paired
+    comparisons between runs are computed from."""
     arrays: dict[str, Any] = dict(result.per_image)
+    if base is not None:
+        arrays["base_correct"] = base.per_image["correct"]
     np.savez_compressed(
         path,
         **arrays,

@@ -152,7 +152,7 @@ def test_gates_read_a_bf16_backbone_and_sp_trains_through_it(kind):
     frozen = freeze(net, CPU, precision="bf16")
     gates = create_gates(kind, net)
     x = torch.randn(8, 1, 16, 16)
-    logits, executed = sp_forward(frozen, gates, x)
+    logits, executed, _ = sp_forward(frozen, gates, x)
     assert logits.dtype == torch.float32 and executed.shape == (8, 8)
     logits.sum().backward()
     grads = [p.grad for p in gates.parameters() if p.grad is not None]

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -324,3 +325,61 @@ def test_a_stored_run_lacking_an_option_of_this_version_is_not_reused():
     assert _config_key(stored) == _config_key(cfg)
     del stored["blockdrop_reward"]
     assert _config_key(stored) is None
+
+
+SKIP_READY = ["--backbone-recipe", "skip_ready", "--joint-epochs", "1"]
+
+
+@pytest.fixture(scope="module")
+def skip_ready_checkpoint(cache, tmp_path_factory):
+    """The tiny skip-ready backbone, made once by a recipe run (base -> joint SP -> hybrid_rnn)."""
+    tmp = tmp_path_factory.mktemp("recipe")
+    run(
+        ["--agent", "hybrid_rnn", *TINY_BACKBONE, *SKIP_READY, *TINY_BUDGETS["hybrid_rnn"], "--no-progress",
+         "--run-dir", str(tmp / "runs")],
+        cache,
+        tmp,
+    )  # fmt: skip
+    (results,) = (tmp / "runs").glob("SkipNet-v0__*/results.json")
+    return json.loads(results.read_text())
+
+
+def test_the_recipe_reports_against_the_base_network(skip_ready_checkpoint):
+    r = skip_ready_checkpoint
+    assert Path(r["skip_ready_backbone"]).is_file() and Path(r["skip_ready_backbone"]).name.startswith("skipready-")
+    assert 0 <= r["base_backbone_accuracy"] <= 1 and "ci95" in r["accuracy_vs_base"]
+    with np.load(Path(r["run_dir"]) / "per_image.npz") as f:
+        assert f["base_correct"].shape == f["correct"].shape
+
+
+@pytest.mark.parametrize("agent", ["hybrid_rnn", "hybrid_ff", "ppo", "blockdrop", "static", "random", "full"])
+def test_every_agent_runs_on_the_skip_ready_backbone(agent, skip_ready_checkpoint, cache, tmp_path):
+    """A skip-ready backbone is an ordinary backbone checkpoint: every agent routes it, frozen, and the
+    recipe's cached one is the same network (no second joint SP)."""
+    path = skip_ready_checkpoint["skip_ready_backbone"]
+    args = ["--agent", agent, *TINY_BACKBONE, *TINY_BUDGETS[agent], "--no-progress", "--run-dir", str(tmp_path)]
+    proc = run([*args, "--backbone-checkpoint", path], cache, tmp_path)
+    if agent == "hybrid_rnn":  # the recipe's HRL continues from the gates joint SP trained
+        assert "starts from the gates joint SP trained" in proc.stderr
+    (results,) = tmp_path.glob("SkipNet-v0__*/results.json")
+    r = json.loads(results.read_text())
+    assert r["skip_ready_backbone"] == path
+    assert r["full_backbone_accuracy"] == skip_ready_checkpoint["full_backbone_accuracy"]
+
+
+def test_budget_is_refused_by_agents_that_cannot_meet_it(cache, tmp_path):
+    proc = run(["--agent", "ppo", "--budget", "0.5", *TINY_BACKBONE], cache, tmp_path, check=False)
+    assert proc.returncode == 2 and "--budget does not apply to --agent ppo" in proc.stderr
+
+
+def test_reproduce_runs_the_recipe_end_to_end_on_the_tiny_preset(cache, tmp_path):
+    proc = run(
+        ["--preset", "tiny", "--seeds", "0", "1", "--out-dir", str(tmp_path / "out"), "--run-dir", str(tmp_path)],
+        cache,
+        tmp_path,
+        script="experiments/reproduce.py",
+    )
+    assert "ResNet-20 w0.25" in proc.stdout
+    (row,) = json.loads((tmp_path / "out" / "tiny" / "reproduce.json").read_text())
+    assert row["seeds"] == 2 and 0 <= row["skipnet_accuracy"] <= 1 and 0 < row["flops_fraction"] <= 1.2
+    assert len({Path(d).name for d in row["run_dirs"]}) == 2

@@ -32,7 +32,7 @@ def test_sp_forward_hard_gates_match_routing_and_gradients_reach_the_gates():
     net.requires_grad_(False)
     gates = create_gates("rnn", net)
     x = torch.randn(6, 1, 16, 16)
-    logits, probs = sp_forward(net, gates, x)
+    logits, probs, _ = sp_forward(net, gates, x)
     execute = torch.cat([torch.ones(6, 1, dtype=torch.bool), probs >= 0.5], dim=1)
     with torch.no_grad():
         torch.testing.assert_close(logits, routed_forward(net, x, execute), rtol=1e-5, atol=1e-5)
@@ -207,7 +207,7 @@ def test_sp_with_a_compute_term_learns_to_skip(tmp_path):
         trainer.train_sp()
         x, _ = data.batch(torch.arange(len(data)))
         with torch.no_grad():
-            _, executed = sp_forward(net, trainer.gates, x)
+            _, executed, _ = sp_forward(net, trainer.gates, x)
         rates[sp_alpha] = executed.mean().item()
     assert rates[0.0] > 0.8 and rates[3.0] < rates[0.0] - 0.2
 
