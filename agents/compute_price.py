@@ -2,9 +2,9 @@
 
 ``alpha`` lands at different compute on different data (alpha 1: 60% of the FLOPs on the embedded
 set, 36% on natural images), so a user cannot ask for "half the compute" with it. With a budget,
-training solves ``min loss s.t. FLOPs fraction <= budget`` by dual ascent: the price rises while
-the gates spend more than the budget and falls (never below 0) while they spend less, so the
-training itself finds the alpha that spends the budget.
+training solves ``min loss s.t. FLOPs fraction = budget``: the price rises while the gates spend
+more than the budget and falls while they spend less, so the training itself finds the alpha that
+spends the budget (:class:`ComputePrice`).
 
 The price lives on the device and is updated from device tensors: no host sync.
 """
@@ -35,25 +35,50 @@ def check_budget(budget: float | None) -> None:
 
 
 class ComputePrice:
-    """The weight of compute: ``alpha``, or with ``budget`` a multiplier starting at ``alpha``.
+    """The weight of compute: ``alpha``, or with ``budget`` a multiplier that meets it.
+
+    Without a budget the compute term of a loss is ``alpha x added`` (``added``: the FLOPs fraction
+    the executed gated blocks add). With one, the constraint is an equality, ``spent = budget`` (a
+    user who asks for half the compute wants half, not less at lower accuracy), met by a
+    proportional-integral price: the term is ``(lambda + gain x (spent - budget)) x added``, where
+    ``spent`` is what the gates would spend at evaluation (greedy decisions) on this batch, and
+    ``lambda`` (starting at ``alpha``) takes a dual-ascent step ``step x (spent - budget)`` per update.
+    The proportional part pulls the spending back at once, from either side (even from gates that
+    all skip, where a multiplier clamped at 0 had no pull left); the integral part (the Lagrange
+    multiplier) removes the offset it would leave. The price may go below 0: then compute is
+    rewarded, up to the budget.
 
     Args:
         alpha: the fixed weight, or the multiplier's starting value.
         budget: the target FLOPs fraction (``None``: the weight stays ``alpha``).
-        step: dual-ascent step: the price moves by ``step x (spent - budget)`` per update.
-        device: where the price lives.
+        step: dual-ascent step size.
+        device: where the multiplier lives.
+        gain: the proportional gain.
     """
 
-    def __init__(self, alpha: float, budget: float | None, step: float, device: torch.device) -> None:
+    def __init__(
+        self, alpha: float, budget: float | None, step: float, device: torch.device, gain: float = 10.0
+    ) -> None:
         check_budget(budget)
-        self.budget, self.step = budget, step
-        self.value = torch.tensor(float(alpha), device=device)  # () float32
+        self.budget, self.step, self.gain = budget, step, gain
+        self.value = torch.tensor(float(alpha), device=device)  # () float32: the multiplier
+
+    def weight(self, spent: Tensor) -> Tensor:
+        """The price of compute ``()`` for a batch whose greedy decisions spend ``spent`` ``(B,)``."""
+        if self.budget is None:
+            return self.value
+        return self.value + self.gain * (spent.detach().float().mean() - self.budget)
+
+    def loss(self, added: Tensor, spent: Tensor, ramp: float = 1.0) -> Tensor:
+        """The compute term for ``added`` ``(B,)`` (differentiable: the FLOPs fraction the executed
+        gated blocks add) when the greedy decisions spend ``spent`` ``(B,)``; ``ramp`` scales a fixed
+        alpha (warm-up)."""
+        return ramp * self.weight(spent) * added.mean()
 
     def update(self, spent: Tensor) -> None:
         """One dual-ascent step from the FLOPs fractions ``spent`` (any shape) of the last batch."""
         if self.budget is not None:
-            gap = spent.detach().float().mean() - self.budget
-            self.value = (self.value + self.step * gap).clamp_min(0.0)
+            self.value = self.value + self.step * (spent.detach().float().mean() - self.budget)
 
     def state_dict(self) -> dict[str, Tensor]:
         return {"value": self.value}

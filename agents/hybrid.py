@@ -319,7 +319,7 @@ class HybridTrainer:
                 noise = self.action_generator if cfg.sp_sample else None
                 logits, executed, greedy = sp_forward(sp_net, self.gates, x, noise)
                 # hard gates forward, straight-through backward: the cost's gradient reaches p
-                cost = ramp * self.price.value * (executed @ meter.cost).mean()
+                cost = self.price.loss(executed @ meter.cost, meter.spent(greedy), ramp)
                 loss = F.cross_entropy(logits, y) + cost
                 self.sp_opt.zero_grad(set_to_none=True)
                 loss.backward()

@@ -25,6 +25,7 @@ keeps the base network's statistics (``"frozen"``, affine parameters still train
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -42,7 +43,7 @@ from agents.compute_price import ComputePrice, SpendingMeter
 from agents.gates import GatePolicy, create_gates
 from agents.hybrid import BUDGET_STEP, sp_forward
 from backbones.base import Backbone
-from backbones.cache import cache_dir
+from backbones.cache import building, cache_dir
 from backbones.checkpoint import atomic_save, backbone_metadata, fingerprint, load_backbone, safe_load
 from backbones.data import Dataset
 from backbones.progress import progress_bar
@@ -51,6 +52,8 @@ from backbones.train import batches, evaluate, seed_everything
 log = logging.getLogger(__name__)
 
 BatchNormMode = Literal["train", "frozen"]
+# part of the cache key: raise it when a change to this stage changes the backbones it makes
+JOINT_SP_VERSION = 1
 
 
 @dataclass
@@ -215,7 +218,7 @@ class JointTrainer:
                 self.data, cfg.batch_size, self.device, train=True, shift=cfg.shift, generator=self.generator
             ):
                 logits, executed, greedy = sp_forward(self.backbone, self.gates, x, self.noise if cfg.sample else None)
-                cost = ramp * self.price.value * (executed @ meter.cost).mean()
+                cost = self.price.loss(executed @ meter.cost, meter.spent(greedy), ramp)
                 loss = F.cross_entropy(logits, y) + cost
                 spent.append(meter.spent(greedy).mean())
                 self.price.update(spent[-1])
@@ -271,7 +274,9 @@ def _key(obj: Any) -> str:
 def skip_ready_path(base_meta: dict[str, Any], base_fingerprint: str, cfg: JointConfig, gates: dict[str, Any]) -> Path:
     """Where the cache keeps the skip-ready backbone made from the base network ``base_fingerprint``
     with ``cfg`` and gates ``gates`` (kind and options): keyed by everything that changes it."""
-    key = _key({"base": base_fingerprint, "joint": dataclasses.asdict(cfg), "gates": gates})
+    key = _key(
+        {"version": JOINT_SP_VERSION, "base": base_fingerprint, "joint": dataclasses.asdict(cfg), "gates": gates}
+    )
     return cache_dir() / "backbones" / f"skipready-{base_meta['arch']}-{base_meta['dataset']}-{key}.pt"
 
 
@@ -294,11 +299,25 @@ def get_skip_ready(
     mode, frozen) and its checkpoint's metadata, with ``metadata["checkpoint"]`` its path (its gates
     are stored there too: :func:`load_gates`).
     """
-    import copy
-
     base_fp = fingerprint(base)
     gates_id = {"kind": gate_kind, "first_gated": 1, **gate_options}
     path = path or skip_ready_path(base_meta, base_fp, cfg, gates_id)
+    with building(path):  # a second process wanting this backbone waits, then reuses it
+        return _get_skip_ready(base, base_meta, base_fp, train_data, cfg, gates_id, device, val_data, path, progress)
+
+
+def _get_skip_ready(
+    base: Backbone,
+    base_meta: dict[str, Any],
+    base_fp: str,
+    train_data: Dataset,
+    cfg: JointConfig,
+    gates_id: dict[str, Any],
+    device: torch.device,
+    val_data: Dataset | None,
+    path: Path,
+    progress: bool,
+) -> tuple[Backbone, dict[str, Any]]:
     state = safe_load(path, map_location=device) if path.is_file() else None
     if state is not None and state["metadata"].get("complete"):
         log.info("reusing skip-ready backbone %s", path)
@@ -306,7 +325,8 @@ def get_skip_ready(
         return net.to(device).eval(), {**meta, "checkpoint": str(path)}
     seed_everything(cfg.seed)  # the gates' initial weights
     backbone = copy.deepcopy(base).to(device)
-    gates = create_gates(gate_kind, backbone, **gate_options)
+    options = {k: v for k, v in gates_id.items() if k not in ("kind", "first_gated")}
+    gates = create_gates(gates_id["kind"], backbone, gates_id["first_gated"], **options)
     metadata = {
         "base_fingerprint": base_fp,
         "base_test_accuracy": base_meta.get("test_accuracy"),

@@ -3,9 +3,31 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
 def cache_dir() -> Path:
     """``$SKIPNET_CACHE``, default ``~/.cache/skipnet_gym``."""
     return Path(os.environ.get("SKIPNET_CACHE", Path.home() / ".cache" / "skipnet_gym"))
+
+
+@contextmanager
+def building(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path``'s cache entry while it is built: a second process (a
+    sweep's other trial, a comparison run beside it) that wants the same entry waits, then finds it
+    finished, instead of training it a second time into the same file. An advisory ``flock`` on
+    ``<path>.lock``; where the platform has none (Windows), no lock."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

@@ -11,7 +11,7 @@ import dataclasses
 from typing import Any
 
 from backbones.base import Backbone
-from backbones.cache import cache_dir
+from backbones.cache import building, cache_dir
 from backbones.data import load_dataset
 from backbones.train import TrainConfig, train
 
@@ -46,4 +46,5 @@ def get_trained(arch: str, dataset: str, **train_overrides: Any) -> tuple[Backbo
         cfg = dataclasses.replace(
             cfg, out=str(cache_dir() / "backbones" / f"{arch}-{dataset}-{key}.pt"), log_dir=str(cache_dir() / "runs")
         )
-    return train(cfg)
+    with building(cfg.checkpoint_path):  # a second process wanting this backbone waits, then reuses it
+        return train(cfg)

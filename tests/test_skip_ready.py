@@ -113,3 +113,27 @@ def test_joint_config_refuses_bad_values():
         JointConfig(bn="running")
     with pytest.raises(ValueError, match="epochs must be >= 1"):
         JointConfig(epochs=0)
+
+
+def test_a_cache_entry_is_built_by_one_process_at_a_time(tmp_path):
+    """Two runs that want the same backbone: the second waits for the first, then reuses its file
+    (two trainings into one file once mixed their epochs)."""
+    import threading
+    import time
+
+    from backbones.cache import building
+
+    events = []
+
+    def build(name):
+        with building(tmp_path / "entry.pt"):
+            events.append(f"{name} in")
+            time.sleep(0.2)
+            events.append(f"{name} out")
+
+    first = threading.Thread(target=build, args=("a",))
+    first.start()
+    time.sleep(0.05)
+    build("b")
+    first.join()
+    assert events == ["a in", "a out", "b in", "b out"]
