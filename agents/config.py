@@ -67,7 +67,7 @@ class RunConfig:
     """stochastic depth of the backbone trainer: drop rate of the last block (0 disables)"""
     backbone_drop_schedule: str = "linear"
     """stochastic depth of the backbone trainer: linear (decaying to 0 at the first block) or uniform"""
-    backbone_recipe: BackboneRecipe = "base"
+    backbone_recipe: BackboneRecipe = "skip_ready"
     """base: the backbone as trained (frozen); skip_ready: the base backbone trained further with its gates (joint
     SP, the paper's recipe), then frozen: every agent runs on it"""
     joint_epochs: int = JointConfig.epochs
@@ -79,6 +79,8 @@ class RunConfig:
     joint_budget: float | None = JointConfig.budget
     """skip_ready: FLOPs fraction joint SP's gates are trained to spend (a Lagrange multiplier replaces
     --joint-alpha as the compute weight)"""
+    joint_sample: bool = JointConfig.sample
+    """skip_ready: joint SP's gates are samples (logistic noise before the threshold), not thresholds (the paper's)"""
     joint_bn: BatchNormMode = JointConfig.bn
     """skip_ready: BatchNorm in joint SP: train (the routed network's batch statistics) or frozen (the base's)"""
     alpha: float = HybridConfig.alpha
@@ -90,12 +92,15 @@ class RunConfig:
     torch_deterministic: bool = False
     """ask cuDNN for deterministic kernels"""
     num_envs: int | None = None
-    """images per batch in the environment and in SP (B; default 128 on the CPU, 1024 on CUDA)"""
+    """images per batch in the environment (B; default 128 on the CPU, 1024 on CUDA)"""
     precision: str = HybridConfig.precision
     """compute precision of the frozen backbone: auto (bf16 on CUDA, fp32 elsewhere), fp32 or bf16"""
     # hybrid (SkipNet) agents
     sp_epochs: int = HybridConfig.sp_epochs
     """hybrid: supervised pre-training epochs over the training set"""
+    sp_batch: int = HybridConfig.sp_batch
+    """hybrid: images per SP step, on every device (SP's learning rate and steps are tuned for it; --num-envs sizes
+    the environment's batch)"""
     sp_lr: float = HybridConfig.sp_lr
     """hybrid: Adam learning rate of the gates in supervised pre-training"""
     sp_alpha: float | None = HybridConfig.sp_alpha
@@ -183,7 +188,15 @@ class RunConfig:
             v = getattr(self, name)
             return isinstance(v, int | float) and math.isfinite(v)
 
-        for name in ("rnn_hidden", "rnn_embed", "timesteps", "log_every", "checkpoint_every", "blockdrop_width"):
+        for name in (
+            "rnn_hidden",
+            "rnn_embed",
+            "timesteps",
+            "log_every",
+            "checkpoint_every",
+            "blockdrop_width",
+            "sp_batch",
+        ):
             need(getattr(self, name) >= 1, name, "an integer >= 1")
         for name in ("num_envs", "eval_batch"):
             need(getattr(self, name) is None or getattr(self, name) >= 1, name, "an integer >= 1")
@@ -224,6 +237,7 @@ class RunConfig:
             lr=self.joint_lr,
             alpha=self.joint_alpha,
             budget=self.joint_budget,
+            sample=self.joint_sample,
             bn=self.joint_bn,
             seed=self.seed,
         )

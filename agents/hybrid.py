@@ -58,10 +58,11 @@ BASELINES = ("self_critical", "batch_mean", "none")
 # the weights become NaN and before a checkpoint holds them (trained gates stay far below: |w| < 100)
 WEIGHT_LIMIT = 1e4
 LOSS_LIMIT = 1e6
-# dual-ascent step of a budget's compute weight, per SP step: the weight moves by this times the gap
-# between the FLOPs fraction spent and the budget (a gap of 0.1 moves it by about 0.5 an epoch of
-# 94 steps, alpha's useful range being 0.5-4)
-BUDGET_STEP = 0.05
+# a budget's price (agents.compute_price): the dual-ascent step per SP step and the proportional gain
+# (a gap of 0.05 between spending and budget moves the multiplier by about 1 an epoch of 94 steps and
+# the price at once by 0.1; alpha's useful range is 0.5-4)
+BUDGET_STEP = 0.2
+BUDGET_GAIN = 2.0
 
 
 @dataclass
@@ -69,6 +70,7 @@ class HybridConfig:
     """The hybrid trainer's settings (see :class:`agents.config.RunConfig` for their meaning)."""
 
     sp_epochs: int = 10
+    sp_batch: int = 128
     sp_lr: float = 3e-3
     sp_alpha: float | None = None
     sp_sample: bool = True
@@ -207,7 +209,7 @@ class HybridTrainer:
         self.stage, self.done_units = "sp", 0  # epochs in SP, iterations in HRL
         # SP's compute weight: sp_alpha, or with a budget the multiplier that meets it (HRL then prices
         # compute at the multiplier SP ended with)
-        self.price = ComputePrice(self.sp_alpha, cfg.budget, BUDGET_STEP, device)
+        self.price = ComputePrice(self.sp_alpha, cfg.budget, BUDGET_STEP, device, BUDGET_GAIN)
         self.env: SkipNetVectorEnv | None = None
         self.resume_sampler: dict[str, Any] | None = None
 
@@ -302,7 +304,7 @@ class HybridTrainer:
     # -- stage 1 ----------------------------------------------------------------------------
     def train_sp(self) -> None:
         cfg = self.cfg
-        steps = math.ceil(len(self.data) / cfg.num_envs)
+        steps = math.ceil(len(self.data) / cfg.sp_batch)
         bar = progress_bar(
             cfg.sp_epochs * steps, "SP (straight-through)", self.progress, initial=self.done_units * steps
         )
@@ -315,7 +317,7 @@ class HybridTrainer:
             # a budget's multiplier needs no ramp: it rises from alpha as far as the spending asks
             ramp = min(1.0, (epoch + 1) / cfg.sp_alpha_warmup) if cfg.sp_alpha_warmup > 0 and not cfg.budget else 1.0
             losses, spent = [], []
-            for x, y in batches(self.data, cfg.num_envs, self.device, train=True, generator=self.generator):
+            for x, y in batches(self.data, cfg.sp_batch, self.device, train=True, generator=self.generator):
                 noise = self.action_generator if cfg.sp_sample else None
                 logits, executed, greedy = sp_forward(sp_net, self.gates, x, noise)
                 # hard gates forward, straight-through backward: the cost's gradient reaches p

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from agents.compute_price import ComputePrice, SpendingMeter
 from agents.gates import GatePolicy, create_gates
-from agents.hybrid import BUDGET_STEP, sp_forward
+from agents.hybrid import BUDGET_GAIN, BUDGET_STEP, sp_forward
 from backbones.base import Backbone
 from backbones.cache import building, cache_dir
 from backbones.checkpoint import atomic_save, backbone_metadata, fingerprint, load_backbone, safe_load
@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 
 BatchNormMode = Literal["train", "frozen"]
 # part of the cache key: raise it when a change to this stage changes the backbones it makes
-JOINT_SP_VERSION = 1
+JOINT_SP_VERSION = 2
 
 
 @dataclass
@@ -68,13 +68,13 @@ class JointConfig:
     """Adam learning rate of the gates"""
     alpha: float = 2.0
     """weight of compute in the loss (each gated block costs alpha x its share of the FLOPs); 0: the paper's SP"""
-    budget: float | None = None
-    """target FLOPs fraction (gates included): the compute weight becomes a Lagrange multiplier, starting at alpha,
-    that meets it"""
+    budget: float | None = 0.5
+    """target FLOPs fraction (gates included) the gates are trained to spend: the compute weight becomes a multiplier,
+    starting at alpha, that meets it (None: alpha prices compute)"""
     alpha_warmup: int = 2
     """epochs over which the compute weight ramps up linearly from 0"""
-    sample: bool = True
-    """gates are samples (logistic noise before the threshold, straight-through), not thresholds"""
+    sample: bool = False
+    """gates are samples (logistic noise before the threshold, straight-through), not thresholds (the paper's)"""
     bn: BatchNormMode = "train"
     """BatchNorm: train (batch statistics of the routed network) or frozen (the base network's statistics)"""
     momentum: float = 0.9
@@ -154,7 +154,7 @@ class JointTrainer:
         self.gate_opt = torch.optim.Adam(self.gates.parameters(), lr=cfg.gate_lr)
         self.generator = torch.Generator().manual_seed(cfg.seed)  # data order
         self.noise = torch.Generator(device=device).manual_seed(cfg.seed + 1)  # the gates' samples
-        self.price = ComputePrice(cfg.alpha, cfg.budget, BUDGET_STEP, device)
+        self.price = ComputePrice(cfg.alpha, cfg.budget, BUDGET_STEP, device, BUDGET_GAIN)
         self.epoch = 0
         self.history: list[dict[str, float]] = []
 

@@ -3,9 +3,9 @@
     python experiments/compare.py                                    # the default set, embedded data
     python experiments/compare.py --agents hybrid_rnn ppo --alphas 0.5 1 2 --seeds 0 1 2
 
-Learned agents run at every ``--alphas`` and ``--seeds``. Data-independent agents (``static``,
-``random``: the registry's "matched" role) then run at the mean compute each learned point reached,
-so that every learned point has a fixed subset of blocks and a random policy spending the same
+Learned agents run at every ``--alphas`` (those that take a budget: at every ``--budgets``, when
+given) and ``--seeds``. Data-independent agents (``static``, ``random``: the registry's "matched"
+role) then run at the mean compute each learned point reached, so that every learned point has a fixed subset of blocks and a random policy spending the same
 FLOPs beside it; ``full`` runs once. Every run is ``experiments/run.py`` with its own folder.
 
 What is reported (``compare.md``, ``compare.json``, ``compare.csv``, ``compare.png``):
@@ -50,6 +50,8 @@ class CompareConfig:
     """agents to compare"""
     alphas: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0, 3.0)
     """compute weights the learned agents are trained at (one curve point each)"""
+    budgets: tuple[float, ...] = ()
+    """FLOPs budgets the learned agents that take one (hybrid_*) are trained to meet, instead of --alphas"""
     seeds: tuple[int, ...] = (0, 1, 2)
     """seeds of every seeded run"""
     fallback_budgets: tuple[float, ...] = (0.4, 0.5, 0.6, 0.7, 0.8)
@@ -139,6 +141,10 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
 
     points: list[Point] = []
     for agent in learned:
+        if cfg.budgets and specs[agent].takes_budget:
+            for budget in cfg.budgets:
+                points.append(_point(agent, f"budget={budget:g}", runs_of(agent, budget=budget)))
+            continue
         for alpha in cfg.alphas:
             points.append(_point(agent, f"alpha={alpha:g}", runs_of(agent, alpha=alpha)))
     budgets = sorted({min(p.flops, 1.0) for p in points}) or list(cfg.fallback_budgets)

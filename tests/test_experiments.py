@@ -11,7 +11,11 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_BACKBONE = ["--dataset", "digits", "--backbone", "cifar_resnet20", "--width", "0.25", "--backbone-epochs", "1"]
+# the base network as trained (the recipe's skip-ready stage has tests of its own, below)
+TINY_BACKBONE = [
+    *("--backbone-recipe", "base", "--dataset", "digits", "--backbone", "cifar_resnet20", "--width", "0.25"),
+    *("--backbone-epochs", "1"),
+]
 TINY_BUDGETS = {
     "hybrid_rnn": ["--sp-epochs", "1", "--hrl-iterations", "3", "--num-envs", "32"],
     "hybrid_ff": ["--sp-epochs", "1", "--hrl-iterations", "3", "--num-envs", "32"],
