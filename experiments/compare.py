@@ -6,7 +6,8 @@
 Learned agents run at every ``--alphas`` (those that take a budget: at every ``--budgets``, when
 given) and ``--seeds``. Data-independent agents (``static``, ``random``: the registry's "matched"
 role) then run at the mean compute each learned point reached, so that every learned point has a
-fixed subset of blocks and a random policy spending the same FLOPs beside it; ``full`` runs once. Every run is ``experiments/run.py`` with its own folder.
+fixed subset of blocks and a random policy spending the same FLOPs beside it; ``full`` runs once.
+Every run is ``experiments/run.py`` with its own folder.
 
 What is reported (``compare.md``, ``compare.json``, ``compare.csv``, ``compare.png``):
 
