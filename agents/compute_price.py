@@ -75,10 +75,12 @@ class ComputePrice:
         alpha (warm-up)."""
         return ramp * self.weight(spent) * added.mean()
 
-    def update(self, spent: Tensor) -> None:
-        """One dual-ascent step from the FLOPs fractions ``spent`` (any shape) of the last batch."""
+    def update(self, spent: Tensor, step: float | None = None) -> None:
+        """One dual-ascent step (of ``step``, default the price's) from the FLOPs fractions ``spent``
+        (any shape) of the last batch."""
         if self.budget is not None:
-            self.value = self.value + self.step * (spent.detach().float().mean() - self.budget)
+            step = self.step if step is None else step
+            self.value = self.value + step * (spent.detach().float().mean() - self.budget)
 
     def state_dict(self) -> dict[str, Tensor]:
         return {"value": self.value}

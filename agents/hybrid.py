@@ -63,6 +63,8 @@ LOSS_LIMIT = 1e6
 # the price at once by 0.1; alpha's useful range is 0.5-4)
 BUDGET_STEP = 0.2
 BUDGET_GAIN = 2.0
+# per HRL iteration: HRL's gentle steps move the spending slowly, a fast multiplier would wind up
+BUDGET_STEP_HRL = 0.02
 
 
 @dataclass
@@ -410,6 +412,13 @@ class HybridTrainer:
             rewards.append(reward)
         return discounted_returns(torch.stack(rewards), self.cfg.gamma)
 
+    def set_alpha(self, alpha: float) -> None:
+        """Price compute at ``alpha`` in the environment's reward and the greedy replay's (a budget's
+        price, as it moves)."""
+        assert self.env is not None
+        reward = dataclasses.replace(self.env.core.reward, alpha=max(alpha, 0.0))
+        self.env.core.reward = self.replay.reward = reward
+
     def train_hrl(self) -> None:
         cfg = self.cfg
         env = self.env = self.make_env()
@@ -422,6 +431,7 @@ class HybridTrainer:
         self.replay = BatchedRouting(
             self.backbone, env.core.reward, self.gates.first_gated == 0, cfg.finetune_backbone, cfg.precision
         )
+        gate_share = sum(self.gates.flops) / self.backbone.flops.full  # the gates' own FLOPs, a share of the network
         # linear decay to 0 over the stage: REINFORCE's noisy steps settle instead of wandering at the end
         start = self.done_units
         schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -429,6 +439,7 @@ class HybridTrainer:
         )
         bar = progress_bar(cfg.hrl_iterations, "HRL (REINFORCE)", self.progress, initial=self.done_units)
         logged: dict[str, list[Tensor]] = {}
+        last: dict[str, float] = {}
         for it in range(self.done_units, cfg.hrl_iterations):
             if cfg.finetune_backbone and it > 0:
                 # the autoreset computed the next batch's first activation with the weights of before the
@@ -437,6 +448,11 @@ class HybridTrainer:
             ep = self.rollout(env)
             returns = discounted_returns(ep["reward"], cfg.gamma)
             greedy = self.greedy_returns(ep["start"], ep["label"]) if cfg.baseline == "self_critical" else None
+            # what the gates spend: the greedy route's where it was replayed (the evaluation's decisions)
+            spent = gate_share + (
+                self.replay.spent_flops / self.replay.full_flops if greedy is not None else ep["flops_fraction"]
+            )
+            self.price.update(spent, BUDGET_STEP_HRL)
             rl = reinforce_loss(ep["log_prob"], advantages(returns, cfg.baseline, greedy))
             entropy = ep["entropy"].mean()
             loss = cfg.rl_weight * (rl - cfg.entropy_coef * entropy)
@@ -456,12 +472,17 @@ class HybridTrainer:
                 ("charts/episodic_return", returns[0].mean()),
                 ("charts/train_accuracy", ep["correct"].float().mean()),
                 ("charts/flops_fraction", ep["flops_fraction"].mean()),
+                ("charts/greedy_flops_fraction", spent.float().mean()),
             ):
                 logged.setdefault(name, []).append(value.detach())
             if self.done_units % cfg.log_every == 0 or self.done_units == cfg.hrl_iterations:
                 self._check_losses(logged["losses/total"], "HRL")
                 means = {name: float(torch.stack(values).mean()) for name, values in logged.items()}
+                if cfg.budget is not None:  # the reward prices compute at the budget's price (one sync per log)
+                    self.set_alpha(float(self.price.weight(torch.tensor(means["charts/greedy_flops_fraction"]))))
+                    means["charts/compute_weight"] = env.core.reward.alpha
                 logged.clear()
+                last = means
                 bar.set_postfix(
                     acc=f"{means['charts/train_accuracy']:.3f}", flops=f"{means['charts/flops_fraction']:.3f}"
                 )
@@ -471,6 +492,16 @@ class HybridTrainer:
             if self.done_units % cfg.checkpoint_every == 0:
                 self.save()
         bar.close()
+        if last:
+            log.info(
+                "HRL: %d iterations; the last %d: train accuracy %.4f, greedy gates spend %.1f%% of the FLOPs, "
+                "alpha %.3f",
+                cfg.hrl_iterations,
+                cfg.log_every,
+                last["charts/train_accuracy"],
+                100 * last["charts/greedy_flops_fraction"],
+                env.core.reward.alpha,
+            )
         self.stage = "done"
         self.save()
 

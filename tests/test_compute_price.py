@@ -51,14 +51,14 @@ def test_sp_with_a_budget_lands_near_it(tmp_path):
     far apart land near each, from the same alpha."""
     from backbones.pretrained import get_trained
 
-    net, _ = get_trained("cifar_resnet20", "digits", width=0.25, epochs=4, progress=False)
+    net, _ = get_trained("cifar_resnet20", "digits", width=0.25, epochs=12, progress=False)
     data = backbones.load_dataset("digits", "train")
     spent = {}
     for budget in (0.3, 0.8):
         torch.manual_seed(0)
         # thresholded gates: the spending priced is the evaluation's exactly (sampled gates price the
         # greedy decisions along the sampled route, an estimate; measured in BENCHMARKS.md)
-        cfg = HybridConfig(num_envs=64, sp_epochs=8, sp_lr=3e-2, budget=budget, hrl_iterations=0, sp_sample=False)
+        cfg = HybridConfig(sp_batch=32, sp_epochs=8, sp_lr=3e-2, budget=budget, hrl_iterations=0, sp_sample=False)
         gates = create_gates("rnn", net)
         trainer = HybridTrainer(net, gates, data, cfg, torch.device("cpu"), tmp_path / f"{budget}.pt", {})
         trainer.progress = False
