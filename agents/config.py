@@ -21,6 +21,16 @@ BackboneRecipe = Literal["base", "skip_ready"]
 # what static and random spend when --budget is not given
 FIXED_POLICY_BUDGET = 0.6
 
+# the hybrid agents' stages by backbone recipe: on a skip-ready backbone joint SP trained the gates already, for
+# --joint-budget; used as they are, they did best there (BENCHMARKS.md section 9: SP or HRL on top made the routing
+# less dynamic and no more accurate)
+RECIPE_STAGES: dict[str, dict[str, int]] = {
+    "base": {"sp_epochs": HybridConfig.sp_epochs, "hrl_iterations": HybridConfig.hrl_iterations},
+    "skip_ready": {"sp_epochs": 0, "hrl_iterations": 0},
+}
+# SP epochs that re-price a skip-ready backbone's gates for a budget other than the one joint SP trained them for
+SKIP_READY_REPRICE_EPOCHS = 3
+
 # batch sizes by device: a GPU needs about a thousand images in flight to be busy, a CPU core does not
 DEVICE_BATCHES = {
     "cuda": {"num_envs": 1024, "eval_batch": 2048},
@@ -96,8 +106,9 @@ class RunConfig:
     precision: str = HybridConfig.precision
     """compute precision of the frozen backbone: auto (bf16 on CUDA, fp32 elsewhere), fp32 or bf16"""
     # hybrid (SkipNet) agents
-    sp_epochs: int = HybridConfig.sp_epochs
-    """hybrid: supervised pre-training epochs over the training set"""
+    sp_epochs: int | None = None
+    """hybrid: supervised pre-training epochs on the frozen backbone (default: 10 on the base recipe; on a skip-ready
+    backbone 0, its gates as joint SP trained them, or 3 when --budget differs from --joint-budget)"""
     sp_batch: int = HybridConfig.sp_batch
     """hybrid: images per SP step, on every device (SP's learning rate and steps are tuned for it; --num-envs sizes
     the environment's batch)"""
@@ -109,8 +120,9 @@ class RunConfig:
     """hybrid: SP gates are samples (logistic noise before the threshold, straight-through), not thresholds"""
     sp_alpha_warmup: int = HybridConfig.sp_alpha_warmup
     """hybrid: SP epochs over which the compute weight ramps up linearly from 0 (0: full weight at once)"""
-    hrl_iterations: int = HybridConfig.hrl_iterations
-    """hybrid: REINFORCE iterations (one batch of num_envs episodes each)"""
+    hrl_iterations: int | None = None
+    """hybrid: REINFORCE iterations, one batch of num_envs episodes each (default: 500 on the base recipe; 0 on a
+    skip-ready backbone, where HRL after joint SP did not help: BENCHMARKS.md section 9)"""
     hrl_lr: float = HybridConfig.hrl_lr
     """hybrid: Adam learning rate of the gates in hybrid RL"""
     gamma: float = HybridConfig.gamma
@@ -201,7 +213,9 @@ class RunConfig:
         for name in ("num_envs", "eval_batch"):
             need(getattr(self, name) is None or getattr(self, name) >= 1, name, "an integer >= 1")
         need(self.precision in ("auto", *PRECISIONS), "precision", "one of auto, " + ", ".join(PRECISIONS))
-        for name in ("sp_epochs", "hrl_iterations", "sp_alpha_warmup", "seed", "blockdrop_iterations"):
+        for name in ("sp_epochs", "hrl_iterations"):
+            need(getattr(self, name) is None or getattr(self, name) >= 0, name, "an integer >= 0")
+        for name in ("sp_alpha_warmup", "seed", "blockdrop_iterations"):
             need(getattr(self, name) >= 0, name, "an integer >= 0")
         for name in ("sp_lr", "hrl_lr", "backbone_lr", "width", "blockdrop_lr", "joint_lr"):
             need(finite(name) and getattr(self, name) > 0, name, "a finite number > 0")
@@ -252,12 +266,16 @@ class RunConfig:
         }
 
     def for_device(self, device: torch.device, max_batch: int | None = None) -> RunConfig:
-        """This configuration with the batch sizes left unset filled in for ``device`` (the
-        environment's at most ``max_batch``, the training set's size)."""
-        batches: dict[str, Any] = dict(DEVICE_BATCHES["cuda" if device.type == "cuda" else "cpu"])
+        """This configuration with the options left unset filled in: the batch sizes for ``device``
+        (the environment's at most ``max_batch``, the training set's size) and the hybrid stages'
+        lengths for the backbone recipe."""
+        defaults: dict[str, Any] = {**DEVICE_BATCHES["cuda" if device.type == "cuda" else "cpu"]}
         if max_batch is not None:
-            batches["num_envs"] = min(batches["num_envs"], max_batch)
-        return replace(self, **{k: v for k, v in batches.items() if getattr(self, k) is None})
+            defaults["num_envs"] = min(defaults["num_envs"], max_batch)
+        defaults.update(RECIPE_STAGES[self.backbone_recipe])
+        if self.backbone_recipe == "skip_ready" and self.budget not in (None, self.joint_budget):
+            defaults["sp_epochs"] = SKIP_READY_REPRICE_EPOCHS  # the joint gates re-priced for another budget
+        return replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
 
     def batch_sizes(self) -> tuple[int, int]:
         """``(num_envs, eval_batch)`` of a configuration :meth:`for_device` has resolved."""

@@ -96,7 +96,7 @@ def _flags(cls: type, parser: argparse.ArgumentParser, seen: dict[str, str], own
         flag = "--" + f.name.replace("_", "-")
         default = _default(f, instance)
         kind, extra = _parser_type(hints[f.name])
-        help_text = docs.get(f.name, "")
+        help_text = docs.get(f.name, "").replace("%", "%%")  # argparse formats help with %
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         else:

@@ -387,3 +387,16 @@ def test_reproduce_runs_the_recipe_end_to_end_on_the_tiny_preset(cache, tmp_path
     (row,) = json.loads((tmp_path / "out" / "tiny" / "reproduce.json").read_text())
     assert row["seeds"] == 2 and 0 <= row["skipnet_accuracy"] <= 1 and 0 < row["flops_fraction"] <= 1.2
     assert len({Path(d).name for d in row["run_dirs"]}) == 2
+
+
+@pytest.mark.parametrize(
+    "script",
+    ["run.py", "compare.py", "sweep.py", "reproduce.py", "bench.py", "train_backbone.py", "baseline_variance.py"],
+)
+def test_every_entry_point_answers_help(script, tmp_path):
+    """The README sends every new user to --help (a help string with a bare % once crashed argparse)."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / script), "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "usage:" in proc.stdout and "--" in proc.stdout
