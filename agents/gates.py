@@ -97,8 +97,11 @@ class FeedforwardGates(GatePolicy):
             nn.init.constant_(cast(Tensor, logit_conv.bias), init_execute)
 
     def forward(self, h: Tensor, k: int, state: Any = None) -> tuple[Tensor, Any]:
-        # the gates compute in their own precision, whatever the backbone's (bf16 on a frozen CUDA one)
-        return self.gates[k](h.to(next(self.gates[k].parameters()).dtype)), None
+        # the gates compute in their own precision, whatever the backbone's (bf16 on a frozen CUDA one);
+        # when gradients flow, on a copy: the convolution's backward reads its input, and the environment
+        # writes the next block's output into the activation in place
+        dtype = next(self.gates[k].parameters()).dtype
+        return self.gates[k](h.to(dtype, copy=torch.is_grad_enabled())), None
 
 
 class LSTMCell(nn.Module):

@@ -232,3 +232,17 @@ def test_hrl_is_reproducible_from_its_seed(tmp_path):
 
     a, b = gates_after("a"), gates_after("b")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("kind", ["ff1", "ff2", "rnn"])
+def test_every_gate_trains_through_hrl(kind, tmp_path):
+    """Regression: the feedforward gates kept a view of the environment's activation, which the next
+    step overwrites in place, and HRL's backward failed ("modified by an inplace operation")."""
+    net = tiny_backbone(20)
+    data = backbones.load_dataset("digits", "val")
+    hc = HybridConfig(num_envs=32, sp_epochs=0, hrl_iterations=2, baseline="self_critical")
+    gates = create_gates(kind, net)
+    before = {k: v.clone() for k, v in gates.state_dict().items()}
+    trainer = HybridTrainer(net, gates, data, hc, torch.device("cpu"), tmp_path / "agent.pt", {}, progress=False)
+    trainer.train()
+    assert any(not torch.equal(before[k], v) for k, v in gates.state_dict().items())
