@@ -80,8 +80,8 @@ class RunConfig:
     backbone_recipe: BackboneRecipe = "skip_ready"
     """base: the backbone as trained (frozen); skip_ready: the base backbone trained further with its gates (joint
     SP, the paper's recipe), then frozen: every agent runs on it"""
-    joint_epochs: int = JointConfig.epochs
-    """skip_ready: epochs of joint SP (backbone + gates)"""
+    joint_epochs: int | None = JointConfig.epochs
+    """skip_ready: epochs of joint SP (backbone + gates; default 6, or as many as make 500 steps on a small data set)"""
     joint_lr: float = JointConfig.lr
     """skip_ready: peak SGD learning rate of the backbone in joint SP (cosine decay)"""
     joint_alpha: float = JointConfig.alpha
@@ -234,7 +234,7 @@ class RunConfig:
         need(self.backbone_drop_schedule in ("linear", "uniform"), "backbone_drop_schedule", "linear or uniform")
         need(self.backbone_recipe in ("base", "skip_ready"), "backbone_recipe", "base or skip_ready")
         need(self.joint_bn in ("train", "frozen"), "joint_bn", "train or frozen")
-        need(self.joint_epochs >= 1, "joint_epochs", "an integer >= 1")
+        need(self.joint_epochs is None or self.joint_epochs >= 1, "joint_epochs", "an integer >= 1")
         need(self.backbone_epochs is None or self.backbone_epochs >= 1, "backbone_epochs", "an integer >= 1")
         need(self.baseline in BASELINES, "baseline", "one of " + ", ".join(BASELINES))
         need(self.rnn_pooling in ("mean", "mean_max_std"), "rnn_pooling", "mean or mean_max_std")

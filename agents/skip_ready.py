@@ -54,14 +54,18 @@ log = logging.getLogger(__name__)
 BatchNormMode = Literal["train", "frozen"]
 # part of the cache key: raise it when a change to this stage changes the backbones it makes
 JOINT_SP_VERSION = 2
+# joint SP's length when not given: DEFAULT_EPOCHS, or as many epochs as make MIN_STEPS steps on a small data set
+# (the digits' 1,258 images make 10 steps an epoch: 6 epochs left the budget's multiplier wound up, spending 30%)
+DEFAULT_EPOCHS, MIN_STEPS = 6, 500
 
 
 @dataclass
 class JointConfig:
     """Joint supervised pre-training of a backbone and its gates (the paper's SP)."""
 
-    epochs: int = 6
-    """epochs over the training set"""
+    epochs: int | None = None
+    """epochs over the training set (default: 6, or as many as make 500 steps on a smaller data set: the gates and
+    the budget's multiplier need steps to settle)"""
     lr: float = 0.02
     """peak SGD learning rate of the backbone (cosine decay to 0)"""
     gate_lr: float = 3e-3
@@ -88,9 +92,16 @@ class JointConfig:
     seed: int = 0
     """seed of the data order, the augmentation and the gates' samples"""
 
+    def resolved(self, num_images: int) -> JointConfig:
+        """This configuration with ``epochs`` set, for a training set of ``num_images``."""
+        if self.epochs is not None:
+            return self
+        steps = math.ceil(num_images / self.batch_size)
+        return dataclasses.replace(self, epochs=max(DEFAULT_EPOCHS, math.ceil(MIN_STEPS / steps)))
+
     def __post_init__(self) -> None:
         problems = []
-        if self.epochs < 1:
+        if self.epochs is not None and self.epochs < 1:
             problems.append(f"epochs must be >= 1, got {self.epochs}")
         for name in ("lr", "gate_lr"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
@@ -140,7 +151,9 @@ class JointTrainer:
         self.metadata, self.progress = dict(metadata or {}), progress
         self.backbone.requires_grad_(True)
         self.steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
-        total = cfg.epochs * self.steps_per_epoch
+        self.cfg = cfg = cfg.resolved(len(data))
+        self.epochs: int = cfg.epochs  # type: ignore[assignment]  # resolved
+        total = self.epochs * self.steps_per_epoch
         self.backbone_opt = torch.optim.SGD(
             self.backbone.parameters(),
             lr=cfg.lr,
@@ -202,12 +215,12 @@ class JointTrainer:
         cfg = self.cfg
         meter = SpendingMeter(self.backbone, self.gates, self.device)
         bar = progress_bar(
-            total=cfg.epochs * self.steps_per_epoch,
+            total=self.epochs * self.steps_per_epoch,
             initial=self.epoch * self.steps_per_epoch,
             desc="joint SP (backbone + gates)",
             enabled=self.progress,
         )
-        for epoch in range(self.epoch, cfg.epochs):
+        for epoch in range(self.epoch, self.epochs):
             t0 = time.perf_counter()
             self.backbone.train(cfg.bn == "train")
             self.gates.train()
@@ -250,13 +263,13 @@ class JointTrainer:
             log.info(
                 "joint SP epoch %d/%d: loss %.4f, greedy gates spend %.1f%% of the FLOPs, compute weight %.3f (%.1f s)",
                 self.epoch,
-                cfg.epochs,
+                self.epochs,
                 record["loss"],
                 100 * record["flops_fraction"],
                 record["compute_weight"],
                 record["seconds"],
             )
-            done = self.epoch == cfg.epochs
+            done = self.epoch == self.epochs
             extra: dict[str, Any] = {}
             if done and val_data is not None:
                 extra["val_accuracy_all_blocks"] = evaluate(self.backbone.eval(), val_data, self.device)
@@ -300,6 +313,7 @@ def get_skip_ready(
     are stored there too: :func:`load_gates`).
     """
     base_fp = fingerprint(base)
+    cfg = cfg.resolved(len(train_data))  # the key names the epochs it trains, given or not
     gates_id = {"kind": gate_kind, "first_gated": 1, **gate_options}
     path = path or skip_ready_path(base_meta, base_fp, cfg, gates_id)
     with building(path):  # a second process wanting this backbone waits, then reuses it
