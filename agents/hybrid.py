@@ -218,7 +218,8 @@ class HybridTrainer:
     @property
     def hrl_alpha(self) -> float:
         """Weight of compute in HRL: ``alpha``, or with a budget the multiplier SP reached."""
-        return self.cfg.alpha if self.cfg.budget is None else float(self.price.value)
+        # a budget's multiplier may go below 0 (compute rewarded, up to the budget); the reward's alpha may not
+        return self.cfg.alpha if self.cfg.budget is None else max(float(self.price.value), 0.0)
 
     @property
     def sp_alpha(self) -> float:
@@ -421,6 +422,10 @@ class HybridTrainer:
 
     def train_hrl(self) -> None:
         cfg = self.cfg
+        if self.done_units >= cfg.hrl_iterations:  # nothing to do (--hrl-iterations 0): no environment to build
+            self.stage = "done"
+            self.save()
+            return
         env = self.env = self.make_env()
         if self.resume_sampler is not None:  # replay the batch the interrupted run was about to play
             env.sampler.restore(self.resume_sampler)

@@ -67,3 +67,16 @@ def test_sp_with_a_budget_lands_near_it(tmp_path):
         spent[budget] = result.flops_fraction
     # a barely trained tiny network, a few hundred steps: near, not on (the embedded set's figures are in BENCHMARKS)
     assert abs(spent[0.3] - 0.3) < 0.15 and abs(spent[0.8] - 0.8) < 0.15 and spent[0.8] - spent[0.3] > 0.3, spent
+
+
+def test_a_negative_multiplier_never_reaches_the_reward(tmp_path):
+    """Regression: a budget above what the gates want drove the multiplier below 0, and HRL's
+    environment refused the negative alpha (the run crashed after SP)."""
+    net = tiny_backbone(20)
+    data = backbones.load_dataset("digits", "val")
+    cfg = HybridConfig(num_envs=32, sp_epochs=0, hrl_iterations=1, budget=0.9)
+    trainer = HybridTrainer(net, create_gates("rnn", net), data, cfg, torch.device("cpu"), tmp_path / "a.pt", {})
+    trainer.price.value = torch.tensor(-0.5)
+    assert trainer.hrl_alpha == 0.0
+    trainer.progress = False
+    trainer.train()
