@@ -1,4 +1,4 @@
-"""SkipNet's CIFAR table, reproduced by one command: base -> joint SP -> HRL, our figures beside the paper's.
+"""SkipNet's CIFAR table, reproduced by one command: base -> joint SP -> gates, our figures beside the paper's.
 
     python experiments/reproduce.py                      # the embedded preset: CPU minutes
     python experiments/reproduce.py --preset cifar10     # the paper's ResNet-38/74/110 on CIFAR-10 (a GPU's hours)
@@ -6,8 +6,9 @@
 
 Each model of the preset runs the paper's recipe through ``experiments/run.py`` (``--backbone-recipe
 skip_ready``): the base network is trained (cached), then trained further with its gates (joint SP,
-cached: the skip-ready backbone), then SkipNet's recurrent gates continue from the jointly trained
-ones with HRL on the frozen skip-ready backbone, for every seed. The table gives, per model, the base
+cached: the skip-ready backbone), and SkipNet's recurrent gates trained beside it route it, frozen,
+for every seed (HRL after joint SP did not help on the embedded set, BENCHMARKS.md section 9:
+``--hrl-iterations N --sp-epochs 3`` adds it). The table gives, per model, the base
 network's test accuracy and SkipNet's (mean over seeds, with the 95% bootstrap interval of the
 seed-averaged per-image correctness, and the paired difference to the base network on the same
 images), and the compute in the paper's measure ((executed gated blocks + 1) / (gates + 1)) and in
@@ -57,7 +58,7 @@ PRESETS: dict[str, tuple[dict[str, Any], dict[str, PaperRow]]] = {
     # the paper's models and data: base 160 epochs would be the paper's 64k iterations; 60 here with a cosine
     # schedule, joint SP 30; a GPU's job
     "cifar10": (
-        {"dataset": "cifar10", "width": 1.0, "backbone_epochs": 60, "joint_epochs": 30, "hrl_iterations": 2000},
+        {"dataset": "cifar10", "width": 1.0, "backbone_epochs": 60, "joint_epochs": 30},
         PAPER_CIFAR10,
     ),
     # the same recipe scaled to the embedded data set and a 2-core CPU (the paper's figures shown for reference)
@@ -80,12 +81,12 @@ PRESETS: dict[str, tuple[dict[str, Any], dict[str, PaperRow]]] = {
 
 @dataclass
 class ReproduceConfig:
-    """SkipNet's CIFAR table by the paper's recipe (base, joint SP, HRL), beside the paper's figures."""
+    """SkipNet's CIFAR table by the paper's recipe (base, joint SP, the gates), beside the paper's figures."""
 
     preset: str = "embedded"
     """cifar10 (the paper's models; needs the data and a GPU's hours), embedded (CPU minutes), tiny (a smoke test)"""
     seeds: tuple[int, ...] = (0, 1, 2)
-    """seeds of the joint SP and HRL stages (the base network is trained once)"""
+    """seeds of the joint SP stage and the gates (the base network is trained once)"""
     out_dir: str = "results/reproduce"
     """where reproduce.md and reproduce.json go"""
     run: RunConfig = field(default_factory=lambda: RunConfig(progress=False, backbone_recipe="skip_ready"))
@@ -150,7 +151,7 @@ def _pct(x: float | None) -> str:
 
 def format_markdown(preset: str, rows: list[dict[str, Any]]) -> str:
     lines = [
-        f"SkipNet's recipe (base -> joint SP -> HRL), preset `{preset}`: ours beside the paper's "
+        f"SkipNet's recipe (base -> joint SP -> gates), preset `{preset}`: ours beside the paper's "
         "(accuracy %, mean over seeds [95% interval]; computation % in the paper's measure; FLOPs % gates included)",
         "",
         "| model | base (paper) | base (ours) | SkipNet (paper) | SkipNet (ours) | ours vs base, paired "
