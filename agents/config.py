@@ -14,6 +14,7 @@ import torch
 
 from agents.hybrid import BASELINES, HybridConfig
 from agents.skip_ready import BatchNormMode, JointConfig
+from skipnet_env.core import DEFAULT_ALPHA
 from skipnet_env.engine import PRECISIONS
 
 BackboneRecipe = Literal["base", "skip_ready"]
@@ -108,7 +109,8 @@ class RunConfig:
     # hybrid (SkipNet) agents
     sp_epochs: int | None = None
     """hybrid: supervised pre-training epochs on the frozen backbone (default: 10 on the base recipe; on a skip-ready
-    backbone 0, its gates as joint SP trained them, or 3 when --budget differs from --joint-budget)"""
+    backbone 0, its gates as joint SP trained them for --joint-budget, or 3 when --budget or --alpha asks for another
+    compute)"""
     sp_batch: int = HybridConfig.sp_batch
     """hybrid: images per SP step, on every device (SP's learning rate and steps are tuned for it; --num-envs sizes
     the environment's batch)"""
@@ -265,6 +267,11 @@ class RunConfig:
             "position_bias": self.rnn_position_bias,
         }
 
+    def asks_other_compute(self) -> bool:
+        """Whether ``--budget`` or ``--alpha`` asks the hybrid gates for another compute than the one
+        joint SP trained them to spend (``--joint-budget``)."""
+        return self.budget not in (None, self.joint_budget) or (self.budget is None and self.alpha != DEFAULT_ALPHA)
+
     def for_device(self, device: torch.device, max_batch: int | None = None) -> RunConfig:
         """This configuration with the options left unset filled in: the batch sizes for ``device``
         (the environment's at most ``max_batch``, the training set's size) and the hybrid stages'
@@ -273,8 +280,8 @@ class RunConfig:
         if max_batch is not None:
             defaults["num_envs"] = min(defaults["num_envs"], max_batch)
         defaults.update(RECIPE_STAGES[self.backbone_recipe])
-        if self.backbone_recipe == "skip_ready" and self.budget not in (None, self.joint_budget):
-            defaults["sp_epochs"] = SKIP_READY_REPRICE_EPOCHS  # the joint gates re-priced for another budget
+        if self.backbone_recipe == "skip_ready" and self.agent.startswith("hybrid_") and self.asks_other_compute():
+            defaults["sp_epochs"] = SKIP_READY_REPRICE_EPOCHS  # the joint gates re-priced for another compute
         return replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
 
     def batch_sizes(self) -> tuple[int, int]:
