@@ -317,42 +317,27 @@ def get_skip_ready(
     gates_id = {"kind": gate_kind, "first_gated": 1, **gate_options}
     path = path or skip_ready_path(base_meta, base_fp, cfg, gates_id)
     with building(path):  # a second process wanting this backbone waits, then reuses it
-        return _get_skip_ready(base, base_meta, base_fp, train_data, cfg, gates_id, device, val_data, path, progress)
-
-
-def _get_skip_ready(
-    base: Backbone,
-    base_meta: dict[str, Any],
-    base_fp: str,
-    train_data: Dataset,
-    cfg: JointConfig,
-    gates_id: dict[str, Any],
-    device: torch.device,
-    val_data: Dataset | None,
-    path: Path,
-    progress: bool,
-) -> tuple[Backbone, dict[str, Any]]:
-    state = safe_load(path, map_location=device) if path.is_file() else None
-    if state is not None and state["metadata"].get("complete"):
-        log.info("reusing skip-ready backbone %s", path)
-        net, meta = load_backbone(path, map_location=device)
-        return net.to(device).eval(), {**meta, "checkpoint": str(path)}
-    seed_everything(cfg.seed)  # the gates' initial weights
-    backbone = copy.deepcopy(base).to(device)
-    options = {k: v for k, v in gates_id.items() if k not in ("kind", "first_gated")}
-    gates = create_gates(gates_id["kind"], backbone, gates_id["first_gated"], **options)
-    metadata = {
-        "base_fingerprint": base_fp,
-        "base_test_accuracy": base_meta.get("test_accuracy"),
-        "base_train_config": base_meta.get("train_config"),
-        "gates": gates_id,
-    }
-    trainer = JointTrainer(backbone, gates, train_data, cfg, device, path, base_meta["dataset"], metadata, progress)
-    if state is not None:
-        trainer.resume(state)
-    net, _ = trainer.train(val_data)
-    meta = safe_load(path)["metadata"]
-    return net, {**meta, "checkpoint": str(path)}
+        state = safe_load(path, map_location=device) if path.is_file() else None
+        if state is not None and state["metadata"].get("complete"):
+            log.info("reusing skip-ready backbone %s", path)
+            net, meta = load_backbone(path, map_location=device)
+            return net.to(device).eval(), {**meta, "checkpoint": str(path)}
+        seed_everything(cfg.seed)  # the gates' initial weights
+        backbone = copy.deepcopy(base).to(device)
+        options = {k: v for k, v in gates_id.items() if k not in ("kind", "first_gated")}
+        gates = create_gates(gates_id["kind"], backbone, gates_id["first_gated"], **options)
+        metadata = {
+            "base_fingerprint": base_fp,
+            "base_test_accuracy": base_meta.get("test_accuracy"),
+            "base_train_config": base_meta.get("train_config"),
+            "gates": gates_id,
+        }
+        trainer = JointTrainer(backbone, gates, train_data, cfg, device, path, base_meta["dataset"], metadata, progress)
+        if state is not None:
+            trainer.resume(state)
+        net, _ = trainer.train(val_data)
+        meta = safe_load(path)["metadata"]
+        return net, {**meta, "checkpoint": str(path)}
 
 
 def load_gates(path: str | Path, backbone: Backbone, device: torch.device | str = "cpu") -> GatePolicy:

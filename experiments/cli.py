@@ -9,10 +9,12 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import sys
 import textwrap
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, TypeVar, cast
 
 T = TypeVar("T")
@@ -139,3 +141,20 @@ def given_fields(cls: type, argv: Sequence[str] | None = None) -> set[str]:
     for action in parser._actions:
         action.default = argparse.SUPPRESS
     return set(vars(parser.parse_args(argv)))
+
+
+# what an entry point answers with one line: bad input, missing files, a diverged run
+USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)
+
+
+@contextmanager
+def one_line_errors(argv: Sequence[str]) -> Iterator[None]:
+    """An entry point's user errors (:data:`USER_ERRORS`) as one line on stderr and exit status 2;
+    ``--debug`` in ``argv`` shows the traceback instead. Bugs keep their tracebacks."""
+    try:
+        yield
+    except USER_ERRORS as err:
+        if "--debug" in argv:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -30,8 +30,8 @@ import numpy as np
 
 from agents.config import RunConfig
 from agents.statistics import bootstrap_ci, paired_difference
-from experiments.cli import given_fields, parse
-from experiments.run import USER_ERRORS, run
+from experiments.cli import given_fields, one_line_errors, parse
+from experiments.run import run
 
 log = logging.getLogger("skipnet_gym.reproduce")
 
@@ -175,14 +175,9 @@ def format_markdown(preset: str, rows: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     argv = sys.argv[1:] if argv is None else argv
-    try:
+    with one_line_errors(argv):
         cfg = parse(ReproduceConfig, argv, description=__doc__.strip().splitlines()[0])
         rows = reproduce(cfg, given_fields(ReproduceConfig, argv))
-    except USER_ERRORS as err:
-        if "--debug" in argv:
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
     out = Path(cfg.out_dir) / cfg.preset
     out.mkdir(parents=True, exist_ok=True)
     table = format_markdown(cfg.preset, rows)

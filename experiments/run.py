@@ -37,7 +37,7 @@ from backbones.data import ImageTensors, load_dataset
 from backbones.device import resolve_device
 from backbones.pretrained import get_trained
 from backbones.registry import list_backbones, options
-from experiments.cli import given_fields, parse
+from experiments.cli import given_fields, one_line_errors, parse
 from experiments.figures import class_block_heatmap, path_gallery
 
 log = logging.getLogger("skipnet_gym.run")
@@ -390,21 +390,13 @@ def format_table(r: dict[str, Any]) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
-USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)  # bad input, missing files, divergence
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """The command line: user errors print one line (``--debug`` for the traceback); bugs print theirs."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     argv = sys.argv[1:] if argv is None else argv
-    try:
+    with one_line_errors(argv):
         cfg = parse(RunConfig, argv, description=__doc__.strip().splitlines()[0])
         result = run(cfg, given_fields(RunConfig, argv))
-    except USER_ERRORS as err:
-        if "--debug" in argv:
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
     print(format_table(result))
     return result
 
