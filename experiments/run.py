@@ -143,7 +143,8 @@ def resumed_config(cfg: RunConfig, saved: dict[str, Any] | None, given: set[str]
             "exactly; start a new run"
         )
     names = {f.name for f in dataclasses.fields(RunConfig)}
-    started = RunConfig(**{k: v for k, v in saved.items() if k in names})
+    # a run saved before the recipes existed routed the base network, the only recipe then
+    started = RunConfig(**{"backbone_recipe": "base", **{k: v for k, v in saved.items() if k in names}})
     given = names if given is None else given
     changed = {k: v for k, v in started.differences(cfg).items() if k in given and k not in SAFE_ON_RESUME}
     if changed:

@@ -80,27 +80,3 @@ def test_a_negative_multiplier_never_reaches_the_reward(tmp_path):
     assert trainer.hrl_alpha == 0.0
     trainer.progress = False
     trainer.train()
-
-
-def test_a_skip_ready_backbone_keeps_its_gates_unless_another_compute_is_asked_for():
-    from agents.config import RunConfig
-
-    cpu = torch.device("cpu")
-    stages = {
-        "default": RunConfig(),
-        "its budget": RunConfig(budget=0.5),
-        "another budget": RunConfig(budget=0.4),
-        "another alpha": RunConfig(alpha=2.0),
-        "base recipe": RunConfig(backbone_recipe="base"),
-    }
-    got = {
-        k: (c.for_device(cpu, 10_000).sp_epochs, c.for_device(cpu, 10_000).hrl_iterations) for k, c in stages.items()
-    }
-    assert got == {
-        "default": (0, 0),
-        "its budget": (0, 0),
-        "another budget": (3, 0),
-        "another alpha": (3, 0),
-        "base recipe": (10, 500),
-    }
-    assert RunConfig(sp_epochs=1).for_device(cpu).sp_epochs == 1  # what the user set stays
