@@ -158,7 +158,7 @@ def route_inplace(block: nn.Module, h: Tensor, execute: Tensor, num_execute: int
         return block(h)
     if num_execute == 0:
         return skip(block, h)
-    run = torch.argsort(~execute, stable=True)[:num_execute]  # executed rows, no host sync
+    run = torch.argsort((~execute).to(torch.uint8), stable=True)[:num_execute]  # executed rows, no host sync
     out_run = block(gather_rows(h, run))  # (B_run, C', H', W')
     out = h if identity_shortcut(block) else skip(block, h)  # a projection runs on every row: cheap
     return out.index_copy_(0, run, out_run)
@@ -258,7 +258,7 @@ class Router:
         arange = torch.arange(h.shape[0], device=self.device)
 
         def step(h: Tensor = h, out: Tensor = out, execute: Tensor = execute) -> None:
-            order = torch.argsort(~execute, stable=True)[:bucket]  # (bucket,) executed rows first
+            order = torch.argsort((~execute).to(torch.uint8), stable=True)[:bucket]  # (bucket,) executed rows first
             real = (arange[:bucket] < execute.sum())[:, None, None, None]  # (bucket, 1, 1, 1)
             x = gather_rows(h, order)
             if identity:

@@ -52,7 +52,7 @@ def run_mask(core: BatchedRouting, images: Tensor, labels: Tensor, execute: Tens
     """One episode per image: ``execute`` ``(B, N)`` bool through the gated blocks; returns the
     stem observation ``(B, C, H, W)`` (fp32), the total reward ``(B,)`` and the final info."""
     core.start(images, labels)
-    stem = core.activation.float()
+    stem = core.activation.to(torch.float32, copy=True)  # the routing writes the activation in place
     total = torch.zeros(images.shape[0], device=images.device)
     info: dict[str, Tensor] = {}
     for k in range(core.num_gates):
@@ -171,7 +171,7 @@ class SkipNetOneShotVectorEnv(VectorEnv):
         if self.observation == "image":
             return x.float()
         self.core.start(x, y)
-        return self.core.activation.float()
+        return self.core.activation.to(torch.float32, copy=True)  # the next step writes the activation in place
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Any, dict]:
         super().reset(seed=seed)

@@ -33,7 +33,7 @@ def route_block(block: nn.Module, h: Tensor, execute: Tensor, num_execute: int |
         return block(h)
     if num_execute == 0:
         return skip(block, h)
-    order = torch.argsort(~execute, stable=True)  # (B,) executed rows first
+    order = torch.argsort((~execute).to(torch.uint8), stable=True)  # (B,) executed rows first
     run, skipped = order[:num_execute], order[num_execute:]
     out_run = block(h.index_select(0, run))  # (B_run, C', H', W')
     if isinstance(block.shortcut, nn.Identity):  # skipped rows keep their activation as it is

@@ -120,3 +120,18 @@ def test_sb3_ppo_trains_on_the_multibinary_env(parts):
     model.learn(64)
     actions, _ = model.predict(np.zeros((3, 1, 16, 16), dtype=np.float32), deterministic=True)
     assert actions.shape == (3, 8) and set(np.unique(actions)) <= {0, 1}
+
+
+def test_the_stem_observation_is_the_episodes_own(parts):
+    """Regression: in fp32 the stem observation and ``final_obs`` were the engine's activation buffer
+    itself, which the routing overwrites in place: an off-policy learner stored another state."""
+    net, data = parts
+    env = SkipNetOneShotVectorEnv(8, net, data, observation="stem", return_tensors=True, device="cpu", precision="fp32")
+    obs, _ = env.reset(seed=0)
+    kept = obs.clone()
+    x, y = env.batch
+    env.core.start(x, y)
+    torch.testing.assert_close(kept, env.core.activation.float())  # the episode's stem, as observed
+    mask = torch.rand(8, 8, generator=torch.Generator().manual_seed(0)) < 0.5  # some rows routed in place
+    _, _, _, _, info = env.step(mask)
+    assert torch.equal(info["final_obs"], kept) and torch.equal(obs, kept)
