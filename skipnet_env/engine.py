@@ -178,6 +178,16 @@ class _Buffers:
     acts: dict[tuple[int, ...], Tensor]  # (B, C, H, W) per activation shape
 
 
+class _CapturedStep:
+    """A captured CUDA graph and the tensors it reads, kept alive together; calling it replays."""
+
+    def __init__(self, graph: torch.cuda.CUDAGraph, inputs: tuple) -> None:
+        self.graph, self.inputs = graph, inputs
+
+    def __call__(self) -> None:
+        self.graph.replay()
+
+
 class Router:
     """Runs gated blocks of a frozen backbone on their executing rows.
 
@@ -270,17 +280,24 @@ class Router:
 
         if not self.graphs:
             return step
-        # warm up (cuDNN / cuBLAS picks their kernels) on scratch copies, so that the real
-        # buffers are written only by the replays, then capture
-        scratch_h = h.clone()
-        scratch_out = scratch_h if identity else out.clone()
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                step(scratch_h, scratch_out, execute)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            step()
-        return graph.replay
+        try:
+            # warm up (cuDNN / cuBLAS picks their kernels) on scratch copies, so that the real
+            # buffers are written only by the replays, then capture
+            scratch_h = h.clone()
+            scratch_out = scratch_h if identity else out.clone()
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    step(scratch_h, scratch_out, execute)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                step()
+        except Exception as err:  # a capture that fails must not end the run: the same step, eagerly
+            log.warning("CUDA graph capture failed (%s): the bucketed steps run eagerly from here on", err)
+            self.graphs = False
+            return step
+        # the graph reads the tensors it was captured with (the arange above, the static buffers):
+        # they must live as long as it does
+        return _CapturedStep(graph, (step, arange, h, out, execute))

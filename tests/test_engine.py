@@ -183,3 +183,23 @@ def test_routed_rows_keep_the_channels_last_layout():
         route_inplace_h = frozen.stem(prepare_input(frozen, torch.randn(16, 1, 16, 16)))
         Router(frozen, buckets=0).route(1, route_inplace_h, torch.arange(16) % 2 == 0, 8)
     assert len(seen) == 2 and all(x.is_contiguous(memory_format=torch.channels_last) for x in seen)
+
+
+def test_a_failed_capture_falls_back_to_the_eager_bucketed_step(caplog):
+    """A CUDA-graph capture that raises warns once and the same step runs eagerly: the run goes on,
+    every row right (here the capture fails because the device is the CPU)."""
+    net = tiny_backbone(20)
+    frozen = freeze(net, CPU, precision="fp32")
+    router = Router(frozen, buckets=3, graphs=False)
+    router.graphs = True  # as on CUDA: the first route of each (block, bucket) captures
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(12, 1, 16, 16, generator=g)
+    with torch.no_grad(), caplog.at_level("WARNING"):
+        h_ref, h = net.stem(x), router.begin(frozen.stem(x))
+        for i in range(net.num_blocks):
+            execute = torch.rand(12, generator=g) < 0.5
+            h_ref = route_block(net.blocks[i], h_ref, execute)
+            h = router.route(i, h, execute, int(execute.sum()))
+            torch.testing.assert_close(h, h_ref, rtol=1e-4, atol=1e-4)
+    assert not router.graphs
+    assert sum("CUDA graph capture failed" in r.message for r in caplog.records) == 1
