@@ -31,6 +31,8 @@ RECIPE_STAGES: dict[str, dict[str, int]] = {
 }
 # SP epochs that re-price a skip-ready backbone's gates for a budget other than the one joint SP trained them for
 SKIP_READY_REPRICE_EPOCHS = 3
+# the agent whose gates joint SP trains (the recurrent gate with the run's --rnn-* options)
+JOINT_GATES_AGENT = "hybrid_rnn"
 
 # batch sizes by device: a GPU needs about a thousand images in flight to be busy, a CPU core does not
 DEVICE_BATCHES = {
@@ -108,9 +110,9 @@ class RunConfig:
     """compute precision of the frozen backbone: auto (bf16 on CUDA, fp32 elsewhere), fp32 or bf16"""
     # hybrid (SkipNet) agents
     sp_epochs: int | None = None
-    """hybrid: supervised pre-training epochs on the frozen backbone (default: 10 on the base recipe; on a skip-ready
-    backbone 0, its gates as joint SP trained them for --joint-budget, or 3 when --budget or --alpha asks for another
-    compute)"""
+    """hybrid: supervised pre-training epochs on the frozen backbone (default: 10, except hybrid_rnn on a skip-ready
+    backbone: 0, its gates as joint SP trained them for --joint-budget, or 3 when --budget or --alpha asks for
+    another compute)"""
     sp_batch: int = HybridConfig.sp_batch
     """hybrid: images per SP step, on every device (SP's learning rate and steps are tuned for it; --num-envs sizes
     the environment's batch)"""
@@ -280,8 +282,11 @@ class RunConfig:
         if max_batch is not None:
             defaults["num_envs"] = min(defaults["num_envs"], max_batch)
         defaults.update(RECIPE_STAGES[self.backbone_recipe])
-        if self.backbone_recipe == "skip_ready" and self.agent.startswith("hybrid_") and self.asks_other_compute():
-            defaults["sp_epochs"] = SKIP_READY_REPRICE_EPOCHS  # the joint gates re-priced for another compute
+        if self.backbone_recipe == "skip_ready" and self.agent.startswith("hybrid_"):
+            if self.agent != JOINT_GATES_AGENT:  # other gates than joint SP's start untrained: the full SP
+                defaults["sp_epochs"] = HybridConfig.sp_epochs
+            elif self.asks_other_compute():  # the joint gates re-priced for another compute
+                defaults["sp_epochs"] = SKIP_READY_REPRICE_EPOCHS
         return replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
 
     def batch_sizes(self) -> tuple[int, int]:

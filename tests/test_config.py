@@ -16,6 +16,7 @@ def test_a_skip_ready_backbone_keeps_its_gates_unless_another_compute_is_asked_f
         "another budget": RunConfig(budget=0.4),
         "another alpha": RunConfig(alpha=2.0),
         "base recipe": RunConfig(backbone_recipe="base"),
+        "feedforward gates": RunConfig(agent="hybrid_ff"),  # untrained on a skip-ready backbone: the full SP
     }
     got = {
         k: (c.for_device(cpu, 10_000).sp_epochs, c.for_device(cpu, 10_000).hrl_iterations) for k, c in stages.items()
@@ -26,6 +27,7 @@ def test_a_skip_ready_backbone_keeps_its_gates_unless_another_compute_is_asked_f
         "another budget": (3, 0),
         "another alpha": (3, 0),
         "base recipe": (10, 500),
+        "feedforward gates": (10, 0),
     }
     assert RunConfig(sp_epochs=1).for_device(cpu).sp_epochs == 1  # what the user set stays
 
