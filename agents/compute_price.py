@@ -11,13 +11,20 @@ The price lives on the device and is updated from device tensors: no host sync.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
+from agents.fixed import check_budget
 from agents.gates import GatePolicy
 from backbones.base import Backbone
+
+# a budget's price: the dual-ascent step per SP step and the proportional gain (a gap of 0.05 between
+# spending and budget moves the multiplier by about 1 an epoch of 94 steps and the price at once by 0.1;
+# alpha's useful range is 0.5-4)
+BUDGET_STEP = 0.2
+BUDGET_GAIN = 2.0
+# the step per HRL iteration: HRL's gentle steps move the spending slowly, a fast multiplier would wind up
+BUDGET_STEP_HRL = 0.02
 
 
 def execute_cost(backbone: Backbone, first_gated: int) -> Tensor:
@@ -27,11 +34,6 @@ def execute_cost(backbone: Backbone, first_gated: int) -> Tensor:
     executed = torch.tensor(f.block_executed[first_gated:], dtype=torch.float32)
     skipped = torch.tensor(f.block_skipped[first_gated:], dtype=torch.float32)
     return (executed - skipped) / f.full
-
-
-def check_budget(budget: float | None) -> None:
-    if budget is not None and not (math.isfinite(budget) and 0.0 < budget <= 1.0):
-        raise ValueError(f"budget must be a fraction of the full network's FLOPs in (0, 1], got {budget}")
 
 
 class ComputePrice:
@@ -57,9 +59,15 @@ class ComputePrice:
     """
 
     def __init__(
-        self, alpha: float, budget: float | None, step: float, device: torch.device, gain: float = 10.0
+        self,
+        alpha: float,
+        budget: float | None,
+        device: torch.device,
+        step: float = BUDGET_STEP,
+        gain: float = BUDGET_GAIN,
     ) -> None:
-        check_budget(budget)
+        if budget is not None:
+            check_budget(budget)
         self.budget, self.step, self.gain = budget, step, gain
         self.value = torch.tensor(float(alpha), device=device)  # () float32: the multiplier
 

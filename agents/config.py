@@ -13,7 +13,7 @@ from typing import Any, Literal
 import torch
 
 from agents.hybrid import BASELINES, HybridConfig
-from agents.skip_ready import BatchNormMode, JointConfig
+from agents.skip_ready import JOINT_GATE_KIND, BatchNormMode, JointConfig
 from skipnet_env.core import DEFAULT_ALPHA
 from skipnet_env.engine import PRECISIONS
 
@@ -31,8 +31,8 @@ RECIPE_STAGES: dict[str, dict[str, int]] = {
 }
 # SP epochs that re-price a skip-ready backbone's gates for a budget other than the one joint SP trained them for
 SKIP_READY_REPRICE_EPOCHS = 3
-# the agent whose gates joint SP trains (the recurrent gate with the run's --rnn-* options)
-JOINT_GATES_AGENT = "hybrid_rnn"
+# the agent whose gates joint SP trains
+JOINT_GATES_AGENT = f"hybrid_{JOINT_GATE_KIND}"
 
 # batch sizes by device: a GPU needs about a thousand images in flight to be busy, a CPU core does not
 DEVICE_BATCHES = {

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from agents.compute_price import ComputePrice, SpendingMeter
+from agents.compute_price import BUDGET_STEP_HRL, ComputePrice, SpendingMeter
 from agents.gates import GatePolicy
 from backbones.base import Backbone, skip
 from backbones.checkpoint import atomic_save, safe_load
@@ -58,13 +58,6 @@ BASELINES = ("self_critical", "batch_mean", "none")
 # the weights become NaN and before a checkpoint holds them (trained gates stay far below: |w| < 100)
 WEIGHT_LIMIT = 1e4
 LOSS_LIMIT = 1e6
-# a budget's price (agents.compute_price): the dual-ascent step per SP step and the proportional gain
-# (a gap of 0.05 between spending and budget moves the multiplier by about 1 an epoch of 94 steps and
-# the price at once by 0.1; alpha's useful range is 0.5-4)
-BUDGET_STEP = 0.2
-BUDGET_GAIN = 2.0
-# per HRL iteration: HRL's gentle steps move the spending slowly, a fast multiplier would wind up
-BUDGET_STEP_HRL = 0.02
 
 
 @dataclass
@@ -211,7 +204,7 @@ class HybridTrainer:
         self.stage, self.done_units = "sp", 0  # epochs in SP, iterations in HRL
         # SP's compute weight: sp_alpha, or with a budget the multiplier that meets it (HRL then prices
         # compute at the multiplier SP ended with)
-        self.price = ComputePrice(self.sp_alpha, cfg.budget, BUDGET_STEP, device, BUDGET_GAIN)
+        self.price = ComputePrice(self.sp_alpha, cfg.budget, device)
         self.env: SkipNetVectorEnv | None = None
         self.resume_sampler: dict[str, Any] | None = None
 
@@ -323,14 +316,15 @@ class HybridTrainer:
             for x, y in batches(self.data, cfg.sp_batch, self.device, train=True, generator=self.generator):
                 noise = self.action_generator if cfg.sp_sample else None
                 logits, executed, greedy = sp_forward(sp_net, self.gates, x, noise)
+                spending = meter.spent(greedy)  # (B,) what the gates would spend at evaluation
                 # hard gates forward, straight-through backward: the cost's gradient reaches p
-                cost = self.price.loss(executed @ meter.cost, meter.spent(greedy), ramp)
+                cost = self.price.loss(executed @ meter.cost, spending, ramp)
                 loss = F.cross_entropy(logits, y) + cost
                 self.sp_opt.zero_grad(set_to_none=True)
                 loss.backward()
                 self.sp_opt.step()
-                spent.append(meter.spent(greedy).mean())
-                self.price.update(spent[-1])  # the compute the gates would spend at evaluation
+                spent.append(spending.mean())
+                self.price.update(spending)
                 losses.append(loss.detach())
                 bar.update(1)
             self._check_losses(losses, "SP")  # once an epoch: no host sync per step

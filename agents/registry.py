@@ -28,7 +28,7 @@ from agents.policies import (
     SB3RoutingPolicy,
     StaticPolicy,
 )
-from agents.skip_ready import load_gates
+from agents.skip_ready import gate_identity, load_gates
 from backbones.base import Backbone
 from backbones.checkpoint import atomic_save
 from backbones.data import Dataset
@@ -103,7 +103,7 @@ def _start_gates(ctx: AgentContext, kind: str) -> GatePolicy:
     those gates: the paper's recipe (SP jointly, then HRL) continues from them."""
     gates = _gates(ctx, kind)
     joint = ctx.backbone_meta.get("skip_ready", {}).get("gates")
-    wanted = {"kind": kind, "first_gated": gates.first_gated, **(ctx.cfg.gate_options() if kind == "rnn" else {})}
+    wanted = gate_identity(kind, ctx.cfg.gate_options() if kind == "rnn" else {}, gates.first_gated)
     if joint == wanted and "checkpoint" in ctx.backbone_meta:
         gates.load_state_dict(load_gates(ctx.backbone_meta["checkpoint"], ctx.backbone, ctx.device).state_dict())
         log.info("hybrid_%s starts from the gates joint SP trained beside the backbone", kind)

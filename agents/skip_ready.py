@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from agents.compute_price import ComputePrice, SpendingMeter
 from agents.gates import GatePolicy, create_gates
-from agents.hybrid import BUDGET_GAIN, BUDGET_STEP, sp_forward
+from agents.hybrid import sp_forward
 from backbones.base import Backbone
 from backbones.cache import building, cache_dir
 from backbones.checkpoint import atomic_save, backbone_metadata, fingerprint, load_backbone, safe_load
@@ -167,7 +167,7 @@ class JointTrainer:
         self.gate_opt = torch.optim.Adam(self.gates.parameters(), lr=cfg.gate_lr)
         self.generator = torch.Generator().manual_seed(cfg.seed)  # data order
         self.noise = torch.Generator(device=device).manual_seed(cfg.seed + 1)  # the gates' samples
-        self.price = ComputePrice(cfg.alpha, cfg.budget, BUDGET_STEP, device, BUDGET_GAIN)
+        self.price = ComputePrice(cfg.alpha, cfg.budget, device)
         self.epoch = 0
         self.history: list[dict[str, float]] = []
 
@@ -231,10 +231,11 @@ class JointTrainer:
                 self.data, cfg.batch_size, self.device, train=True, shift=cfg.shift, generator=self.generator
             ):
                 logits, executed, greedy = sp_forward(self.backbone, self.gates, x, self.noise if cfg.sample else None)
-                cost = self.price.loss(executed @ meter.cost, meter.spent(greedy), ramp)
+                spending = meter.spent(greedy)  # (B,) what the gates would spend at evaluation
+                cost = self.price.loss(executed @ meter.cost, spending, ramp)
                 loss = F.cross_entropy(logits, y) + cost
-                spent.append(meter.spent(greedy).mean())
-                self.price.update(spent[-1])
+                spent.append(spending.mean())
+                self.price.update(spending)
                 self.backbone_opt.zero_grad(set_to_none=True)
                 self.gate_opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -280,6 +281,16 @@ class JointTrainer:
         return self.backbone, self.gates
 
 
+# the gates joint SP trains beside the backbone (the recurrent gate, with the run's --rnn-* options)
+JOINT_GATE_KIND = "rnn"
+
+
+def gate_identity(kind: str, options: dict[str, Any], first_gated: int = 1) -> dict[str, Any]:
+    """What names a set of gates in a skip-ready checkpoint: kind, first gated block and options. A
+    hybrid agent continues from the joint gates only when its own identity is the same."""
+    return {"kind": kind, "first_gated": first_gated, **options}
+
+
 def _key(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -314,7 +325,7 @@ def get_skip_ready(
     """
     base_fp = fingerprint(base)
     cfg = cfg.resolved(len(train_data))  # the key names the epochs it trains, given or not
-    gates_id = {"kind": gate_kind, "first_gated": 1, **gate_options}
+    gates_id = gate_identity(gate_kind, gate_options)
     path = path or skip_ready_path(base_meta, base_fp, cfg, gates_id)
     with building(path):  # a second process wanting this backbone waits, then reuses it
         state = safe_load(path, map_location=device) if path.is_file() else None

@@ -30,7 +30,7 @@ from agents.config import SAFE_ON_RESUME, RunConfig, flag
 from agents.evaluate import EvalResult, evaluate
 from agents.policies import RoutingPolicy
 from agents.registry import AgentContext, agents_taking_budget, get_agent
-from agents.skip_ready import get_skip_ready
+from agents.skip_ready import JOINT_GATE_KIND, get_skip_ready
 from agents.statistics import bootstrap_ci, dynamic_blocks, paired_difference, spearman
 from backbones.checkpoint import CheckpointMismatchError, fingerprint, load_backbone, safe_load
 from backbones.data import ImageTensors, load_dataset
@@ -64,7 +64,7 @@ def load_backbone_for(cfg: RunConfig, device: torch.device, train_data) -> tuple
         return base, meta
     val = load_dataset(cfg.dataset, "val", cfg.data_root, cfg.download, cfg.image_size)
     net, ready_meta = get_skip_ready(
-        base, meta, train_data, cfg.joint_config(), "rnn", cfg.gate_options(), device, val_data=val,
+        base, meta, train_data, cfg.joint_config(), JOINT_GATE_KIND, cfg.gate_options(), device, val_data=val,
         progress=cfg.progress,
     )  # fmt: skip
     return net, {**ready_meta, "base": base}
