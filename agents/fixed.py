@@ -189,7 +189,8 @@ def cached_elimination_path(
 
     max_images = default_search_images(device) if max_images is None else max_images
     dtype = str(resolve_precision(precision, device)).removeprefix("torch.")
-    key = f"{metadata['backbone']}-{metadata['dataset']}-{metadata['backbone_fingerprint']}-{max_images}-{dtype}-r0.25"
+    key = f"{metadata['backbone']}-{metadata['dataset']}-{metadata['backbone_fingerprint']}-{data.fingerprint}-"
+    key += f"{max_images}-{dtype}-r0.25"
     path_file = cache_dir() / "static" / f"{key}.pt"
     if path_file.is_file():
         state = safe_load(path_file)

@@ -295,11 +295,20 @@ def _key(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def skip_ready_path(base_meta: dict[str, Any], base_fingerprint: str, cfg: JointConfig, gates: dict[str, Any]) -> Path:
+def skip_ready_path(
+    base_meta: dict[str, Any], base_fingerprint: str, cfg: JointConfig, gates: dict[str, Any], data: str = ""
+) -> Path:
     """Where the cache keeps the skip-ready backbone made from the base network ``base_fingerprint``
-    with ``cfg`` and gates ``gates`` (kind and options): keyed by everything that changes it."""
+    with ``cfg`` and gates ``gates`` (kind and options) on the training images of fingerprint
+    ``data``: keyed by everything that changes it."""
     key = _key(
-        {"version": JOINT_SP_VERSION, "base": base_fingerprint, "joint": dataclasses.asdict(cfg), "gates": gates}
+        {
+            "version": JOINT_SP_VERSION,
+            "base": base_fingerprint,
+            "joint": dataclasses.asdict(cfg),
+            "gates": gates,
+            "data": data,
+        }
     )
     return cache_dir() / "backbones" / f"skipready-{base_meta['arch']}-{base_meta['dataset']}-{key}.pt"
 
@@ -326,7 +335,7 @@ def get_skip_ready(
     base_fp = fingerprint(base)
     cfg = cfg.resolved(len(train_data))  # the key names the epochs it trains, given or not
     gates_id = gate_identity(gate_kind, gate_options)
-    path = path or skip_ready_path(base_meta, base_fp, cfg, gates_id)
+    path = path or skip_ready_path(base_meta, base_fp, cfg, gates_id, train_data.fingerprint)
     with building(path):  # a second process wanting this backbone waits, then reuses it
         state = safe_load(path, map_location=device) if path.is_file() else None
         if state is not None and state["metadata"].get("complete"):
@@ -339,6 +348,7 @@ def get_skip_ready(
         gates = create_gates(gates_id["kind"], backbone, gates_id["first_gated"], **options)
         metadata = {
             "base_fingerprint": base_fp,
+            "data_fingerprint": base_meta.get("data_fingerprint"),
             "base_test_accuracy": base_meta.get("test_accuracy"),
             "base_train_config": base_meta.get("train_config"),
             "gates": gates_id,

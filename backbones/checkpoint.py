@@ -6,6 +6,7 @@ with ``torch.load(..., weights_only=True)``: no arbitrary object is ever unpickl
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -18,6 +19,7 @@ from backbones.base import Backbone
 from backbones.registry import create
 
 FORMAT_VERSION = 1
+log = logging.getLogger(__name__)
 
 
 class CheckpointMismatchError(ValueError):
@@ -87,16 +89,22 @@ def save_backbone(backbone: Backbone, path: str | Path, dataset: str, **extra: A
 
 def check_metadata(metadata: dict[str, Any], path: str | Path, **expected: Any) -> None:
     """Raise :class:`CheckpointMismatchError` naming every field where ``metadata`` differs from
-    ``expected`` (fields given as ``None`` are not checked)."""
+    ``expected`` (fields given as ``None`` are not checked). A checkpoint written before data
+    fingerprints were recorded is let through with a warning: it cannot be checked."""
     wrong = []
     for key, want in expected.items():
         if want is None:
+            continue
+        if key == "data_fingerprint" and key not in metadata:
+            log.warning("warning: %s records no data fingerprint (an older checkpoint): it cannot be checked "
+                        "against this data", path)  # fmt: skip
             continue
         have = metadata.get(key)
         if isinstance(want, tuple):
             want = list(want)
         if have != want:
-            wrong.append(f"{key}: checkpoint has {have!r}, asked for {want!r}")
+            what = " (it was made on other data: another --data-root, or changed files)" * (key == "data_fingerprint")
+            wrong.append(f"{key}: checkpoint has {have!r}, asked for {want!r}{what}")
     if wrong:
         raise CheckpointMismatchError(
             f"checkpoint {path} does not match what was asked for ({'; '.join(wrong)}). "
@@ -112,6 +120,7 @@ def load_backbone(
     dataset: str | None = None,
     num_classes: int | None = None,
     input_size: tuple[int, int, int] | None = None,
+    data_fingerprint: str | None = None,
     map_location: str | torch.device = "cpu",
 ) -> tuple[Backbone, dict[str, Any]]:
     """Rebuild a backbone from a checkpoint; every argument given is checked against its metadata.
@@ -123,7 +132,15 @@ def load_backbone(
     if "metadata" not in ckpt or "model" not in ckpt:
         raise ValueError(f"{path} is not a backbone checkpoint (no 'metadata' / 'model' entries)")
     meta = ckpt["metadata"]
-    check_metadata(meta, path, arch=arch, dataset=dataset, num_classes=num_classes, input_size=input_size)
+    check_metadata(
+        meta,
+        path,
+        arch=arch,
+        dataset=dataset,
+        num_classes=num_classes,
+        input_size=input_size,
+        data_fingerprint=data_fingerprint,
+    )
     backbone = create(meta["arch"], num_classes=meta["num_classes"], **meta["arch_kwargs"])
     backbone.load_state_dict(ckpt["model"])
     return backbone.eval(), meta

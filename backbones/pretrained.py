@@ -12,23 +12,24 @@ from typing import Any
 
 from backbones.base import Backbone
 from backbones.cache import building, cache_dir
-from backbones.data import load_dataset
-from backbones.train import TrainConfig, train
+from backbones.data import data_fingerprint
+from backbones.train import TrainConfig, load_splits, train
 
 __all__ = ["cache_dir", "get_trained"]
 
 
 def get_trained(arch: str, dataset: str, **train_overrides: Any) -> tuple[Backbone, dict[str, Any]]:
     """The backbone ``arch`` trained on ``dataset`` with :class:`TrainConfig` defaults and
-    ``train_overrides``; cached under :func:`cache_dir` by everything that changes the weights.
+    ``train_overrides``; cached under :func:`cache_dir` by everything that changes the weights, the
+    data's contents (:func:`backbones.data.data_fingerprint`) included.
 
     Returns:
         the backbone (eval mode, on ``device``) and its checkpoint metadata.
     """
     cfg = TrainConfig(arch=arch, dataset=dataset, **train_overrides)
+    splits = load_splits(cfg)
     if cfg.image_size is None:  # the data set's own size, named in the key as the envs name it
-        data = load_dataset(dataset, "train", cfg.data_root, cfg.download, None)
-        cfg = dataclasses.replace(cfg, image_size=data.input_size[1])
+        cfg = dataclasses.replace(cfg, image_size=splits["train"].input_size[1])
     weight_fields = (
         "width",
         "image_size",
@@ -39,12 +40,14 @@ def get_trained(arch: str, dataset: str, **train_overrides: Any) -> tuple[Backbo
         "drop_rate",
         "drop_schedule",
         "shift",
+        "flip",
         "seed",
     )
-    key = "-".join(f"{f}{getattr(cfg, f)}" for f in weight_fields)
+    # the data's contents too: another --data-root (or a changed file) trains its own backbone
+    key = "-".join(f"{f}{getattr(cfg, f)}" for f in weight_fields) + f"-data{data_fingerprint(splits.values())}"
     if cfg.out is None:
         cfg = dataclasses.replace(
             cfg, out=str(cache_dir() / "backbones" / f"{arch}-{dataset}-{key}.pt"), log_dir=str(cache_dir() / "runs")
         )
     with building(cfg.checkpoint_path):  # a second process wanting this backbone waits, then reuses it
-        return train(cfg)
+        return train(cfg, splits)

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from backbones.base import Backbone
 from backbones.checkpoint import atomic_save, backbone_metadata, check_metadata, load_backbone, safe_load
-from backbones.data import Dataset, ImageTensors, load_dataset, random_shift
+from backbones.data import SPLITS, Dataset, ImageTensors, data_fingerprint, data_loader, load_dataset, random_shift
 from backbones.device import resolve_device
 from backbones.progress import progress_bar
 from backbones.registry import create, options
@@ -67,6 +67,9 @@ class TrainConfig:
     """stochastic depth: linear (decaying to 0 at the first block) or uniform (every block but the first)"""
     shift: int = 2
     """random-translation augmentation in pixels (in-memory data sets)"""
+    flip: bool | None = None
+    """horizontal-flip augmentation (default: the data set's own: on for CIFAR, SVHN off, on for your own
+    images, off for digits)"""
     seed: int = 0
     """seed for python, numpy and torch"""
     device: str = "auto"
@@ -129,15 +132,7 @@ def batches(
                     x = torch.where(flip[:, None, None, None], x.flip(-1), x)
             yield data.normalize(x), data.labels[idx]
     else:
-        loader = torch.utils.data.DataLoader(
-            data.dataset,
-            batch_size=batch_size,
-            shuffle=train,
-            num_workers=num_workers,
-            pin_memory=device.type == "cuda",
-            drop_last=False,
-            generator=generator,
-        )
+        loader = data_loader(data, batch_size, device, shuffle=train, num_workers=num_workers, generator=generator)
         for x, y in loader:
             yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
@@ -165,14 +160,25 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train(cfg: TrainConfig) -> tuple[Backbone, dict[str, Any]]:
+def load_splits(cfg: TrainConfig) -> dict[str, Dataset]:
+    """The train, val and test splits ``cfg`` trains and reports on."""
+    return {s: load_dataset(cfg.dataset, s, cfg.data_root, cfg.download, cfg.image_size) for s in SPLITS}
+
+
+def train(cfg: TrainConfig, splits: dict[str, Dataset] | None = None) -> tuple[Backbone, dict[str, Any]]:
     """Train (or resume, or reuse a finished run of) ``cfg``; returns the backbone in eval mode and
-    its checkpoint metadata."""
+    its checkpoint metadata. ``splits``: the data, when the caller has loaded it (:func:`load_splits`).
+
+    The checkpoint records the data's fingerprint: a checkpoint made on other data (another
+    ``--data-root``, a changed file) is never resumed nor reused."""
     from torch.utils.tensorboard import SummaryWriter
 
     device = resolve_device(cfg.device)
     path = cfg.checkpoint_path
-    train_data = load_dataset(cfg.dataset, "train", cfg.data_root, cfg.download, cfg.image_size)
+    splits = splits or load_splits(cfg)
+    train_data, val_data, test_data = (splits[s] for s in SPLITS)
+    if cfg.flip is not None and isinstance(train_data, ImageTensors):
+        train_data = dataclasses.replace(train_data, flip=cfg.flip)
     arch_kwargs = cfg.arch_kwargs(train_data)
     expected = {
         "arch": cfg.arch,
@@ -180,6 +186,7 @@ def train(cfg: TrainConfig) -> tuple[Backbone, dict[str, Any]]:
         "num_classes": train_data.num_classes,
         "input_size": list(train_data.input_size),
         "arch_kwargs": arch_kwargs,
+        "data_fingerprint": data_fingerprint(splits.values()),
     }
     config_dict = dataclasses.asdict(cfg)
 
@@ -195,8 +202,6 @@ def train(cfg: TrainConfig) -> tuple[Backbone, dict[str, Any]]:
     backbone = create(cfg.arch, num_classes=train_data.num_classes, **arch_kwargs).to(device)
     if cfg.drop_rate > 0:
         backbone.set_stochastic_depth(cfg.drop_rate, schedule=cfg.drop_schedule)
-    val_data = load_dataset(cfg.dataset, "val", cfg.data_root, cfg.download, cfg.image_size)
-    test_data = load_dataset(cfg.dataset, "test", cfg.data_root, cfg.download, cfg.image_size)
 
     epochs = cfg.total_epochs
     steps_per_epoch = math.ceil(len(train_data) / cfg.batch_size)
@@ -261,7 +266,12 @@ def train(cfg: TrainConfig) -> tuple[Backbone, dict[str, Any]]:
         writer.add_scalar("charts/learning_rate", scheduler.get_last_lr()[0], step)
         writer.add_scalar("charts/epoch_seconds", time.perf_counter() - t0, step)
         done = epoch + 1 == epochs
-        extra: dict[str, Any] = {"complete": done, "val_accuracy": val_acc, "train_config": config_dict}
+        extra: dict[str, Any] = {
+            "complete": done,
+            "val_accuracy": val_acc,
+            "train_config": config_dict,
+            "data_fingerprint": expected["data_fingerprint"],
+        }
         if done:
             extra["test_accuracy"] = evaluate(backbone, test_data, device)
             writer.add_scalar("charts/test_accuracy", extra["test_accuracy"], step)

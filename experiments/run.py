@@ -33,7 +33,7 @@ from agents.registry import AgentContext, agents_taking_budget, get_agent
 from agents.skip_ready import JOINT_GATE_KIND, get_skip_ready
 from agents.statistics import bootstrap_ci, dynamic_blocks, paired_difference, spearman
 from backbones.checkpoint import CheckpointMismatchError, fingerprint, load_backbone, safe_load
-from backbones.data import ImageTensors, load_dataset
+from backbones.data import SPLITS, Dataset, ImageTensors, data_fingerprint, load_dataset
 from backbones.device import resolve_device
 from backbones.pretrained import get_trained
 from backbones.registry import list_backbones, options
@@ -51,32 +51,38 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     torch.backends.cudnn.benchmark = not deterministic
 
 
-def load_backbone_for(cfg: RunConfig, device: torch.device, train_data) -> tuple[Any, dict]:
+def load_splits(cfg: RunConfig) -> dict[str, Dataset]:
+    """The run's data: its train, val and test splits."""
+    return {s: load_dataset(cfg.dataset, s, cfg.data_root, cfg.download, cfg.image_size) for s in SPLITS}
+
+
+def load_backbone_for(cfg: RunConfig, device: torch.device, splits: dict[str, Dataset]) -> tuple[Any, dict]:
     """The backbone the run's agents route, and its checkpoint's metadata.
 
-    The base network is ``--backbone-checkpoint``, or the registry backbone trained on the data
-    (cached). With ``--backbone-recipe skip_ready`` it is trained further with its gates (joint SP,
-    cached) and the metadata holds ``base``, the base network; a checkpoint that is skip-ready
-    already is used as it is.
+    The base network is ``--backbone-checkpoint`` (refused when it was made on other data), or the
+    registry backbone trained on the data (cached by the data's contents). With ``--backbone-recipe
+    skip_ready`` it is trained further with its gates (joint SP, cached) and the metadata holds
+    ``base``, the base network; a checkpoint that is skip-ready already is used as it is.
     """
-    base, meta = load_base_backbone(cfg, device, train_data)
+    base, meta = load_base_backbone(cfg, device, splits)
     if cfg.backbone_recipe == "base" or "skip_ready" in meta:
         return base, meta
-    val = load_dataset(cfg.dataset, "val", cfg.data_root, cfg.download, cfg.image_size)
     net, ready_meta = get_skip_ready(
-        base, meta, train_data, cfg.joint_config(), JOINT_GATE_KIND, cfg.gate_options(), device, val_data=val,
-        progress=cfg.progress,
+        base, meta, splits["train"], cfg.joint_config(), JOINT_GATE_KIND, cfg.gate_options(), device,
+        val_data=splits["val"], progress=cfg.progress,
     )  # fmt: skip
     return net, {**ready_meta, "base": base}
 
 
-def load_base_backbone(cfg: RunConfig, device: torch.device, train_data) -> tuple[Any, dict]:
+def load_base_backbone(cfg: RunConfig, device: torch.device, splits: dict[str, Dataset]) -> tuple[Any, dict]:
+    train_data = splits["train"]
     if cfg.backbone_checkpoint:
         net, meta = load_backbone(
             cfg.backbone_checkpoint,
             dataset=cfg.dataset,
             num_classes=train_data.num_classes,
             input_size=train_data.input_size,
+            data_fingerprint=data_fingerprint(splits.values()),
             map_location=device,
         )
         return net, {**meta, "checkpoint": cfg.backbone_checkpoint}
@@ -112,16 +118,21 @@ def new_run_dir(parent: Path, name: str) -> Path:
 
 
 def check_agent_checkpoint(state: dict, path: str, agent: str, metadata: dict) -> None:
+    """Refuse an agent checkpoint made for another agent, backbone or data (named in the error)."""
     meta = state.get("metadata", {})
+    if "data_fingerprint" not in meta:
+        log.warning("warning: %s records no data fingerprint (an older checkpoint): it cannot be checked against "
+                    "this data", path)  # fmt: skip
     wrong = [
         f"{k}: checkpoint has {meta.get(k)!r}, this run has {metadata[k]!r}"
-        for k in ("agent", "backbone", "dataset", "backbone_fingerprint")
+        for k in ("agent", "backbone", "dataset", "backbone_fingerprint", "data_fingerprint")
+        if k in meta or k != "data_fingerprint"
         if meta.get(k) != metadata[k]
     ]
     if wrong:
         raise CheckpointMismatchError(
-            f"agent checkpoint {path} does not fit this run ({'; '.join(wrong)}). "
-            f"Pass the --agent, --backbone and --dataset it was trained with."
+            f"agent checkpoint {path} does not fit this run ({'; '.join(wrong)}). Pass the --agent, --backbone, "
+            f"--dataset and --data-root it was trained with (a data_fingerprint differs when the data's files do)."
         )
 
 
@@ -201,7 +212,7 @@ def run(
     t0 = time.perf_counter()
     seed_everything(cfg.seed, cfg.torch_deterministic)
     device = resolve_device(cfg.device)
-    split = {s: load_dataset(cfg.dataset, s, cfg.data_root, cfg.download, cfg.image_size) for s in ("train", "test")}
+    split = load_splits(cfg)
     # batch sizes left unset: the device's defaults (at most the training set), recorded with the run
     cfg = cfg.for_device(device, max_batch=len(split["train"]))
     num_envs, eval_batch = cfg.batch_sizes()
@@ -209,7 +220,7 @@ def run(
         raise ValueError(
             f"--num-envs {num_envs} is more than the {len(split['train'])} training images of {cfg.dataset}"
         )
-    backbone, backbone_meta = load_backbone_for(cfg, device, split["train"])
+    backbone, backbone_meta = load_backbone_for(cfg, device, split)
     base = backbone_meta.pop("base", None)  # the network a skip-ready backbone was made from
     backbone = backbone.to(device).eval()
     metadata = {
@@ -217,6 +228,7 @@ def run(
         "backbone": backbone.arch,
         "dataset": cfg.dataset,
         "backbone_fingerprint": fingerprint(backbone),
+        "data_fingerprint": data_fingerprint(split.values()),
         "num_classes": backbone.num_classes,
         "input_size": list(backbone.input_size),
         "run_config": dataclasses.asdict(cfg),

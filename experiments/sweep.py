@@ -194,7 +194,7 @@ def sweep(cfg: SweepConfig) -> dict[str, Any]:
         raise ImportError("the sweep needs Ray Tune: pip install -e '.[sweep]'") from err
     import torch
 
-    from experiments.run import load_backbone_for
+    from experiments.run import load_backbone_for, load_splits
 
     out = Path(cfg.out).resolve()
     trials_dir = out / cfg.name / "trials"
@@ -203,12 +203,9 @@ def sweep(cfg: SweepConfig) -> dict[str, Any]:
         env_vars = {k: os.environ[k] for k in ("SKIPNET_CACHE", "SKIPNET_DATA") if k in os.environ}
         ray.init(address=cfg.address, runtime_env={"env_vars": env_vars}, include_dashboard=False, log_to_driver=False)
     # the backbone is trained (and cached) once here, not by concurrent trials racing to the cache
-    from backbones.data import load_dataset
     from backbones.device import resolve_device
 
-    run_cfg = cfg.run
-    train = load_dataset(run_cfg.dataset, "train", run_cfg.data_root, run_cfg.download, run_cfg.image_size)
-    load_backbone_for(run_cfg, resolve_device(run_cfg.device), train)
+    load_backbone_for(cfg.run, resolve_device(cfg.run.device), load_splits(cfg.run))
 
     # a trial reports its training scalars as it goes and the objectives once, at the end: the
     # searcher (and a scheduler) read the reports that carry their metrics and skip the others

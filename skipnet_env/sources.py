@@ -15,7 +15,7 @@ from typing_extensions import TypedDict, Unpack
 
 from backbones.base import Backbone
 from backbones.checkpoint import load_backbone
-from backbones.data import Dataset, FolderImages, ImageTensors, load_dataset
+from backbones.data import Dataset, FolderImages, ImageTensors, data_loader, load_dataset
 from backbones.device import resolve_device
 from backbones.registry import list_backbones
 from skipnet_env.core import DEFAULT_ALPHA, AccuracyReward, BatchedRouting, CostTiming, RewardConfig
@@ -235,12 +235,12 @@ class BatchSampler:
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     def _loader(self, data: FolderImages) -> torch.utils.data.DataLoader:
-        return torch.utils.data.DataLoader(
-            data.dataset,
-            batch_size=self.batch_size,
+        return data_loader(
+            data,
+            self.batch_size,
+            self.device,
             shuffle=True,
             drop_last=True,
             num_workers=self.num_workers,
-            pin_memory=self.device.type == "cuda",
             generator=self.generator,
         )

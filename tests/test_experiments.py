@@ -400,3 +400,16 @@ def test_every_entry_point_answers_help(script, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "usage:" in proc.stdout and "--" in proc.stdout
+
+
+def test_agent_checkpoint_of_other_data_is_refused(caplog):
+    from backbones.checkpoint import CheckpointMismatchError
+    from experiments.run import check_agent_checkpoint
+
+    meta = {"agent": "static", "backbone": "b", "dataset": "npz", "backbone_fingerprint": "f", "data_fingerprint": "A"}
+    check_agent_checkpoint({"metadata": meta}, "agent.pt", "static", meta)
+    with pytest.raises(CheckpointMismatchError, match="data_fingerprint: checkpoint has 'A', this run has 'B'"):
+        check_agent_checkpoint({"metadata": meta}, "agent.pt", "static", {**meta, "data_fingerprint": "B"})
+    older = {k: v for k, v in meta.items() if k != "data_fingerprint"}  # written before fingerprints: a warning
+    check_agent_checkpoint({"metadata": older}, "agent.pt", "static", meta)
+    assert "no data fingerprint" in caplog.text

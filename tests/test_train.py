@@ -1,3 +1,4 @@
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -8,6 +9,7 @@ import torch
 import backbones.train as train_mod
 from backbones.checkpoint import safe_load
 from backbones.train import TrainConfig, train
+from tests.test_data import write_npz
 
 TINY = {"arch": "cifar_resnet20", "dataset": "digits", "width": 0.25, "batch_size": 256, "progress": False}
 
@@ -108,3 +110,28 @@ def test_a_backbone_asked_for_without_an_image_size_is_the_one_the_envs_use(monk
     size = pretrained.load_dataset("digits", "train").input_size[1]
     pretrained.get_trained("cifar_resnet20", "digits", image_size=size)
     assert paths[0] == paths[1]
+
+
+def test_two_data_roots_of_one_format_never_share_a_backbone(tmp_path, caplog):
+    """The cache trains anew for other data; a checkpoint made on other data is refused, naming why."""
+    from backbones.checkpoint import CheckpointMismatchError, load_backbone
+    from backbones.data import data_fingerprint
+    from backbones.pretrained import get_trained
+
+    write_npz(tmp_path / "A" / "data.npz", seed=0)
+    write_npz(tmp_path / "B" / "data.npz", seed=1)
+    tiny = {"width": 0.25, "epochs": 1, "progress": False, "device": "cpu"}
+    _, meta_a = get_trained("cifar_resnet20", "npz", data_root=str(tmp_path / "A"), **tiny)
+    _, meta_b = get_trained("cifar_resnet20", "npz", data_root=str(tmp_path / "B"), **tiny)
+    assert meta_a["data_fingerprint"] != meta_b["data_fingerprint"]
+    cached = sorted((tmp_path / "cache" / "backbones").glob("*.pt"))
+    assert len(cached) == 2  # B was trained, not A's backbone reused
+    cfg_b = TrainConfig(arch="cifar_resnet20", dataset="npz", data_root=str(tmp_path / "B"), **tiny)
+    splits_b = train_mod.load_splits(cfg_b)
+    with pytest.raises(CheckpointMismatchError, match="data_fingerprint.*other data"):
+        load_backbone(cached[0] if safe_load(cached[0])["metadata"] == meta_a else cached[1],
+                      data_fingerprint=data_fingerprint(splits_b.values()))  # fmt: skip
+    out_a = tmp_path / "a.pt"
+    train(TrainConfig(arch="cifar_resnet20", dataset="npz", data_root=str(tmp_path / "A"), out=str(out_a), **tiny))
+    with pytest.raises(CheckpointMismatchError, match="data_fingerprint"):  # resuming or reusing A's run on B
+        train(dataclasses.replace(cfg_b, out=str(out_a)))

@@ -133,8 +133,10 @@ def test_bad_num_envs_and_alpha(parts):
         make(parts, num_envs=100_000)
 
 
-def test_folder_images_are_served_through_a_loader(tmp_path):
+def test_folder_images_are_served_through_a_loader(tmp_path, monkeypatch):
     from PIL import Image
+
+    monkeypatch.setattr(backbones.data, "IN_MEMORY_SIDE", 16)  # these 40-pixel images count as large: streamed
 
     for cls in ("a", "b"):
         for split in ("train", "val"):
@@ -142,7 +144,8 @@ def test_folder_images_are_served_through_a_loader(tmp_path):
             folder.mkdir(parents=True)
             for i in range(4):
                 Image.fromarray(np.full((40, 40, 3), 60 * i, dtype=np.uint8)).save(folder / f"{i}.png")
-    data = backbones.load_dataset("imagefolder", "val", root=tmp_path / "imgs", image_size=32)
+    data = backbones.load_dataset("imagefolder", "test", root=tmp_path / "imgs", image_size=32)
+    assert isinstance(data, backbones.FolderImages)
     net = tiny_backbone(20, num_classes=2, in_channels=3, image_size=32)
     envs = SkipNetVectorEnv(4, net, data, device="cpu")
     obs, _ = envs.reset(seed=0)
