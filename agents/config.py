@@ -80,6 +80,9 @@ class RunConfig:
     """stochastic depth of the backbone trainer: drop rate of the last block (0 disables)"""
     backbone_drop_schedule: str = "linear"
     """stochastic depth of the backbone trainer: linear (decaying to 0 at the first block) or uniform"""
+    backbone_flip: bool | None = None
+    """horizontal flips when the backbone is trained (default: the data set's own: on for CIFAR and your own images,
+    off for digits and SVHN)"""
     backbone_recipe: BackboneRecipe = "skip_ready"
     """base: the backbone as trained (frozen); skip_ready: the base backbone trained further with its gates (joint
     SP, the paper's recipe), then frozen: every agent runs on it"""

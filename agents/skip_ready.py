@@ -45,7 +45,7 @@ from agents.hybrid import sp_forward
 from backbones.base import Backbone
 from backbones.cache import building, cache_dir
 from backbones.checkpoint import atomic_save, backbone_metadata, fingerprint, load_backbone, safe_load
-from backbones.data import Dataset
+from backbones.data import Dataset, ImageTensors
 from backbones.progress import progress_bar
 from backbones.train import batches, evaluate, seed_everything
 
@@ -335,7 +335,8 @@ def get_skip_ready(
     base_fp = fingerprint(base)
     cfg = cfg.resolved(len(train_data))  # the key names the epochs it trains, given or not
     gates_id = gate_identity(gate_kind, gate_options)
-    path = path or skip_ready_path(base_meta, base_fp, cfg, gates_id, train_data.fingerprint)
+    flip = isinstance(train_data, ImageTensors) and train_data.flip  # the augmentation changes the weights too
+    path = path or skip_ready_path(base_meta, base_fp, cfg, gates_id, f"{train_data.fingerprint}-flip{flip}")
     with building(path):  # a second process wanting this backbone waits, then reuses it
         state = safe_load(path, map_location=device) if path.is_file() else None
         if state is not None and state["metadata"].get("complete"):

@@ -22,6 +22,21 @@ def skip(block: nn.Module, h: Tensor) -> Tensor:
     return shortcut(h)
 
 
+def randomize_batchnorm(module: nn.Module, seed: int = 0) -> nn.Module:
+    """Random BatchNorm affine parameters and running statistics, in place, so that no block of an
+    untrained network is close to the identity (a fresh CIFAR ResNet has zero-init residual
+    branches): what engine checks and tests route through. Returns ``module`` in eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.weight = nn.Parameter(torch.rand(n, generator=g) + 0.5)
+            m.bias = nn.Parameter(torch.randn(n, generator=g) * 0.1)
+            m.running_mean = torch.randn(n, generator=g) * 0.1
+            m.running_var = torch.rand(n, generator=g) + 0.5
+    return module.eval()
+
+
 class Backbone(nn.Module):
     """A residual network split into ``stem``, an ordered ``blocks`` list, and ``head``.
 

@@ -68,8 +68,8 @@ class TrainConfig:
     shift: int = 2
     """random-translation augmentation in pixels (in-memory data sets)"""
     flip: bool | None = None
-    """horizontal-flip augmentation (default: the data set's own: on for CIFAR, SVHN off, on for your own
-    images, off for digits)"""
+    """horizontal-flip augmentation (default: the data set's own: on for CIFAR and your own images, off for digits
+    and SVHN)"""
     seed: int = 0
     """seed for python, numpy and torch"""
     device: str = "auto"

@@ -67,8 +67,11 @@ def load_backbone_for(cfg: RunConfig, device: torch.device, splits: dict[str, Da
     base, meta = load_base_backbone(cfg, device, splits)
     if cfg.backbone_recipe == "base" or "skip_ready" in meta:
         return base, meta
+    train = splits["train"]
+    if cfg.backbone_flip is not None and isinstance(train, ImageTensors):  # joint SP augments as the base training
+        train = dataclasses.replace(train, flip=cfg.backbone_flip)
     net, ready_meta = get_skip_ready(
-        base, meta, splits["train"], cfg.joint_config(), JOINT_GATE_KIND, cfg.gate_options(), device,
+        base, meta, train, cfg.joint_config(), JOINT_GATE_KIND, cfg.gate_options(), device,
         val_data=splits["val"], progress=cfg.progress,
     )  # fmt: skip
     return net, {**ready_meta, "base": base}
@@ -93,6 +96,7 @@ def load_base_backbone(cfg: RunConfig, device: torch.device, splits: dict[str, D
         "epochs": cfg.backbone_epochs,
         "drop_rate": cfg.backbone_drop_rate,
         "drop_schedule": cfg.backbone_drop_schedule,
+        "flip": cfg.backbone_flip,
         "device": str(device),
         "progress": cfg.progress,
         "data_root": cfg.data_root,
@@ -186,8 +190,9 @@ class ReportingWriter:
 def run(
     cfg: RunConfig, given: set[str] | None = None, report: Callable[[str, float, int], None] | None = None
 ) -> dict[str, Any]:
-    """Train (or load) ``cfg.agent``, evaluate it and the full backbone on the test split, write
-    ``results.json`` in a new run folder; returns the results.
+    """Train (or load) ``cfg.agent``, evaluate it on the validation split (``val_*``: what choices
+    between runs are made on) and, with the full backbone, on the test split (what is reported);
+    write ``results.json`` in a new run folder; returns the results.
 
     ``given``: the options set on the command line, for ``--resume`` (see :func:`resumed_config`).
     ``report``: called with every scalar the run logs, as it logs it (see :class:`ReportingWriter`).
@@ -272,7 +277,11 @@ def run(
     policy = spec.load(ctx, state) if cfg.eval_only and state is not None else spec.train(ctx, state)
     train_seconds = time.perf_counter() - t_train
     log.info("%s trained in %.1f s", cfg.agent, train_seconds)
+    # validation figures, what any choice between runs (a sweep, a front, a budget) is made on; test is reported
+    val = evaluate(policy, backbone, split["val"], device, eval_batch, precision=cfg.precision)
     result = evaluate(policy, backbone, split["test"], device, eval_batch, precision=cfg.precision)
+    writer.add_scalar("eval/val_accuracy", val.accuracy, 0)
+    writer.add_scalar("eval/val_flops_fraction", val.flops_fraction, 0)
     writer.add_scalar("eval/accuracy", result.accuracy, 0)
     writer.add_scalar("eval/flops_fraction", result.flops_fraction, 0)
     dynamics = routing_statistics(result, full, cfg.seed)
@@ -292,6 +301,10 @@ def run(
         "device": str(device),
         **result.as_dict(),
         **dynamics,
+        "val_accuracy": val.accuracy,
+        "val_accuracy_ci95": list(bootstrap_ci(val.per_image["correct"], cfg.seed)),
+        "val_flops_fraction": val.flops_fraction,
+        "val_num_images": val.num_images,
         "full_backbone_accuracy": full.accuracy,
         "full_backbone_accuracy_ci95": list(bootstrap_ci(full.per_image["correct"], cfg.seed)),
         "backbone_test_accuracy_at_training": backbone_meta.get("test_accuracy"),
@@ -363,7 +376,7 @@ def format_table(r: dict[str, Any]) -> str:
         ("agent", r["agent"]),
         ("backbone / data", f"{r['backbone']} / {r['dataset']} ({r['num_images']} test images, {r['device']})"),
         (
-            "accuracy",
+            "test accuracy",
             f"{100 * r['accuracy']:.2f}% [{100 * r['accuracy_ci95'][0]:.2f}, {100 * r['accuracy_ci95'][1]:.2f}]  "
             f"(full backbone {100 * r['full_backbone_accuracy']:.2f}%; paired difference "
             f"{100 * r['accuracy_vs_full']['difference']:+.2f} "
@@ -380,6 +393,11 @@ def format_table(r: dict[str, Any]) -> str:
             ]
             if "accuracy_vs_base" in r
             else []
+        ),
+        (
+            "validation",
+            f"accuracy {100 * r['val_accuracy']:.2f}% at {100 * r['val_flops_fraction']:.1f}% of the FLOPs "
+            f"({r['val_num_images']} images: choose between runs by these, report test)",
         ),
         (
             "FLOPs spent",

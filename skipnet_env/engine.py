@@ -22,6 +22,7 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -34,15 +35,26 @@ log = logging.getLogger(__name__)
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
+def cuda_bf16_native(device: torch.device) -> bool:
+    """``device`` is a CUDA GPU that computes in bf16 natively (Ampere or newer); ``is_bf16_supported()``
+    alone also counts the emulation V100 and T4 offer, which is slower than fp32."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    with torch.cuda.device(device):
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
     """The compute dtype of ``precision`` (``"auto"``: bf16 on CUDA where supported, else fp32)."""
     if precision == "auto":
-        cuda_bf16 = device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if cuda_bf16 else torch.float32
+        return torch.bfloat16 if cuda_bf16_native(device) else torch.float32
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}: use auto, {', '.join(PRECISIONS)}")
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError(f"bf16 was asked for but {torch.cuda.get_device_name(device)} does not support it; use fp32")
+    if precision == "bf16" and device.type == "cuda" and not cuda_bf16_native(device):
+        raise ValueError(
+            f"bf16 was asked for but {torch.cuda.get_device_name(device)} has no native bf16 (it would be emulated, "
+            "slower than fp32); use fp32"
+        )
     if precision == "bf16" and device.type not in ("cpu", "cuda"):
         raise ValueError(f"bf16 is supported on cpu and cuda here, not on {device.type}; use fp32")
     return PRECISIONS[precision]
@@ -73,15 +85,20 @@ def fold_batchnorm(module: nn.Module) -> int:
 
 def _fold_checked(part: nn.Module, probe: Tensor) -> nn.Module:
     """``part`` with its BatchNorms folded, if that keeps its output on ``probe``; else ``part``
-    itself (a forward that does not apply each BatchNorm right after its convolution)."""
+    itself (a forward that does not apply each BatchNorm right after its convolution).
+
+    The two are compared in float64 on the CPU: the check does not depend on the device's kernels
+    (cuDNN's TF32 convolutions differ from fp32 by more than folding does)."""
     folded = copy.deepcopy(part)
     if fold_batchnorm(folded) == 0:
         return part
+    ref, new = (copy.deepcopy(m).cpu().double() for m in (part, folded))
+    x = probe.detach().cpu().double()
     with torch.no_grad():
-        want, got = part(probe), folded(probe)
-        same = torch.allclose(want, got, rtol=1e-3, atol=1e-4 * (1.0 + float(want.abs().max())))
+        want, got = ref(x), new(x)
+        same = torch.allclose(want, got, rtol=1e-5, atol=1e-5 * (1.0 + float(want.abs().max())))
         if same and hasattr(part, "shortcut"):
-            same = torch.allclose(skip(part, probe), skip(folded, probe), rtol=1e-3, atol=1e-4)
+            same = torch.allclose(skip(ref, x), skip(new, x), rtol=1e-5, atol=1e-5)
     if not same:
         log.warning("BatchNorm folding changed the output of %s: left unfolded", type(part).__name__)
         return part
@@ -178,14 +195,48 @@ class _Buffers:
     acts: dict[tuple[int, ...], Tensor]  # (B, C, H, W) per activation shape
 
 
-class _CapturedStep:
-    """A captured CUDA graph and the tensors it reads, kept alive together; calling it replays."""
+class CapturedGraph:
+    """A captured CUDA graph and every tensor it reads or writes, kept alive together (PyTorch's
+    rule: a graph replays on the memory it was captured with); calling it replays the graph on its
+    own device, whichever device is current."""
 
-    def __init__(self, graph: torch.cuda.CUDAGraph, inputs: tuple) -> None:
-        self.graph, self.inputs = graph, inputs
+    def __init__(self, graph: torch.cuda.CUDAGraph, device: torch.device, keep: tuple) -> None:
+        self.graph, self.device, self.keep = graph, device, keep
 
     def __call__(self) -> None:
-        self.graph.replay()
+        with torch.cuda.device(self.device):
+            self.graph.replay()
+
+
+def capture(
+    body: Callable[[], object],
+    device: torch.device,
+    *,
+    warmup: Callable[[], object] | None = None,
+    warmup_runs: int = 2,
+    keep: tuple = (),
+    pool: Any = None,
+) -> CapturedGraph:
+    """``body`` captured in a CUDA graph on ``device`` (set as the current device for the capture,
+    whichever is current: ``cuda:1`` works without ``set_device``).
+
+    ``warmup`` (default ``body``) runs ``warmup_runs`` times first on a side stream, so that cuDNN
+    and cuBLAS pick their kernels outside the capture. The capture is ``thread_local``: a
+    DataLoader's pin-memory thread running CUDA work meanwhile does not break it. ``keep``: the
+    tensors ``body`` reads (its static inputs); they, ``body`` and its output live as long as the
+    returned graph.
+    """
+    with torch.cuda.device(device):
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(warmup_runs):
+                (warmup or body)()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+            out = body()
+    return CapturedGraph(graph, device, (body, out, *keep))
 
 
 class Router:
@@ -280,24 +331,19 @@ class Router:
 
         if not self.graphs:
             return step
+        # warm up on scratch copies, so that the real buffers are written only by the replays; the
+        # graph reads the arange and the static buffers: kept alive with it
+        scratch_h = h.clone()
+        scratch_out = scratch_h if identity else out.clone()
         try:
-            # warm up (cuDNN / cuBLAS picks their kernels) on scratch copies, so that the real
-            # buffers are written only by the replays, then capture
-            scratch_h = h.clone()
-            scratch_out = scratch_h if identity else out.clone()
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    step(scratch_h, scratch_out, execute)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                step()
+            return capture(
+                step,
+                self.device,
+                warmup=lambda: step(scratch_h, scratch_out, execute),
+                keep=(arange, h, out, execute),
+                pool=self._pool,
+            )
         except Exception as err:  # a capture that fails must not end the run: the same step, eagerly
             log.warning("CUDA graph capture failed (%s): the bucketed steps run eagerly from here on", err)
             self.graphs = False
             return step
-        # the graph reads the tensors it was captured with (the arange above, the static buffers):
-        # they must live as long as it does
-        return _CapturedStep(graph, (step, arange, h, out, execute))

@@ -6,21 +6,13 @@ import pytest
 import torch
 
 import backbones
-from backbones.base import Backbone
+from backbones.base import Backbone, randomize_batchnorm
 from backbones.data import ImageTensors
 
 
 def randomize(backbone: Backbone, seed: int = 0) -> Backbone:
-    """Random BatchNorm affine parameters and running statistics, so that no block is close to the
-    identity (a freshly built CIFAR ResNet has zero-init residual branches)."""
-    g = torch.Generator().manual_seed(seed)
-    for m in backbone.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.weight.data = torch.rand(m.weight.shape, generator=g) + 0.5
-            m.bias.data = torch.randn(m.bias.shape, generator=g) * 0.1
-            m.running_mean = torch.randn(m.running_mean.shape, generator=g) * 0.1
-            m.running_var = torch.rand(m.running_var.shape, generator=g) + 0.5
-    return backbone.eval()
+    """Random BatchNorm affine parameters and running statistics (no block close to the identity)."""
+    return randomize_batchnorm(backbone, seed)  # type: ignore[return-value]
 
 
 def tiny_backbone(depth: int = 20, seed: int = 0, num_classes: int = 10, in_channels: int = 1, image_size: int = 16):

@@ -69,6 +69,9 @@ def test_every_agent_trains_evaluates_and_reloads(agent, cache, tmp_path):
     )  # FFGate-I costs ~15% of a block
     assert len(r["execute_rate"]) == 8 and r["full_backbone_accuracy"] > 0
     assert r["accuracy_ci95"][0] <= r["accuracy"] <= r["accuracy_ci95"][1]
+    # validation figures beside test ones, on the validation images (digits: 180), what runs are chosen by
+    assert r["val_num_images"] == 180 and 0 <= r["val_accuracy"] <= 1 and 0 < r["val_flops_fraction"] <= 1.2
+    assert "validation" in proc.stdout
     assert -1 <= r["difficulty_spearman"] <= 1 and 0 <= r["dynamic_blocks"] <= 8
     for name in ("gallery.png", "heatmap.png", "per_image.npz"):
         assert (results.parent / name).stat().st_size > 0
@@ -391,13 +394,15 @@ def test_reproduce_runs_the_recipe_end_to_end_on_the_tiny_preset(cache, tmp_path
 
 @pytest.mark.parametrize(
     "script",
-    ["run.py", "compare.py", "sweep.py", "reproduce.py", "bench.py", "train_backbone.py", "baseline_variance.py"],
+    [
+        *("run.py", "compare.py", "sweep.py", "reproduce.py", "bench.py", "train_backbone.py", "baseline_variance.py"),
+        "-m skipnet_env.check",
+    ],
 )
 def test_every_entry_point_answers_help(script, tmp_path):
     """The README sends every new user to --help (a help string with a bare % once crashed argparse)."""
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "experiments" / script), "--help"], capture_output=True, text=True, timeout=120
-    )
+    command = script.split() if script.startswith("-m") else [str(ROOT / "experiments" / script)]
+    proc = subprocess.run([sys.executable, *command, "--help"], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "usage:" in proc.stdout and "--" in proc.stdout
 

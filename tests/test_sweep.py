@@ -44,6 +44,8 @@ def test_a_two_trial_sweep_writes_every_run_and_the_front(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "sweeps" / "t" / "pareto.csv")))
     assert sorted(float(r["alpha"]) for r in rows) == [0.5, 4.0]
     assert any(r["pareto"] == "True" for r in rows)
+    chosen = pareto_front([(float(r["val_accuracy"]), float(r["val_flops_fraction"])) for r in rows])
+    assert [r["pareto"] == "True" for r in rows] == chosen  # the front is chosen on validation, test reported
     for r in rows:  # every trial keeps its run: results, per-image outcomes, TensorBoard
         run_dir = Path(r["run_dir"])
         assert (run_dir / "results.json").is_file() and (run_dir / "per_image.npz").is_file()

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import backbones
 import backbones.train as train_mod
 from backbones.checkpoint import safe_load
 from backbones.train import TrainConfig, train
@@ -105,9 +106,9 @@ def test_a_backbone_asked_for_without_an_image_size_is_the_one_the_envs_use(monk
     import backbones.pretrained as pretrained
 
     paths = []
-    monkeypatch.setattr(pretrained, "train", lambda cfg: paths.append(cfg.out) or (None, {}))
+    monkeypatch.setattr(pretrained, "train", lambda cfg, splits: paths.append(cfg.out) or (None, {}))
     pretrained.get_trained("cifar_resnet20", "digits")
-    size = pretrained.load_dataset("digits", "train").input_size[1]
+    size = backbones.load_dataset("digits", "train").input_size[1]
     pretrained.get_trained("cifar_resnet20", "digits", image_size=size)
     assert paths[0] == paths[1]
 
