@@ -94,11 +94,14 @@ def _fold_checked(part: nn.Module, probe: Tensor) -> nn.Module:
         return part
     ref, new = (copy.deepcopy(m).cpu().double() for m in (part, folded))
     x = probe.detach().cpu().double()
+
+    def close(want: Tensor, got: Tensor) -> bool:  # relative to the output's scale: activations grow with depth
+        return torch.allclose(want, got, rtol=1e-5, atol=1e-5 * (1.0 + float(want.abs().max())))
+
     with torch.no_grad():
-        want, got = ref(x), new(x)
-        same = torch.allclose(want, got, rtol=1e-5, atol=1e-5 * (1.0 + float(want.abs().max())))
+        same = close(ref(x), new(x))
         if same and hasattr(part, "shortcut"):
-            same = torch.allclose(skip(ref, x), skip(new, x), rtol=1e-5, atol=1e-5)
+            same = close(skip(ref, x), skip(new, x))
     if not same:
         log.warning("BatchNorm folding changed the output of %s: left unfolded", type(part).__name__)
         return part
@@ -133,7 +136,7 @@ def freeze(
     if fold_bn:
         with torch.no_grad():
             g = torch.Generator(device="cpu").manual_seed(0)
-            h = torch.randn(4, *backbone.input_size, generator=g).to(device)
+            h = torch.randn(2, *backbone.input_size, generator=g).to(device)
             frozen.stem = _fold_checked(frozen.stem, h)
             h = frozen.stem(h)
             for i, block in enumerate(frozen.blocks):

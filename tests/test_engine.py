@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+import backbones
 from agents.config import RunConfig
 from agents.gates import create_gates
 from agents.hybrid import sp_forward
@@ -230,6 +231,9 @@ def test_batchnorm_folding_check_does_not_depend_on_tf32(caplog):
     with caplog.at_level("WARNING"):
         frozen = freeze(net, CPU, precision="fp32")
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in frozen.modules())  # every block folded
+    # a deep network whose activations grow to 1e9 (random BatchNorm): the bound follows their scale
+    deep = freeze(randomize(backbones.create("cifar_resnet110", num_classes=10)), CPU, precision="fp32")
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in deep.modules())
     assert "left unfolded" not in caplog.text
 
 
