@@ -13,7 +13,6 @@ with the cross-entropy they tie it (BENCHMARKS.md, section 8).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,8 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from agents.policies import RoutingPolicy
+from agents.trainer import Trainer
 from backbones.base import Backbone
-from backbones.checkpoint import atomic_save
 from backbones.data import Dataset
 from backbones.progress import progress_bar
 from skipnet_env.core import AccuracyReward
@@ -84,10 +83,10 @@ class BlockDropConfig:
     explore: float = 1.0  # BlockDrop's bound: masks sampled from explore * p + (1 - explore) * (1 - p)
 
 
-class BlockDropTrainer:
+class BlockDropTrainer(Trainer):
     """REINFORCE with a self-critical baseline on the batched one-shot env; checkpoints atomically
     every ``checkpoint_every`` iterations and resumes exactly (the sampler, the action generator
-    and the optimizer are saved with the network)."""
+    and the optimizer are saved with the network: :class:`agents.trainer.Trainer`)."""
 
     def __init__(
         self,
@@ -101,8 +100,8 @@ class BlockDropTrainer:
         writer: Any = None,
         progress: bool = True,
     ) -> None:
-        self.net, self.cfg, self.device = net.to(device), cfg, device
-        self.checkpoint, self.metadata, self.writer, self.progress = checkpoint, metadata, writer, progress
+        super().__init__(device, checkpoint, metadata, writer, progress)
+        self.net, self.cfg = net.to(device), cfg
         self.env = SkipNetOneShotVectorEnv(
             cfg.num_envs,
             backbone,
@@ -115,25 +114,25 @@ class BlockDropTrainer:
         )
         self.opt = torch.optim.Adam(self.net.parameters(), lr=cfg.lr)
         self.generator = torch.Generator(device=device).manual_seed(cfg.seed + 1)
-        self.done = 0
         self.env.reset(seed=cfg.seed)
 
-    def state(self, stage: str) -> dict[str, Any]:
+    def trained_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return list(self.net.named_parameters())
+
+    def training_state(self) -> dict[str, Any]:
         return {
-            "metadata": {**self.metadata, "stage": stage, "done_units": self.done},
             "net": self.net.state_dict(),
             "optimizer": self.opt.state_dict(),
             "generator": self.generator.get_state(),
             "sampler": self.env.sampler.state_before_last_draw(),
         }
 
-    def resume(self, state: dict[str, Any]) -> None:
+    def load_training_state(self, state: dict[str, Any]) -> None:
         self.net.load_state_dict(state["net"])
         self.opt.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"].cpu())
         self.env.sampler.restore(state["sampler"])
         self.env.reset()  # the batch the interrupted run was about to play
-        self.done = int(state["metadata"]["done_units"])
 
     def step(self) -> dict[str, Tensor]:
         """One REINFORCE update on the current batch; returns detached statistics."""
@@ -168,27 +167,20 @@ class BlockDropTrainer:
         }
 
     def train(self) -> OneShotPolicy:
-        bar = progress_bar(self.cfg.iterations, "BlockDrop (REINFORCE)", self.progress, initial=self.done)
-        logged: dict[str, list[Tensor]] = {}
-        while self.done < self.cfg.iterations:
-            for name, value in self.step().items():
-                logged.setdefault(name, []).append(value)
-            self.done += 1
+        bar = progress_bar(self.cfg.iterations, "BlockDrop (REINFORCE)", self.progress, initial=self.done_units)
+        while self.done_units < self.cfg.iterations:
+            self.record(self.step())
+            self.done_units += 1
             bar.update(1)
-            if self.done % self.cfg.checkpoint_every == 0 or self.done == self.cfg.iterations:
-                means = {name: float(torch.stack(v).mean()) for name, v in logged.items()}  # one sync
-                logged.clear()
-                if not all(math.isfinite(v) for v in means.values()):
-                    raise FloatingPointError(f"BlockDrop diverged at iteration {self.done}: {means}")
+            if self.done_units % self.cfg.checkpoint_every == 0 or self.done_units == self.cfg.iterations:
+                means = self.flush(self.done_units, "losses/total", "BlockDrop")
                 bar.set_postfix(
                     acc=f"{means['charts/train_accuracy']:.3f}", flops=f"{means['charts/flops_fraction']:.3f}"
                 )
-                if self.writer:
-                    for name, mean in means.items():
-                        self.writer.add_scalar(name, mean, self.done)
-                stage = "done" if self.done == self.cfg.iterations else "train"
-                atomic_save(self.state(stage), self.checkpoint)
+                self.stage = "done" if self.done_units == self.cfg.iterations else "train"
+                self.save()
         bar.close()
         if self.cfg.iterations == 0:
-            atomic_save(self.state("done"), self.checkpoint)
+            self.stage = "done"
+            self.save()
         return OneShotPolicy(self.net)

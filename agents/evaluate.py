@@ -13,8 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from agents.policies import RoutingPolicy
 from backbones.base import Backbone
-from backbones.data import Dataset
-from backbones.train import batches
+from backbones.data import Dataset, batches
 from skipnet_env.core import BatchedRouting, RewardConfig
 
 

@@ -12,10 +12,9 @@ from torch import Tensor
 
 from agents.policies import StaticPolicy
 from backbones.base import Backbone, skip
-from backbones.data import Dataset
+from backbones.data import Dataset, batches
 from backbones.progress import progress_bar
-from backbones.train import batches
-from skipnet_env.engine import freeze, prepare_input, resolve_precision
+from skipnet_env.engine import freeze, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +70,7 @@ def elimination_path(
     for x, y in batches(data, batch_size, device, train=False):
         room = max_images - sum(len(t) for t in labels)
         x, y = x[:room], y[:room]
-        h = net.stem(prepare_input(net, x))
-        for block in net.blocks[:first_gated]:
-            h = block(h)
-        starts.append(h)
+        starts.append(net.enter(x, first_gated))
         labels.append(y)
         if sum(len(t) for t in labels) >= max_images:
             break

@@ -41,23 +41,18 @@ from torch import Tensor
 
 from agents.compute_price import BUDGET_STEP_HRL, ComputePrice, SpendingMeter
 from agents.gates import GatePolicy
+from agents.trainer import Trainer
 from backbones.base import Backbone, skip
-from backbones.checkpoint import atomic_save, safe_load
-from backbones.data import Dataset
+from backbones.data import Dataset, batches
 from backbones.progress import progress_bar
-from backbones.train import batches
 from skipnet_env.core import DEFAULT_ALPHA, SKIPNET_REWARD, BatchedRouting
-from skipnet_env.engine import freeze, prepare_input
+from skipnet_env.engine import freeze
 from skipnet_env.vector_env import SkipNetVectorEnv
 
 log = logging.getLogger(__name__)
 
 
 BASELINES = ("self_critical", "batch_mean", "none")
-# a trained weight past this, or a loss past LOSS_LIMIT, means the run is diverging: it stops before
-# the weights become NaN and before a checkpoint holds them (trained gates stay far below: |w| < 100)
-WEIGHT_LIMIT = 1e4
-LOSS_LIMIT = 1e6
 
 
 @dataclass
@@ -110,9 +105,7 @@ def sp_forward(
     threshold (a hard Bernoulli(p) draw, the straight-through Gumbel-sigmoid of ConvNet-AIG), so
     the gates explore and the loss is the expected one over routes; without, ``1[p >= 0.5]``.
     """
-    h = backbone.stem(prepare_input(backbone, x))
-    for block in backbone.blocks[: gates.first_gated]:
-        h = block(h)
+    h = backbone.enter(x, gates.first_gated)
     state = gates.initial_state(x.shape[0], x.device)
     executed, greedy = [], []
     for k, block in enumerate(backbone.blocks[gates.first_gated :]):
@@ -160,8 +153,9 @@ def advantages(returns: Tensor, baseline: str, greedy_returns: Tensor | None = N
     return returns
 
 
-class HybridTrainer:
-    """Trains ``gates`` on ``backbone`` with SP then HRL; checkpoints atomically and resumes.
+class HybridTrainer(Trainer):
+    """Trains ``gates`` on ``backbone`` with SP then HRL; checkpoints atomically and resumes
+    (:class:`agents.trainer.Trainer`: the checkpoint, the divergence guard, the logged means).
 
     Args:
         backbone: the (frozen unless ``cfg.finetune_backbone``) residual network.
@@ -187,21 +181,15 @@ class HybridTrainer:
         writer: Any = None,
         progress: bool = True,
     ) -> None:
+        super().__init__(device, checkpoint, metadata, writer, progress)
         self.backbone, self.gates, self.data, self.cfg = backbone.to(device).eval(), gates.to(device), train_data, cfg
-        self.device, self.checkpoint, self.metadata, self.writer, self.progress = (
-            device,
-            checkpoint,
-            metadata,
-            writer,
-            progress,
-        )
         self.backbone.requires_grad_(cfg.finetune_backbone)
         self.sp_opt = torch.optim.Adam(self._param_groups(), lr=cfg.sp_lr)
         self.hrl_opt = torch.optim.Adam(self._param_groups(), lr=cfg.hrl_lr)
         self.generator = torch.Generator().manual_seed(cfg.seed)  # SP's data order
         # HRL's action sampling draws from its own generator, saved and restored with the run
         self.action_generator = torch.Generator(device=device).manual_seed(cfg.seed + 1)
-        self.stage, self.done_units = "sp", 0  # epochs in SP, iterations in HRL
+        self.stage = "sp"  # done_units: epochs in SP, iterations in HRL
         # SP's compute weight: sp_alpha, or with a budget the multiplier that meets it (HRL then prices
         # compute at the multiplier SP ended with)
         self.price = ComputePrice(self.sp_alpha, cfg.budget, device)
@@ -227,18 +215,18 @@ class HybridTrainer:
             groups.append({"params": list(self.backbone.parameters()), "lr": self.cfg.backbone_lr})
         return groups
 
-    # -- checkpoints ------------------------------------------------------------------------
-    def save(self) -> None:
-        """Write the checkpoint atomically, after checking that every trained weight is finite and
-        not running away: a good checkpoint is never replaced by a diverged one."""
-        self._check_weights()
+    # -- checkpoints (Trainer) -------------------------------------------------------------
+    def trained_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        params = list(self.gates.named_parameters())
+        if self.cfg.finetune_backbone:
+            params += [(f"backbone.{n}", p) for n, p in self.backbone.named_parameters()]
+        return params
+
+    def config_metadata(self) -> dict[str, Any]:
+        return {"hybrid_config": dataclasses.asdict(self.cfg)}
+
+    def training_state(self) -> dict[str, Any]:
         state = {
-            "metadata": {
-                **self.metadata,
-                "stage": self.stage,
-                "done_units": self.done_units,
-                "hybrid_config": dataclasses.asdict(self.cfg),
-            },
             "gates": self.gates.state_dict(),
             "sp_opt": self.sp_opt.state_dict(),
             "hrl_opt": self.hrl_opt.state_dict(),
@@ -250,14 +238,12 @@ class HybridTrainer:
             state["sampler"] = self.env.sampler.state_before_last_draw()
         if self.cfg.finetune_backbone:
             state["backbone"] = self.backbone.state_dict()
-        atomic_save(state, self.checkpoint)
+        return state
 
-    def resume(self) -> None:
-        """Continue from the checkpoint: weights, optimizers, random generators and the
-        environment's place in the data, so the run ends where an uninterrupted one would. The
-        learning rates are this run's (``cfg``), not the checkpoint's: a diverged run can go on
-        more gently."""
-        state = safe_load(self.checkpoint, map_location=self.device)
+    def load_training_state(self, state: dict[str, Any]) -> None:
+        """Weights, optimizers, random generators and the environment's place in the data, so the
+        run ends where an uninterrupted one would. The learning rates are this run's (``cfg``), not
+        the checkpoint's: a diverged run can go on more gently."""
         self.gates.load_state_dict(state["gates"])
         for name, opt, lr in (("sp_opt", self.sp_opt, self.cfg.sp_lr), ("hrl_opt", self.hrl_opt, self.cfg.hrl_lr)):
             opt.load_state_dict(state[name])
@@ -270,32 +256,6 @@ class HybridTrainer:
             self.price.load_state_dict(state["price"])
         if "backbone" in state:
             self.backbone.load_state_dict(state["backbone"])
-        self.stage, self.done_units = state["metadata"]["stage"], state["metadata"]["done_units"]
-        log.info("resuming %s at stage %s, %d done", self.checkpoint, self.stage, self.done_units)
-
-    def _diverged(self, what: str) -> FloatingPointError:
-        kept = (
-            f"The last good checkpoint ({self.checkpoint}) is kept: rerun with a lower learning rate and --resume."
-            if self.checkpoint.is_file()
-            else "No checkpoint was written yet: rerun with a lower learning rate (without --resume)."
-        )
-        return FloatingPointError(f"{what}: stopping. {kept}")
-
-    def _check_losses(self, losses: list[Tensor], where: str) -> None:
-        """Stop on a non-finite or runaway loss among the recent ``losses`` (one host sync for all)."""
-        worst = float(torch.stack(losses).detach().abs().nan_to_num(float("inf")).max())
-        if not math.isfinite(worst) or worst > LOSS_LIMIT:
-            raise self._diverged(f"{where} loss reached {worst:.4g}")
-
-    def _check_weights(self) -> None:
-        params = list(self.gates.named_parameters())
-        if self.cfg.finetune_backbone:
-            params += [(f"backbone.{n}", p) for n, p in self.backbone.named_parameters()]
-        largest = torch.stack([p.detach().abs().max() for _, p in params])  # one sync for all
-        worst = int(largest.nan_to_num(float("inf")).argmax())
-        value = float(largest[worst])
-        if not math.isfinite(value) or value > WEIGHT_LIMIT:
-            raise self._diverged(f"weight {params[worst][0]} reached {value:.4g} (limit {WEIGHT_LIMIT:g})")
 
     # -- stage 1 ----------------------------------------------------------------------------
     def train_sp(self) -> None:
@@ -327,7 +287,7 @@ class HybridTrainer:
                 self.price.update(spending)
                 losses.append(loss.detach())
                 bar.update(1)
-            self._check_losses(losses, "SP")  # once an epoch: no host sync per step
+            self.check_losses(losses, "SP")  # once an epoch: no host sync per step
             self.done_units = epoch + 1
             flops, price = float(torch.stack(spent).mean()), float(self.price.value)
             log.info(
@@ -437,7 +397,6 @@ class HybridTrainer:
             self.hrl_opt, lambda it: 1.0 - (start + it) / max(cfg.hrl_iterations, 1)
         )
         bar = progress_bar(cfg.hrl_iterations, "HRL (REINFORCE)", self.progress, initial=self.done_units)
-        logged: dict[str, list[Tensor]] = {}
         last: dict[str, float] = {}
         for it in range(self.done_units, cfg.hrl_iterations):
             if cfg.finetune_backbone and it > 0:
@@ -463,31 +422,27 @@ class HybridTrainer:
             schedule.step()
             self.done_units = it + 1
             bar.update(1)
-            # logged as means over log_every iterations: one host sync per log_every, not per iteration
-            for name, value in (
-                ("losses/total", loss),
-                ("losses/reinforce", rl),
-                ("losses/entropy", entropy),
-                ("charts/episodic_return", returns[0].mean()),
-                ("charts/train_accuracy", ep["correct"].float().mean()),
-                ("charts/flops_fraction", ep["flops_fraction"].mean()),
-                ("charts/greedy_flops_fraction", spent.float().mean()),
-            ):
-                logged.setdefault(name, []).append(value.detach())
+            self.record(
+                {
+                    "losses/total": loss,
+                    "losses/reinforce": rl,
+                    "losses/entropy": entropy,
+                    "charts/episodic_return": returns[0].mean(),
+                    "charts/train_accuracy": ep["correct"].float().mean(),
+                    "charts/flops_fraction": ep["flops_fraction"].mean(),
+                    "charts/greedy_flops_fraction": spent.float().mean(),
+                }
+            )
             if self.done_units % cfg.log_every == 0 or self.done_units == cfg.hrl_iterations:
-                self._check_losses(logged["losses/total"], "HRL")
-                means = {name: float(torch.stack(values).mean()) for name, values in logged.items()}
+                # means over log_every iterations: one host sync per log_every, not per iteration
+                means = self.flush(self.done_units, "losses/total", "HRL")
                 if cfg.budget is not None:  # the reward prices compute at the budget's price (one sync per log)
                     self.set_alpha(float(self.price.weight(torch.tensor(means["charts/greedy_flops_fraction"]))))
-                    means["charts/compute_weight"] = env.core.reward.alpha
-                logged.clear()
+                    self.write({"charts/compute_weight": env.core.reward.alpha}, self.done_units)
                 last = means
                 bar.set_postfix(
                     acc=f"{means['charts/train_accuracy']:.3f}", flops=f"{means['charts/flops_fraction']:.3f}"
                 )
-                if self.writer:
-                    for name, mean in means.items():
-                        self.writer.add_scalar(name, mean, self.done_units)
             if self.done_units % cfg.checkpoint_every == 0:
                 self.save()
         bar.close()

@@ -16,6 +16,7 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.vec_env import VecEnv
 
+from agents.trainer import check_weights
 from backbones.checkpoint import atomic_save
 
 
@@ -90,8 +91,8 @@ def load_model_state(model: BaseAlgorithm, state: dict[str, Any]) -> None:
 
 
 class CheckpointCallback(BaseCallback):
-    """Saves the policy atomically after every ``every`` rollouts; stops on non-finite weights
-    (the last good checkpoint stays in place)."""
+    """Saves the policy atomically after every ``every`` rollouts; stops on diverging weights
+    (:func:`agents.trainer.check_weights`: the last good checkpoint stays in place)."""
 
     def __init__(self, path: Path, metadata: dict[str, Any], every: int = 10, bar: Any = None) -> None:
         super().__init__()
@@ -103,12 +104,7 @@ class CheckpointCallback(BaseCallback):
         return True
 
     def _on_rollout_end(self) -> None:
-        for name, p in self.model.policy.named_parameters():
-            if not torch.isfinite(p).all():
-                raise FloatingPointError(
-                    f"policy parameter {name} is not finite: stopping. The last good checkpoint ({self.path}) is "
-                    "kept; lower the learning rate and rerun with --resume."
-                )
+        check_weights(self.model.policy.named_parameters(), self.path)  # the trainers' divergence guard
         self.rollouts += 1
         if self.rollouts % self.every == 0:
             self.save()

@@ -45,9 +45,10 @@ from agents.hybrid import sp_forward
 from backbones.base import Backbone
 from backbones.cache import building, cache_dir
 from backbones.checkpoint import atomic_save, backbone_metadata, fingerprint, load_backbone, safe_load
-from backbones.data import Dataset, ImageTensors
+from backbones.data import Dataset, ImageTensors, batches
+from backbones.device import seed_everything
 from backbones.progress import progress_bar
-from backbones.train import batches, evaluate, seed_everything
+from backbones.train import evaluate
 
 log = logging.getLogger(__name__)
 

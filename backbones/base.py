@@ -130,6 +130,21 @@ class Backbone(nn.Module):
         if protect_first:
             self.drop_rates[0] = 0.0
 
+    def prepare(self, x: Tensor) -> Tensor:
+        """``x`` in the dtype and memory format this network computes in (an inference copy made by
+        ``skipnet_env.engine.freeze`` may compute in bf16, channels_last); as is otherwise."""
+        if self.compute_dtype is None:
+            return x
+        return x.to(dtype=self.compute_dtype, memory_format=self.memory_format)
+
+    def enter(self, x: Tensor, first_gated: int) -> Tensor:
+        """Images ``x`` ``(B, C, H, W)`` through the stem and the ``first_gated`` blocks that always
+        run: the activation entering the first gated block, where every routing starts."""
+        h = self.stem(self.prepare(x))
+        for block in self.blocks[:first_gated]:
+            h = block(h)
+        return h
+
     def forward(self, x: Tensor) -> Tensor:
         """Image ``(B, C, H, W)`` -> logits ``(B, num_classes)``, every block executed
         (in training mode, blocks are dropped per sample at ``drop_rates``)."""

@@ -15,7 +15,7 @@ training. The generated splits are cached under ``$SKIPNET_CACHE/datasets``.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from backbones.cache import cache_dir
+from backbones.checkpoint import atomic_save, safe_load
+from backbones.splits import fixed_split
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +126,6 @@ def _source_digits(split: str) -> tuple[Tensor, Tensor]:
     """The 8x8 digits of ``split`` (the same fixed split as the ``digits`` data set), in [0, 1]."""
     from sklearn.datasets import load_digits
 
-    from backbones.data import fixed_split
-
     bunch = load_digits()
     idx = fixed_split(len(bunch.target), (0.1, 0.2), split)
     images = torch.from_numpy(bunch.images[idx].astype(np.float32) / 16.0)[:, None]  # (M, 1, 8, 8)
@@ -135,8 +135,6 @@ def _source_digits(split: str) -> tuple[Tensor, Tensor]:
 def cluttered_split(split: str, cfg: ClutterConfig = ClutterConfig(), use_cache: bool = True) -> tuple[Tensor, Tensor]:
     """Images ``(N, 1, canvas, canvas)`` uint8 and labels ``(N,)`` of ``split``, generated on first
     use and cached (the file name carries the generator version, canvas and split)."""
-    from backbones.checkpoint import atomic_save, safe_load
-
     path = cache_dir() / "datasets" / f"cluttered_digits-v{GENERATOR_VERSION}-{cfg.canvas}px-{split}.pt"
     if use_cache and path.is_file():
         state = safe_load(path)
@@ -151,6 +149,4 @@ def cluttered_split(split: str, cfg: ClutterConfig = ClutterConfig(), use_cache:
 
 
 def _config_dict(cfg: ClutterConfig) -> dict:
-    from dataclasses import asdict
-
     return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()}

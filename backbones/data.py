@@ -26,7 +26,7 @@ import dataclasses
 import hashlib
 import logging
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,14 +35,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from backbones.cluttered import ClutterConfig, cluttered_split
+from backbones.splits import SPLITS, VAL_FRACTION, fixed_split
+
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
 DEFAULT_ROOT = Path(os.environ.get("SKIPNET_DATA", "data"))
 IN_MEMORY_SIDE = 64
 """Image folders whose images are at most this many pixels on a side are loaded into memory."""
-VAL_FRACTION = 0.1
-"""The share of the training images carved out as the validation split, where a data set has none."""
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -175,14 +175,6 @@ def data_loader(
     )
 
 
-def fixed_split(n: int, fractions: tuple[float, float], split: str, seed: int = 0) -> np.ndarray:
-    """Indices of ``split`` in a fixed permutation: ``val`` and ``test`` take ``fractions`` of ``n``."""
-    perm = np.random.default_rng(seed).permutation(n)
-    n_val, n_test = round(n * fractions[0]), round(n * fractions[1])
-    parts = {"val": perm[:n_val], "test": perm[n_val : n_val + n_test], "train": perm[n_val + n_test :]}
-    return np.sort(parts[split])
-
-
 def _digits(split: str, root: Path, download: bool, image_size: int | None) -> ImageTensors:
     from sklearn.datasets import load_digits
 
@@ -199,8 +191,6 @@ def _digits(split: str, root: Path, download: bool, image_size: int | None) -> I
 
 
 def _cluttered_digits(split: str, root: Path, download: bool, image_size: int | None) -> ImageTensors:
-    from backbones.cluttered import ClutterConfig, cluttered_split
-
     cfg = ClutterConfig(canvas=image_size) if image_size else ClutterConfig()
     images, labels = cluttered_split(split, cfg)
     # normalisation statistics of the training split, whichever split is asked for
@@ -534,3 +524,36 @@ def random_shift(images: Tensor, max_shift: int, generator: torch.Generator | No
     bi = torch.arange(b, device=images.device)[:, None, None, None]
     ci = torch.arange(c, device=images.device)[None, :, None, None]
     return padded[bi, ci, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def batches(
+    data: Dataset,
+    batch_size: int,
+    device: torch.device,
+    *,
+    train: bool,
+    shift: int = 0,
+    num_workers: int = 0,
+    generator: torch.Generator | None = None,
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Normalised image batches ``(B, C, H, W)`` and labels ``(B,)`` on ``device``; shuffled and
+    augmented when ``train``."""
+    if isinstance(data, ImageTensors):
+        data = data.to(device)
+        n = len(data)
+        order = (
+            torch.randperm(n, device="cpu", generator=generator).to(device) if train else torch.arange(n, device=device)
+        )
+        for start in range(0, n, batch_size):
+            idx = order[start : start + batch_size]
+            x = data.images[idx]
+            if train:
+                x = random_shift(x, shift)
+                if data.flip:
+                    flip = torch.rand(x.shape[0], device=device) < 0.5
+                    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            yield data.normalize(x), data.labels[idx]
+    else:
+        loader = data_loader(data, batch_size, device, shuffle=train, num_workers=num_workers, generator=generator)
+        for x, y in loader:
+            yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)

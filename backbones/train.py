@@ -12,21 +12,20 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
 
 from backbones.base import Backbone
 from backbones.checkpoint import atomic_save, backbone_metadata, check_metadata, load_backbone, safe_load
-from backbones.data import SPLITS, Dataset, ImageTensors, data_fingerprint, data_loader, load_dataset, random_shift
-from backbones.device import resolve_device
+from backbones.data import Dataset, ImageTensors, batches, data_fingerprint, load_dataset
+from backbones.device import resolve_device, seed_everything
 from backbones.progress import progress_bar
 from backbones.registry import create, options
+from backbones.splits import SPLITS
 
 log = logging.getLogger(__name__)
 
@@ -104,39 +103,6 @@ class TrainConfig:
         return Path(self.out) if self.out else Path("checkpoints") / f"{self.arch}-{self.dataset}.pt"
 
 
-def batches(
-    data: Dataset,
-    batch_size: int,
-    device: torch.device,
-    *,
-    train: bool,
-    shift: int = 0,
-    num_workers: int = 0,
-    generator: torch.Generator | None = None,
-) -> Iterator[tuple[Tensor, Tensor]]:
-    """Normalised image batches ``(B, C, H, W)`` and labels ``(B,)`` on ``device``; shuffled and
-    augmented when ``train``."""
-    if isinstance(data, ImageTensors):
-        data = data.to(device)
-        n = len(data)
-        order = (
-            torch.randperm(n, device="cpu", generator=generator).to(device) if train else torch.arange(n, device=device)
-        )
-        for start in range(0, n, batch_size):
-            idx = order[start : start + batch_size]
-            x = data.images[idx]
-            if train:
-                x = random_shift(x, shift)
-                if data.flip:
-                    flip = torch.rand(x.shape[0], device=device) < 0.5
-                    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-            yield data.normalize(x), data.labels[idx]
-    else:
-        loader = data_loader(data, batch_size, device, shuffle=train, num_workers=num_workers, generator=generator)
-        for x, y in loader:
-            yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-
-
 @torch.no_grad()
 def evaluate(backbone: Backbone, data: Dataset, device: torch.device, batch_size: int = 512) -> float:
     """Top-1 accuracy of the full network on ``data``."""
@@ -148,16 +114,6 @@ def evaluate(backbone: Backbone, data: Dataset, device: torch.device, batch_size
         total += y.numel()
     backbone.train(was_training)
     return correct / max(total, 1)
-
-
-def seed_everything(seed: int) -> None:
-    import random
-
-    import numpy as np
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def load_splits(cfg: TrainConfig) -> dict[str, Dataset]:

@@ -21,6 +21,7 @@ from agents.gates import create_gates
 from agents.hybrid import BASELINES, HybridConfig, HybridTrainer, advantages, discounted_returns, reinforce_loss
 from backbones.data import load_dataset
 from backbones.pretrained import get_trained
+from experiments.cli import one_line_errors
 from skipnet_env.core import BatchedRouting
 
 
@@ -32,12 +33,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dataset", default="cluttered_digits")
     p.add_argument("--sp-epochs", type=int, default=1)
+    p.add_argument("--debug", action="store_true", help="show the traceback of a bad-input error")
     args = p.parse_args(argv)
 
     torch.manual_seed(args.seed)
     device = torch.device("cpu")
-    train = load_dataset(args.dataset, "train")
-    backbone, _ = get_trained("cifar_resnet38", args.dataset, progress=False, device="cpu")
+    with one_line_errors(["--debug"] if args.debug else []):
+        train = load_dataset(args.dataset, "train")
+        backbone, _ = get_trained("cifar_resnet38", args.dataset, progress=False, device="cpu")
     gates = create_gates("rnn", backbone)
     cfg = HybridConfig(sp_epochs=args.sp_epochs, alpha=args.alpha, num_envs=args.num_envs, seed=args.seed)
     with tempfile.TemporaryDirectory() as tmp:

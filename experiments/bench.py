@@ -50,7 +50,8 @@ import backbones
 from backbones.base import Backbone
 from backbones.data import ImageTensors
 from backbones.device import resolve_device
-from skipnet_env.engine import Router, capture, freeze, prepare_input
+from experiments.cli import one_line_errors
+from skipnet_env.engine import Router, capture, freeze
 from skipnet_env.env import SkipNetEnv
 from skipnet_env.routing import masked_forward, routed_forward
 from skipnet_env.vector_env import SkipNetVectorEnv
@@ -102,7 +103,7 @@ def engine_label(frozen: Backbone) -> str:
 
 def forward_variants(net: Backbone, frozen: Backbone, x: Tensor) -> dict[str, Callable[[], Any]]:
     """The plain full forwards of the device: eager fp32, the engine, the engine in one CUDA graph."""
-    xe = prepare_input(frozen, x)
+    xe = frozen.prepare(x)
     engine = engine_label(frozen)
     fns: dict[str, Callable[[], Any]] = {"eager fp32": lambda: net(x), engine: lambda: frozen(xe)}
     if x.device.type == "cuda":
@@ -131,7 +132,7 @@ def bench_throughput(net, data, batch: int, device: torch.device, rounds: int, d
     pos = {"i": 0}
     frozen = vec_t.core.net
     x0, _ = data_dev.batch(order[:batch])
-    static_input = prepare_input(frozen, x0).clone()  # the graphed forward reads a static input
+    static_input = frozen.prepare(x0).clone()  # the graphed forward reads a static input
     graph_fn = graphed(frozen, static_input) if device.type == "cuda" else None
 
     def draw() -> Tensor:  # the same work as the env: draw a batch and normalise it
@@ -144,11 +145,11 @@ def bench_throughput(net, data, batch: int, device: torch.device, rounds: int, d
 
     @torch.no_grad()
     def plain_engine() -> None:
-        frozen(prepare_input(frozen, draw())).argmax(1)
+        frozen(frozen.prepare(draw())).argmax(1)
 
     @torch.no_grad()
     def plain_graphed() -> None:
-        static_input.copy_(prepare_input(frozen, draw()))
+        static_input.copy_(frozen.prepare(draw()))
         assert graph_fn is not None
         graph_fn()
 
@@ -198,7 +199,7 @@ def engine_routed(frozen: Backbone, router: Router, x: Tensor, mask: Tensor, cou
 def bench_savings(net, frozen, batch: int, device: torch.device, rounds: int, rates: list[float]) -> list[dict]:
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(batch, *net.input_size, generator=g).to(device)
-    xe = prepare_input(frozen, x)
+    xe = frozen.prepare(x)
     router = Router(frozen)
     f = net.flops
     exec_f = torch.tensor(f.block_executed, dtype=torch.float64)
@@ -395,13 +396,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--no-dummy", action="store_true", help="skip the (slow) DummyVecEnv measurement")
     p.add_argument("--data-epochs", type=int, default=10, help="data: backbone training epochs per loader")
     p.add_argument("--out", default=None, help="write the figures as JSON here")
+    p.add_argument("--debug", action="store_true", help="show the traceback of a bad-input error")
     args = p.parse_args(argv)
 
-    device = resolve_device(args.device)
+    with one_line_errors(["--debug"] if args.debug else []):
+        device = resolve_device(args.device)
+        wanted = {"image_size": args.image_size, "width": args.width, "in_channels": args.in_channels}
+        kwargs = {k: v for k, v in wanted.items() if k in backbones.registry.options(args.backbone)}
+        net = backbones.create(args.backbone, num_classes=10, **kwargs).to(device).eval()
     batch_sizes = args.batch or ([256, 2048] if device.type == "cuda" else [256])
-    wanted = {"image_size": args.image_size, "width": args.width, "in_channels": args.in_channels}
-    kwargs = {k: v for k, v in wanted.items() if k in backbones.registry.options(args.backbone)}
-    net = backbones.create(args.backbone, num_classes=10, **kwargs).to(device).eval()
     frozen = freeze(net)
     result: dict = {
         "machine": machine(device),

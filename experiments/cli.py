@@ -143,8 +143,9 @@ def given_fields(cls: type, argv: Sequence[str] | None = None) -> set[str]:
     return set(vars(parser.parse_args(argv)))
 
 
-# what an entry point answers with one line: bad input, missing files, a diverged run
-USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)
+# what an entry point answers with one line: bad input (a device that is not here included), missing
+# files or optional packages, a folder that would be overwritten, a diverged run
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ImportError, FloatingPointError)
 
 
 @contextmanager

@@ -5,8 +5,9 @@
 
 Learned agents run at every ``--alphas`` (those that take a budget: at every ``--budgets``, when
 given) and ``--seeds``. Data-independent agents (``static``, ``random``: the registry's "matched"
-role) then run at the mean compute each learned point reached, so that every learned point has a
-fixed subset of blocks and a random policy spending the same FLOPs beside it; ``full`` runs once.
+role) then run at the mean compute each learned point reached on the validation images (a choice,
+so never made on test), so that every learned point has a fixed subset of blocks and a random
+policy spending the same FLOPs beside it; ``full`` runs once.
 Every run is ``experiments/run.py`` with its own folder.
 
 What is reported (``compare.md``, ``compare.json``, ``compare.csv``, ``compare.png``):
@@ -26,6 +27,7 @@ import csv
 import dataclasses
 import json
 import logging
+import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +39,7 @@ from agents.config import RunConfig
 from agents.registry import get_agent
 from agents.statistics import auc_difference, bootstrap_ci, common_range, curve_auc, paired_difference
 from backbones.device import resolve_device
-from experiments.cli import parse
+from experiments.cli import one_line_errors, parse
 from experiments.run import run
 
 log = logging.getLogger("skipnet_gym.compare")
@@ -74,7 +76,14 @@ class Point:
 
     @property
     def flops(self) -> float:
+        """FLOPs spent on the test images (reported)."""
         return float(np.mean([r["flops_fraction"] for r in self.runs]))
+
+    @property
+    def val_flops(self) -> float:
+        """FLOPs spent on the validation images: what the matched baselines' budgets are set to (a
+        choice, so never made on test)."""
+        return float(np.mean([r["val_flops_fraction"] for r in self.runs]))
 
     def mean(self, key: str) -> float:
         return float(np.mean([r[key] for r in self.runs]))
@@ -148,7 +157,7 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
             continue
         for alpha in cfg.alphas:
             points.append(_point(agent, f"alpha={alpha:g}", runs_of(agent, alpha=alpha)))
-    budgets = sorted({min(p.flops, 1.0) for p in points}) or list(cfg.fallback_budgets)
+    budgets = sorted({min(p.val_flops, 1.0) for p in points}) or list(cfg.fallback_budgets)
     matched: dict[str, dict[float, Point]] = defaultdict(dict)
     for agent in (a for a in cfg.agents if specs[a].role == "matched"):
         for b in budgets:
@@ -162,7 +171,7 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
     for p in (p for p in points if p.agent in learned):
         row: dict[str, Any] = {"agent": p.agent, "setting": p.setting, "flops": p.flops}
         for other, at in matched.items():
-            q = at[min(p.flops, 1.0)]
+            q = at[min(p.val_flops, 1.0)]
             row[f"vs_{other}"] = paired_difference(p.correct.mean(0), q.correct.mean(0), seed)
             row[f"{other}_flops"] = q.flops
         paired.append(row)
@@ -301,8 +310,10 @@ def write_outputs(result: dict[str, Any], out_dir: Path, title: str, seed: int) 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cfg = parse(CompareConfig, argv)
-    result = compare(cfg)
+    argv = sys.argv[1:] if argv is None else argv
+    with one_line_errors(argv):
+        cfg = parse(CompareConfig, argv)
+        result = compare(cfg)
     title = f"{cfg.run.backbone} on {cfg.run.dataset}"
     paths = write_outputs(result, Path(cfg.out_dir), title, cfg.seeds[0])
     print(paths[0].read_text())

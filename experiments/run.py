@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import random
 import sys
 import time
 from collections.abc import Callable
@@ -34,21 +33,13 @@ from agents.skip_ready import JOINT_GATE_KIND, get_skip_ready
 from agents.statistics import bootstrap_ci, dynamic_blocks, paired_difference, spearman
 from backbones.checkpoint import CheckpointMismatchError, fingerprint, load_backbone, safe_load
 from backbones.data import SPLITS, Dataset, ImageTensors, data_fingerprint, load_dataset
-from backbones.device import resolve_device
+from backbones.device import resolve_device, seed_everything
 from backbones.pretrained import get_trained
 from backbones.registry import list_backbones, options
 from experiments.cli import given_fields, one_line_errors, parse
 from experiments.figures import class_block_heatmap, path_gallery
 
 log = logging.getLogger("skipnet_gym.run")
-
-
-def seed_everything(seed: int, deterministic: bool) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    torch.backends.cudnn.deterministic = deterministic
-    torch.backends.cudnn.benchmark = not deterministic
 
 
 def load_splits(cfg: RunConfig) -> dict[str, Dataset]:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from agents.config import RunConfig
-from experiments.cli import parse
+from experiments.cli import one_line_errors, parse
 
 log = logging.getLogger("skipnet_gym.sweep")
 SEARCHES = ("grid", "optuna")
@@ -199,8 +199,14 @@ def sweep(cfg: SweepConfig) -> dict[str, Any]:
 
     from experiments.run import load_backbone_for, load_splits
 
+    space = param_space(cfg)  # a bad --grid or --space is refused before any work, and so is a wrong --name
     out = Path(cfg.out).resolve()
-    trials_dir = out / cfg.name / "trials"
+    path = out / cfg.name
+    if cfg.restore and not tune.Tuner.can_restore(str(path)):
+        raise FileNotFoundError(f"no sweep to resume at {path}; start it without --restore")
+    if not cfg.restore and path.exists() and any(path.iterdir()):
+        raise FileExistsError(f"{path} holds a sweep already: pass --restore to continue it or another --name")
+    trials_dir = path / "trials"
     base = dataclasses.asdict(cfg.run)
     if not ray.is_initialized():
         env_vars = {k: os.environ[k] for k in ("SKIPNET_CACHE", "SKIPNET_DATA") if k in os.environ}
@@ -220,14 +226,9 @@ def sweep(cfg: SweepConfig) -> dict[str, Any]:
         tune.with_parameters(trial, base={**base, "trials_dir": str(trials_dir), "threads": cfg.cpus_per_trial}),
         {"cpu": cfg.cpus_per_trial, "gpu": gpus},
     )
-    path = out / cfg.name
     if cfg.restore:
-        if not tune.Tuner.can_restore(str(path)):
-            raise FileNotFoundError(f"no sweep to resume at {path}; start it without --restore")
         tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, restart_errored=True)
     else:
-        if path.exists() and any(path.iterdir()):
-            raise FileExistsError(f"{path} holds a sweep already: pass --restore to continue it or another --name")
         search_alg = None
         if cfg.search == "optuna":
             from ray.tune.search.optuna import OptunaSearch
@@ -240,7 +241,7 @@ def sweep(cfg: SweepConfig) -> dict[str, Any]:
             scheduler = ASHAScheduler(metric=cfg.scheduler_metric, mode="max", time_attr="training_iteration")
         tuner = tune.Tuner(
             trainable,
-            param_space=param_space(cfg),
+            param_space=space,
             tune_config=tune.TuneConfig(
                 search_alg=search_alg,
                 scheduler=scheduler,
@@ -317,14 +318,9 @@ def _plot(rows: list[dict[str, Any]], png: Path) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     argv = sys.argv[1:] if argv is None else argv
-    try:
+    with one_line_errors(argv):
         cfg = parse(SweepConfig, argv, description=__doc__.strip().splitlines()[0])
         result = sweep(cfg)
-    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as err:
-        if "--debug" in argv:
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
     stopped = f" ({len(result['stopped'])} more stopped early by the scheduler)" if result["stopped"] else ""
     print(f"{len(result['trials'])} trials{stopped}; Pareto front, chosen on validation (FLOPs, accuracy):")
     for r in result["front"]:

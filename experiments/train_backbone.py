@@ -5,15 +5,18 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 from backbones.train import TrainConfig, train
-from experiments.cli import parse
+from experiments.cli import one_line_errors, parse
 
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cfg = parse(TrainConfig, argv)
-    _, meta = train(cfg)
+    argv = sys.argv[1:] if argv is None else argv
+    with one_line_errors(argv):
+        cfg = parse(TrainConfig, argv)
+        _, meta = train(cfg)
     print(
         f"{meta['arch']} on {meta['dataset']}: val accuracy {meta['val_accuracy']:.4f}, "
         f"test accuracy {meta['test_accuracy']:.4f} -> {cfg.checkpoint_path}"

@@ -29,7 +29,7 @@ from torch import Tensor
 import backbones
 from backbones.base import Backbone, randomize_batchnorm
 from backbones.device import resolve_device
-from skipnet_env.engine import Router, freeze, prepare_input
+from skipnet_env.engine import Router, freeze
 
 # issue 7's targets (one H100 or H200): routed forward time over the best full forward, by
 # (execute rate, batch); the vector env's share of the best plain forward's throughput, by batch
@@ -66,7 +66,7 @@ def median_gate(h: Tensor, block: int) -> Tensor:
 def routed(frozen: Backbone, router: Router, x: Tensor) -> tuple[Tensor, Tensor]:
     """Logits ``(B, classes)`` and routes ``(B, blocks)`` of ``x`` through ``router``, deciding each
     block's rows by :func:`median_gate` (block 0 always runs, as in SkipNet)."""
-    h = router.begin(frozen.stem(prepare_input(frozen, x)))
+    h = router.begin(frozen.stem(frozen.prepare(x)))
     routes = []
     for i in range(frozen.num_blocks):
         execute = median_gate(h, i) if i else torch.ones(h.shape[0], dtype=torch.bool, device=h.device)
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         device = resolve_device(args.device)
         net = load_network(args).to(device)
         frozen = freeze(net, device, precision=args.precision)
-    except (RuntimeError, ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError) as err:  # bad input: one line
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     batches = args.batch or ([256, 2048] if device.type == "cuda" else [64])

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from backbones.base import Backbone
-from skipnet_env.engine import Router, freeze, prepare_input
+from skipnet_env.engine import Router, freeze
 from skipnet_env.routing import route_block
 
 AccuracyReward = Literal["correct", "neg_ce"]
@@ -121,16 +121,14 @@ class BatchedRouting:
     def start(self, images: Tensor, labels: Tensor) -> Tensor:
         """Begin B episodes on ``images`` ``(B, C, H, W)``; returns the first observation ``(B, obs_dim)``."""
         with torch.set_grad_enabled(self.differentiable):
-            h = self.net.stem(prepare_input(self.net, images))
-            for block in self.net.blocks[: self.first_gated]:
-                h = block(h)
+            h = self.net.enter(images, self.first_gated)
         return self._begin(h, labels)
 
     def begin(self, h: Tensor, labels: Tensor) -> Tensor:
         """Begin B episodes from ``h`` ``(B, C, H, W)``, the activation entering the first gated
         block (what :meth:`start` computes from images): replays episodes on the same images.
         ``h`` itself is never written."""
-        h = prepare_input(self.net, h)
+        h = self.net.prepare(h)
         if self.router is not None and not self.router.buckets:
             h = h.clone()  # the eager engine routes in place
         return self._begin(h, labels)

@@ -19,8 +19,6 @@ import gymnasium as gym
 import numpy as np
 import torch
 from gymnasium import spaces
-from gymnasium.vector import AutoresetMode, VectorEnv
-from gymnasium.vector.utils import batch_space
 from torch import Tensor
 from typing_extensions import Unpack
 
@@ -30,12 +28,12 @@ from skipnet_env.sources import (
     DEFAULT_BACKBONE,
     DEFAULT_DATASET,
     BackboneSpec,
-    BatchSampler,
     DatasetSpec,
     EnvOptions,
     build_routing,
     one_image,
 )
+from skipnet_env.vector_env import RoutingVectorEnv, as_mask
 
 Observation = Literal["image", "stem"]
 
@@ -110,27 +108,21 @@ class SkipNetOneShotEnv(gym.Env[np.ndarray, np.ndarray]):
 
 
 def check_mask(action: Any, shape: tuple[int, ...]) -> np.ndarray:
-    """A bool mask of ``shape`` from a 0/1 array, else a ``ValueError`` saying what arrived."""
-    arr = np.asarray(action)
-    if arr.shape != shape:
+    """A bool mask of ``shape`` from a 0/1 array (floats 0.0 / 1.0 too, as SB3 samples them), else a
+    ``ValueError`` saying what arrived."""
+    if np.asarray(action).shape != shape:
         raise ValueError(
             f"the action is the whole execute mask: an array of shape {shape} of 0 (skip) / 1 (execute), "
-            f"got shape {arr.shape}"
+            f"got shape {np.asarray(action).shape}"
         )
-    # integers, bools, or floats that are exactly 0.0 / 1.0 (what SB3 samples from a MultiBinary space)
-    numeric = np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating) or arr.dtype == np.bool_
-    if not numeric or not np.all((arr == 0) | (arr == 1)):
-        raise ValueError(f"mask entries must be 0 (skip) or 1 (execute), got {np.unique(arr).tolist()} ({arr.dtype})")
-    return arr.astype(bool)
+    return as_mask(action, shape, floats=True)
 
 
-class SkipNetOneShotVectorEnv(VectorEnv):
+class SkipNetOneShotVectorEnv(RoutingVectorEnv):
     """``num_envs`` images per step, on the device; every episode ends on its one step and the
     next batch is drawn at once (same-step autoreset). Arguments as
     :class:`skipnet_env.vector_env.SkipNetVectorEnv`, plus ``observation``. Actions: ``(B, N)``
     0/1 (numpy array or, with ``return_tensors``, a device tensor)."""
-
-    metadata: dict[str, Any] = {"autoreset_mode": AutoresetMode.SAME_STEP, "render_modes": []}
 
     def __init__(
         self,
@@ -143,21 +135,13 @@ class SkipNetOneShotVectorEnv(VectorEnv):
         num_workers: int = 0,
         **options: Unpack[EnvOptions],
     ) -> None:
-        if not isinstance(num_envs, int) or num_envs < 1:
-            raise ValueError(f"num_envs must be a positive integer, got {num_envs!r}")
-        routing = build_routing(backbone, dataset, **options)
-        self.device, self.backbone, self.core = routing.device, routing.backbone, routing.core
-        self.sampler = BatchSampler(routing.data, num_envs, self.device, num_workers)
-        self.num_envs, self.num_gates = num_envs, self.core.num_gates
-        self.observation, self.return_tensors = observation, return_tensors
-        shape = observation_shape(self.core, observation)
-        self.single_observation_space = spaces.Box(-np.inf, np.inf, shape, np.float32)
-        self.single_action_space = spaces.MultiBinary(self.num_gates)
-        self.observation_space = batch_space(self.single_observation_space, num_envs)
-        self.action_space = batch_space(self.single_action_space, num_envs)
+        self.observation = observation
+        super().__init__(num_envs, backbone, dataset, return_tensors=return_tensors, num_workers=num_workers, **options)
         self._batch: tuple[Tensor, Tensor] | None = None
-        self._all = torch.ones(num_envs, dtype=torch.bool, device=self.device)
-        self._none = torch.zeros(num_envs, dtype=torch.bool, device=self.device)  # made once, not per step
+
+    def spaces(self) -> tuple[spaces.Space, spaces.Space]:
+        shape = observation_shape(self.core, self.observation)
+        return spaces.Box(-np.inf, np.inf, shape, np.float32), spaces.MultiBinary(self.num_gates)
 
     @property
     def batch(self) -> tuple[Tensor, Tensor]:
@@ -178,44 +162,13 @@ class SkipNetOneShotVectorEnv(VectorEnv):
         if seed is not None:
             self.sampler.seed(seed)
         obs = self._draw()
-        return self._out(obs), {"label": self._out(self.batch[1])}
+        return self._out(obs), self._out_info({"label": self.batch[1]})
 
     def step(self, actions: Any) -> tuple[Any, Any, Any, Any, dict]:
         x, y = self.batch
         execute, counts = self._check_actions(actions)
         stem, reward, info = run_mask(self.core, x, y, execute, counts)
-        final_obs = x.float() if self.observation == "image" else stem
-        if not self.return_tensors:
-            info.pop("logits")
-        final_info = {k: self._out(v) for k, v in info.items()}
+        out_info = self._autoreset_info(x.float() if self.observation == "image" else stem, info)
         obs = self._draw()
-        out_info = {
-            "final_obs": self._out(final_obs),
-            "_final_obs": self._out(self._all),
-            "final_info": final_info,
-            "_final_info": self._out(self._all),
-            "label": self._out(self.batch[1]),
-        }
-        done = self._out(self._all)
-        return self._out(obs), self._out(reward), done, self._out(self._none), out_info
-
-    def _check_actions(self, actions: Any) -> tuple[Tensor, list[int]]:
-        """``(B, N)`` bool on the device and each block's executed count on the host (one sync)."""
-        shape = (self.num_envs, self.num_gates)
-        if isinstance(actions, Tensor):
-            if tuple(actions.shape) != shape or actions.is_floating_point() or actions.is_complex():
-                raise ValueError(
-                    f"actions must be a {shape} integer or bool tensor of 0/1, "
-                    f"got {tuple(actions.shape)} {actions.dtype}"
-                )
-            a = actions.to(self.device)
-            execute = a == 1
-            stats = torch.cat([execute.sum(0), ((a != 0) & ~execute).sum().reshape(1)]).tolist()
-            if stats[-1]:
-                raise ValueError(f"actions must be 0 (skip) or 1 (execute); {stats[-1]} entries were neither")
-            return execute, stats[:-1]
-        mask = check_mask(actions, shape)
-        return torch.from_numpy(mask).to(self.device), mask.sum(0).tolist()
-
-    def _out(self, x: Tensor) -> Any:
-        return x if self.return_tensors else x.cpu().numpy()
+        out_info.update(self._out_info({"label": self.batch[1]}))
+        return self._out(obs), self._out(reward), self._constant(self._all), self._constant(self._none), out_info

@@ -1,8 +1,9 @@
 """The routed forward: a block runs only on the rows that execute it.
 
-``route_block`` gathers the executing rows, runs the block on them, runs the shortcut on the
-others, and scatters both back: skipped rows cost only their shortcut, on any device, with no
-Python loop over images. ``masked_forward`` is what the original SkipNet code does (run every
+``route_block`` gathers the executing rows, runs the block on them and writes their outputs over
+the shortcut's (the identity, or a projection cheap enough to run on every row): skipped rows cost
+only their shortcut, on any device, with no Python loop over images. The frozen engine
+(:mod:`skipnet_env.engine`) runs it in place. ``masked_forward`` is what the original SkipNet code does (run every
 block on every row, then multiply by the gate), kept as the baseline the benchmarks compare to.
 """
 
@@ -14,7 +15,21 @@ from torch import Tensor, nn
 from backbones.base import Backbone, skip
 
 
-def route_block(block: nn.Module, h: Tensor, execute: Tensor, num_execute: int | None = None) -> Tensor:
+def identity_shortcut(block: nn.Module) -> bool:
+    return isinstance(block.shortcut, nn.Identity)
+
+
+def gather_rows(h: Tensor, rows: Tensor) -> Tensor:
+    """``h[rows]`` in ``h``'s memory format: indexing keeps channels_last (``index_select`` returns
+    NCHW), ``index_select`` is 3x faster on contiguous CPU tensors (measured: 102 vs 298 us)."""
+    if h.is_contiguous():
+        return h.index_select(0, rows)
+    return h[rows]
+
+
+def route_block(
+    block: nn.Module, h: Tensor, execute: Tensor, num_execute: int | None = None, *, inplace: bool = False
+) -> Tensor:
     """Apply ``block`` to the rows of ``h`` where ``execute`` is true and ``block.shortcut`` elsewhere.
 
     Args:
@@ -22,6 +37,9 @@ def route_block(block: nn.Module, h: Tensor, execute: Tensor, num_execute: int |
         h: activation ``(B, C, H, W)``.
         execute: ``(B,)`` bool, on ``h``'s device.
         num_execute: ``execute.sum()`` if the caller already has it on the host (saves a device sync).
+        inplace: write the executed rows' outputs into ``h`` where the shortcut is the identity (no
+            full-size copy; the frozen engine's path): only for an activation nothing else holds,
+            and never under autograd.
 
     Returns:
         ``(B, C', H', W')``: ``block(h[b])`` for executed rows, ``block.shortcut(h[b])`` for skipped.
@@ -33,15 +51,10 @@ def route_block(block: nn.Module, h: Tensor, execute: Tensor, num_execute: int |
         return block(h)
     if num_execute == 0:
         return skip(block, h)
-    order = torch.argsort((~execute).to(torch.uint8), stable=True)  # (B,) executed rows first
-    run, skipped = order[:num_execute], order[num_execute:]
-    out_run = block(h.index_select(0, run))  # (B_run, C', H', W')
-    if isinstance(block.shortcut, nn.Identity):  # skipped rows keep their activation as it is
-        return h.index_copy(0, run, out_run)
-    out = out_run.new_empty((batch, *out_run.shape[1:]))
-    out.index_copy_(0, run, out_run)
-    out.index_copy_(0, skipped, skip(block, h.index_select(0, skipped)))
-    return out
+    run = torch.argsort((~execute).to(torch.uint8), stable=True)[:num_execute]  # executed rows first, no sync
+    out_run = block(gather_rows(h, run))  # (B_run, C', H', W')
+    out = h if identity_shortcut(block) else skip(block, h)  # a projection runs on every row: cheap
+    return out.index_copy_(0, run, out_run) if inplace else out.index_copy(0, run, out_run)
 
 
 def routed_forward(backbone: Backbone, x: Tensor, execute: Tensor) -> Tensor:

@@ -37,16 +37,40 @@ from skipnet_env.sources import (
 )
 
 
-class SkipNetVectorEnv(VectorEnv):
-    """``num_envs`` images per episode batch; ``backbone``, ``dataset`` and ``**options`` as
-    :class:`skipnet_env.env.SkipNetEnv` (:func:`skipnet_env.sources.build_routing`), plus:
+def as_mask(actions: Any, shape: tuple[int, ...], floats: bool) -> np.ndarray:
+    """A bool execute mask of ``shape`` from a 0/1 array, else a ``ValueError`` saying what arrived.
+    ``floats``: exact 0.0 / 1.0 floats count too (what SB3 samples from a ``MultiBinary`` space)."""
+    arr = np.asarray(actions)
+    kinds = "integers or bools" + (", or floats 0.0 / 1.0" if floats else "")
+    numeric = np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_
+    if arr.shape != shape or not (numeric or (floats and np.issubdtype(arr.dtype, np.floating))):
+        raise ValueError(
+            f"actions must be an array of shape {shape} holding 0 (skip) / 1 (execute) as {kinds}, got shape "
+            f"{arr.shape} dtype {arr.dtype}"
+        )
+    execute = arr == 1
+    if not np.all(execute | (arr == 0)):
+        raise ValueError(
+            f"actions must be 0 (skip) or 1 (execute), got values {np.unique(arr[~(execute | (arr == 0))]).tolist()}"
+        )
+    return execute
+
+
+class RoutingVectorEnv(VectorEnv):
+    """What the batched envs share (``SkipNet-v0``'s :class:`SkipNetVectorEnv` and
+    ``SkipNetOneShot-v0``'s): B images in lockstep on the backbone's device, drawn batch after batch
+    by a :class:`~skipnet_env.sources.BatchSampler`; every episode of a batch ends on the same step
+    and the next batch starts on it (``AutoresetMode.SAME_STEP``); outputs as numpy arrays or, with
+    ``return_tensors``, as tensors on the device; 0/1 actions checked with one host sync.
+
+    A subclass sets its spaces in :meth:`spaces` (called once the sources are built) and writes
+    ``reset`` and ``step``.
 
     Args:
         num_envs: images per batch (B).
-        return_tensors: return torch tensors on the device instead of numpy arrays; the final info
-            then carries the ``logits`` too.
-        differentiable: keep the autograd graph through the backbone (``activation`` and the final
-            ``logits`` require grad where the backbone does); needs ``return_tensors``.
+        backbone, dataset, **options: the sources (:func:`skipnet_env.sources.build_routing`).
+        return_tensors: return torch tensors on the device instead of numpy arrays.
+        differentiable: keep the autograd graph through the backbone; needs ``return_tensors``.
         num_workers: data-loader workers for image folders.
     """
 
@@ -69,19 +93,75 @@ class SkipNetVectorEnv(VectorEnv):
             raise ValueError("differentiable=True needs return_tensors=True (numpy arrays carry no gradient)")
         routing = build_routing(backbone, dataset, differentiable, **options)
         self.device, self.backbone, self.core = routing.device, routing.backbone, routing.core
-        data = routing.data
-        self.sampler = BatchSampler(data, num_envs, self.device, num_workers)
-        self.num_envs = num_envs
-        self.num_gates = self.core.num_gates
-        self.return_tensors = return_tensors
-        self.single_observation_space = observation_space(self.core.obs_dim)
-        self.single_action_space = spaces.Discrete(2)
+        self.sampler = BatchSampler(routing.data, num_envs, self.device, num_workers)
+        self.num_envs, self.num_gates, self.return_tensors = num_envs, self.core.num_gates, return_tensors
+        self.single_observation_space, self.single_action_space = self.spaces()
         self.observation_space = batch_space(self.single_observation_space, num_envs)
         self.action_space = batch_space(self.single_action_space, num_envs)
         # constant (B,) flags and info masks, made once in the output's own kind: no copy per step
         ones, zeros = torch.ones(num_envs, dtype=torch.bool), torch.zeros(num_envs, dtype=torch.bool)
         self._all = ones.to(self.device) if return_tensors else ones.numpy()
         self._none = zeros.to(self.device) if return_tensors else zeros.numpy()
+
+    def spaces(self) -> tuple[spaces.Space, spaces.Space]:
+        """One env's observation and action spaces."""
+        raise NotImplementedError
+
+    def _check_actions(self, actions: Any) -> tuple[Tensor, list[int]]:
+        """The execute mask ``(B, *action shape)`` bool on the device, and how many images execute
+        each gated block it decides (a list on the host: the one sync)."""
+        shape = (self.num_envs, *(self.single_action_space.shape or ()))
+        if isinstance(actions, Tensor):
+            if tuple(actions.shape) != shape or actions.is_floating_point() or actions.is_complex():
+                raise ValueError(
+                    f"actions must be a {shape} integer or bool tensor of 0 (skip) / 1 (execute), got "
+                    f"{tuple(actions.shape)} {actions.dtype}"
+                )
+            a = actions.to(self.device)
+            execute = a == 1
+            stats = torch.cat([execute.sum(0).reshape(-1), ((a != 0) & ~execute).sum().reshape(1)]).tolist()
+            if stats[-1]:
+                raise ValueError(f"actions must be 0 (skip) or 1 (execute); {stats[-1]} of {a.numel()} were neither")
+            return execute, stats[:-1]
+        mask = as_mask(actions, shape, floats=isinstance(self.single_action_space, spaces.MultiBinary))
+        return torch.from_numpy(mask).to(self.device), mask.sum(0).reshape(-1).tolist()
+
+    def _out(self, x: Tensor) -> Any:
+        return x if self.return_tensors else x.cpu().numpy()
+
+    def _constant(self, x: Any) -> Any:
+        """A constant flag array, already in the output's kind; numpy callers get their own copy."""
+        return x if self.return_tensors else x.copy()
+
+    def _out_info(self, info: dict[str, Tensor]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in info.items():
+            out[key] = self._out(value)
+            out[f"_{key}"] = self._constant(self._all)
+        return out
+
+    def _autoreset_info(self, final_obs: Tensor, final_info: dict[str, Tensor]) -> dict[str, Any]:
+        """The ended episodes' last observation and info, as same-step autoreset hands them over."""
+        if not self.return_tensors:
+            final_info.pop("logits", None)
+        return {
+            "final_obs": self._out(final_obs),
+            "_final_obs": self._constant(self._all),
+            "final_info": self._out_info(final_info),
+            "_final_info": self._constant(self._all),
+        }
+
+
+class SkipNetVectorEnv(RoutingVectorEnv):
+    """``num_envs`` images per episode batch; ``backbone``, ``dataset`` and ``**options`` as
+    :class:`skipnet_env.env.SkipNetEnv` (:func:`skipnet_env.sources.build_routing`), plus the
+    arguments of :class:`RoutingVectorEnv`. With ``return_tensors`` the final info carries the
+    ``logits`` too; with ``differentiable``, ``activation`` and the final ``logits`` require grad
+    where the backbone does.
+    """
+
+    def spaces(self) -> tuple[spaces.Space, spaces.Space]:
+        return observation_space(self.core.obs_dim), spaces.Discrete(2)
 
     @property
     def activation(self) -> Tensor:
@@ -107,62 +187,14 @@ class SkipNetVectorEnv(VectorEnv):
     def step(self, actions: Any) -> tuple[Any, Any, Any, Any, dict]:
         if self.core.h is None:
             raise RuntimeError("step() called before reset(): call reset() first")
-        execute, num_execute = self._check_actions(actions)
+        execute, (num_execute,) = self._check_actions(actions)
         obs, reward, info = self.core.advance(execute, num_execute)
         done = self.core.done
         out_info: dict[str, Any] = {}
         if done:  # same-step autoreset: every episode ends on this step
-            if not self.return_tensors:
-                info.pop("logits")
-            out_info = {
-                "final_obs": self._out(obs),
-                "_final_obs": self._constant(self._all),
-                "final_info": self._out_info(info),
-                "_final_info": self._constant(self._all),
-            }
+            out_info = self._autoreset_info(obs, info)
             obs = self.core.start(*self.sampler.next())
             info = {"label": self.core.labels}
         out_info.update(self._out_info(info))
         flag = self._all if done else self._none
         return self._out(obs), self._out(reward), self._constant(flag), self._constant(self._none), out_info
-
-    def _check_actions(self, actions: Any) -> tuple[Tensor, int]:
-        """``(B,)`` bool execute mask on the device, and its count on the host."""
-        b = self.num_envs
-        if isinstance(actions, Tensor):
-            if actions.shape != (b,) or actions.is_floating_point() or actions.is_complex():
-                raise ValueError(
-                    f"actions must be a ({b},) integer or bool tensor of 0 (skip) / 1 (execute), got "
-                    f"{tuple(actions.shape)} {actions.dtype}"
-                )
-            a = actions.to(self.device)
-            execute = a == 1
-            num_execute, num_bad = torch.stack([execute.sum(), ((a != 0) & ~execute).sum()]).tolist()
-            if num_bad:
-                raise ValueError(f"actions must be 0 (skip) or 1 (execute); {num_bad} of {b} were neither")
-            return execute, num_execute
-        arr = np.asarray(actions)
-        if arr.shape != (b,) or not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_):
-            raise ValueError(
-                f"actions must be an integer array of shape ({b},) holding 0 (skip) / 1 (execute), got "
-                f"shape {arr.shape} dtype {arr.dtype}"
-            )
-        execute_np = arr == 1
-        if not np.all(execute_np | (arr == 0)):
-            bad = arr[~(execute_np | (arr == 0))]
-            raise ValueError(f"actions must be 0 (skip) or 1 (execute), got values {np.unique(bad).tolist()}")
-        return torch.from_numpy(execute_np).to(self.device), int(execute_np.sum())
-
-    def _out(self, x: Tensor) -> Any:
-        return x if self.return_tensors else x.cpu().numpy()
-
-    def _constant(self, x: Any) -> Any:
-        """A constant flag array, already in the output's kind; numpy callers get their own copy."""
-        return x if self.return_tensors else x.copy()
-
-    def _out_info(self, info: dict[str, Tensor]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for key, value in info.items():
-            out[key] = self._out(value)
-            out[f"_{key}"] = self._constant(self._all)
-        return out

@@ -10,7 +10,7 @@ from agents.config import RunConfig
 from agents.gates import create_gates
 from agents.hybrid import sp_forward
 from skipnet_env.core import BatchedRouting, RewardConfig
-from skipnet_env.engine import Router, bucket_sizes, fold_batchnorm, freeze, prepare_input, resolve_precision
+from skipnet_env.engine import Router, bucket_sizes, fold_batchnorm, freeze, resolve_precision
 from skipnet_env.routing import route_block
 from tests.conftest import randomize, tiny_backbone
 
@@ -33,7 +33,7 @@ def test_bf16_on_the_cpu_stays_close_to_fp32():
     net = tiny_backbone(20)
     frozen = freeze(net, CPU, precision="bf16", channels_last=True)
     x = torch.randn(64, 1, 16, 16)
-    xb = prepare_input(frozen, x)
+    xb = frozen.prepare(x)
     assert xb.dtype == torch.bfloat16 and xb.is_contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         want, got = net(x), frozen(xb).float()
@@ -179,9 +179,9 @@ def test_routed_rows_keep_the_channels_last_layout():
     frozen.blocks[1].register_forward_pre_hook(lambda m, args: seen.append(args[0]))
     router = Router(frozen, buckets=4)
     with torch.no_grad():
-        h = router.begin(frozen.stem(prepare_input(frozen, torch.randn(16, 1, 16, 16))))
+        h = router.begin(frozen.stem(frozen.prepare(torch.randn(16, 1, 16, 16))))
         router.route(1, h, torch.arange(16) % 2 == 0, 8)
-        route_inplace_h = frozen.stem(prepare_input(frozen, torch.randn(16, 1, 16, 16)))
+        route_inplace_h = frozen.stem(frozen.prepare(torch.randn(16, 1, 16, 16)))
         Router(frozen, buckets=0).route(1, route_inplace_h, torch.arange(16) % 2 == 0, 8)
     assert len(seen) == 2 and all(x.is_contiguous(memory_format=torch.channels_last) for x in seen)
 

@@ -131,6 +131,28 @@ def test_bad_input_is_explained(cache, tmp_path):
     assert proc.returncode != 0 and "--checkpoint" in proc.stderr
 
 
+@pytest.mark.parametrize(
+    ("script", "args", "says"),
+    [
+        ("run.py", ["--device", "cuda:7" if torch.cuda.is_available() else "cuda"], "--device"),
+        ("compare.py", ["--agents", "foo"], "valid agents"),
+        ("sweep.py", ["--grid", "alpha="], "--grid"),
+        ("train_backbone.py", ["--dataset", "imagenet22k"], "valid names"),
+        ("bench.py", ["--backbone", "resnet9000"], "valid"),
+        ("reproduce.py", ["--preset", "nope"], "nope"),
+    ],
+)
+def test_every_entry_point_answers_bad_input_with_one_line_before_any_work(script, args, says, tmp_path):
+    """Exit status 2, one line that names the fix, no traceback, and nothing trained or written first."""
+    if script == "sweep.py":
+        pytest.importorskip("ray.tune")
+    proc = run(args, tmp_path / "cache", tmp_path, script=f"experiments/{script}", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
+    assert says in line
+    assert not (tmp_path / "cache" / "backbones").exists()
+
+
 def test_checkpoint_of_another_agent_or_backbone_is_refused(cache, tmp_path):
     run(["--agent", "static", *TINY_BACKBONE, "--no-progress", "--run-dir", str(tmp_path / "runs")], cache, tmp_path)
     (ckpt,) = (tmp_path / "runs").glob("*/agent.pt")
@@ -230,6 +252,11 @@ def test_compare_writes_table_csv_json_and_curves(cache, tmp_path):
     assert all(len(set(p["run_dirs"])) == len(p["run_dirs"]) for p in result["points"])  # one folder per run
     for row in result["paired"]:
         assert row["vs_static"]["ci95"][0] <= row["vs_static"]["difference"] <= row["vs_static"]["ci95"][1]
+    # the matched baselines' budgets are the compute the learned points spent on validation images, not test
+    val_flops = [np.mean([json.loads((Path(d) / "results.json").read_text())["val_flops_fraction"] for d in
+                          p["run_dirs"]]) for p in hybrid]  # fmt: skip
+    static_settings = {p["setting"] for p in result["points"] if p["agent"] == "static"}
+    assert static_settings == {f"budget={min(f, 1.0):.3f}" for f in val_flops}
     assert (out / "compare.csv").read_text().count("\n") == len(result["points"]) + 1
     assert (out / "compare.png").stat().st_size > 0
 

@@ -1,0 +1,138 @@
+"""What every trainer of a routing agent shares (the hybrid SP + HRL trainer, BlockDrop's).
+
+A subclass says what it trains and what its state is; :class:`Trainer` gives it the rest:
+
+- **checkpoints**: :meth:`save` writes ``{"metadata": ..., **training_state()}`` atomically after
+  the divergence guard has checked every trained weight (a good checkpoint is never replaced by a
+  diverged one); the metadata carries the run's identity, the ``stage`` and the ``done_units``;
+- **exact resume**: :meth:`resume` restores :meth:`load_training_state` and where the run stood;
+- **one divergence guard**: losses and weights checked against :data:`LOSS_LIMIT` and
+  :data:`WEIGHT_LIMIT`, with a message that names the last good checkpoint;
+- **logging**: scalars :meth:`record`\\ ed per step and written as means every few steps
+  (:meth:`flush`): one host sync per log, none per step.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from backbones.checkpoint import atomic_save, safe_load
+
+log = logging.getLogger(__name__)
+
+# a trained weight past this, or a loss past LOSS_LIMIT, means the run is diverging: it stops before
+# the weights become NaN and before a checkpoint holds them (trained gates stay far below: |w| < 100)
+WEIGHT_LIMIT = 1e4
+LOSS_LIMIT = 1e6
+
+
+def diverged(what: str, checkpoint: Path) -> FloatingPointError:
+    """The error a diverging run stops with: what diverged, and what is left of the run."""
+    kept = (
+        f"The last good checkpoint ({checkpoint}) is kept: rerun with a lower learning rate and --resume."
+        if checkpoint.is_file()
+        else "No checkpoint was written yet: rerun with a lower learning rate (without --resume)."
+    )
+    return FloatingPointError(f"{what}: stopping. {kept}")
+
+
+def check_weights(params: Iterable[tuple[str, Tensor]], checkpoint: Path) -> None:
+    """Stop when a weight is not finite or past :data:`WEIGHT_LIMIT` (one host sync for all)."""
+    named = list(params)
+    largest = torch.stack([p.detach().abs().max() for _, p in named])
+    worst = int(largest.nan_to_num(float("inf")).argmax())
+    value = float(largest[worst])
+    if not math.isfinite(value) or value > WEIGHT_LIMIT:
+        raise diverged(f"weight {named[worst][0]} reached {value:.4g} (limit {WEIGHT_LIMIT:g})", checkpoint)
+
+
+class Trainer:
+    """The skeleton of an agent's trainer.
+
+    Args:
+        device: where everything runs.
+        checkpoint: path of the agent checkpoint.
+        metadata: written into every checkpoint (agent, backbone and data identity, ...).
+        writer: a TensorBoard ``SummaryWriter`` (or ``None``).
+        progress: show progress bars (on a terminal).
+
+    A subclass implements :meth:`trained_parameters`, :meth:`training_state` and
+    :meth:`load_training_state`, and moves ``stage`` (a name of its own; ``"done"`` at the end) and
+    ``done_units`` (epochs, iterations) as it trains.
+    """
+
+    def __init__(
+        self, device: torch.device, checkpoint: Path, metadata: dict[str, Any], writer: Any, progress: bool
+    ) -> None:
+        self.device, self.checkpoint, self.metadata = device, Path(checkpoint), metadata
+        self.writer, self.progress = writer, progress
+        self.stage, self.done_units = "train", 0
+        self._logged: dict[str, list[Tensor]] = {}
+
+    # -- what a subclass says ---------------------------------------------------------------
+    def trained_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """``(name, parameter)`` of every weight the trainer changes (what the guard checks)."""
+        raise NotImplementedError
+
+    def training_state(self) -> dict[str, Any]:
+        """Everything an exact resume needs besides the metadata: weights, optimizers, generators."""
+        raise NotImplementedError
+
+    def load_training_state(self, state: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def config_metadata(self) -> dict[str, Any]:
+        """Entries of the checkpoint's metadata that describe the trainer's settings."""
+        return {}
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def save(self) -> None:
+        """Write the checkpoint atomically, after checking the trained weights."""
+        self.check_weights()
+        metadata = {**self.metadata, "stage": self.stage, "done_units": self.done_units, **self.config_metadata()}
+        atomic_save({"metadata": metadata, **self.training_state()}, self.checkpoint)
+
+    def resume(self, state: dict[str, Any] | None = None) -> None:
+        """Continue from ``state`` (default: the checkpoint file) where the run stood."""
+        if state is None:
+            state = safe_load(self.checkpoint, map_location=self.device)
+        self.load_training_state(state)
+        self.stage, self.done_units = state["metadata"]["stage"], int(state["metadata"]["done_units"])
+        log.info("resuming %s at stage %s, %d done", self.checkpoint, self.stage, self.done_units)
+
+    # -- the divergence guard ---------------------------------------------------------------
+    def check_losses(self, losses: list[Tensor], where: str) -> None:
+        """Stop on a non-finite or runaway loss among the recent ``losses`` (one host sync for all)."""
+        worst = float(torch.stack(losses).detach().abs().nan_to_num(float("inf")).max())
+        if not math.isfinite(worst) or worst > LOSS_LIMIT:
+            raise diverged(f"{where} loss reached {worst:.4g}", self.checkpoint)
+
+    def check_weights(self) -> None:
+        check_weights(self.trained_parameters(), self.checkpoint)
+
+    # -- logging ----------------------------------------------------------------------------
+    def record(self, values: dict[str, Tensor]) -> None:
+        """Keep this step's scalars (on the device: no sync) for the next :meth:`flush`."""
+        for name, value in values.items():
+            self._logged.setdefault(name, []).append(value.detach())
+
+    def flush(self, step: int, loss: str, where: str) -> dict[str, float]:
+        """The means of the scalars recorded since the last flush (one host sync), after the guard
+        has checked the recorded ``loss``; written to TensorBoard at ``step``."""
+        self.check_losses(self._logged[loss], where)
+        means = {name: float(torch.stack(values).mean()) for name, values in self._logged.items()}
+        self._logged.clear()
+        self.write(means, step)
+        return means
+
+    def write(self, scalars: dict[str, float], step: int) -> None:
+        if self.writer:
+            for name, value in scalars.items():
+                self.writer.add_scalar(name, value, step)
