@@ -21,11 +21,11 @@ import torch
 from torch import Tensor, nn
 
 from agents.policies import RoutingPolicy
-from agents.trainer import Trainer
+from agents.trainer import CHECKPOINT_EVERY, Trainer
 from backbones.base import Backbone
 from backbones.data import Dataset
 from backbones.progress import progress_bar
-from skipnet_env.core import AccuracyReward
+from skipnet_env.core import DEFAULT_ALPHA, AccuracyReward
 from skipnet_env.oneshot import SkipNetOneShotVectorEnv, run_mask
 
 
@@ -73,11 +73,11 @@ class OneShotPolicy(RoutingPolicy):
 class BlockDropConfig:
     iterations: int = 1000
     lr: float = 1e-3
-    alpha: float = 1.0
+    alpha: float = DEFAULT_ALPHA
     num_envs: int = 128
     entropy_coef: float = 0.0
     seed: int = 0
-    checkpoint_every: int = 100
+    checkpoint_every: int = CHECKPOINT_EVERY
     precision: str = "auto"
     accuracy_reward: AccuracyReward = "neg_ce"  # the env's accuracy term (see RewardConfig); or "correct"
     explore: float = 1.0  # BlockDrop's bound: masks sampled from explore * p + (1 - explore) * (1 - p)

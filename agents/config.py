@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 import torch
 
+from agents.gates import RNN_EMBED, RNN_HIDDEN, RNN_POSITION_BIAS
 from agents.hybrid import BASELINES, HybridConfig
 from agents.skip_ready import JOINT_GATE_KIND, BatchNormMode, JointConfig
 from skipnet_env.core import DEFAULT_ALPHA
@@ -148,13 +149,13 @@ class RunConfig:
     """hybrid: train the backbone too (the paper's full recipe); BatchNorm statistics stay frozen"""
     backbone_lr: float = HybridConfig.backbone_lr
     """hybrid: learning rate of the backbone when fine-tuning"""
-    rnn_hidden: int = 16
+    rnn_hidden: int = RNN_HIDDEN
     """hybrid_rnn: LSTM hidden size (reference code: 10 in SP, 64 in RL; 64 costs 5% of the default network)"""
-    rnn_embed: int = 16
+    rnn_embed: int = RNN_EMBED
     """hybrid_rnn: size of the pooled activation's embedding fed to the LSTM"""
     rnn_pooling: str = "mean"
     """hybrid_rnn: what the gate reads off the activation: mean (SkipNet's average pool) or mean_max_std"""
-    rnn_position_bias: bool = True
+    rnn_position_bias: bool = RNN_POSITION_BIAS
     """hybrid_rnn: a learned logit offset per gated block (the data-independent part of the decision)"""
     # BlockDrop (one-shot) agent
     blockdrop_iterations: int = 1000

@@ -41,7 +41,7 @@ from torch import Tensor
 
 from agents.compute_price import BUDGET_STEP_HRL, ComputePrice, SpendingMeter
 from agents.gates import GatePolicy
-from agents.trainer import Trainer
+from agents.trainer import CHECKPOINT_EVERY, Trainer
 from backbones.base import Backbone, skip
 from backbones.data import Dataset, batches
 from backbones.progress import progress_bar
@@ -78,7 +78,7 @@ class HybridConfig:
     finetune_backbone: bool = False
     backbone_lr: float = 1e-4
     seed: int = 0
-    checkpoint_every: int = 50
+    checkpoint_every: int = CHECKPOINT_EVERY
     log_every: int = 20
 
     def __post_init__(self) -> None:

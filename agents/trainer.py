@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 # the weights become NaN and before a checkpoint holds them (trained gates stay far below: |w| < 100)
 WEIGHT_LIMIT = 1e4
 LOSS_LIMIT = 1e6
+CHECKPOINT_EVERY = 50
+"""iterations between checkpoints, every trainer's default"""
 
 
 def diverged(what: str, checkpoint: Path) -> FloatingPointError:

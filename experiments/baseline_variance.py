@@ -22,13 +22,13 @@ from agents.hybrid import BASELINES, HybridConfig, HybridTrainer, advantages, di
 from backbones.data import load_dataset
 from backbones.pretrained import get_trained
 from experiments.cli import one_line_errors
-from skipnet_env.core import BatchedRouting
+from skipnet_env.core import DEFAULT_ALPHA, BatchedRouting
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rollouts", type=int, default=50)
-    p.add_argument("--alpha", type=float, default=1.0)
+    p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA)
     p.add_argument("--num-envs", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dataset", default="cluttered_digits")

@@ -22,22 +22,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from agents.config import SAFE_ON_RESUME, RunConfig, flag
-from agents.evaluate import EvalResult, evaluate
+from agents.evaluate import evaluate
 from agents.policies import RoutingPolicy
 from agents.registry import AgentContext, agents_taking_budget, get_agent
 from agents.skip_ready import JOINT_GATE_KIND, get_skip_ready
-from agents.statistics import bootstrap_ci, dynamic_blocks, paired_difference, spearman
+from agents.statistics import bootstrap_ci, paired_difference
 from backbones.checkpoint import CheckpointMismatchError, fingerprint, load_backbone, safe_load
 from backbones.data import SPLITS, Dataset, ImageTensors, data_fingerprint, load_dataset
 from backbones.device import resolve_device, seed_everything
 from backbones.pretrained import get_trained
 from backbones.registry import list_backbones, options
 from experiments.cli import given_fields, one_line_errors, parse
-from experiments.figures import class_block_heatmap, path_gallery
+from experiments.report import format_table, routing_statistics, write_figures, write_per_image
 
 log = logging.getLogger("skipnet_gym.run")
 
@@ -316,100 +315,6 @@ def run(
         out["evaluated_checkpoint"] = {"path": str(checkpoint), "stage": stage, "finished": stage == "done"}
     (run_dir / "results.json").write_text(json.dumps(out, indent=2))
     return out
-
-
-def routing_statistics(result: EvalResult, full: EvalResult, seed: int) -> dict[str, Any]:
-    """Intervals and how dynamic the routing is, from the per-image results of the policy and of
-    the full backbone on the same test images."""
-    return {
-        "accuracy_ci95": list(bootstrap_ci(result.per_image["correct"], seed)),
-        "accuracy_vs_full": paired_difference(result.per_image["correct"], full.per_image["correct"], seed),
-        # > 0: images the full backbone finds hard (high cross-entropy) run more blocks
-        "difficulty_spearman": spearman(result.blocks_per_image, full.per_image["cross_entropy"]),
-        "dynamic_blocks": dynamic_blocks(result.execute_rate),
-    }
-
-
-def write_per_image(path: Path, result: EvalResult, full: EvalResult, base: EvalResult | None = None) -> None:
-    """Per-test-image outcomes of the policy, of the full backbone and (a skip-ready backbone's) of the
-    base network it was made from (a plain ``.npz``, read with ``allow_pickle=False``): what paired
-    comparisons between runs are computed from."""
-    arrays: dict[str, Any] = dict(result.per_image)
-    if base is not None:
-        arrays["base_correct"] = base.per_image["correct"]
-    np.savez_compressed(
-        path,
-        **arrays,
-        full_correct=full.per_image["correct"],
-        full_cross_entropy=full.per_image["cross_entropy"],
-    )
-
-
-def write_figures(run_dir: Path, writer: Any, result: EvalResult, test_data: Any) -> None:
-    """``heatmap.png`` (execute rate, class x block) and ``gallery.png`` (fewest / most blocks),
-    beside ``results.json`` and in TensorBoard."""
-    import matplotlib.pyplot as plt
-
-    pi = result.per_image
-    figures = {"heatmap": class_block_heatmap(pi["executed"], pi["label"], test_data.num_classes)}
-    if isinstance(test_data, ImageTensors):  # an image folder's pictures are not held in memory
-        figures["gallery"] = path_gallery(
-            test_data.images.cpu().numpy(), result.blocks_per_image, pi["label"], pi["correct"]
-        )
-    for name, fig in figures.items():
-        fig.savefig(run_dir / f"{name}.png", dpi=110)
-        writer.add_figure(f"eval/{name}", fig, 0)
-        plt.close(fig)
-
-
-def format_table(r: dict[str, Any]) -> str:
-    rows = [
-        ("agent", r["agent"]),
-        ("backbone / data", f"{r['backbone']} / {r['dataset']} ({r['num_images']} test images, {r['device']})"),
-        (
-            "test accuracy",
-            f"{100 * r['accuracy']:.2f}% [{100 * r['accuracy_ci95'][0]:.2f}, {100 * r['accuracy_ci95'][1]:.2f}]  "
-            f"(full backbone {100 * r['full_backbone_accuracy']:.2f}%; paired difference "
-            f"{100 * r['accuracy_vs_full']['difference']:+.2f} "
-            f"[{100 * r['accuracy_vs_full']['ci95'][0]:+.2f}, {100 * r['accuracy_vs_full']['ci95'][1]:+.2f}])",
-        ),
-        *(
-            [
-                (
-                    "vs the base network",
-                    f"base {100 * r['base_backbone_accuracy']:.2f}% (the skip-ready backbone's start); paired "
-                    f"difference {100 * r['accuracy_vs_base']['difference']:+.2f} "
-                    f"[{100 * r['accuracy_vs_base']['ci95'][0]:+.2f}, {100 * r['accuracy_vs_base']['ci95'][1]:+.2f}]",
-                )
-            ]
-            if "accuracy_vs_base" in r
-            else []
-        ),
-        (
-            "validation",
-            f"accuracy {100 * r['val_accuracy']:.2f}% at {100 * r['val_flops_fraction']:.1f}% of the FLOPs "
-            f"({r['val_num_images']} images: choose between runs by these, report test)",
-        ),
-        (
-            "FLOPs spent",
-            f"{100 * r['flops_fraction']:.1f}% of the full network "
-            f"(backbone {100 * r['backbone_flops_fraction']:.1f}% + policy {100 * r['policy_flops_fraction']:.2f}%)",
-        ),
-        (
-            "blocks executed",
-            f"{r['blocks_executed']:.2f} per image; computation {r['computation_percent']:.1f}% (paper's measure)",
-        ),
-        ("execute rate per gated block", " ".join(f"{x:.2f}" for x in r["execute_rate"])),
-        (
-            "dynamic routing",
-            f"{r['dynamic_blocks']} of {len(r['execute_rate'])} blocks decided per image (rate in (0.1, 0.9)); "
-            f"Spearman(blocks run, full backbone's cross-entropy) = {r['difficulty_spearman']:+.3f}",
-        ),
-        ("wall-clock", f"{r['wall_seconds']:.1f} s (training {r['train_seconds']:.1f} s)"),
-        ("results", f"{r['run_dir']}/results.json"),
-    ]
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -126,11 +127,32 @@ def freeze(
 
     The copy keeps the original's FLOPs profile and activation shapes, and records its
     ``compute_dtype`` and ``memory_format``; feed it images through ``Backbone.prepare`` (or ``enter``).
+
+    One run freezes a backbone once: the copy is kept (for as long as the original lives) and
+    handed to every later call with the same settings, for as long as the original's weights are
+    the same tensors, unchanged in place (an optimizer step or ``load_state_dict`` makes a new copy).
+    The copy is shared: never train or modify it.
     """
     device = torch.device(device) if device is not None else next(backbone.parameters()).device
     dtype = resolve_precision(precision, device)
     if channels_last is None:
         channels_last = device.type == "cuda"
+    key = (device, dtype, fold_bn, channels_last)
+    weights = tuple((id(t), t._version) for t in (*backbone.parameters(), *backbone.buffers()))
+    copies = _frozen.setdefault(backbone, {})
+    if key in copies and copies[key][0] == weights:
+        return copies[key][1]
+    copies[key] = (weights, _freeze(backbone, device, dtype, fold_bn, channels_last))
+    return copies[key][1]
+
+
+# the copies freeze() made, per original backbone (dropped with it) and settings
+_frozen: weakref.WeakKeyDictionary[Backbone, dict[tuple, tuple[tuple, Backbone]]] = weakref.WeakKeyDictionary()
+
+
+def _freeze(
+    backbone: Backbone, device: torch.device, dtype: torch.dtype, fold_bn: bool, channels_last: bool
+) -> Backbone:
     _ = backbone.flops, backbone.activation_shapes  # profiled on the original, carried by the copy
     frozen = copy.deepcopy(backbone).to(device).eval()
     frozen.requires_grad_(False)

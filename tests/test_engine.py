@@ -313,3 +313,18 @@ def test_a_capture_follows_pytorchs_cuda_graph_rules(monkeypatch):
     bufs = router._buffers[12]
     assert {id(bufs.execute), id(h)} <= kept  # the static buffers the graph reads
     assert any(isinstance(t, torch.Tensor) and t.dtype == torch.int64 and t.shape == (12,) for t in step.keep)  # arange
+
+
+def test_a_backbone_is_frozen_once_per_settings_and_again_when_its_weights_change():
+    """One run freezes its backbone once (the envs, the evaluations, SP and the static search share
+    the copy); a weight changed in place (an optimizer step) makes a fresh, right copy."""
+    net = tiny_backbone(20)
+    first = freeze(net, CPU, precision="fp32")
+    assert freeze(net, CPU, precision="fp32") is first
+    assert freeze(net, CPU, precision="bf16") is not first  # other settings, another copy
+    x = torch.randn(4, 1, 16, 16)
+    with torch.no_grad():
+        net.head[-1].weight.mul_(2.0)  # in place, as an optimizer updates
+        again = freeze(net, CPU, precision="fp32")
+        assert again is not first
+        torch.testing.assert_close(again(again.prepare(x)), net(x), rtol=1e-4, atol=1e-4)
