@@ -7,15 +7,16 @@ place they are set.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
 import torch
 
+from agents.blockdrop import BlockDropConfig
 from agents.gates import RNN_EMBED, RNN_HIDDEN, RNN_POSITION_BIAS
 from agents.hybrid import BASELINES, HybridConfig
 from agents.skip_ready import JOINT_GATE_KIND, BatchNormMode, JointConfig
-from skipnet_env.core import DEFAULT_ALPHA
+from skipnet_env.core import DEFAULT_ALPHA, AccuracyReward
 from skipnet_env.engine import PRECISIONS
 
 BackboneRecipe = Literal["base", "skip_ready"]
@@ -41,12 +42,12 @@ DEVICE_BATCHES = {
     "cpu": {"num_envs": HybridConfig.num_envs, "eval_batch": 512},
 }
 
-# options a resumed run may change: how it runs, not what it computes (the learning rates too, so
-# that a diverged run can be resumed more gently; they then really apply)
-SAFE_ON_RESUME = frozenset(
-    {"device", "progress", "resume", "checkpoint", "run_dir", "eval_batch", "sp_lr", "hrl_lr", "backbone_lr",
-     "blockdrop_lr", "log_every", "checkpoint_every", "torch_deterministic", "debug"}
-)  # fmt: skip
+
+def resumable(default: Any) -> Any:
+    """A field a resumed run may change (declared on the field): how the run runs, not what it
+    computes; the learning rates too, so that a diverged run can be resumed more gently (they then
+    really apply)."""
+    return field(default=default, metadata={"resumable": True})
 
 
 def flag(name: str) -> str:
@@ -102,11 +103,11 @@ class RunConfig:
     """skip_ready: BatchNorm in joint SP: train (the routed network's batch statistics) or frozen (the base's)"""
     alpha: float = HybridConfig.alpha
     """weight of compute in the reward: each block costs alpha x its share of the full network's FLOPs"""
-    device: str = "auto"
+    device: str = resumable("auto")
     """torch device: auto, cpu, cuda, ..."""
     seed: int = 0
     """seed for python, numpy, torch and the environment"""
-    torch_deterministic: bool = False
+    torch_deterministic: bool = resumable(False)
     """ask cuDNN for deterministic kernels"""
     num_envs: int | None = None
     """images per batch in the environment (B; default 128 on the CPU, 1024 on CUDA)"""
@@ -120,7 +121,7 @@ class RunConfig:
     sp_batch: int = HybridConfig.sp_batch
     """hybrid: images per SP step, on every device (SP's learning rate and steps are tuned for it; --num-envs sizes
     the environment's batch)"""
-    sp_lr: float = HybridConfig.sp_lr
+    sp_lr: float = resumable(HybridConfig.sp_lr)
     """hybrid: Adam learning rate of the gates in supervised pre-training"""
     sp_alpha: float | None = HybridConfig.sp_alpha
     """hybrid: weight of compute in SP's loss (default: --alpha; 0 is the paper's SP, cross-entropy alone)"""
@@ -131,7 +132,7 @@ class RunConfig:
     hrl_iterations: int | None = None
     """hybrid: REINFORCE iterations, one batch of num_envs episodes each (default: 500 on the base recipe; 0 on a
     skip-ready backbone, where HRL after joint SP did not help: BENCHMARKS.md section 9)"""
-    hrl_lr: float = HybridConfig.hrl_lr
+    hrl_lr: float = resumable(HybridConfig.hrl_lr)
     """hybrid: Adam learning rate of the gates in hybrid RL"""
     gamma: float = HybridConfig.gamma
     """hybrid: discount of the per-gate returns"""
@@ -139,15 +140,15 @@ class RunConfig:
     """hybrid: REINFORCE baseline: self_critical (the greedy route's return on the same image), batch_mean, none"""
     entropy_coef: float = HybridConfig.entropy_coef
     """hybrid: weight of the gates' entropy bonus in HRL (keeps the decisions exploring)"""
-    checkpoint_every: int = HybridConfig.checkpoint_every
+    checkpoint_every: int = resumable(HybridConfig.checkpoint_every)
     """hybrid: write the checkpoint every this many HRL iterations"""
-    log_every: int = HybridConfig.log_every
+    log_every: int = resumable(HybridConfig.log_every)
     """hybrid: log (and sync with the device) every this many HRL iterations"""
     rl_weight: float = HybridConfig.rl_weight
     """hybrid: weight of the REINFORCE term beside the cross-entropy (paper: 0.01)"""
     finetune_backbone: bool = HybridConfig.finetune_backbone
     """hybrid: train the backbone too (the paper's full recipe); BatchNorm statistics stay frozen"""
-    backbone_lr: float = HybridConfig.backbone_lr
+    backbone_lr: float = resumable(HybridConfig.backbone_lr)
     """hybrid: learning rate of the backbone when fine-tuning"""
     rnn_hidden: int = RNN_HIDDEN
     """hybrid_rnn: LSTM hidden size (reference code: 10 in SP, 64 in RL; 64 costs 5% of the default network)"""
@@ -158,15 +159,15 @@ class RunConfig:
     rnn_position_bias: bool = RNN_POSITION_BIAS
     """hybrid_rnn: a learned logit offset per gated block (the data-independent part of the decision)"""
     # BlockDrop (one-shot) agent
-    blockdrop_iterations: int = 1000
+    blockdrop_iterations: int = BlockDropConfig.iterations
     """blockdrop: REINFORCE iterations (one batch of num_envs images each)"""
-    blockdrop_lr: float = 1e-3
+    blockdrop_lr: float = resumable(BlockDropConfig.lr)
     """blockdrop: Adam learning rate of the policy network"""
     blockdrop_width: int = 16
     """blockdrop: channels of the policy network's first layer (then 2x, 4x)"""
-    blockdrop_reward: str = "neg_ce"
+    blockdrop_reward: AccuracyReward = BlockDropConfig.accuracy_reward
     """blockdrop: the accuracy term of the reward: neg_ce (negative cross-entropy) or correct (1/0)"""
-    blockdrop_explore: float = 1.0
+    blockdrop_explore: float = BlockDropConfig.explore
     """blockdrop: masks sampled from explore * p + (1 - explore) * (1 - p) (BlockDrop's paper: 0.8; 1: off)"""
     # SB3 agents
     timesteps: int = 150_000
@@ -183,17 +184,17 @@ class RunConfig:
     # run control
     eval_only: bool = False
     """evaluate --checkpoint without training"""
-    checkpoint: str | None = None
+    checkpoint: str | None = resumable(None)
     """agent checkpoint to evaluate (--eval-only) or to write (default: in the run folder)"""
-    resume: bool = False
+    resume: bool = resumable(False)
     """continue the run whose checkpoint is --checkpoint"""
-    run_dir: str = "runs"
+    run_dir: str = resumable("runs")
     """TensorBoard and results folder"""
-    eval_batch: int | None = None
+    eval_batch: int | None = resumable(None)
     """images per evaluation batch (default 512 on the CPU, 2048 on CUDA)"""
-    progress: bool = True
+    progress: bool = resumable(True)
     """show progress bars"""
-    debug: bool = False
+    debug: bool = resumable(False)
     """show the full traceback of an error (by default a bad option or file gets one line)"""
 
     def __post_init__(self) -> None:
@@ -306,3 +307,7 @@ class RunConfig:
             for f in fields(self)
             if getattr(self, f.name) != getattr(other, f.name)
         }
+
+
+# the options a resumed run may change: the fields declared resumable()
+SAFE_ON_RESUME = frozenset(f.name for f in fields(RunConfig) if f.metadata.get("resumable"))

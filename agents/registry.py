@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Literal
 
 import torch
 
@@ -33,7 +33,7 @@ from backbones.base import Backbone
 from backbones.checkpoint import atomic_save
 from backbones.data import Dataset
 from backbones.progress import progress_bar
-from skipnet_env.core import SKIPNET_REWARD, AccuracyReward
+from skipnet_env.core import SKIPNET_REWARD
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,10 @@ class AgentContext:
     """the backbone checkpoint's metadata (a skip-ready one names its file and its gates)"""
 
 
+Role = Literal["learned", "matched", "reference"]
+EnvId = Literal["SkipNet-v0", "SkipNetOneShot-v0"]
+
+
 @dataclass(frozen=True)
 class AgentSpec:
     """``train(ctx, state)`` trains (resuming from ``state`` if given) and returns the policy;
@@ -65,10 +69,12 @@ class AgentSpec:
 
     train: Callable[[AgentContext, dict | None], RoutingPolicy]
     load: Callable[[AgentContext, dict], RoutingPolicy]
-    role: str = "learned"
+    role: Role = "learned"
     seeded: bool = True
     takes_budget: bool = False
     """``--budget`` means something to this agent (static, random; the hybrid gates meet it by training)"""
+    env: EnvId = "SkipNet-v0"
+    """the environment the agent decides in: block by block, or one mask per image (runs are named by it)"""
 
 
 AGENTS: dict[str, AgentSpec] = {}
@@ -150,7 +156,7 @@ register_agent("hybrid_ff2", _hybrid("ff2"))
 # -- Stable-Baselines3 -----------------------------------------------------------------------------
 
 
-def _sb3(algo: str, env_id: str = "SkipNet-v0") -> AgentSpec:
+def _sb3(algo: str, env_id: EnvId = "SkipNet-v0") -> AgentSpec:
     """An SB3 algorithm on ``SkipNet-v0`` (block by block) or ``SkipNetOneShot-v0`` (one mask per image)."""
     from agents import sb3_agents
 
@@ -197,7 +203,7 @@ def _sb3(algo: str, env_id: str = "SkipNet-v0") -> AgentSpec:
         sb3_agents.load_model_state(model, state)
         return policy(model)
 
-    return AgentSpec(train, load)
+    return AgentSpec(train, load, env=env_id)
 
 
 for _algo in ("ppo", "a2c", "recurrent_ppo"):
@@ -224,7 +230,7 @@ def _train_blockdrop(ctx: AgentContext, state: dict | None) -> RoutingPolicy:
         seed=c.seed,
         checkpoint_every=c.checkpoint_every,
         precision=c.precision,
-        accuracy_reward=cast(AccuracyReward, c.blockdrop_reward),
+        accuracy_reward=c.blockdrop_reward,
         explore=c.blockdrop_explore,
     )
     trainer = BlockDropTrainer(
@@ -242,7 +248,7 @@ def _load_blockdrop(ctx: AgentContext, state: dict) -> RoutingPolicy:
     return OneShotPolicy(net)
 
 
-register_agent("blockdrop", AgentSpec(_train_blockdrop, _load_blockdrop))
+register_agent("blockdrop", AgentSpec(_train_blockdrop, _load_blockdrop, env="SkipNetOneShot-v0"))
 
 
 # -- fixed policies ---------------------------------------------------------------------------------

@@ -73,6 +73,26 @@ def _parser_type(tp: Any) -> tuple[Any, dict[str, Any]]:
     return tp, {}
 
 
+def parse_value(cls: type, name: str, text: str) -> Any:
+    """``text`` as field ``name`` of dataclass ``cls`` takes it from its flag (its type and
+    choices; ``None`` where the field allows it; booleans as true / false / 1 / 0)."""
+    tp = typing.get_type_hints(cls)[name]
+    if text == "None" and type(None) in typing.get_args(tp):
+        return None
+    kind, extra = _parser_type(tp)
+    if kind is bool:
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"{name} is true or false, got {text!r}")
+        return text.lower() in ("true", "1")
+    try:
+        value = kind(text)
+    except ValueError:
+        raise ValueError(f"{name} takes {kind.__name__} values, got {text!r}") from None
+    if "choices" in extra and value not in extra["choices"]:
+        raise ValueError(f"{name} is one of {', '.join(map(str, extra['choices']))}, got {text!r}")
+    return value
+
+
 def _default(f: dataclasses.Field, instance: Any) -> Any:
     if instance is not None:
         return getattr(instance, f.name)

@@ -8,7 +8,7 @@
 
 Every default works offline: the backbone (CIFAR ResNet-38, width 0.5, on scikit-learn's digits)
 is trained and cached on first use. TensorBoard logs and ``results.json`` go to
-``runs/SkipNet-v0__{agent}__{seed}__{time}/``.
+``runs/{env}__{agent}__{seed}__{time}/``.
 """
 
 from __future__ import annotations
@@ -238,7 +238,7 @@ def run(
         run_dir = Path(cfg.checkpoint).parent
     else:  # a new run, or an evaluation: a folder of its own, never the checkpoint's
         kind = "eval" if cfg.eval_only else str(cfg.seed)
-        run_dir = new_run_dir(Path(cfg.run_dir), f"SkipNet-v0__{cfg.agent}__{kind}__{int(time.time())}")
+        run_dir = new_run_dir(Path(cfg.run_dir), f"{spec.env}__{cfg.agent}__{kind}__{int(time.time())}")
     if cfg.eval_only and stage != "done":
         log.warning(
             "warning: %s is unfinished (stage %r): evaluating the policy as it was when the checkpoint was written",

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from agents.config import RunConfig
-from experiments.cli import one_line_errors, parse
+from experiments.cli import one_line_errors, parse, parse_value
 
 log = logging.getLogger("skipnet_gym.sweep")
 SEARCHES = ("grid", "optuna")
@@ -92,21 +92,11 @@ RUN_FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 
 
 def cast(name: str, text: str) -> Any:
-    """``text`` as the type of run option ``name`` (an unknown option is an error that lists them)."""
+    """``text`` as run option ``name`` takes it on the command line (an unknown option is an error
+    that lists them)."""
     if name not in RUN_FIELDS:
         raise ValueError(f"unknown run option {name!r} in the sweep; options: {', '.join(sorted(RUN_FIELDS))}")
-    kind = str(RUN_FIELDS[name].type)
-    if text == "None" and "None" in kind:
-        return None
-    if kind.startswith("bool"):
-        if text.lower() not in ("true", "false", "1", "0"):
-            raise ValueError(f"{name} is true or false, got {text!r}")
-        return text.lower() in ("true", "1")
-    if kind.startswith("int"):
-        return int(text)
-    if kind.startswith("float"):
-        return float(text)
-    return text
+    return parse_value(RunConfig, name, text)
 
 
 def _split(spec: str, what: str) -> tuple[str, str]:

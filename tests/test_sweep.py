@@ -25,6 +25,12 @@ def test_values_take_the_run_options_types_and_unknown_options_are_named():
     assert cast("sp_alpha", "None") is None and cast("sp_sample", "false") is False
     with pytest.raises(ValueError, match="unknown run option 'alpah'"):
         cast("alpah", "1")
+    # the command line's own parsing: choices and types are checked as the flags check them
+    assert cast("backbone_recipe", "base") == "base"
+    with pytest.raises(ValueError, match="backbone_recipe is one of base, skip_ready"):
+        cast("backbone_recipe", "fancy")
+    with pytest.raises(ValueError, match="hrl_iterations takes int values"):
+        cast("hrl_iterations", "many")
     with pytest.raises(ValueError, match="--search must be one of grid, optuna"):
         SweepConfig(search="random")
 
