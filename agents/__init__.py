@@ -1,4 +1,11 @@
-"""Routing agents: SkipNet's gates trained with the hybrid algorithm, SB3 baselines, fixed policies."""
+"""Routing agents: SkipNet's gates trained with the hybrid algorithm, SB3 baselines, fixed policies.
+
+An agent is an entry of the registry (``registry.register_agent``: how to train it, how to load
+it, what role it plays in comparisons, the env it decides in). Trained ones subclass
+``trainer.Trainer`` (checkpoint, exact resume, divergence guard, logged means): the hybrid SP +
+HRL trainer (``hybrid``) and BlockDrop's (``blockdrop``). Every policy is evaluated by one
+``evaluate`` on the environment's own state machine.
+"""
 
 from agents.config import RunConfig
 from agents.evaluate import EvalResult, evaluate
@@ -6,6 +13,7 @@ from agents.gates import FeedforwardGates, GatePolicy, RecurrentGate, create_gat
 from agents.hybrid import HybridConfig, HybridTrainer
 from agents.policies import GateRoutingPolicy, RandomPolicy, RoutingPolicy, SB3RoutingPolicy, StaticPolicy
 from agents.registry import AGENTS, get_agent, register_agent
+from agents.trainer import Trainer
 
 __all__ = [
     "AGENTS",
@@ -21,6 +29,7 @@ __all__ = [
     "RunConfig",
     "SB3RoutingPolicy",
     "StaticPolicy",
+    "Trainer",
     "create_gates",
     "evaluate",
     "get_agent",

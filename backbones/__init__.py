@@ -1,4 +1,11 @@
-"""Frozen residual backbones as ``stem / blocks / head``, their FLOPs, data sets and training."""
+"""Frozen residual backbones as ``stem / blocks / head``, their FLOPs, data sets and training.
+
+``base`` (the contract, ``Backbone.enter``: stem and always-run blocks), ``registry`` and the
+architectures, ``flops``; ``data`` (every data set as ``ImageTensors`` in memory or a streamed
+``FolderImages``, their ``batches`` and fingerprints; ``splits``, ``cluttered``); ``train`` and
+``pretrained`` (trained on first use, cached by everything that changes the weights, the data
+included); ``checkpoint`` (atomic, ``weights_only``); ``device`` (device and seeding).
+"""
 
 from backbones import cifar_resnet as _cifar_resnet  # noqa: F401  (fills the registry)
 from backbones import imagenet_resnet as _imagenet_resnet  # noqa: F401

@@ -5,6 +5,13 @@ Importing this package registers ``SkipNet-v0`` (one image per episode, one step
 the batched, device-resident :class:`SkipNetVectorEnv` as its vector entry point, and
 ``SkipNetOneShot-v0`` (one step per image: the whole execute mask at once, BlockDrop's framing)
 with :class:`SkipNetOneShotVectorEnv`.
+
+The layers, bottom up: ``routing`` (the routed block: a block on the rows that execute it),
+``engine`` (the frozen inference copy, in-place and bucketed routing, CUDA-graph capture; ``python
+-m skipnet_env.check`` checks it on a GPU), ``core`` (:class:`BatchedRouting`, the one state machine
+every env, evaluation and replay steps), ``sources`` (backbone, data and batch sampler from names or
+objects), and the envs: single ones in ``env`` and ``oneshot``, the batched ones on one base,
+``vector_env.RoutingVectorEnv``.
 """
 
 import gymnasium
