@@ -146,8 +146,11 @@ class JointTrainer:
         dataset: str,
         metadata: dict[str, Any] | None = None,
         progress: bool = True,
+        data_fingerprint: str | None = None,
     ) -> None:
         self.backbone, self.gates, self.data, self.cfg = backbone.to(device), gates.to(device), data, cfg
+        # the data's identity, where every backbone checkpoint has it (load_backbone checks it there)
+        self.identity = {} if data_fingerprint is None else {"data_fingerprint": data_fingerprint}
         self.device, self.checkpoint, self.dataset = device, Path(checkpoint), dataset
         self.metadata, self.progress = dict(metadata or {}), progress
         self.backbone.requires_grad_(True)
@@ -178,6 +181,7 @@ class JointTrainer:
             self.dataset,
             complete=complete,
             skip_ready={**self.metadata, "joint_config": dataclasses.asdict(self.cfg), "history": self.history},
+            **self.identity,
             **extra,
         )
         atomic_save(
@@ -350,12 +354,14 @@ def get_skip_ready(
         gates = create_gates(gates_id["kind"], backbone, gates_id["first_gated"], **options)
         metadata = {
             "base_fingerprint": base_fp,
-            "data_fingerprint": base_meta.get("data_fingerprint"),
             "base_test_accuracy": base_meta.get("test_accuracy"),
             "base_train_config": base_meta.get("train_config"),
             "gates": gates_id,
         }
-        trainer = JointTrainer(backbone, gates, train_data, cfg, device, path, base_meta["dataset"], metadata, progress)
+        trainer = JointTrainer(
+            backbone, gates, train_data, cfg, device, path, base_meta["dataset"], metadata, progress,
+            data_fingerprint=base_meta.get("data_fingerprint"),
+        )  # fmt: skip
         if state is not None:
             trainer.resume(state)
         net, _ = trainer.train(val_data)

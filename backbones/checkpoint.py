@@ -87,10 +87,10 @@ def save_backbone(backbone: Backbone, path: str | Path, dataset: str, **extra: A
     atomic_save({"metadata": backbone_metadata(backbone, dataset, **extra), "model": backbone.state_dict()}, path)
 
 
-def check_metadata(metadata: dict[str, Any], path: str | Path, **expected: Any) -> None:
-    """Raise :class:`CheckpointMismatchError` naming every field where ``metadata`` differs from
-    ``expected`` (fields given as ``None`` are not checked). A checkpoint written before data
-    fingerprints were recorded is let through with a warning: it cannot be checked."""
+def mismatches(metadata: dict[str, Any], path: str | Path, expected: dict[str, Any], asked: str) -> list[str]:
+    """One line per field where ``metadata`` differs from ``expected`` (``None``: not checked),
+    ``"key: checkpoint has X, <asked> Y"``. A checkpoint written before data fingerprints were
+    recorded is let through with a warning: it cannot be checked."""
     wrong = []
     for key, want in expected.items():
         if want is None:
@@ -104,7 +104,14 @@ def check_metadata(metadata: dict[str, Any], path: str | Path, **expected: Any) 
             want = list(want)
         if have != want:
             what = " (it was made on other data: another --data-root, or changed files)" * (key == "data_fingerprint")
-            wrong.append(f"{key}: checkpoint has {have!r}, asked for {want!r}{what}")
+            wrong.append(f"{key}: checkpoint has {have!r}, {asked} {want!r}{what}")
+    return wrong
+
+
+def check_metadata(metadata: dict[str, Any], path: str | Path, **expected: Any) -> None:
+    """Raise :class:`CheckpointMismatchError` naming every field where ``metadata`` differs from
+    ``expected`` (:func:`mismatches`)."""
+    wrong = mismatches(metadata, path, expected, "asked for")
     if wrong:
         raise CheckpointMismatchError(
             f"checkpoint {path} does not match what was asked for ({'; '.join(wrong)}). "

@@ -252,9 +252,7 @@ def _torchvision(name: str) -> Callable[[str, Path, bool, int | None], ImageTens
         elif data.shape[-1] == 3:  # CIFAR (N, H, W, C)
             data = data.permute(0, 3, 1, 2)
         labels = torch.as_tensor(np.asarray(ds.labels if cls_name == "SVHN" else ds.targets), dtype=torch.int64)
-        if image_size is not None and image_size != data.shape[-1]:
-            data = F.interpolate(data.float(), size=(image_size, image_size), mode="bilinear", align_corners=False)
-            data = data.round().clamp(0, 255).to(torch.uint8)
+        data = _resize(data, image_size, antialias=False)
         if split != "test":  # carve a fixed 10% validation set out of the official training set
             idx = torch.from_numpy(fixed_split(len(labels), (0.1, 0.0), split))
             data, labels = data[idx], labels[idx]
@@ -297,11 +295,13 @@ def _user_split(
     return ImageTensors(images.contiguous(), labels, num_classes, mean, std, name, flip=True)
 
 
-def _resize(images: Tensor, image_size: int | None) -> Tensor:
+def _resize(images: Tensor, image_size: int | None, antialias: bool = True) -> Tensor:
+    """uint8 ``(N, C, H, W)`` resized to ``image_size`` square (bilinear; as is when ``None`` or
+    already that size)."""
     if image_size is None or images.shape[-2:] == (image_size, image_size):
         return images
     x = F.interpolate(
-        images.float(), size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True
+        images.float(), size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=antialias
     )
     return x.round().clamp(0, 255).to(torch.uint8)
 
@@ -374,17 +374,16 @@ def _first_image_side(folder: Path) -> int:
 
 def _imagefolder(split: str, root: Path, download: bool, image_size: int | None) -> Dataset:
     folders = _image_folder_splits(root)
-    for needed in ("train", "test"):
-        folder = folders[needed]
-        assert folder is not None
+    train_dir, test_dir = folders["train"], folders["test"]
+    assert train_dir is not None and test_dir is not None  # always named; only val/ is optional
+    for folder in (train_dir, test_dir):
         if not folder.is_dir():
             raise DatasetNotFoundError(
                 f"image folder {folder.resolve()} not found: expected {root}/train/<class>/<image> and "
                 f"{root}/test/<class>/<image> (or ImageNet's {root}/val/... as the test split; a {root}/val/ beside "
                 f"test/ is the validation split, else 10% of train/ is). Pass --data-root pointing at it."
             )
-    assert folders["train"] is not None and folders["test"] is not None
-    if (image_size or _first_image_side(folders["train"])) <= IN_MEMORY_SIDE:
+    if (image_size or _first_image_side(train_dir)) <= IN_MEMORY_SIDE:
         decoded = {s: _decode_folder(f, image_size) for s, f in folders.items() if f is not None}
         classes = decoded["train"][1]
         for s, (_, other) in decoded.items():
@@ -509,6 +508,21 @@ def load_dataset(
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
     return _LOADERS[name](split, Path(root) if root is not None else DEFAULT_ROOT, download, image_size)
+
+
+def load_splits(
+    name: str, root: str | Path | None = None, download: bool = True, image_size: int | None = None
+) -> dict[str, Dataset]:
+    """The train, val and test splits of data set ``name`` (arguments as :func:`load_dataset`)."""
+    return {s: load_dataset(name, s, root, download, image_size) for s in SPLITS}
+
+
+def with_flip(data: Dataset, flip: bool | None) -> Dataset:
+    """``data`` with horizontal-flip augmentation set to ``flip`` (``None``: the data set's own; a
+    streamed folder keeps its own transforms)."""
+    if flip is None or not isinstance(data, ImageTensors):
+        return data
+    return dataclasses.replace(data, flip=flip)
 
 
 def random_shift(images: Tensor, max_shift: int, generator: torch.Generator | None = None) -> Tensor:

@@ -12,8 +12,8 @@ from typing import Any
 
 from backbones.base import Backbone
 from backbones.cache import building, cache_dir
-from backbones.data import data_fingerprint
-from backbones.train import TrainConfig, load_splits, train
+from backbones.data import data_fingerprint, load_splits
+from backbones.train import TrainConfig, train
 
 __all__ = ["cache_dir", "get_trained"]
 
@@ -27,7 +27,7 @@ def get_trained(arch: str, dataset: str, **train_overrides: Any) -> tuple[Backbo
         the backbone (eval mode, on ``device``) and its checkpoint metadata.
     """
     cfg = TrainConfig(arch=arch, dataset=dataset, **train_overrides)
-    splits = load_splits(cfg)
+    splits = load_splits(dataset, cfg.data_root, cfg.download, cfg.image_size)
     if cfg.image_size is None:  # the data set's own size, named in the key as the envs name it
         cfg = dataclasses.replace(cfg, image_size=splits["train"].input_size[1])
     weight_fields = (

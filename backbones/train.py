@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from backbones.base import Backbone
 from backbones.checkpoint import atomic_save, backbone_metadata, check_metadata, load_backbone, safe_load
-from backbones.data import Dataset, ImageTensors, batches, data_fingerprint, load_dataset
+from backbones.data import Dataset, batches, data_fingerprint, load_splits, with_flip
 from backbones.device import resolve_device, seed_everything
 from backbones.progress import progress_bar
 from backbones.registry import create, options
@@ -116,14 +116,10 @@ def evaluate(backbone: Backbone, data: Dataset, device: torch.device, batch_size
     return correct / max(total, 1)
 
 
-def load_splits(cfg: TrainConfig) -> dict[str, Dataset]:
-    """The train, val and test splits ``cfg`` trains and reports on."""
-    return {s: load_dataset(cfg.dataset, s, cfg.data_root, cfg.download, cfg.image_size) for s in SPLITS}
-
-
 def train(cfg: TrainConfig, splits: dict[str, Dataset] | None = None) -> tuple[Backbone, dict[str, Any]]:
     """Train (or resume, or reuse a finished run of) ``cfg``; returns the backbone in eval mode and
-    its checkpoint metadata. ``splits``: the data, when the caller has loaded it (:func:`load_splits`).
+    its checkpoint metadata. ``splits``: the data, when the caller has loaded it
+    (``backbones.data.load_splits``).
 
     The checkpoint records the data's fingerprint: a checkpoint made on other data (another
     ``--data-root``, a changed file) is never resumed nor reused."""
@@ -131,10 +127,9 @@ def train(cfg: TrainConfig, splits: dict[str, Dataset] | None = None) -> tuple[B
 
     device = resolve_device(cfg.device)
     path = cfg.checkpoint_path
-    splits = splits or load_splits(cfg)
+    splits = splits or load_splits(cfg.dataset, cfg.data_root, cfg.download, cfg.image_size)
     train_data, val_data, test_data = (splits[s] for s in SPLITS)
-    if cfg.flip is not None and isinstance(train_data, ImageTensors):
-        train_data = dataclasses.replace(train_data, flip=cfg.flip)
+    train_data = with_flip(train_data, cfg.flip)
     arch_kwargs = cfg.arch_kwargs(train_data)
     expected = {
         "arch": cfg.arch,

@@ -50,6 +50,7 @@ import backbones
 from backbones.base import Backbone
 from backbones.data import ImageTensors
 from backbones.device import resolve_device
+from backbones.registry import options
 from experiments.cli import one_line_errors
 from skipnet_env.engine import Router, capture, freeze
 from skipnet_env.env import SkipNetEnv
@@ -93,6 +94,12 @@ def graphed(fn: Callable[[Tensor], Tensor], x: Tensor) -> Callable[[], Any]:
     write the next input into ``x``, then call the result to replay."""
     with torch.no_grad():
         return capture(lambda: fn(x), x.device, warmup_runs=3, keep=(x,))
+
+
+def registry_backbone(name: str, width: float, in_channels: int, image_size: int) -> Backbone:
+    """Registry backbone ``name`` (10 classes, random weights) built with the options it takes."""
+    wanted = {"image_size": image_size, "width": width, "in_channels": in_channels}
+    return backbones.create(name, num_classes=10, **{k: v for k, v in wanted.items() if k in options(name)})
 
 
 def engine_label(frozen: Backbone) -> str:
@@ -401,9 +408,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     with one_line_errors(["--debug"] if args.debug else []):
         device = resolve_device(args.device)
-        wanted = {"image_size": args.image_size, "width": args.width, "in_channels": args.in_channels}
-        kwargs = {k: v for k, v in wanted.items() if k in backbones.registry.options(args.backbone)}
-        net = backbones.create(args.backbone, num_classes=10, **kwargs).to(device).eval()
+        net = registry_backbone(args.backbone, args.width, args.in_channels, args.image_size).to(device).eval()
     batch_sizes = args.batch or ([256, 2048] if device.type == "cuda" else [256])
     frozen = freeze(net)
     result: dict = {

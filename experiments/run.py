@@ -30,8 +30,8 @@ from agents.policies import RoutingPolicy
 from agents.registry import AgentContext, agents_taking_budget, get_agent
 from agents.skip_ready import JOINT_GATE_KIND, get_skip_ready
 from agents.statistics import bootstrap_ci, paired_difference
-from backbones.checkpoint import CheckpointMismatchError, fingerprint, load_backbone, safe_load
-from backbones.data import SPLITS, Dataset, ImageTensors, data_fingerprint, load_dataset
+from backbones.checkpoint import CheckpointMismatchError, fingerprint, load_backbone, mismatches, safe_load
+from backbones.data import Dataset, data_fingerprint, load_splits, with_flip
 from backbones.device import resolve_device, seed_everything
 from backbones.pretrained import get_trained
 from backbones.registry import list_backbones, options
@@ -41,9 +41,9 @@ from experiments.report import format_table, routing_statistics, write_figures, 
 log = logging.getLogger("skipnet_gym.run")
 
 
-def load_splits(cfg: RunConfig) -> dict[str, Dataset]:
+def run_splits(cfg: RunConfig) -> dict[str, Dataset]:
     """The run's data: its train, val and test splits."""
-    return {s: load_dataset(cfg.dataset, s, cfg.data_root, cfg.download, cfg.image_size) for s in SPLITS}
+    return load_splits(cfg.dataset, cfg.data_root, cfg.download, cfg.image_size)
 
 
 def load_backbone_for(cfg: RunConfig, device: torch.device, splits: dict[str, Dataset]) -> tuple[Any, dict]:
@@ -57,9 +57,7 @@ def load_backbone_for(cfg: RunConfig, device: torch.device, splits: dict[str, Da
     base, meta = load_base_backbone(cfg, device, splits)
     if cfg.backbone_recipe == "base" or "skip_ready" in meta:
         return base, meta
-    train = splits["train"]
-    if cfg.backbone_flip is not None and isinstance(train, ImageTensors):  # joint SP augments as the base training
-        train = dataclasses.replace(train, flip=cfg.backbone_flip)
+    train = with_flip(splits["train"], cfg.backbone_flip)  # joint SP augments as the base training did
     net, ready_meta = get_skip_ready(
         base, meta, train, cfg.joint_config(), JOINT_GATE_KIND, cfg.gate_options(), device,
         val_data=splits["val"], progress=cfg.progress,
@@ -113,20 +111,12 @@ def new_run_dir(parent: Path, name: str) -> Path:
 
 def check_agent_checkpoint(state: dict, path: str, agent: str, metadata: dict) -> None:
     """Refuse an agent checkpoint made for another agent, backbone or data (named in the error)."""
-    meta = state.get("metadata", {})
-    if "data_fingerprint" not in meta:
-        log.warning("warning: %s records no data fingerprint (an older checkpoint): it cannot be checked against "
-                    "this data", path)  # fmt: skip
-    wrong = [
-        f"{k}: checkpoint has {meta.get(k)!r}, this run has {metadata[k]!r}"
-        for k in ("agent", "backbone", "dataset", "backbone_fingerprint", "data_fingerprint")
-        if k in meta or k != "data_fingerprint"
-        if meta.get(k) != metadata[k]
-    ]
+    keys = ("agent", "backbone", "dataset", "backbone_fingerprint", "data_fingerprint")
+    wrong = mismatches(state.get("metadata", {}), path, {k: metadata[k] for k in keys}, "this run has")
     if wrong:
         raise CheckpointMismatchError(
             f"agent checkpoint {path} does not fit this run ({'; '.join(wrong)}). Pass the --agent, --backbone, "
-            f"--dataset and --data-root it was trained with (a data_fingerprint differs when the data's files do)."
+            f"--dataset and --data-root it was trained with."
         )
 
 
@@ -207,7 +197,7 @@ def run(
     t0 = time.perf_counter()
     seed_everything(cfg.seed, cfg.torch_deterministic)
     device = resolve_device(cfg.device)
-    split = load_splits(cfg)
+    split = run_splits(cfg)
     # batch sizes left unset: the device's defaults (at most the training set), recorded with the run
     cfg = cfg.for_device(device, max_batch=len(split["train"]))
     num_envs, eval_batch = cfg.batch_sizes()

@@ -187,7 +187,7 @@ def sweep(cfg: SweepConfig) -> dict[str, Any]:
         raise ImportError("the sweep needs Ray Tune: pip install -e '.[sweep]'") from err
     import torch
 
-    from experiments.run import load_backbone_for, load_splits
+    from experiments.run import load_backbone_for, run_splits
 
     space = param_space(cfg)  # a bad --grid or --space is refused before any work, and so is a wrong --name
     out = Path(cfg.out).resolve()
@@ -204,7 +204,7 @@ def sweep(cfg: SweepConfig) -> dict[str, Any]:
     # the backbone is trained (and cached) once here, not by concurrent trials racing to the cache
     from backbones.device import resolve_device
 
-    load_backbone_for(cfg.run, resolve_device(cfg.run.device), load_splits(cfg.run))
+    load_backbone_for(cfg.run, resolve_device(cfg.run.device), run_splits(cfg.run))
 
     # a trial reports its training scalars as it goes and the objectives once, at the end: the
     # searcher (and a scheduler) read the reports that carry their metrics and skip the others

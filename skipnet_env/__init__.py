@@ -8,7 +8,7 @@ with :class:`SkipNetOneShotVectorEnv`.
 
 The layers, bottom up: ``routing`` (the routed block: a block on the rows that execute it),
 ``engine`` (the frozen inference copy, in-place and bucketed routing, CUDA-graph capture; ``python
--m skipnet_env.check`` checks it on a GPU), ``core`` (:class:`BatchedRouting`, the one state machine
+-m experiments.check`` checks it on a GPU), ``core`` (:class:`BatchedRouting`, the one state machine
 every env, evaluation and replay steps), ``sources`` (backbone, data and batch sampler from names or
 objects), and the envs: single ones in ``env`` and ``oneshot``, the batched ones on one base,
 ``vector_env.RoutingVectorEnv``.

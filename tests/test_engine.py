@@ -238,9 +238,9 @@ def test_batchnorm_folding_check_does_not_depend_on_tf32(caplog):
 
 
 def test_engine_self_check_passes_and_catches_a_wrong_fast_path(monkeypatch, capsys):
-    """``python -m skipnet_env.check``: on the CPU the fast path is bucketed and eager; it agrees with
+    """``python -m experiments.check``: on the CPU the fast path is bucketed and eager; it agrees with
     the exact path. A bucketed step that drops a row's block output is reported WRONG, exit 1."""
-    from skipnet_env import check
+    from experiments import check
 
     args = ["--device", "cpu", "--backbone", "cifar_resnet20", "--width", "0.25", "--batch", "32", "--no-speed"]
     result = check.main(args)

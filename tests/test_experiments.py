@@ -425,7 +425,7 @@ def test_reproduce_runs_the_recipe_end_to_end_on_the_tiny_preset(cache, tmp_path
     "script",
     [
         *("run.py", "compare.py", "sweep.py", "reproduce.py", "bench.py", "train_backbone.py", "baseline_variance.py"),
-        "-m skipnet_env.check",
+        "-m experiments.check",
     ],
 )
 def test_every_entry_point_answers_help(script, tmp_path):

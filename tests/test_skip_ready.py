@@ -137,3 +137,20 @@ def test_a_cache_entry_is_built_by_one_process_at_a_time(tmp_path):
     build("b")
     first.join()
     assert events == ["a in", "a out", "b in", "b out"]
+
+
+def test_a_skip_ready_backbone_carries_its_data_fingerprint_where_load_backbone_checks_it(digits_train):
+    """Made from a base network of known data, the skip-ready checkpoint records that data's
+    fingerprint at the top of its metadata: loaded for other data it is refused."""
+    from backbones.checkpoint import CheckpointMismatchError, load_backbone
+
+    base = tiny_backbone(20)
+    meta = {"arch": base.arch, "dataset": "digits", "data_fingerprint": "abc"}
+    _, ready_meta = get_skip_ready(
+        base, meta, digits_train, JointConfig(epochs=1, batch_size=64), "rnn", {"hidden_size": 4, "embed_dim": 4},
+        torch.device("cpu"), progress=False,
+    )  # fmt: skip
+    assert ready_meta["data_fingerprint"] == "abc"
+    load_backbone(ready_meta["checkpoint"], data_fingerprint="abc")
+    with pytest.raises(CheckpointMismatchError, match="data_fingerprint"):
+        load_backbone(ready_meta["checkpoint"], data_fingerprint="other")

@@ -128,7 +128,7 @@ def test_two_data_roots_of_one_format_never_share_a_backbone(tmp_path, caplog):
     cached = sorted((tmp_path / "cache" / "backbones").glob("*.pt"))
     assert len(cached) == 2  # B was trained, not A's backbone reused
     cfg_b = TrainConfig(arch="cifar_resnet20", dataset="npz", data_root=str(tmp_path / "B"), **tiny)
-    splits_b = train_mod.load_splits(cfg_b)
+    splits_b = backbones.data.load_splits("npz", cfg_b.data_root)
     with pytest.raises(CheckpointMismatchError, match="data_fingerprint.*other data"):
         load_backbone(cached[0] if safe_load(cached[0])["metadata"] == meta_a else cached[1],
                       data_fingerprint=data_fingerprint(splits_b.values()))  # fmt: skip

@@ -1,8 +1,8 @@
 """Check the execution engine on this machine: is the fast routed forward right, and how fast is it?
 
-    python -m skipnet_env.check --device cuda              # a user with a GPU: CIFAR ResNet-110
-    python -m skipnet_env.check --checkpoint backbone.pt   # a trained backbone of one's own
-    python -m skipnet_env.check --device cpu --no-speed    # the same logic, bucketed but eager
+    python -m experiments.check --device cuda              # a user with a GPU: CIFAR ResNet-110
+    python -m experiments.check --checkpoint backbone.pt   # a trained backbone of one's own
+    python -m experiments.check --device cpu --no-speed    # the same logic, bucketed but eager
 
 Correctness: images are routed through the frozen backbone twice, block by block, by the engine's
 fast path (on CUDA: bucketed row counts replayed from CUDA graphs) and by its eager exact path,
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,8 @@ from torch import Tensor
 import backbones
 from backbones.base import Backbone, randomize_batchnorm
 from backbones.device import resolve_device
+from experiments.bench import bench_savings, bench_throughput, registry_backbone, synthetic
+from experiments.cli import one_line_errors
 from skipnet_env.engine import Router, freeze
 
 # issue 7's targets (one H100 or H200): routed forward time over the best full forward, by
@@ -62,14 +63,17 @@ def median_gate(h: Tensor, block: int) -> Tensor:
     return score > score.median()
 
 
+FIRST_GATED = 1  # block 0 always runs, as in SkipNet
+
+
 @torch.no_grad()
 def routed(frozen: Backbone, router: Router, x: Tensor) -> tuple[Tensor, Tensor]:
-    """Logits ``(B, classes)`` and routes ``(B, blocks)`` of ``x`` through ``router``, deciding each
-    block's rows by :func:`median_gate` (block 0 always runs, as in SkipNet)."""
-    h = router.begin(frozen.stem(frozen.prepare(x)))
+    """Logits ``(B, classes)`` and routes ``(B, gated blocks)`` of ``x`` through ``router``, deciding
+    each gated block's rows by :func:`median_gate`."""
+    h = router.begin(frozen.enter(x, FIRST_GATED))
     routes = []
-    for i in range(frozen.num_blocks):
-        execute = median_gate(h, i) if i else torch.ones(h.shape[0], dtype=torch.bool, device=h.device)
+    for i in range(FIRST_GATED, frozen.num_blocks):
+        execute = median_gate(h, i)
         routes.append(execute)
         h = router.route(i, h, execute, int(execute.sum()))
     return frozen.head(h).float(), torch.stack(routes, 1)
@@ -90,18 +94,14 @@ def load_network(args: argparse.Namespace) -> Backbone:
     if args.checkpoint:
         net, _ = backbones.load_backbone(args.checkpoint)
         return net
-    wanted = {"image_size": args.image_size, "width": args.width, "in_channels": args.in_channels}
-    kwargs = {k: v for k, v in wanted.items() if k in backbones.registry.options(args.backbone)}
     torch.manual_seed(0)
-    net = backbones.create(args.backbone, num_classes=10, **kwargs)
+    net = registry_backbone(args.backbone, args.width, args.in_channels, args.image_size)
     randomize_batchnorm(net)  # no block is the identity it starts as
     return net
 
 
 def speed(net: Backbone, frozen: Backbone, batch: int, device: torch.device, rounds: int) -> list[dict[str, Any]]:
     """The issue-7 figures at ``batch``: each with its target and whether it is met."""
-    from experiments.bench import bench_savings, bench_throughput, synthetic
-
     rows = []
     _, *savings = bench_savings(net, frozen, batch, device, rounds, [0.25, 0.5, 0.75])
     for r in savings:
@@ -145,14 +145,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--rounds", type=int, default=5, help="speed: interleaved timing rounds")
     p.add_argument("--no-speed", action="store_true", help="check correctness only")
     p.add_argument("--out", default=None, help="write the figures as JSON here")
+    p.add_argument("--debug", action="store_true", help="show the traceback of a bad-input error")
     args = p.parse_args(argv)
-    try:
+    with one_line_errors(["--debug"] if args.debug else []):  # bad input: one line
         device = resolve_device(args.device)
         net = load_network(args).to(device)
         frozen = freeze(net, device, precision=args.precision)
-    except (ValueError, FileNotFoundError) as err:  # bad input: one line
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
     batches = args.batch or ([256, 2048] if device.type == "cuda" else [64])
     graphs = device.type == "cuda"
     # bf16 rounds differently with the batch size (cuDNN picks kernels per shape): a looser bound there
