@@ -7,13 +7,27 @@ HRL trainer (``hybrid``) and BlockDrop's (``blockdrop``). Every policy is evalua
 ``evaluate`` on the environment's own state machine.
 """
 
-from agents.config import RunConfig
+import warnings
+from typing import Any
+
 from agents.evaluate import EvalResult, evaluate
 from agents.gates import FeedforwardGates, GatePolicy, RecurrentGate, create_gates
 from agents.hybrid import HybridConfig, HybridTrainer
 from agents.policies import GateRoutingPolicy, RandomPolicy, RoutingPolicy, SB3RoutingPolicy, StaticPolicy
 from agents.registry import AGENTS, get_agent, register_agent
 from agents.trainer import Trainer
+
+
+def __getattr__(name: str) -> Any:
+    """``agents.RunConfig`` moved to :mod:`experiments.config` (the command line's configuration is
+    not the library's): the old name works, with a warning, until the next release."""
+    if name == "RunConfig":
+        warnings.warn("agents.RunConfig moved: import it from experiments.config", DeprecationWarning, stacklevel=2)
+        from experiments.config import RunConfig
+
+        return RunConfig
+    raise AttributeError(f"module 'agents' has no attribute {name!r}")
+
 
 __all__ = [
     "AGENTS",
@@ -26,7 +40,6 @@ __all__ = [
     "RandomPolicy",
     "RecurrentGate",
     "RoutingPolicy",
-    "RunConfig",
     "SB3RoutingPolicy",
     "StaticPolicy",
     "Trainer",

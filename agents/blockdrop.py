@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +24,7 @@ from agents.policies import RoutingPolicy
 from agents.trainer import CHECKPOINT_EVERY, Trainer
 from backbones.base import Backbone
 from backbones.data import Dataset
+from backbones.options import COUNT, POSITIVE, POSITIVE_INT, Rule, check_options, option
 from backbones.progress import progress_bar
 from skipnet_env.core import DEFAULT_ALPHA, AccuracyReward
 from skipnet_env.oneshot import SkipNetOneShotVectorEnv, run_mask
@@ -71,16 +72,24 @@ class OneShotPolicy(RoutingPolicy):
 
 @dataclass
 class BlockDropConfig:
-    iterations: int = 1000
-    lr: float = 1e-3
-    alpha: float = DEFAULT_ALPHA
-    num_envs: int = 128
-    entropy_coef: float = 0.0
-    seed: int = 0
-    checkpoint_every: int = CHECKPOINT_EVERY
-    precision: str = "auto"
-    accuracy_reward: AccuracyReward = "neg_ce"  # the env's accuracy term (see RewardConfig); or "correct"
-    explore: float = 1.0  # BlockDrop's bound: masks sampled from explore * p + (1 - explore) * (1 - p)
+    """BlockDrop's options. The run's compute price, seed, precision and batch are not here: they are
+    the run's, given to :class:`BlockDropTrainer` as they are."""
+
+    flag_prefix: ClassVar[str] = "blockdrop_"
+
+    iterations: int = option(1000, COUNT)
+    """blockdrop: REINFORCE iterations (one batch of num_envs images each)"""
+    lr: float = option(1e-3, POSITIVE, resumable=True)
+    """blockdrop: Adam learning rate of the policy network"""
+    width: int = option(16, POSITIVE_INT)
+    """blockdrop: channels of the policy network's first layer (then 2x, 4x)"""
+    reward: AccuracyReward = "neg_ce"
+    """blockdrop: the accuracy term of the reward: neg_ce (negative cross-entropy) or correct (1/0)"""
+    explore: float = option(1.0, Rule(lambda v: 0.5 < v <= 1.0, "in (0.5, 1]"))
+    """blockdrop: masks sampled from explore * p + (1 - explore) * (1 - p) (BlockDrop's paper: 0.8; 1: off)"""
+
+    def __post_init__(self) -> None:
+        check_options(self)
 
 
 class BlockDropTrainer(Trainer):
@@ -99,22 +108,32 @@ class BlockDropTrainer(Trainer):
         metadata: dict[str, Any],
         writer: Any = None,
         progress: bool = True,
+        *,
+        num_envs: int,
+        alpha: float = DEFAULT_ALPHA,
+        entropy_coef: float = 0.0,
+        seed: int = 0,
+        precision: str = "auto",
+        checkpoint_every: int = CHECKPOINT_EVERY,
     ) -> None:
-        super().__init__(device, checkpoint, metadata, writer, progress)
-        self.net, self.cfg = net.to(device), cfg
+        super().__init__(
+            cfg, device, checkpoint, metadata, writer, progress,
+            seed=seed, precision=precision, checkpoint_every=checkpoint_every,
+        )  # fmt: skip
+        self.net, self.entropy_coef = net.to(device), entropy_coef
         self.env = SkipNetOneShotVectorEnv(
-            cfg.num_envs,
+            num_envs,
             backbone,
             data,
             return_tensors=True,
-            alpha=cfg.alpha,
-            accuracy_reward=cfg.accuracy_reward,
+            alpha=alpha,
+            accuracy_reward=cfg.reward,
             device=device,
-            precision=cfg.precision,
+            precision=precision,
         )
         self.opt = torch.optim.Adam(self.net.parameters(), lr=cfg.lr)
-        self.generator = torch.Generator(device=device).manual_seed(cfg.seed + 1)
-        self.env.reset(seed=cfg.seed)
+        self.generator = torch.Generator(device=device).manual_seed(seed + 1)
+        self.env.reset(seed=seed)
 
     def trained_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         return list(self.net.named_parameters())
@@ -154,7 +173,7 @@ class BlockDropTrainer(Trainer):
         log_prob = dist.log_prob(sampled.float()).sum(1)  # (B,)
         entropy = dist.entropy().sum(1).mean()
         advantage = reward - greedy_reward
-        loss = -(advantage * log_prob).mean() - self.cfg.entropy_coef * entropy
+        loss = -(advantage * log_prob).mean() - self.entropy_coef * entropy
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -172,7 +191,7 @@ class BlockDropTrainer(Trainer):
             self.record(self.step())
             self.done_units += 1
             bar.update(1)
-            if self.done_units % self.cfg.checkpoint_every == 0 or self.done_units == self.cfg.iterations:
+            if self.done_units % self.checkpoint_every == 0 or self.done_units == self.cfg.iterations:
                 means = self.flush(self.done_units, "losses/total", "BlockDrop")
                 bar.set_postfix(
                     acc=f"{means['charts/train_accuracy']:.3f}", flops=f"{means['charts/flops_fraction']:.3f}"

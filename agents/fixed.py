@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -13,10 +14,27 @@ from torch import Tensor
 from agents.policies import StaticPolicy
 from backbones.base import Backbone, skip
 from backbones.data import Dataset, batches
+from backbones.options import UNIT, check_options, option
 from backbones.progress import progress_bar
 from skipnet_env.engine import freeze, resolve_precision
 
 log = logging.getLogger(__name__)
+
+FIXED_POLICY_BUDGET = 0.6
+"""what static and random spend when no budget is given"""
+
+
+@dataclass
+class FixedConfig:
+    """The data-independent baselines' options (their budget is the run's ``--budget``)."""
+
+    rate: float | None = option(None, UNIT)
+    """random: execute probability of each gated block (default: the rate that spends --budget)"""
+    static_mix: bool = True
+    """static: spend --budget exactly on average, running the next larger subset on a random share of images"""
+
+    def __post_init__(self) -> None:
+        check_options(self)
 
 
 def static_flops_fraction(backbone: Backbone, mask: list[bool], first_gated: int = 1) -> float:

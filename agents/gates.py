@@ -10,14 +10,16 @@ FLOPs are counted with ``torch.utils.flop_counter`` per gated block (:meth:`Gate
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, cast
+from typing import Any, ClassVar, Literal, cast
 
 import torch
 from torch import Tensor, nn
 
 from backbones.base import Backbone
 from backbones.flops import count_flops
+from backbones.options import POSITIVE_INT, check_options, option
 
 
 class GatePolicy(nn.Module):
@@ -129,10 +131,36 @@ POOL_FNS = {
     "std": lambda h: h.float().std(dim=(2, 3)),
 }
 POOLINGS = {"mean": ("mean",), "mean_max_std": ("mean", "max", "std")}
-# the recurrent gate's defaults, the runs' too (BENCHMARKS.md section 4: 16-d, a learned bias per block)
-RNN_EMBED = 16
-RNN_HIDDEN = 16
-RNN_POSITION_BIAS = True
+Pooling = Literal["mean", "mean_max_std"]
+
+
+@dataclass
+class RecurrentGateConfig:
+    """The recurrent gate's options: ``hybrid_rnn``'s, and those of the gates joint SP trains (the
+    defaults are the runs': BENCHMARKS.md section 4, 16-d with a learned bias per block)."""
+
+    flag_prefix: ClassVar[str] = "rnn_"
+
+    hidden: int = option(16, POSITIVE_INT)
+    """hybrid_rnn: LSTM hidden size (reference code: 10 in SP, 64 in RL; 64 costs 5% of the default network)"""
+    embed: int = option(16, POSITIVE_INT)
+    """hybrid_rnn: size of the pooled activation's embedding fed to the LSTM"""
+    pooling: Pooling = "mean"
+    """hybrid_rnn: what the gate reads off the activation: mean (SkipNet's average pool) or mean_max_std"""
+    position_bias: bool = True
+    """hybrid_rnn: a learned logit offset per gated block (the data-independent part of the decision)"""
+
+    def __post_init__(self) -> None:
+        check_options(self)
+
+    def options(self) -> dict[str, Any]:
+        """:class:`RecurrentGate`'s keyword arguments (and the gates' identity in a skip-ready checkpoint)."""
+        return {
+            "hidden_size": self.hidden,
+            "embed_dim": self.embed,
+            "pooling": self.pooling,
+            "position_bias": self.position_bias,
+        }
 
 
 class RecurrentGate(GatePolicy):
@@ -144,11 +172,11 @@ class RecurrentGate(GatePolicy):
         self,
         backbone: Backbone,
         first_gated: int = 1,
-        embed_dim: int = RNN_EMBED,
-        hidden_size: int = RNN_HIDDEN,
+        embed_dim: int = RecurrentGateConfig.embed,
+        hidden_size: int = RecurrentGateConfig.hidden,
         init_execute: float = 2.0,
-        position_bias: bool = RNN_POSITION_BIAS,
-        pooling: str = "mean",
+        position_bias: bool = RecurrentGateConfig.position_bias,
+        pooling: str = RecurrentGateConfig.pooling,
     ) -> None:
         super().__init__(backbone, first_gated)
         if pooling not in POOLINGS:

@@ -31,9 +31,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +45,7 @@ from agents.gates import GatePolicy
 from agents.trainer import CHECKPOINT_EVERY, Trainer
 from backbones.base import Backbone, skip
 from backbones.data import Dataset, batches
+from backbones.options import COUNT, NON_NEGATIVE, POSITIVE, POSITIVE_INT, UNIT, check_options, option
 from backbones.progress import progress_bar
 from skipnet_env.core import DEFAULT_ALPHA, SKIPNET_REWARD, BatchedRouting
 from skipnet_env.engine import freeze
@@ -52,40 +54,61 @@ from skipnet_env.vector_env import SkipNetVectorEnv
 log = logging.getLogger(__name__)
 
 
-BASELINES = ("self_critical", "batch_mean", "none")
+Baseline = Literal["self_critical", "batch_mean", "none"]
+BASELINES: tuple[str, ...] = typing.get_args(Baseline)
+SP_EPOCHS = 10
+"""SP epochs on a frozen backbone, where no other default applies"""
+HRL_ITERATIONS = 500
+"""HRL iterations on the base recipe"""
 
 
 @dataclass
 class HybridConfig:
-    """The hybrid trainer's settings (see :class:`agents.config.RunConfig` for their meaning)."""
+    """SkipNet's hybrid trainer: SP, then HRL. The run's compute price (``alpha``, ``budget``), seed,
+    precision and batch are not here: they are the run's, given to :class:`HybridTrainer` as they are."""
 
-    sp_epochs: int = 10
-    sp_batch: int = 128
-    sp_lr: float = 3e-3
-    sp_alpha: float | None = None
+    sp_epochs: int | None = option(None, COUNT)
+    """hybrid: supervised pre-training epochs on the frozen backbone (default: 10, except hybrid_rnn on a skip-ready
+    backbone: 0, its gates as joint SP trained them for --joint-budget, or 3 when --budget or --alpha asks for
+    another compute)"""
+    sp_batch: int = option(128, POSITIVE_INT)
+    """hybrid: images per SP step, on every device (SP's learning rate and steps are tuned for it; --num-envs sizes
+    the environment's batch)"""
+    sp_lr: float = option(3e-3, POSITIVE, resumable=True)
+    """hybrid: Adam learning rate of the gates in supervised pre-training"""
+    sp_alpha: float | None = option(None, NON_NEGATIVE)
+    """hybrid: weight of compute in SP's loss (default: --alpha; 0 is the paper's SP, cross-entropy alone)"""
     sp_sample: bool = True
-    sp_alpha_warmup: int = 3
-    hrl_iterations: int = 500
-    hrl_lr: float = 1e-4
-    alpha: float = DEFAULT_ALPHA
-    budget: float | None = None
-    gamma: float = 1.0
-    baseline: str = "self_critical"
-    entropy_coef: float = 0.0
-    rl_weight: float = 0.01
-    num_envs: int = 128
-    precision: str = "auto"
+    """hybrid: SP gates are samples (logistic noise before the threshold, straight-through), not thresholds"""
+    sp_alpha_warmup: int = option(3, COUNT)
+    """hybrid: SP epochs over which the compute weight ramps up linearly from 0 (0: full weight at once)"""
+    hrl_iterations: int | None = option(None, COUNT)
+    """hybrid: REINFORCE iterations, one batch of num_envs episodes each (default: 500 on the base recipe; 0 on a
+    skip-ready backbone, where HRL after joint SP did not help: BENCHMARKS.md section 9)"""
+    hrl_lr: float = option(1e-4, POSITIVE, resumable=True)
+    """hybrid: Adam learning rate of the gates in hybrid RL"""
+    gamma: float = option(1.0, UNIT)
+    """hybrid: discount of the per-gate returns"""
+    baseline: Baseline = "self_critical"
+    """hybrid: REINFORCE baseline: self_critical (the greedy route's return on the same image), batch_mean, none"""
+    rl_weight: float = option(0.01, NON_NEGATIVE)
+    """hybrid: weight of the REINFORCE term beside the cross-entropy (paper: 0.01)"""
     finetune_backbone: bool = False
-    backbone_lr: float = 1e-4
-    seed: int = 0
-    checkpoint_every: int = CHECKPOINT_EVERY
-    log_every: int = 20
+    """hybrid: train the backbone too (the paper's full recipe); BatchNorm statistics stay frozen"""
+    backbone_lr: float = option(1e-4, POSITIVE, resumable=True)
+    """hybrid: learning rate of the backbone when fine-tuning"""
+    log_every: int = option(20, POSITIVE_INT, resumable=True)
+    """hybrid: log (and sync with the device) every this many HRL iterations"""
 
     def __post_init__(self) -> None:
-        if self.baseline not in BASELINES:
-            raise ValueError(f"baseline must be one of {', '.join(BASELINES)}, got {self.baseline!r}")
-        if not 0.0 <= self.gamma <= 1.0:
-            raise ValueError(f"gamma must be in [0, 1], got {self.gamma}")
+        check_options(self)
+
+    def stages(self) -> tuple[int, int]:
+        """``(sp_epochs, hrl_iterations)``, the defaults where unset."""
+        return (
+            SP_EPOCHS if self.sp_epochs is None else self.sp_epochs,
+            HRL_ITERATIONS if self.hrl_iterations is None else self.hrl_iterations,
+        )
 
 
 def straight_through(p: Tensor) -> Tensor:
@@ -167,6 +190,11 @@ class HybridTrainer(Trainer):
             ``checkpoint_every`` HRL iterations).
         metadata: written into every checkpoint (agent, backbone identity, ...).
         writer: a TensorBoard ``SummaryWriter`` (or ``None``).
+        num_envs: images per HRL batch (the environment's).
+        alpha: weight of compute in the reward (and in SP's loss unless ``cfg.sp_alpha``).
+        budget: a FLOPs fraction to meet instead: the compute weight becomes a multiplier, starting at ``alpha``.
+        entropy_coef: weight of the gates' entropy bonus in HRL.
+        seed, precision, checkpoint_every: :class:`agents.trainer.Trainer`'s.
     """
 
     def __init__(
@@ -180,19 +208,32 @@ class HybridTrainer(Trainer):
         metadata: dict[str, Any],
         writer: Any = None,
         progress: bool = True,
+        *,
+        num_envs: int,
+        alpha: float = DEFAULT_ALPHA,
+        budget: float | None = None,
+        entropy_coef: float = 0.0,
+        seed: int = 0,
+        precision: str = "auto",
+        checkpoint_every: int = CHECKPOINT_EVERY,
     ) -> None:
-        super().__init__(device, checkpoint, metadata, writer, progress)
-        self.backbone, self.gates, self.data, self.cfg = backbone.to(device).eval(), gates.to(device), train_data, cfg
+        super().__init__(
+            cfg, device, checkpoint, metadata, writer, progress,
+            seed=seed, precision=precision, checkpoint_every=checkpoint_every,
+        )  # fmt: skip
+        self.backbone, self.gates, self.data = backbone.to(device).eval(), gates.to(device), train_data
+        self.sp_epochs, self.hrl_iterations = cfg.stages()
+        self.num_envs, self.alpha, self.budget, self.entropy_coef = num_envs, alpha, budget, entropy_coef
         self.backbone.requires_grad_(cfg.finetune_backbone)
         self.sp_opt = torch.optim.Adam(self._param_groups(), lr=cfg.sp_lr)
         self.hrl_opt = torch.optim.Adam(self._param_groups(), lr=cfg.hrl_lr)
-        self.generator = torch.Generator().manual_seed(cfg.seed)  # SP's data order
+        self.generator = torch.Generator().manual_seed(seed)  # SP's data order
         # HRL's action sampling draws from its own generator, saved and restored with the run
-        self.action_generator = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+        self.action_generator = torch.Generator(device=device).manual_seed(seed + 1)
         self.stage = "sp"  # done_units: epochs in SP, iterations in HRL
         # SP's compute weight: sp_alpha, or with a budget the multiplier that meets it (HRL then prices
         # compute at the multiplier SP ended with)
-        self.price = ComputePrice(self.sp_alpha, cfg.budget, device)
+        self.price = ComputePrice(self.sp_alpha, budget, device)
         self.env: SkipNetVectorEnv | None = None
         self.resume_sampler: dict[str, Any] | None = None
 
@@ -200,12 +241,12 @@ class HybridTrainer(Trainer):
     def hrl_alpha(self) -> float:
         """Weight of compute in HRL: ``alpha``, or with a budget the multiplier SP reached."""
         # a budget's multiplier may go below 0 (compute rewarded, up to the budget); the reward's alpha may not
-        return self.cfg.alpha if self.cfg.budget is None else max(float(self.price.value), 0.0)
+        return self.alpha if self.budget is None else max(float(self.price.value), 0.0)
 
     @property
     def sp_alpha(self) -> float:
         """Weight of compute in SP: ``cfg.sp_alpha``, or HRL's ``alpha`` when unset."""
-        return self.cfg.alpha if self.cfg.sp_alpha is None else self.cfg.sp_alpha
+        return self.alpha if self.cfg.sp_alpha is None else self.cfg.sp_alpha
 
     def _param_groups(self) -> list[dict[str, Any]]:
         """Fresh parameter groups for one optimizer (an optimizer writes its defaults into the
@@ -221,9 +262,6 @@ class HybridTrainer(Trainer):
         if self.cfg.finetune_backbone:
             params += [(f"backbone.{n}", p) for n, p in self.backbone.named_parameters()]
         return params
-
-    def config_metadata(self) -> dict[str, Any]:
-        return {"hybrid_config": dataclasses.asdict(self.cfg)}
 
     def training_state(self) -> dict[str, Any]:
         state = {
@@ -262,16 +300,16 @@ class HybridTrainer(Trainer):
         cfg = self.cfg
         steps = math.ceil(len(self.data) / cfg.sp_batch)
         bar = progress_bar(
-            cfg.sp_epochs * steps, "SP (straight-through)", self.progress, initial=self.done_units * steps
+            self.sp_epochs * steps, "SP (straight-through)", self.progress, initial=self.done_units * steps
         )
         # the compute cost of executing gated block k rather than skipping it, a share of the full network
         meter = SpendingMeter(self.backbone, self.gates, self.device)
         # a frozen backbone runs on the execution engine (BN folded; bf16, channels_last on CUDA):
         # the gradient reaches the gates through its activations, not its weights
-        sp_net = self.backbone if cfg.finetune_backbone else freeze(self.backbone, precision=cfg.precision)
-        for epoch in range(self.done_units, cfg.sp_epochs):
+        sp_net = self.backbone if cfg.finetune_backbone else freeze(self.backbone, precision=self.precision)
+        for epoch in range(self.done_units, self.sp_epochs):
             # a budget's multiplier needs no ramp: it rises from alpha as far as the spending asks
-            ramp = min(1.0, (epoch + 1) / cfg.sp_alpha_warmup) if cfg.sp_alpha_warmup > 0 and not cfg.budget else 1.0
+            ramp = min(1.0, (epoch + 1) / cfg.sp_alpha_warmup) if cfg.sp_alpha_warmup > 0 and not self.budget else 1.0
             losses, spent = [], []
             for x, y in batches(self.data, cfg.sp_batch, self.device, train=True, generator=self.generator):
                 noise = self.action_generator if cfg.sp_sample else None
@@ -293,7 +331,7 @@ class HybridTrainer(Trainer):
             log.info(
                 "SP epoch %d/%d: loss %.4f, greedy gates spend %.1f%% of the FLOPs, compute weight %.3f",
                 self.done_units,
-                cfg.sp_epochs,
+                self.sp_epochs,
                 float(torch.stack(losses).mean()),
                 100 * flops,
                 price,
@@ -311,13 +349,13 @@ class HybridTrainer(Trainer):
     # -- stage 2 ----------------------------------------------------------------------------
     def make_env(self) -> SkipNetVectorEnv:
         return SkipNetVectorEnv(
-            self.cfg.num_envs,
+            self.num_envs,
             self.backbone,
             self.data,
             alpha=self.hrl_alpha,
             **SKIPNET_REWARD,
             device=self.device,
-            precision=self.cfg.precision,
+            precision=self.precision,
             return_tensors=True,
             differentiable=self.cfg.finetune_backbone,
             gate_first_block=self.gates.first_gated == 0,
@@ -376,7 +414,7 @@ class HybridTrainer(Trainer):
 
     def train_hrl(self) -> None:
         cfg = self.cfg
-        if self.done_units >= cfg.hrl_iterations:  # nothing to do (--hrl-iterations 0): no environment to build
+        if self.done_units >= self.hrl_iterations:  # nothing to do (--hrl-iterations 0): no environment to build
             self.stage = "done"
             self.save()
             return
@@ -385,20 +423,20 @@ class HybridTrainer(Trainer):
             env.sampler.restore(self.resume_sampler)
             env.reset()
         else:
-            env.reset(seed=cfg.seed)
+            env.reset(seed=self.seed)
         # a fine-tuned backbone changes every iteration: the replay runs on it (under no_grad), not on a frozen copy
         self.replay = BatchedRouting(
-            self.backbone, env.core.reward, self.gates.first_gated == 0, cfg.finetune_backbone, cfg.precision
+            self.backbone, env.core.reward, self.gates.first_gated == 0, cfg.finetune_backbone, self.precision
         )
         gate_share = sum(self.gates.flops) / self.backbone.flops.full  # the gates' own FLOPs, a share of the network
         # linear decay to 0 over the stage: REINFORCE's noisy steps settle instead of wandering at the end
         start = self.done_units
         schedule = torch.optim.lr_scheduler.LambdaLR(
-            self.hrl_opt, lambda it: 1.0 - (start + it) / max(cfg.hrl_iterations, 1)
+            self.hrl_opt, lambda it: 1.0 - (start + it) / max(self.hrl_iterations, 1)
         )
-        bar = progress_bar(cfg.hrl_iterations, "HRL (REINFORCE)", self.progress, initial=self.done_units)
+        bar = progress_bar(self.hrl_iterations, "HRL (REINFORCE)", self.progress, initial=self.done_units)
         last: dict[str, float] = {}
-        for it in range(self.done_units, cfg.hrl_iterations):
+        for it in range(self.done_units, self.hrl_iterations):
             if cfg.finetune_backbone and it > 0:
                 # the autoreset computed the next batch's first activation with the weights of before the
                 # last update; start it again so the graph holds the current weights
@@ -413,7 +451,7 @@ class HybridTrainer(Trainer):
             self.price.update(spent, BUDGET_STEP_HRL)
             rl = reinforce_loss(ep["log_prob"], advantages(returns, cfg.baseline, greedy))
             entropy = ep["entropy"].mean()
-            loss = cfg.rl_weight * (rl - cfg.entropy_coef * entropy)
+            loss = cfg.rl_weight * (rl - self.entropy_coef * entropy)
             if cfg.finetune_backbone:  # the supervised term: trains the backbone through executed blocks
                 loss = loss + F.cross_entropy(ep["logits"], ep["label"])
             self.hrl_opt.zero_grad(set_to_none=True)
@@ -433,24 +471,24 @@ class HybridTrainer(Trainer):
                     "charts/greedy_flops_fraction": spent.float().mean(),
                 }
             )
-            if self.done_units % cfg.log_every == 0 or self.done_units == cfg.hrl_iterations:
+            if self.done_units % cfg.log_every == 0 or self.done_units == self.hrl_iterations:
                 # means over log_every iterations: one host sync per log_every, not per iteration
                 means = self.flush(self.done_units, "losses/total", "HRL")
-                if cfg.budget is not None:  # the reward prices compute at the budget's price (one sync per log)
+                if self.budget is not None:  # the reward prices compute at the budget's price (one sync per log)
                     self.set_alpha(float(self.price.weight(torch.tensor(means["charts/greedy_flops_fraction"]))))
                     self.write({"charts/compute_weight": env.core.reward.alpha}, self.done_units)
                 last = means
                 bar.set_postfix(
                     acc=f"{means['charts/train_accuracy']:.3f}", flops=f"{means['charts/flops_fraction']:.3f}"
                 )
-            if self.done_units % cfg.checkpoint_every == 0:
+            if self.done_units % self.checkpoint_every == 0:
                 self.save()
         bar.close()
         if last:
             log.info(
                 "HRL: %d iterations; the last %d: train accuracy %.4f, greedy gates spend %.1f%% of the FLOPs, "
                 "alpha %.3f",
-                cfg.hrl_iterations,
+                self.hrl_iterations,
                 cfg.log_every,
                 last["charts/train_accuracy"],
                 100 * last["charts/greedy_flops_fraction"],

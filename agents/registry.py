@@ -11,14 +11,19 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 
 from agents.blockdrop import BlockDropConfig, BlockDropNet, BlockDropTrainer, OneShotPolicy
-from agents.config import FIXED_POLICY_BUDGET, RunConfig
-from agents.fixed import cached_elimination_path, random_rate_for_budget, static_for_budget
-from agents.gates import GatePolicy, create_gates
+from agents.fixed import (
+    FIXED_POLICY_BUDGET,
+    FixedConfig,
+    cached_elimination_path,
+    random_rate_for_budget,
+    static_for_budget,
+)
+from agents.gates import GatePolicy, RecurrentGateConfig, create_gates
 from agents.hybrid import HybridConfig, HybridTrainer
 from agents.policies import (
     GateRoutingPolicy,
@@ -32,17 +37,39 @@ from agents.skip_ready import gate_identity, load_gates
 from backbones.base import Backbone
 from backbones.checkpoint import atomic_save
 from backbones.data import Dataset
+from backbones.options import POSITIVE_INT, check_options, option
 from backbones.progress import progress_bar
 from skipnet_env.core import SKIPNET_REWARD
+from skipnet_env.engine import Precision
 
 log = logging.getLogger(__name__)
+
+
+class AgentOptions(Protocol):
+    """What an agent reads of the run's configuration (:class:`experiments.config.RunConfig` has it):
+    the run's cross-cutting values and each agent's own part."""
+
+    alpha: float
+    budget: float | None
+    seed: int
+    precision: Precision
+    entropy_coef: float
+    checkpoint_every: int
+    progress: bool
+    hybrid: HybridConfig
+    gates: RecurrentGateConfig
+    blockdrop: BlockDropConfig
+    sb3: SB3Config
+    fixed: FixedConfig
+
+    def batch_sizes(self) -> tuple[int, int]: ...
 
 
 @dataclass
 class AgentContext:
     """What an agent gets to train with."""
 
-    cfg: RunConfig
+    cfg: AgentOptions
     backbone: Backbone
     train_data: Dataset
     device: torch.device
@@ -100,8 +127,11 @@ def get_agent(name: str) -> AgentSpec:
 
 
 def _gates(ctx: AgentContext, kind: str) -> GatePolicy:
-    kwargs: dict[str, Any] = ctx.cfg.gate_options() if kind == "rnn" else {}
-    return create_gates(kind, ctx.backbone, **kwargs).to(ctx.device)
+    return create_gates(kind, ctx.backbone, **_gate_options(ctx, kind)).to(ctx.device)
+
+
+def _gate_options(ctx: AgentContext, kind: str) -> dict[str, Any]:
+    return ctx.cfg.gates.options() if kind == "rnn" else {}
 
 
 def _start_gates(ctx: AgentContext, kind: str) -> GatePolicy:
@@ -109,31 +139,21 @@ def _start_gates(ctx: AgentContext, kind: str) -> GatePolicy:
     those gates: the paper's recipe (SP jointly, then HRL) continues from them."""
     gates = _gates(ctx, kind)
     joint = ctx.backbone_meta.get("skip_ready", {}).get("gates")
-    wanted = gate_identity(kind, ctx.cfg.gate_options() if kind == "rnn" else {}, gates.first_gated)
+    wanted = gate_identity(kind, _gate_options(ctx, kind), gates.first_gated)
     if joint == wanted and "checkpoint" in ctx.backbone_meta:
         gates.load_state_dict(load_gates(ctx.backbone_meta["checkpoint"], ctx.backbone, ctx.device).state_dict())
         log.info("hybrid_%s starts from the gates joint SP trained beside the backbone", kind)
     return gates
 
 
-def hybrid_config(cfg: RunConfig) -> HybridConfig:
-    """The hybrid trainer's settings, read from the run's fields of the same names (every one must
-    exist there: a renamed field is an error, never a silent default)."""
-    names = [f.name for f in dataclasses.fields(HybridConfig)]
-    missing = [n for n in names if n not in {f.name for f in dataclasses.fields(RunConfig)}]
-    if missing:
-        raise TypeError(f"RunConfig lacks the hybrid settings {missing}: add them beside HybridConfig's")
-    return HybridConfig(**{n: getattr(cfg, n) for n in names})
-
-
 def _hybrid(kind: str) -> AgentSpec:
     def train(ctx: AgentContext, state: dict | None) -> RoutingPolicy:
         c = ctx.cfg
-        hcfg = hybrid_config(c)
-        gates = _start_gates(ctx, kind)
         trainer = HybridTrainer(
-            ctx.backbone, gates, ctx.train_data, hcfg, ctx.device, ctx.checkpoint, ctx.metadata, ctx.writer, c.progress
-        )
+            ctx.backbone, _start_gates(ctx, kind), ctx.train_data, c.hybrid, ctx.device, ctx.checkpoint,
+            ctx.metadata, ctx.writer, c.progress, num_envs=c.batch_sizes()[0], alpha=c.alpha, budget=c.budget,
+            entropy_coef=c.entropy_coef, seed=c.seed, precision=c.precision, checkpoint_every=c.checkpoint_every,
+        )  # fmt: skip
         if state is not None:
             trainer.resume()
         return GateRoutingPolicy(trainer.train(), f"hybrid_{kind}")
@@ -154,6 +174,17 @@ register_agent("hybrid_ff2", _hybrid("ff2"))
 
 
 # -- Stable-Baselines3 -----------------------------------------------------------------------------
+
+
+@dataclass
+class SB3Config:
+    """The Stable-Baselines3 agents' options (their algorithms' own settings: :mod:`agents.sb3_agents`)."""
+
+    timesteps: int = option(150_000, POSITIVE_INT)
+    """SB3 agents: environment steps to train for (image-blocks; images for ppo_oneshot)"""
+
+    def __post_init__(self) -> None:
+        check_options(self)
 
 
 def _sb3(algo: str, env_id: EnvId = "SkipNet-v0") -> AgentSpec:
@@ -186,8 +217,9 @@ def _sb3(algo: str, env_id: EnvId = "SkipNet-v0") -> AgentSpec:
         model = make(ctx)
         if state is not None:
             sb3_agents.load_model_state(model, state)
-        remaining = ctx.cfg.timesteps - model.num_timesteps
-        bar = progress_bar(ctx.cfg.timesteps, f"{algo} (SB3)", ctx.cfg.progress, initial=model.num_timesteps)
+        timesteps = ctx.cfg.sb3.timesteps
+        remaining = timesteps - model.num_timesteps
+        bar = progress_bar(timesteps, f"{algo} (SB3)", ctx.cfg.progress, initial=model.num_timesteps)
         callback = sb3_agents.CheckpointCallback(ctx.checkpoint, {**ctx.metadata, "stage": "train"}, bar=bar)
         if remaining > 0:
             model.learn(total_timesteps=remaining, callback=callback, reset_num_timesteps=state is None)
@@ -216,26 +248,15 @@ register_agent("ppo_oneshot", _sb3("ppo", "SkipNetOneShot-v0"))
 
 def _blockdrop_net(ctx: AgentContext, width: int | None = None) -> BlockDropNet:
     num_gates = ctx.backbone.num_blocks - 1
-    return BlockDropNet(ctx.backbone.input_size[0], num_gates, width or ctx.cfg.blockdrop_width).to(ctx.device)
+    return BlockDropNet(ctx.backbone.input_size[0], num_gates, width or ctx.cfg.blockdrop.width).to(ctx.device)
 
 
 def _train_blockdrop(ctx: AgentContext, state: dict | None) -> RoutingPolicy:
     c = ctx.cfg
-    cfg = BlockDropConfig(
-        iterations=c.blockdrop_iterations,
-        lr=c.blockdrop_lr,
-        alpha=c.alpha,
-        num_envs=c.batch_sizes()[0],
-        entropy_coef=c.entropy_coef,
-        seed=c.seed,
-        checkpoint_every=c.checkpoint_every,
-        precision=c.precision,
-        accuracy_reward=c.blockdrop_reward,
-        explore=c.blockdrop_explore,
-    )
     trainer = BlockDropTrainer(
-        ctx.backbone, _blockdrop_net(ctx), ctx.train_data, cfg, ctx.device, ctx.checkpoint, ctx.metadata, ctx.writer,
-        c.progress,
+        ctx.backbone, _blockdrop_net(ctx), ctx.train_data, c.blockdrop, ctx.device, ctx.checkpoint, ctx.metadata,
+        ctx.writer, c.progress, num_envs=c.batch_sizes()[0], alpha=c.alpha, entropy_coef=c.entropy_coef,
+        seed=c.seed, precision=c.precision, checkpoint_every=c.checkpoint_every,
     )  # fmt: skip
     if state is not None:
         trainer.resume(state)
@@ -269,8 +290,8 @@ def _budget(ctx: AgentContext) -> float:
 
 def _random_rate(ctx: AgentContext) -> float:
     """``--rate``, or the rate at which random skipping spends ``--budget`` of the FLOPs."""
-    if ctx.cfg.rate is not None:
-        return ctx.cfg.rate
+    if ctx.cfg.fixed.rate is not None:
+        return ctx.cfg.fixed.rate
     return random_rate_for_budget(ctx.backbone, _budget(ctx))
 
 
@@ -284,7 +305,7 @@ def _train_static(ctx: AgentContext, state: dict | None) -> RoutingPolicy:
     path = cached_elimination_path(
         ctx.backbone, ctx.train_data, ctx.device, ctx.metadata, ctx.cfg.progress, precision=ctx.cfg.precision
     )
-    policy = static_for_budget(path, _budget(ctx), ctx.cfg.static_mix, ctx.cfg.seed)
+    policy = static_for_budget(path, _budget(ctx), ctx.cfg.fixed.static_mix, ctx.cfg.seed)
     more = {} if policy.mask_more is None else {"mask_more": torch.tensor(policy.mask_more)}
     _fixed_save(ctx, mask=torch.tensor(policy.mask), share_more=policy.share_more, **more)
     return policy
@@ -307,4 +328,4 @@ register_agent(
     AgentSpec(_train_static, _load_static, role="matched", takes_budget=True),
 )
 
-__all__ = ["AGENTS", "AgentContext", "AgentSpec", "get_agent", "register_agent"]
+__all__ = ["AGENTS", "AgentContext", "AgentOptions", "AgentSpec", "SB3Config", "get_agent", "register_agent"]

@@ -34,7 +34,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +47,7 @@ from backbones.cache import building, cache_dir
 from backbones.checkpoint import atomic_save, backbone_metadata, fingerprint, load_backbone, safe_load
 from backbones.data import Dataset, ImageTensors, batches
 from backbones.device import seed_everything
+from backbones.options import COUNT, FLOPS_FRACTION, NON_NEGATIVE, POSITIVE, POSITIVE_INT, UNIT, check_options, option
 from backbones.progress import progress_bar
 from backbones.train import evaluate
 
@@ -62,36 +63,41 @@ DEFAULT_EPOCHS, MIN_STEPS = 6, 500
 
 @dataclass
 class JointConfig:
-    """Joint supervised pre-training of a backbone and its gates (the paper's SP)."""
+    """Joint supervised pre-training of a backbone and its gates (the paper's SP). Its seed is the
+    run's, given to :func:`get_skip_ready` as it is."""
 
-    epochs: int | None = None
-    """epochs over the training set (default: 6, or as many as make 500 steps on a smaller data set: the gates and
-    the budget's multiplier need steps to settle)"""
-    lr: float = 0.02
-    """peak SGD learning rate of the backbone (cosine decay to 0)"""
-    gate_lr: float = 3e-3
-    """Adam learning rate of the gates"""
-    alpha: float = 2.0
-    """weight of compute in the loss (each gated block costs alpha x its share of the FLOPs); 0: the paper's SP"""
-    budget: float | None = 0.5
-    """target FLOPs fraction (gates included) the gates are trained to spend: the compute weight becomes a multiplier,
-    starting at alpha, that meets it (None: alpha prices compute)"""
-    alpha_warmup: int = 2
-    """epochs over which the compute weight ramps up linearly from 0"""
+    flag_prefix: ClassVar[str] = "joint_"
+
+    epochs: int | None = option(None, POSITIVE_INT)
+    """skip_ready: epochs of joint SP (backbone + gates; default 6, or as many as make 500 steps on a small data set:
+    the gates and the budget's multiplier need steps to settle)"""
+    lr: float = option(0.02, POSITIVE)
+    """skip_ready: peak SGD learning rate of the backbone in joint SP (cosine decay to 0)"""
+    gate_lr: float = option(3e-3, POSITIVE)
+    """skip_ready: Adam learning rate of the gates in joint SP"""
+    alpha: float = option(2.0, NON_NEGATIVE)
+    """skip_ready: weight of compute in joint SP's loss (each gated block costs alpha x its share of the FLOPs; 0: the
+    paper's SP, cross-entropy alone)"""
+    budget: float | None = option(0.5, FLOPS_FRACTION)
+    """skip_ready: FLOPs fraction (gates included) joint SP's gates are trained to spend: the compute weight becomes a
+    multiplier, starting at --joint-alpha, that meets it (None: --joint-alpha prices compute)"""
+    alpha_warmup: int = option(2, COUNT)
+    """skip_ready: epochs over which joint SP's compute weight ramps up linearly from 0"""
     sample: bool = False
-    """gates are samples (logistic noise before the threshold, straight-through), not thresholds (the paper's)"""
+    """skip_ready: joint SP's gates are samples (logistic noise before the threshold), not thresholds (the paper's)"""
     bn: BatchNormMode = "train"
-    """BatchNorm: train (batch statistics of the routed network) or frozen (the base network's statistics)"""
-    momentum: float = 0.9
-    """SGD momentum of the backbone"""
-    weight_decay: float = 5e-4
-    """L2 weight decay of the backbone"""
-    shift: int = 2
-    """pad-and-crop augmentation in pixels (the base training's)"""
-    batch_size: int = 128
-    """images per step"""
-    seed: int = 0
-    """seed of the data order, the augmentation and the gates' samples"""
+    """skip_ready: BatchNorm in joint SP: train (the routed network's batch statistics) or frozen (the base's)"""
+    momentum: float = option(0.9, UNIT)
+    """skip_ready: SGD momentum of the backbone in joint SP"""
+    weight_decay: float = option(5e-4, NON_NEGATIVE)
+    """skip_ready: L2 weight decay of the backbone in joint SP"""
+    shift: int = option(2, COUNT)
+    """skip_ready: pad-and-crop augmentation in pixels in joint SP (the base training's)"""
+    batch_size: int = option(128, POSITIVE_INT)
+    """skip_ready: images per joint SP step, on every device"""
+
+    def __post_init__(self) -> None:
+        check_options(self)
 
     def resolved(self, num_images: int) -> JointConfig:
         """This configuration with ``epochs`` set, for a training set of ``num_images``."""
@@ -99,24 +105,6 @@ class JointConfig:
             return self
         steps = math.ceil(num_images / self.batch_size)
         return dataclasses.replace(self, epochs=max(DEFAULT_EPOCHS, math.ceil(MIN_STEPS / steps)))
-
-    def __post_init__(self) -> None:
-        problems = []
-        if self.epochs is not None and self.epochs < 1:
-            problems.append(f"epochs must be >= 1, got {self.epochs}")
-        for name in ("lr", "gate_lr"):
-            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
-                problems.append(f"{name} must be a finite number > 0, got {getattr(self, name)}")
-        if not (math.isfinite(self.alpha) and self.alpha >= 0):
-            problems.append(f"alpha must be a finite number >= 0, got {self.alpha}")
-        if self.alpha_warmup < 0 or self.shift < 0 or self.batch_size < 1:
-            problems.append("alpha_warmup and shift must be >= 0, batch_size >= 1")
-        if self.budget is not None and not (math.isfinite(self.budget) and 0 < self.budget <= 1):
-            problems.append(f"budget must be a FLOPs fraction in (0, 1], got {self.budget}")
-        if self.bn not in ("train", "frozen"):
-            problems.append(f"bn must be 'train' or 'frozen', got {self.bn!r}")
-        if problems:
-            raise ValueError("joint SP: " + "; ".join(problems))
 
 
 class JointTrainer:
@@ -147,8 +135,10 @@ class JointTrainer:
         metadata: dict[str, Any] | None = None,
         progress: bool = True,
         data_fingerprint: str | None = None,
+        seed: int = 0,
     ) -> None:
         self.backbone, self.gates, self.data, self.cfg = backbone.to(device), gates.to(device), data, cfg
+        self.seed = seed
         # the data's identity, where every backbone checkpoint has it (load_backbone checks it there)
         self.identity = {} if data_fingerprint is None else {"data_fingerprint": data_fingerprint}
         self.device, self.checkpoint, self.dataset = device, Path(checkpoint), dataset
@@ -169,8 +159,8 @@ class JointTrainer:
             self.backbone_opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
         )
         self.gate_opt = torch.optim.Adam(self.gates.parameters(), lr=cfg.gate_lr)
-        self.generator = torch.Generator().manual_seed(cfg.seed)  # data order
-        self.noise = torch.Generator(device=device).manual_seed(cfg.seed + 1)  # the gates' samples
+        self.generator = torch.Generator().manual_seed(seed)  # data order
+        self.noise = torch.Generator(device=device).manual_seed(seed + 1)  # the gates' samples
         self.price = ComputePrice(cfg.alpha, cfg.budget, device)
         self.epoch = 0
         self.history: list[dict[str, float]] = []
@@ -180,7 +170,7 @@ class JointTrainer:
             self.backbone,
             self.dataset,
             complete=complete,
-            skip_ready={**self.metadata, "joint_config": dataclasses.asdict(self.cfg), "history": self.history},
+            skip_ready={**self.metadata, "joint_config": joint_identity(self.cfg, self.seed), "history": self.history},
             **self.identity,
             **extra,
         )
@@ -300,8 +290,18 @@ def _key(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def joint_identity(cfg: JointConfig, seed: int) -> dict[str, Any]:
+    """What names a joint SP stage in a skip-ready checkpoint and its cache key: its options and seed."""
+    return {**dataclasses.asdict(cfg), "seed": seed}
+
+
 def skip_ready_path(
-    base_meta: dict[str, Any], base_fingerprint: str, cfg: JointConfig, gates: dict[str, Any], data: str = ""
+    base_meta: dict[str, Any],
+    base_fingerprint: str,
+    cfg: JointConfig,
+    gates: dict[str, Any],
+    data: str = "",
+    seed: int = 0,
 ) -> Path:
     """Where the cache keeps the skip-ready backbone made from the base network ``base_fingerprint``
     with ``cfg`` and gates ``gates`` (kind and options) on the training images of fingerprint
@@ -310,7 +310,7 @@ def skip_ready_path(
         {
             "version": JOINT_SP_VERSION,
             "base": base_fingerprint,
-            "joint": dataclasses.asdict(cfg),
+            "joint": joint_identity(cfg, seed),
             "gates": gates,
             "data": data,
         }
@@ -330,6 +330,7 @@ def get_skip_ready(
     val_data: Dataset | None = None,
     path: Path | None = None,
     progress: bool = True,
+    seed: int = 0,
 ) -> tuple[Backbone, dict[str, Any]]:
     """The skip-ready backbone made from ``base`` by joint SP: trained on first use, then cached.
 
@@ -341,14 +342,14 @@ def get_skip_ready(
     cfg = cfg.resolved(len(train_data))  # the key names the epochs it trains, given or not
     gates_id = gate_identity(gate_kind, gate_options)
     flip = isinstance(train_data, ImageTensors) and train_data.flip  # the augmentation changes the weights too
-    path = path or skip_ready_path(base_meta, base_fp, cfg, gates_id, f"{train_data.fingerprint}-flip{flip}")
+    path = path or skip_ready_path(base_meta, base_fp, cfg, gates_id, f"{train_data.fingerprint}-flip{flip}", seed)
     with building(path):  # a second process wanting this backbone waits, then reuses it
         state = safe_load(path, map_location=device) if path.is_file() else None
         if state is not None and state["metadata"].get("complete"):
             log.info("reusing skip-ready backbone %s", path)
             net, meta = load_backbone(path, map_location=device)
             return net.to(device).eval(), {**meta, "checkpoint": str(path)}
-        seed_everything(cfg.seed)  # the gates' initial weights
+        seed_everything(seed)  # the gates' initial weights
         backbone = copy.deepcopy(base).to(device)
         options = {k: v for k, v in gates_id.items() if k not in ("kind", "first_gated")}
         gates = create_gates(gates_id["kind"], backbone, gates_id["first_gated"], **options)
@@ -360,7 +361,7 @@ def get_skip_ready(
         }
         trainer = JointTrainer(
             backbone, gates, train_data, cfg, device, path, base_meta["dataset"], metadata, progress,
-            data_fingerprint=base_meta.get("data_fingerprint"),
+            data_fingerprint=base_meta.get("data_fingerprint"), seed=seed,
         )  # fmt: skip
         if state is not None:
             trainer.resume(state)

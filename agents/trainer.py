@@ -14,6 +14,7 @@ A subclass says what it trains and what its state is; :class:`Trainer` gives it 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Iterable
@@ -59,11 +60,18 @@ class Trainer:
     """The skeleton of an agent's trainer.
 
     Args:
+        cfg: the trainer's own options (a dataclass, recorded in every checkpoint).
         device: where everything runs.
         checkpoint: path of the agent checkpoint.
         metadata: written into every checkpoint (agent, backbone and data identity, ...).
         writer: a TensorBoard ``SummaryWriter`` (or ``None``).
         progress: show progress bars (on a terminal).
+        seed: seeds the trainer's random generators (data order, sampled decisions).
+        precision: the frozen backbone's compute precision (``"auto"``, ``"fp32"``, ``"bf16"``).
+        checkpoint_every: iterations between checkpoints.
+
+    The run's cross-cutting values (seed, precision, and in a subclass the compute price and batch)
+    are arguments, given as the run has them; the subclass's own options are its ``cfg``.
 
     A subclass implements :meth:`trained_parameters`, :meth:`training_state` and
     :meth:`load_training_state`, and moves ``stage`` (a name of its own; ``"done"`` at the end) and
@@ -71,10 +79,21 @@ class Trainer:
     """
 
     def __init__(
-        self, device: torch.device, checkpoint: Path, metadata: dict[str, Any], writer: Any, progress: bool
+        self,
+        cfg: Any,
+        device: torch.device,
+        checkpoint: Path,
+        metadata: dict[str, Any],
+        writer: Any,
+        progress: bool,
+        *,
+        seed: int,
+        precision: str,
+        checkpoint_every: int,
     ) -> None:
-        self.device, self.checkpoint, self.metadata = device, Path(checkpoint), metadata
+        self.cfg, self.device, self.checkpoint, self.metadata = cfg, device, Path(checkpoint), metadata
         self.writer, self.progress = writer, progress
+        self.seed, self.precision, self.checkpoint_every = seed, precision, checkpoint_every
         self.stage, self.done_units = "train", 0
         self._logged: dict[str, list[Tensor]] = {}
 
@@ -92,7 +111,7 @@ class Trainer:
 
     def config_metadata(self) -> dict[str, Any]:
         """Entries of the checkpoint's metadata that describe the trainer's settings."""
-        return {}
+        return {"trainer_config": {**dataclasses.asdict(self.cfg), "seed": self.seed, "precision": self.precision}}
 
     # -- checkpoints ------------------------------------------------------------------------
     def save(self) -> None:

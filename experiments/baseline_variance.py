@@ -42,9 +42,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         train = load_dataset(args.dataset, "train")
         backbone, _ = get_trained("cifar_resnet38", args.dataset, progress=False, device="cpu")
     gates = create_gates("rnn", backbone)
-    cfg = HybridConfig(sp_epochs=args.sp_epochs, alpha=args.alpha, num_envs=args.num_envs, seed=args.seed)
+    cfg = HybridConfig(sp_epochs=args.sp_epochs)
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = HybridTrainer(backbone, gates, train, cfg, device, Path(tmp) / "a.pt", {}, progress=False)
+        trainer = HybridTrainer(
+            backbone, gates, train, cfg, device, Path(tmp) / "a.pt", {}, progress=False,
+            num_envs=args.num_envs, alpha=args.alpha, seed=args.seed,
+        )  # fmt: skip
         trainer.train_sp()
         env = trainer.make_env()
         env.reset(seed=args.seed)

@@ -255,20 +255,20 @@ def bench_recipe(net: Backbone, device: torch.device, images: int, hrl_iteration
     iterations, at the device's default batch size and the hybrid_rnn gates' defaults."""
     import tempfile
 
-    from agents.config import RunConfig
     from agents.gates import create_gates
     from agents.hybrid import HybridTrainer
-    from agents.registry import hybrid_config
+    from backbones.options import replace
+    from experiments.config import RunConfig
 
-    cfg = RunConfig(sp_epochs=1, hrl_iterations=hrl_iterations, progress=False).for_device(device, images)
+    cfg = replace(RunConfig(progress=False), sp_epochs=1, hrl_iterations=hrl_iterations).for_device(device, images)
     batch, _ = cfg.batch_sizes()
     data = synthetic(images, net.input_size, net.num_classes, seed=1)
-    rnn = {"hidden_size": cfg.rnn_hidden, "embed_dim": cfg.rnn_embed, "position_bias": cfg.rnn_position_bias}
-    gates = create_gates("rnn", net, **rnn).to(device)
+    gates = create_gates("rnn", net, **cfg.gates.options()).to(device)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = HybridTrainer(
-            net, gates, data, hybrid_config(cfg), device, Path(tmp) / "agent.pt", {}, progress=False
-        )
+            net, gates, data, cfg.hybrid, device, Path(tmp) / "agent.pt", {}, progress=False,
+            num_envs=batch, alpha=cfg.alpha, seed=cfg.seed, precision=cfg.precision,
+        )  # fmt: skip
         sync(device)
         t0 = time.perf_counter()
         trainer.train_sp()

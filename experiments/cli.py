@@ -1,6 +1,7 @@
-"""Build an ``argparse`` command line from a ``@dataclass`` config (CleanRL style).
+"""Build an ``argparse`` command line from a ``@dataclass`` configuration (CleanRL style).
 
-Each field becomes ``--field-name``; the one-line docstring under the field is its help text.
+Each option becomes ``--option-name`` (nested parts flat: :mod:`backbones.options`); the docstring
+under the field is its help text, ``Literal`` annotations its choices.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import typing
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar, cast
+
+from backbones.options import build, flag, flatten, option_fields
 
 T = TypeVar("T")
 
@@ -68,15 +71,13 @@ def _parser_type(tp: Any) -> tuple[Any, dict[str, Any]]:
     if origin in (list, tuple, Sequence):
         inner, _ = _parser_type(args[0]) if args else (str, {})
         return inner, {"nargs": "+", "action": _Repeatable}
-    if tp is bool:
-        return bool, {}
     return tp, {}
 
 
 def parse_value(cls: type, name: str, text: str) -> Any:
-    """``text`` as field ``name`` of dataclass ``cls`` takes it from its flag (its type and
-    choices; ``None`` where the field allows it; booleans as true / false / 1 / 0)."""
-    tp = typing.get_type_hints(cls)[name]
+    """``text`` as option ``name`` of configuration ``cls`` takes it from its flag (its type and
+    choices; ``None`` where the option allows it; booleans as true / false / 1 / 0)."""
+    tp = option_fields(cls)[name].hint
     if text == "None" and type(None) in typing.get_args(tp):
         return None
     kind, extra = _parser_type(tp)
@@ -93,70 +94,39 @@ def parse_value(cls: type, name: str, text: str) -> Any:
     return value
 
 
-def _default(f: dataclasses.Field, instance: Any) -> Any:
-    if instance is not None:
-        return getattr(instance, f.name)
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    factory: Any = f.default_factory
-    return factory()
-
-
-def _flags(cls: type, parser: argparse.ArgumentParser, seen: dict[str, str], owner: str, instance: Any = None) -> None:
-    """Add a flag per field of ``cls`` (defaults from ``instance`` when given); a field that is
-    itself a dataclass adds its own fields (flat, unprefixed: ``--alpha``, not ``--run-alpha``),
-    with the defaults of the outer field's default instance."""
-    docs = field_docs(cls)
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(hints[f.name]):
-            _flags(hints[f.name], parser, seen, f"{owner}.{f.name}", _default(f, instance))
-            continue
-        if f.name in seen:
-            raise TypeError(f"field {f.name!r} of {owner} repeats one of {seen[f.name]}: a flag must be unique")
-        seen[f.name] = owner
-        flag = "--" + f.name.replace("_", "-")
-        default = _default(f, instance)
-        kind, extra = _parser_type(hints[f.name])
-        help_text = docs.get(f.name, "").replace("%", "%%")  # argparse formats help with %
-        if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
-        else:
-            parser.add_argument(flag, type=kind, default=default, help=help_text, **extra)
-
-
 def build_parser(cls: type, description: str | None = None) -> argparse.ArgumentParser:
+    """A flag per option of configuration ``cls`` (nested parts included: :func:`option_fields`),
+    its help the docstring under the field, its default the field's."""
     parser = argparse.ArgumentParser(
         description=description or (cls.__doc__ or "").strip().splitlines()[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    _flags(cls, parser, {}, cls.__name__)
+    defaults = flatten(cls())
+    docs: dict[type, dict[str, str]] = {}
+    for name, opt in option_fields(cls).items():
+        doc = docs.setdefault(opt.owner, field_docs(opt.owner)).get(opt.field.name, "")
+        help_text = doc.replace("%", "%%")  # argparse formats help with %
+        kind, extra = _parser_type(opt.hint)
+        if kind is bool:
+            extra = {"action": argparse.BooleanOptionalAction}
+        else:
+            extra["type"] = kind
+        parser.add_argument(flag(name), default=defaults[name], help=help_text, **extra)
     return parser
 
 
-def _build(cls: type[T], values: dict[str, Any]) -> T:
-    """An instance of ``cls`` from the parsed flat ``values`` (nested dataclasses built too)."""
-    hints = typing.get_type_hints(cls)
-    kwargs: dict[str, Any] = {}
-    for f in dataclasses.fields(cast(Any, cls)):
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            kwargs[f.name] = _build(tp, values)  # type: ignore[arg-type]
-        elif isinstance(values[f.name], list) and typing.get_origin(tp) is tuple:
-            kwargs[f.name] = tuple(values[f.name])
-        else:
-            kwargs[f.name] = values[f.name]
-    return cls(**kwargs)
-
-
 def parse(cls: type[T], argv: Sequence[str] | None = None, description: str | None = None) -> T:
-    """Parse ``argv`` (default: ``sys.argv[1:]``) into an instance of dataclass ``cls``."""
-    ns = build_parser(cls, description).parse_args(argv)
-    return _build(cls, vars(ns))
+    """Parse ``argv`` (default: ``sys.argv[1:]``) into configuration ``cls``."""
+    values = vars(build_parser(cls, description).parse_args(argv))
+    hints = option_fields(cls)
+    for name, value in values.items():
+        if isinstance(value, list) and typing.get_origin(hints[name].hint) is tuple:
+            values[name] = tuple(value)
+    return cast(T, build(cls, values))
 
 
 def given_fields(cls: type, argv: Sequence[str] | None = None) -> set[str]:
-    """Names of the fields whose flags appear in ``argv`` (as opposed to taking their defaults)."""
+    """Names of the options whose flags appear in ``argv`` (as opposed to taking their defaults)."""
     parser = build_parser(cls)
     for action in parser._actions:
         action.default = argparse.SUPPRESS

@@ -24,7 +24,6 @@ What is reported (``compare.md``, ``compare.json``, ``compare.csv``, ``compare.p
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import logging
 import sys
@@ -35,11 +34,12 @@ from typing import Any
 
 import numpy as np
 
-from agents.config import RunConfig
 from agents.registry import get_agent
 from agents.statistics import auc_difference, bootstrap_ci, common_range, curve_auc, paired_difference
 from backbones.device import resolve_device
+from backbones.options import build, flatten, option_fields, replace
 from experiments.cli import one_line_errors, parse
+from experiments.config import RunConfig
 from experiments.run import run
 
 log = logging.getLogger("skipnet_gym.compare")
@@ -105,12 +105,15 @@ def _config_key(cfg: RunConfig | dict) -> str | None:
     written. A stored configuration that lacks an option of this version matches nothing: it was
     run before the option existed, and taking today's default for it would reuse a run made with a
     different setting whenever that default changed (returns ``None``)."""
+    run_cfg: RunConfig
     if isinstance(cfg, dict):
-        names = {f.name for f in dataclasses.fields(RunConfig)}
+        names = set(option_fields(RunConfig))
         if not names <= set(cfg):
             return None
-        cfg = RunConfig(**{k: v for k, v in cfg.items() if k in names})
-    d = dataclasses.asdict(cfg.for_device(resolve_device(cfg.device)))
+        run_cfg = build(RunConfig, {k: v for k, v in cfg.items() if k in names})
+    else:
+        run_cfg = cfg
+    d = flatten(run_cfg.for_device(resolve_device(run_cfg.device)))
     for name in ("progress", "run_dir", "debug", "device"):
         d.pop(name, None)
     return json.dumps(d, sort_keys=True)
@@ -140,7 +143,7 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
         seeds = cfg.seeds if specs[agent].seeded else cfg.seeds[:1]
         out = []
         for seed in seeds:
-            run_cfg = dataclasses.replace(cfg.run, agent=agent, seed=seed, **overrides)
+            run_cfg = replace(cfg.run, agent=agent, seed=seed, **overrides)
             key = _config_key(run_cfg)
             r = (finished.get(key) if key is not None else None) or run(run_cfg)
             log.info(

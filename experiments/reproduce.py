@@ -28,9 +28,10 @@ from typing import Any
 
 import numpy as np
 
-from agents.config import RunConfig
 from agents.statistics import bootstrap_ci, paired_difference
+from backbones.options import replace
 from experiments.cli import given_fields, one_line_errors, parse
+from experiments.config import RunConfig
 from experiments.run import run
 
 log = logging.getLogger("skipnet_gym.reproduce")
@@ -108,7 +109,7 @@ def reproduce(cfg: ReproduceConfig, given: set[str] | None = None) -> list[dict[
     for arch, paper in models.items():
         runs = []
         for seed in cfg.seeds:
-            run_cfg = dataclasses.replace(
+            run_cfg = replace(
                 cfg.run, **shared, backbone=arch, agent="hybrid_rnn", backbone_recipe="skip_ready", seed=seed
             )
             runs.append(run(run_cfg))

@@ -13,7 +13,6 @@ is trained and cached on first use. TensorBoard logs and ``results.json`` go to
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import sys
@@ -24,7 +23,6 @@ from typing import Any
 
 import torch
 
-from agents.config import SAFE_ON_RESUME, RunConfig, flag
 from agents.evaluate import evaluate
 from agents.policies import RoutingPolicy
 from agents.registry import AgentContext, agents_taking_budget, get_agent
@@ -33,9 +31,11 @@ from agents.statistics import bootstrap_ci, paired_difference
 from backbones.checkpoint import CheckpointMismatchError, fingerprint, load_backbone, mismatches, safe_load
 from backbones.data import Dataset, data_fingerprint, load_splits, with_flip
 from backbones.device import resolve_device, seed_everything
+from backbones.options import build, flag, flatten, option_fields, replace
 from backbones.pretrained import get_trained
 from backbones.registry import list_backbones, options
 from experiments.cli import given_fields, one_line_errors, parse
+from experiments.config import SAFE_ON_RESUME, RunConfig
 from experiments.report import format_table, routing_statistics, write_figures, write_per_image
 
 log = logging.getLogger("skipnet_gym.run")
@@ -59,8 +59,8 @@ def load_backbone_for(cfg: RunConfig, device: torch.device, splits: dict[str, Da
         return base, meta
     train = with_flip(splits["train"], cfg.backbone_flip)  # joint SP augments as the base training did
     net, ready_meta = get_skip_ready(
-        base, meta, train, cfg.joint_config(), JOINT_GATE_KIND, cfg.gate_options(), device,
-        val_data=splits["val"], progress=cfg.progress,
+        base, meta, train, cfg.joint, JOINT_GATE_KIND, cfg.gates.options(), device,
+        val_data=splits["val"], progress=cfg.progress, seed=cfg.seed,
     )  # fmt: skip
     return net, {**ready_meta, "base": base}
 
@@ -137,9 +137,9 @@ def resumed_config(cfg: RunConfig, saved: dict[str, Any] | None, given: set[str]
             f"{cfg.checkpoint} holds no run configuration (written by an older version): it cannot be resumed "
             "exactly; start a new run"
         )
-    names = {f.name for f in dataclasses.fields(RunConfig)}
+    names = set(option_fields(RunConfig))
     # a run saved before the recipes existed routed the base network, the only recipe then
-    started = RunConfig(**{"backbone_recipe": "base", **{k: v for k, v in saved.items() if k in names}})
+    started: RunConfig = build(RunConfig, {"backbone_recipe": "base", **{k: v for k, v in saved.items() if k in names}})
     given = names if given is None else given
     changed = {k: v for k, v in started.differences(cfg).items() if k in given and k not in SAFE_ON_RESUME}
     if changed:
@@ -149,7 +149,8 @@ def resumed_config(cfg: RunConfig, saved: dict[str, Any] | None, given: set[str]
             f"(the run's values apply) or start a new run. Options that may change on resume: "
             f"{', '.join(flag(k) for k in sorted(SAFE_ON_RESUME))}"
         )
-    return dataclasses.replace(started, **{k: getattr(cfg, k) for k in SAFE_ON_RESUME & given})
+    mine = flatten(cfg)
+    return replace(started, **{k: mine[k] for k in SAFE_ON_RESUME & given})
 
 
 class ReportingWriter:
@@ -216,7 +217,7 @@ def run(
         "data_fingerprint": data_fingerprint(split.values()),
         "num_classes": backbone.num_classes,
         "input_size": list(backbone.input_size),
-        "run_config": dataclasses.asdict(cfg),
+        "run_config": flatten(cfg),
     }
 
     stage = None
@@ -241,7 +242,7 @@ def run(
         writer = ReportingWriter(writer, report)
     writer.add_text(
         "hyperparameters",
-        "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(cfg).items()),
+        "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in flatten(cfg).items()),
     )
     ctx = AgentContext(cfg, backbone, split["train"], device, checkpoint, metadata, writer, backbone_meta)
 
@@ -292,7 +293,7 @@ def run(
         "wall_seconds": time.perf_counter() - t0,
         "checkpoint": str(checkpoint),
         "run_dir": str(run_dir),
-        "config": dataclasses.asdict(cfg),
+        "config": flatten(cfg),
     }
     if base_result is not None:  # the skip-ready recipe against the network it started from
         out["base_backbone_accuracy"] = base_result.accuracy

@@ -20,7 +20,6 @@ and ``pareto.png`` (the front's test accuracy and FLOPs, with intervals).
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import logging
 import os
@@ -29,8 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agents.config import RunConfig
+from backbones.options import build, flatten, option_fields, replace
 from experiments.cli import one_line_errors, parse, parse_value
+from experiments.config import RunConfig
 
 log = logging.getLogger("skipnet_gym.sweep")
 SEARCHES = ("grid", "optuna")
@@ -88,7 +88,7 @@ class SweepConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
 
 
-RUN_FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
+RUN_FIELDS = option_fields(RunConfig)
 
 
 def cast(name: str, text: str) -> Any:
@@ -150,14 +150,14 @@ def trial(config: dict[str, Any], base: dict[str, Any]) -> None:
     base = dict(base)  # a worker may run several trials on the same object
     trial_dir = Path(base.pop("trials_dir")) / tune.get_context().get_trial_id()
     torch.set_num_threads(int(base.pop("threads")))
-    cfg = RunConfig(**{**base, **config, "run_dir": str(trial_dir), "progress": False})
+    cfg = build(RunConfig, {**base, **config, "run_dir": str(trial_dir), "progress": False})
     started = sorted(trial_dir.glob("*/agent.pt"))
     finished = sorted(trial_dir.glob("*/results.json"))
     if finished:  # the run had finished before the sweep was killed: report it again
         result = json.loads(finished[-1].read_text())
     else:
         if started:
-            cfg = dataclasses.replace(cfg, resume=True, checkpoint=str(started[-1]))
+            cfg = replace(cfg, resume=True, checkpoint=str(started[-1]))
         pending: dict[str, Any] = {}
         step_of: dict[str, int] = {"step": -1}
 
@@ -197,7 +197,7 @@ def sweep(cfg: SweepConfig) -> dict[str, Any]:
     if not cfg.restore and path.exists() and any(path.iterdir()):
         raise FileExistsError(f"{path} holds a sweep already: pass --restore to continue it or another --name")
     trials_dir = path / "trials"
-    base = dataclasses.asdict(cfg.run)
+    base = flatten(cfg.run)
     if not ray.is_initialized():
         env_vars = {k: os.environ[k] for k in ("SKIPNET_CACHE", "SKIPNET_DATA") if k in os.environ}
         ray.init(address=cfg.address, runtime_env={"env_vars": env_vars}, include_dashboard=False, log_to_driver=False)

@@ -23,7 +23,7 @@ import math
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +35,8 @@ from skipnet_env.routing import gather_rows, identity_shortcut, route_block
 log = logging.getLogger(__name__)
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+Precision = Literal["auto", "fp32", "bf16"]
+"""``"auto"``: bf16 on CUDA where supported, fp32 elsewhere"""
 
 
 def cuda_bf16_native(device: torch.device) -> bool:

@@ -58,9 +58,11 @@ def test_sp_with_a_budget_lands_near_it(tmp_path):
         torch.manual_seed(0)
         # thresholded gates: the spending priced is the evaluation's exactly (sampled gates price the
         # greedy decisions along the sampled route, an estimate; measured in BENCHMARKS.md)
-        cfg = HybridConfig(sp_batch=32, sp_epochs=8, sp_lr=3e-2, budget=budget, hrl_iterations=0, sp_sample=False)
+        cfg = HybridConfig(sp_batch=32, sp_epochs=8, sp_lr=3e-2, hrl_iterations=0, sp_sample=False)
         gates = create_gates("rnn", net)
-        trainer = HybridTrainer(net, gates, data, cfg, torch.device("cpu"), tmp_path / f"{budget}.pt", {})
+        trainer = HybridTrainer(
+            net, gates, data, cfg, torch.device("cpu"), tmp_path / f"{budget}.pt", {}, num_envs=128, budget=budget
+        )
         trainer.progress = False
         trainer.train_sp()
         result = evaluate(GateRoutingPolicy(gates.eval(), "g"), net, data, torch.device("cpu"), precision="fp32")
@@ -74,8 +76,10 @@ def test_a_negative_multiplier_never_reaches_the_reward(tmp_path):
     environment refused the negative alpha (the run crashed after SP)."""
     net = tiny_backbone(20)
     data = backbones.load_dataset("digits", "val")
-    cfg = HybridConfig(num_envs=32, sp_epochs=0, hrl_iterations=1, budget=0.9)
-    trainer = HybridTrainer(net, create_gates("rnn", net), data, cfg, torch.device("cpu"), tmp_path / "a.pt", {})
+    cfg = HybridConfig(sp_epochs=0, hrl_iterations=1)
+    trainer = HybridTrainer(
+        net, create_gates("rnn", net), data, cfg, torch.device("cpu"), tmp_path / "a.pt", {}, num_envs=32, budget=0.9
+    )
     trainer.price.value = torch.tensor(-0.5)
     assert trainer.hrl_alpha == 0.0
     trainer.progress = False

@@ -1,10 +1,16 @@
-"""The run configuration: the recipe's stage defaults, resuming runs saved by older versions."""
+"""The run configuration: one tree of the parts each module owns, seen flat by the command line;
+the recipe's stage defaults; resuming runs saved by older versions."""
 
-import dataclasses
+import warnings
 
+import pytest
 import torch
 
-from agents.config import RunConfig
+from agents.hybrid import HybridConfig
+from agents.skip_ready import JointConfig
+from backbones.options import build, flatten, option_fields, replace
+from experiments.cli import build_parser, field_docs
+from experiments.config import SAFE_ON_RESUME, RunConfig
 from experiments.run import resumed_config
 
 
@@ -18,9 +24,7 @@ def test_a_skip_ready_backbone_keeps_its_gates_unless_another_compute_is_asked_f
         "base recipe": RunConfig(backbone_recipe="base"),
         "feedforward gates": RunConfig(agent="hybrid_ff"),  # untrained on a skip-ready backbone: the full SP
     }
-    got = {
-        k: (c.for_device(cpu, 10_000).sp_epochs, c.for_device(cpu, 10_000).hrl_iterations) for k, c in stages.items()
-    }
+    got = {k: c.for_device(cpu, 10_000).hybrid.stages() for k, c in stages.items()}
     assert got == {
         "default": (0, 0),
         "its budget": (0, 0),
@@ -29,14 +33,71 @@ def test_a_skip_ready_backbone_keeps_its_gates_unless_another_compute_is_asked_f
         "base recipe": (10, 500),
         "feedforward gates": (10, 0),
     }
-    assert RunConfig(sp_epochs=1).for_device(cpu).sp_epochs == 1  # what the user set stays
+    assert replace(RunConfig(), sp_epochs=1).for_device(cpu).hybrid.sp_epochs == 1  # what the user set stays
 
 
 def test_a_run_saved_before_the_recipes_resumes_on_the_base_network():
     """A checkpoint's run configuration from before ``backbone_recipe`` existed routed the base
     network; resuming it must not switch it to today's default, the skip-ready backbone."""
-    saved = dataclasses.asdict(RunConfig(backbone_recipe="base"))
+    saved = flatten(RunConfig(backbone_recipe="base"))
     del saved["backbone_recipe"]
     assert resumed_config(RunConfig(checkpoint="x.pt"), saved, given=set()).backbone_recipe == "base"
     saved["backbone_recipe"] = "skip_ready"
     assert resumed_config(RunConfig(checkpoint="x.pt"), saved, given=set()).backbone_recipe == "skip_ready"
+
+
+# the flat run configuration checkpoints and results.json held before the tree (the flags were the same)
+FLAT_BEFORE_THE_TREE = {
+    "agent": "blockdrop", "backbone": "cifar_resnet20", "alpha": 2.0, "seed": 3, "sp_lr": 0.01, "rnn_hidden": 8,
+    "rnn_pooling": "mean_max_std", "joint_budget": 0.4, "joint_bn": "frozen", "blockdrop_iterations": 7,
+    "blockdrop_reward": "correct", "blockdrop_width": 8, "timesteps": 99, "rate": 0.3, "static_mix": False,
+    "checkpoint_every": 5, "entropy_coef": 0.1,
+}  # fmt: skip
+
+
+def test_a_flat_configuration_of_an_older_version_builds_the_same_run():
+    cfg = build(RunConfig, FLAT_BEFORE_THE_TREE)
+    assert (cfg.agent, cfg.alpha, cfg.hybrid.sp_lr, cfg.gates.hidden, cfg.gates.pooling) == (
+        "blockdrop", 2.0, 0.01, 8, "mean_max_std"
+    )  # fmt: skip
+    assert (cfg.joint.budget, cfg.joint.bn, cfg.blockdrop.iterations, cfg.blockdrop.reward) == (
+        0.4, "frozen", 7, "correct"
+    )  # fmt: skip
+    assert (cfg.blockdrop.width, cfg.sb3.timesteps, cfg.fixed.rate, cfg.fixed.static_mix) == (8, 99, 0.3, False)
+    assert flatten(cfg).items() >= FLAT_BEFORE_THE_TREE.items()  # stored flat again, under the same names
+    assert resumed_config(RunConfig(checkpoint="x.pt"), flatten(cfg), given=set()) == cfg
+    with pytest.raises(ValueError, match="unknown options rnn_hiden"):
+        build(RunConfig, {"rnn_hiden": 8})
+
+
+def test_every_option_has_one_flag_help_and_default():
+    options = option_fields(RunConfig)
+    parser = build_parser(RunConfig)
+    flags = {a.dest: a for a in parser._actions if a.dest != "help"}
+    assert set(flags) == set(options)
+    defaults = flatten(RunConfig())
+    for name, opt in options.items():
+        assert field_docs(opt.owner).get(opt.field.name), f"{name} has no help"
+        assert flags[name].default == defaults[name]
+    assert {"sp_lr", "hrl_lr", "backbone_lr", "blockdrop_lr", "log_every", "device", "resume"} <= SAFE_ON_RESUME
+    assert not {"alpha", "seed", "sp_epochs", "joint_lr", "rnn_hidden"} & SAFE_ON_RESUME
+
+
+def test_each_part_checks_itself_naming_the_flag():
+    with pytest.raises(ValueError, match=r"--gamma must be in \[0, 1\], got 1.5"):
+        HybridConfig(gamma=1.5)
+    with pytest.raises(ValueError, match="--baseline must be one of self_critical, batch_mean, none"):
+        HybridConfig(baseline="critic")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="--joint-epochs must be an integer >= 1.*--joint-bn must be one of"):
+        JointConfig(epochs=0, bn="running")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="--rnn-hidden must be an integer >= 1"):
+        replace(RunConfig(), rnn_hidden=0)
+    with pytest.raises(ValueError, match="--budget must be a fraction of the full network's FLOPs"):
+        RunConfig(budget=1.5)
+
+
+def test_the_old_import_still_works_with_a_warning():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        from agents.config import RunConfig as Old
+    assert Old is RunConfig and any(issubclass(w.category, DeprecationWarning) for w in caught)

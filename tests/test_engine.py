@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import backbones
-from agents.config import RunConfig
+from experiments.config import RunConfig
 from agents.gates import create_gates
 from agents.hybrid import sp_forward
 from skipnet_env.core import BatchedRouting, RewardConfig

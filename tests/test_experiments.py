@@ -351,13 +351,12 @@ def test_bench_runs_small(tmp_path):
 def test_a_stored_run_lacking_an_option_of_this_version_is_not_reused():
     """A run made before an option existed may have used another value of it (its default could
     have changed since): a comparison reruns it rather than taking today's default."""
-    import dataclasses
-
-    from agents.config import RunConfig
+    from backbones.options import flatten
     from experiments.compare import _config_key
+    from experiments.config import RunConfig
 
     cfg = RunConfig(agent="blockdrop", device="cpu")
-    stored = dataclasses.asdict(cfg.for_device(torch.device("cpu")))
+    stored = flatten(cfg.for_device(torch.device("cpu")))
     assert _config_key(stored) == _config_key(cfg)
     del stored["blockdrop_reward"]
     assert _config_key(stored) is None

@@ -78,8 +78,11 @@ def _trainer(parts, tmp_path, iterations, every=2):
     net, data = parts
     torch.manual_seed(0)
     policy = BlockDropNet(1, 8, width=4)
-    cfg = BlockDropConfig(iterations=iterations, lr=1e-2, alpha=0.5, num_envs=32, checkpoint_every=every)
-    return BlockDropTrainer(net, policy, data, cfg, CPU, tmp_path / "agent.pt", {"agent": "blockdrop"}, progress=False)
+    cfg = BlockDropConfig(iterations=iterations, lr=1e-2)
+    return BlockDropTrainer(
+        net, policy, data, cfg, CPU, tmp_path / "agent.pt", {"agent": "blockdrop"}, progress=False,
+        num_envs=32, alpha=0.5, checkpoint_every=every,
+    )  # fmt: skip
 
 
 def test_blockdrop_learns_to_skip_and_resumes_exactly(parts, tmp_path):

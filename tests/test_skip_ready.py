@@ -18,10 +18,11 @@ def digits_train():
 def _trainer(net, data, path, epochs=2, **kw):
     torch.manual_seed(0)
     gates = create_gates("rnn", net)
-    cfg = JointConfig(epochs=epochs, batch_size=64, seed=3, **kw)
+    cfg = JointConfig(epochs=epochs, batch_size=64, **kw)
     return JointTrainer(
-        net, gates, data, cfg, torch.device("cpu"), path, "digits", {"gates": {"kind": "rnn", "first_gated": 1}}, False
-    )
+        net, gates, data, cfg, torch.device("cpu"), path, "digits", {"gates": {"kind": "rnn", "first_gated": 1}}, False,
+        seed=3,
+    )  # fmt: skip
 
 
 def _params(module):
@@ -109,9 +110,9 @@ def test_get_skip_ready_caches_by_base_and_settings(digits_train, tmp_path):
 
 
 def test_joint_config_refuses_bad_values():
-    with pytest.raises(ValueError, match="bn must be"):
+    with pytest.raises(ValueError, match="--joint-bn must be"):
         JointConfig(bn="running")
-    with pytest.raises(ValueError, match="epochs must be >= 1"):
+    with pytest.raises(ValueError, match="--joint-epochs must be an integer >= 1"):
         JointConfig(epochs=0)
 
 

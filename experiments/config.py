@@ -1,0 +1,179 @@
+"""The configuration of one run: which agent, on which backbone and data, with which budget.
+
+One tree: the run's own options at the top (the agent, the backbone and data, the cross-cutting
+values every part is given explicitly: ``alpha``, ``budget``, ``seed``, ``device``, ``precision``,
+the batch sizes), and below them the parts each module owns, with their defaults, rules and help
+(:class:`agents.hybrid.HybridConfig`, :class:`agents.gates.RecurrentGateConfig`,
+:class:`agents.blockdrop.BlockDropConfig`, :class:`agents.skip_ready.JointConfig`,
+:class:`agents.registry.SB3Config`, :class:`agents.fixed.FixedConfig`). The command line sees it
+flat, one flag per option (``--sp-lr``, ``--joint-budget``): :mod:`backbones.options`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from agents.blockdrop import BlockDropConfig
+from agents.fixed import FixedConfig
+from agents.gates import RecurrentGateConfig
+from agents.hybrid import HRL_ITERATIONS, SP_EPOCHS, HybridConfig
+from agents.registry import SB3Config
+from agents.skip_ready import JOINT_GATE_KIND, JointConfig
+from agents.trainer import CHECKPOINT_EVERY
+from backbones.options import (
+    COUNT,
+    FLOPS_FRACTION,
+    NON_NEGATIVE,
+    POSITIVE,
+    POSITIVE_INT,
+    Rule,
+    check_options,
+    flatten,
+    nested,
+    option,
+    replace,
+    resumable_options,
+)
+from skipnet_env.core import DEFAULT_ALPHA
+from skipnet_env.engine import Precision
+
+BackboneRecipe = Literal["base", "skip_ready"]
+
+# the hybrid agents' stages by backbone recipe: on a skip-ready backbone joint SP trained the gates already, for
+# --joint-budget; used as they are, they did best there (BENCHMARKS.md section 9: SP or HRL on top made the routing
+# less dynamic and no more accurate)
+RECIPE_STAGES: dict[str, dict[str, int]] = {
+    "base": {"sp_epochs": SP_EPOCHS, "hrl_iterations": HRL_ITERATIONS},
+    "skip_ready": {"sp_epochs": 0, "hrl_iterations": 0},
+}
+# SP epochs that re-price a skip-ready backbone's gates for a budget other than the one joint SP trained them for
+SKIP_READY_REPRICE_EPOCHS = 3
+# the agent whose gates joint SP trains
+JOINT_GATES_AGENT = f"hybrid_{JOINT_GATE_KIND}"
+
+# batch sizes by device: a GPU needs about a thousand images in flight to be busy, a CPU core does not
+DEVICE_BATCHES = {
+    "cuda": {"num_envs": 1024, "eval_batch": 2048},
+    "cpu": {"num_envs": 128, "eval_batch": 512},
+}
+
+
+@dataclass
+class RunConfig:
+    """Train and evaluate a routing agent on a frozen backbone (SkipNet-Gym)."""
+
+    agent: str = "hybrid_rnn"
+    """agent: hybrid_rnn, hybrid_ff, hybrid_ff2, blockdrop, ppo, a2c, recurrent_ppo, ppo_oneshot, random, static,
+    full"""
+    # what the agents route: the backbone and its data
+    backbone: str = "cifar_resnet38"
+    """backbone registry name (trained on --dataset and cached on first use)"""
+    backbone_checkpoint: str | None = None
+    """use this backbone checkpoint instead of the cached one"""
+    dataset: str = "cluttered_digits"
+    """data set: cluttered_digits or digits (embedded, offline), mnist, cifar10, cifar100, svhn, imagefolder, npz"""
+    data_root: str | None = None
+    """folder with the data set's files (default $SKIPNET_DATA or ./data)"""
+    download: bool = True
+    """download the data set when its files are missing"""
+    width: float = option(0.5, POSITIVE)
+    """channel multiplier of CIFAR ResNet backbones"""
+    image_size: int | None = option(None, POSITIVE_INT)
+    """square input side (default: the data set's own; 16 for digits)"""
+    backbone_epochs: int | None = option(None, POSITIVE_INT)
+    """epochs when the backbone has to be trained first (default: the trainer's for the data set)"""
+    backbone_drop_rate: float = option(0.5, Rule(lambda v: 0.0 <= v < 1.0, "in [0, 1)"))
+    """stochastic depth of the backbone trainer: drop rate of the last block (0 disables)"""
+    backbone_drop_schedule: Literal["linear", "uniform"] = "linear"
+    """stochastic depth of the backbone trainer: linear (decaying to 0 at the first block) or uniform"""
+    backbone_flip: bool | None = None
+    """horizontal flips when the backbone is trained (default: the data set's own: on for CIFAR and your own images,
+    off for digits and SVHN)"""
+    backbone_recipe: BackboneRecipe = "skip_ready"
+    """base: the backbone as trained (frozen); skip_ready: the base backbone trained further with its gates (joint
+    SP, the paper's recipe), then frozen: every agent runs on it"""
+    # the cross-cutting values, given to every part as they are
+    alpha: float = option(DEFAULT_ALPHA, NON_NEGATIVE)
+    """weight of compute in the reward: each block costs alpha x its share of the full network's FLOPs"""
+    budget: float | None = option(None, FLOPS_FRACTION)
+    """fraction of the full network's FLOPs to spend: static (at most) and random (on average), default 0.6; hybrid
+    agents (met by the training: the compute weight becomes a Lagrange multiplier, starting at --alpha), default: none,
+    --alpha prices compute"""
+    seed: int = option(0, COUNT)
+    """seed for python, numpy, torch and the environment"""
+    device: str = option("auto", resumable=True)
+    """torch device: auto, cpu, cuda, ..."""
+    precision: Precision = "auto"
+    """compute precision of the frozen backbone: auto (bf16 on CUDA, fp32 elsewhere), fp32 or bf16"""
+    num_envs: int | None = option(None, POSITIVE_INT)
+    """images per batch in the environment (B; default 128 on the CPU, 1024 on CUDA)"""
+    eval_batch: int | None = option(None, POSITIVE_INT, resumable=True)
+    """images per evaluation batch (default 512 on the CPU, 2048 on CUDA)"""
+    entropy_coef: float = option(0.0, NON_NEGATIVE)
+    """hybrid, blockdrop: weight of the policy's entropy bonus (keeps the decisions exploring)"""
+    checkpoint_every: int = option(CHECKPOINT_EVERY, POSITIVE_INT, resumable=True)
+    """hybrid, blockdrop: write the checkpoint every this many iterations"""
+    # the parts, each owned by the module it configures
+    joint: JointConfig = nested(JointConfig)
+    hybrid: HybridConfig = nested(HybridConfig)
+    gates: RecurrentGateConfig = nested(RecurrentGateConfig)
+    blockdrop: BlockDropConfig = nested(BlockDropConfig)
+    sb3: SB3Config = nested(SB3Config)
+    fixed: FixedConfig = nested(FixedConfig)
+    # run control
+    eval_only: bool = False
+    """evaluate --checkpoint without training"""
+    checkpoint: str | None = option(None, resumable=True)
+    """agent checkpoint to evaluate (--eval-only) or to write (default: in the run folder)"""
+    resume: bool = option(False, resumable=True)
+    """continue the run whose checkpoint is --checkpoint"""
+    run_dir: str = option("runs", resumable=True)
+    """TensorBoard and results folder"""
+    torch_deterministic: bool = option(False, resumable=True)
+    """ask cuDNN for deterministic kernels"""
+    progress: bool = option(True, resumable=True)
+    """show progress bars"""
+    debug: bool = option(False, resumable=True)
+    """show the full traceback of an error (by default a bad option or file gets one line)"""
+
+    def __post_init__(self) -> None:
+        check_options(self)  # the parts checked themselves as they were made
+
+    def asks_other_compute(self) -> bool:
+        """Whether ``--budget`` or ``--alpha`` asks the hybrid gates for another compute than the one
+        joint SP trained them to spend (``--joint-budget``)."""
+        return self.budget not in (None, self.joint.budget) or (self.budget is None and self.alpha != DEFAULT_ALPHA)
+
+    def for_device(self, device: torch.device, max_batch: int | None = None) -> RunConfig:
+        """This configuration with the options left unset filled in: the batch sizes for ``device``
+        (the environment's at most ``max_batch``, the training set's size) and the hybrid stages'
+        lengths for the backbone recipe."""
+        defaults: dict[str, Any] = {**DEVICE_BATCHES["cuda" if device.type == "cuda" else "cpu"]}
+        if max_batch is not None:
+            defaults["num_envs"] = min(defaults["num_envs"], max_batch)
+        defaults.update(RECIPE_STAGES[self.backbone_recipe])
+        if self.backbone_recipe == "skip_ready" and self.agent.startswith("hybrid_"):
+            if self.agent != JOINT_GATES_AGENT:  # other gates than joint SP's start untrained: the full SP
+                defaults["sp_epochs"] = SP_EPOCHS
+            elif self.asks_other_compute():  # the joint gates re-priced for another compute
+                defaults["sp_epochs"] = SKIP_READY_REPRICE_EPOCHS
+        mine = flatten(self)
+        return replace(self, **{k: v for k, v in defaults.items() if mine[k] is None})
+
+    def batch_sizes(self) -> tuple[int, int]:
+        """``(num_envs, eval_batch)`` of a configuration :meth:`for_device` has resolved."""
+        if self.num_envs is None or self.eval_batch is None:
+            raise RuntimeError("the batch sizes are set by the device: call for_device() first")
+        return self.num_envs, self.eval_batch
+
+    def differences(self, other: RunConfig) -> dict[str, tuple]:
+        """``{option: (mine, other's)}`` for every option that differs (flat names)."""
+        mine, theirs = flatten(self), flatten(other)
+        return {k: (mine[k], theirs[k]) for k in mine if mine[k] != theirs[k]}
+
+
+# the options a resumed run may change: those declared resumable
+SAFE_ON_RESUME = resumable_options(RunConfig)
