@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from agents.policies import StaticPolicy
-from backbones.base import Backbone, skip
+from backbones.base import FIRST_GATED, Backbone, skip
 from backbones.data import Dataset, batches
 from backbones.options import UNIT, check_options, option
 from backbones.progress import progress_bar
@@ -37,7 +37,7 @@ class FixedConfig:
         check_options(self)
 
 
-def static_flops_fraction(backbone: Backbone, mask: list[bool], first_gated: int = 1) -> float:
+def static_flops_fraction(backbone: Backbone, mask: list[bool], first_gated: int = FIRST_GATED) -> float:
     """FLOPs of the network with gated block ``k`` run where ``mask[k]``, over the full network's."""
     executed = torch.tensor([[True] * first_gated + list(mask)])
     return float(backbone.flops.spent(executed)[0] / backbone.flops.full)
@@ -54,7 +54,7 @@ def elimination_path(
     data: Dataset,
     device: torch.device,
     min_budget: float = 0.0,
-    first_gated: int = 1,
+    first_gated: int = FIRST_GATED,
     max_images: int | None = None,
     batch_size: int = 500,
     progress: bool = True,
@@ -158,7 +158,7 @@ def search_static(
     data: Dataset,
     budget: float,
     device: torch.device,
-    first_gated: int = 1,
+    first_gated: int = FIRST_GATED,
     max_images: int | None = None,
     progress: bool = True,
     precision: str = "auto",
@@ -177,7 +177,7 @@ def check_budget(budget: float) -> None:
         raise ValueError(f"budget must be a fraction of the full network's FLOPs in (0, 1], got {budget}")
 
 
-def random_rate_for_budget(backbone: Backbone, budget: float, first_gated: int = 1) -> float:
+def random_rate_for_budget(backbone: Backbone, budget: float, first_gated: int = FIRST_GATED) -> float:
     """The execute rate at which the random policy spends ``budget`` of the FLOPs on average."""
     f = backbone.flops
     fixed = f.stem + f.head + sum(f.block_executed[:first_gated])

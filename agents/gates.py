@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Literal, cast
 import torch
 from torch import Tensor, nn
 
-from backbones.base import Backbone
+from backbones.base import FIRST_GATED, Backbone
 from backbones.flops import count_flops
 from backbones.options import POSITIVE_INT, check_options, option
 
@@ -27,10 +27,10 @@ class GatePolicy(nn.Module):
 
     Args:
         backbone: the network to gate (only its shapes are read).
-        first_gated: index of the first gated block (1 in SkipNet: block 0 always runs).
+        first_gated: index of the first gated block (:data:`backbones.base.FIRST_GATED`: block 0 always runs).
     """
 
-    def __init__(self, backbone: Backbone, first_gated: int = 1) -> None:
+    def __init__(self, backbone: Backbone, first_gated: int = FIRST_GATED) -> None:
         super().__init__()
         self.first_gated = first_gated
         self.input_shapes = [backbone.activation_shapes[i] for i in range(first_gated, backbone.num_blocks)]
@@ -89,7 +89,9 @@ class FeedforwardGates(GatePolicy):
     ReLU, average pool, 1x1 conv.
     """
 
-    def __init__(self, backbone: Backbone, first_gated: int = 1, kind: str = "I", init_execute: float = 2.0) -> None:
+    def __init__(
+        self, backbone: Backbone, first_gated: int = FIRST_GATED, kind: str = "I", init_execute: float = 2.0
+    ) -> None:
         super().__init__(backbone, first_gated)
         if kind not in FF_GATE_KINDS:
             raise ValueError(f"feedforward gate kind must be one of {sorted(FF_GATE_KINDS)}, got {kind!r}")
@@ -171,7 +173,7 @@ class RecurrentGate(GatePolicy):
     def __init__(
         self,
         backbone: Backbone,
-        first_gated: int = 1,
+        first_gated: int = FIRST_GATED,
         embed_dim: int = RecurrentGateConfig.embed,
         hidden_size: int = RecurrentGateConfig.hidden,
         init_execute: float = 2.0,
@@ -210,7 +212,7 @@ class RecurrentGate(GatePolicy):
         return logit, (hidden, cell)
 
 
-def create_gates(kind: str, backbone: Backbone, first_gated: int = 1, **kwargs: Any) -> GatePolicy:
+def create_gates(kind: str, backbone: Backbone, first_gated: int = FIRST_GATED, **kwargs: Any) -> GatePolicy:
     """``kind``: ``"rnn"``, ``"ff1"`` (FFGate-I) or ``"ff2"`` (FFGate-II)."""
     builders = {
         "rnn": lambda: RecurrentGate(backbone, first_gated, **kwargs),

@@ -34,7 +34,7 @@ from agents.policies import (
     StaticPolicy,
 )
 from agents.skip_ready import gate_identity, load_gates
-from backbones.base import Backbone
+from backbones.base import FIRST_GATED, Backbone
 from backbones.checkpoint import atomic_save
 from backbones.data import Dataset
 from backbones.options import POSITIVE_INT, check_options, option
@@ -247,7 +247,7 @@ register_agent("ppo_oneshot", _sb3("ppo", "SkipNetOneShot-v0"))
 
 
 def _blockdrop_net(ctx: AgentContext, width: int | None = None) -> BlockDropNet:
-    num_gates = ctx.backbone.num_blocks - 1
+    num_gates = ctx.backbone.num_blocks - FIRST_GATED
     return BlockDropNet(ctx.backbone.input_size[0], num_gates, width or ctx.cfg.blockdrop.width).to(ctx.device)
 
 

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from agents.compute_price import ComputePrice, SpendingMeter
 from agents.gates import GatePolicy, create_gates
 from agents.hybrid import sp_forward
-from backbones.base import Backbone
+from backbones.base import FIRST_GATED, Backbone
 from backbones.cache import building, cache_dir
 from backbones.checkpoint import atomic_save, backbone_metadata, fingerprint, load_backbone, safe_load
 from backbones.data import Dataset, ImageTensors, batches
@@ -280,7 +280,7 @@ class JointTrainer:
 JOINT_GATE_KIND = "rnn"
 
 
-def gate_identity(kind: str, options: dict[str, Any], first_gated: int = 1) -> dict[str, Any]:
+def gate_identity(kind: str, options: dict[str, Any], first_gated: int = FIRST_GATED) -> dict[str, Any]:
     """What names a set of gates in a skip-ready checkpoint: kind, first gated block and options. A
     hybrid agent continues from the joint gates only when its own identity is the same."""
     return {"kind": kind, "first_gated": first_gated, **options}

@@ -15,6 +15,10 @@ from torch import Tensor, nn
 
 from backbones.flops import FlopsProfile, profile_backbone
 
+FIRST_GATED = 1
+"""SkipNet's rule: the first residual block always runs, the gates decide from the second on (the
+index of the first gated block; 0 lets an agent skip every block: an env's ``gate_first_block``)"""
+
 
 def skip(block: nn.Module, h: Tensor) -> Tensor:
     """What a skipped ``block`` outputs for ``h``: its ``shortcut`` applied to it."""

@@ -52,7 +52,7 @@ from backbones.data import ImageTensors
 from backbones.device import resolve_device
 from backbones.registry import options
 from experiments.cli import one_line_errors
-from skipnet_env.engine import Router, capture, freeze
+from skipnet_env.engine import BlockExecutor, capture, freeze
 from skipnet_env.env import SkipNetEnv
 from skipnet_env.routing import masked_forward, routed_forward
 from skipnet_env.vector_env import SkipNetVectorEnv
@@ -190,14 +190,16 @@ def bench_throughput(net, data, batch: int, device: torch.device, rounds: int, d
     return {name: batch * blocks / t for name, t in medians.items()}  # image-blocks per second
 
 
-def engine_routed(frozen: Backbone, router: Router, x: Tensor, mask: Tensor, counts: list[int]) -> Callable[[], Any]:
+def engine_routed(
+    frozen: Backbone, executor: BlockExecutor, x: Tensor, mask: Tensor, counts: list[int]
+) -> Callable[[], Any]:
     """The env's routed forward on the engine: executed counts known on the host, as the env's
     one sync per step provides them."""
 
     def run() -> None:
-        h = router.begin(frozen.stem(x))
+        h = executor.begin(frozen.stem(x))
         for i in range(frozen.num_blocks):
-            h = router.route(i, h, mask[:, i], counts[i])
+            h = executor.route(i, h, mask[:, i], counts[i])
         frozen.head(h)
 
     return run
@@ -207,7 +209,7 @@ def bench_savings(net, frozen, batch: int, device: torch.device, rounds: int, ra
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(batch, *net.input_size, generator=g).to(device)
     xe = frozen.prepare(x)
-    router = Router(frozen)
+    executor = BlockExecutor(frozen)
     f = net.flops
     exec_f = torch.tensor(f.block_executed, dtype=torch.float64)
     skip_f = torch.tensor(f.block_skipped, dtype=torch.float64)
@@ -221,7 +223,7 @@ def bench_savings(net, frozen, batch: int, device: torch.device, rounds: int, ra
         fns = dict(plain)
         for rate, m in masks.items():
             md, counts = m.to(device), m.sum(0).tolist()
-            fns[f"engine {rate}"] = engine_routed(frozen, router, xe, md, counts)
+            fns[f"engine {rate}"] = engine_routed(frozen, executor, xe, md, counts)
             fns[f"reference {rate}"] = functools.partial(routed_forward, net, x, md)
             if rate < 1.0:
                 fns[f"masked {rate}"] = functools.partial(masked_forward, net, x, md)

@@ -26,11 +26,11 @@ import torch
 from torch import Tensor
 
 import backbones
-from backbones.base import Backbone, randomize_batchnorm
+from backbones.base import FIRST_GATED, Backbone, randomize_batchnorm
 from backbones.device import resolve_device
 from experiments.bench import bench_savings, bench_throughput, registry_backbone, synthetic
 from experiments.cli import one_line_errors
-from skipnet_env.engine import Router, freeze
+from skipnet_env.engine import BlockExecutor, freeze
 
 # issue 7's targets (one H100 or H200): routed forward time over the best full forward, by
 # (execute rate, batch); the vector env's share of the best plain forward's throughput, by batch
@@ -63,26 +63,23 @@ def median_gate(h: Tensor, block: int) -> Tensor:
     return score > score.median()
 
 
-FIRST_GATED = 1  # block 0 always runs, as in SkipNet
-
-
 @torch.no_grad()
-def routed(frozen: Backbone, router: Router, x: Tensor) -> tuple[Tensor, Tensor]:
-    """Logits ``(B, classes)`` and routes ``(B, gated blocks)`` of ``x`` through ``router``, deciding
+def routed(frozen: Backbone, executor: BlockExecutor, x: Tensor) -> tuple[Tensor, Tensor]:
+    """Logits ``(B, classes)`` and routes ``(B, gated blocks)`` of ``x`` through ``executor``, deciding
     each gated block's rows by :func:`median_gate`."""
-    h = router.begin(frozen.enter(x, FIRST_GATED))
+    h = executor.begin(frozen.enter(x, FIRST_GATED))
     routes = []
     for i in range(FIRST_GATED, frozen.num_blocks):
         execute = median_gate(h, i)
         routes.append(execute)
-        h = router.route(i, h, execute, int(execute.sum()))
+        h = executor.route(i, h, execute, int(execute.sum()))
     return frozen.head(h).float(), torch.stack(routes, 1)
 
 
-def compare(frozen: Backbone, fast: Router, x: Tensor) -> Agreement:
-    """The fast path against the eager exact one (``Router(buckets=0)``) on images ``x``."""
+def compare(frozen: Backbone, fast: BlockExecutor, x: Tensor) -> Agreement:
+    """The fast path against the eager exact one (``BlockExecutor(buckets=0)``) on images ``x``."""
     logits_f, routes_f = routed(frozen, fast, x)
-    logits_e, routes_e = routed(frozen, Router(frozen, buckets=0), x)
+    logits_e, routes_e = routed(frozen, BlockExecutor(frozen, buckets=0), x)
     same = (routes_f == routes_e).all(1)
     scale = 1.0 + float(logits_e.abs().max())
     diff = float((logits_f - logits_e)[same].abs().max()) / scale if bool(same.any()) else float("nan")
@@ -162,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     g = torch.Generator().manual_seed(1)
     for batch in batches:
         x = torch.randn(batch, *net.input_size, generator=g).to(device)
-        fast = Router(frozen, buckets=8, graphs=graphs)
+        fast = BlockExecutor(frozen, buckets=8, graphs=graphs)
         agreement = compare(frozen, fast, x)
         ok = agreement.ok(tolerance) and fast.graphs == graphs  # a capture that fell back is a failure here
         result["checks"].append({**asdict(agreement), "ok": ok, "graphs_captured": fast.graphs})
@@ -185,7 +182,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2))
     if not all(c["ok"] for c in result["checks"]):
-        print("\nthe fast routed forward differs from the eager one: run with Router(graphs=False) and report it")
+        print(
+            "\nthe fast routed forward differs from the eager one: run with BlockExecutor(graphs=False) and report it"
+        )
         raise SystemExit(1)
     return result
 

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from backbones.base import Backbone
-from skipnet_env.engine import Router, freeze
+from backbones.base import FIRST_GATED, Backbone
+from skipnet_env.engine import BlockExecutor, freeze
 from skipnet_env.routing import route_block
 
 AccuracyReward = Literal["correct", "neg_ce"]
@@ -66,7 +66,7 @@ class BatchedRouting:
             the frozen execution engine (:mod:`skipnet_env.engine`).
         precision: the engine's compute precision when not ``differentiable``: ``"auto"`` (bf16
             on CUDA, fp32 elsewhere), ``"fp32"`` or ``"bf16"``.
-        buckets, graphs: the engine's routing (:class:`skipnet_env.engine.Router`); default by device.
+        buckets, graphs: the engine's routing (:class:`skipnet_env.engine.BlockExecutor`); default by device.
 
     The observation of each episode is ``[pooled activation (zero-padded to the widest block),
     one-hot position of the next gated block, fraction of the full network's FLOPs spent]``.
@@ -86,10 +86,10 @@ class BatchedRouting:
         self.differentiable = differentiable
         # what runs: the backbone itself when gradients flow through it, else its frozen copy
         self.net = backbone if differentiable else freeze(backbone, precision=precision)
-        self.router = None if differentiable else Router(self.net, buckets, graphs)
+        self.executor = None if differentiable else BlockExecutor(self.net, buckets, graphs)
         self.reward = reward
         self.device = next(backbone.parameters()).device
-        self.first_gated = 0 if gate_first_block else 1
+        self.first_gated = 0 if gate_first_block else FIRST_GATED
         self.num_gates = backbone.num_blocks - self.first_gated
         if self.num_gates < 1:
             raise ValueError(f"backbone {backbone.arch} has {backbone.num_blocks} block(s): nothing to gate")
@@ -129,14 +129,14 @@ class BatchedRouting:
         block (what :meth:`start` computes from images): replays episodes on the same images.
         ``h`` itself is never written."""
         h = self.net.prepare(h)
-        if self.router is not None and not self.router.buckets:
+        if self.executor is not None and not self.executor.buckets:
             h = h.clone()  # the eager engine routes in place
         return self._begin(h, labels)
 
     def _begin(self, h: Tensor, labels: Tensor) -> Tensor:
         b = h.shape[0]
         # (B, C, H, W); on the frozen engine it is written in place by the next step
-        self.h = h if self.router is None else self.router.begin(h)
+        self.h = h if self.executor is None else self.executor.begin(h)
         self.labels = labels  # (B,)
         self.step_index = 0
         self.spent_flops = torch.full((b,), self.prefix_flops, dtype=torch.float64, device=self.device)  # (B,)
@@ -175,12 +175,12 @@ class BatchedRouting:
     def _advance(self, execute: Tensor, num_execute: int | None) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         k = self.step_index
         index = self.first_gated + k
-        if self.router is None:
+        if self.executor is None:
             self.h = route_block(self.net.blocks[index], self.activation, execute, num_execute)
         else:
             if num_execute is None:
                 num_execute = int(execute.sum())  # the one device sync: the executed row count sets the shapes
-            self.h = self.router.route(index, self.activation, execute, num_execute)
+            self.h = self.executor.route(index, self.activation, execute, num_execute)
         step_flops = torch.where(execute, self.exec_flops[k], self.skip_flops[k])  # (B,)
         self.spent_flops += step_flops
         if k == 0:  # the per-step charge of the first step includes the stem and always-run blocks

@@ -3,7 +3,7 @@ it does not train (env steps, evaluation, the static search, SP's gate training,
 
 :func:`freeze` makes an inference copy of a backbone: BatchNorm folded into the convolutions
 (``torch.nn.utils.fusion``), its parameters frozen, on CUDA in bf16 and channels_last by default.
-:class:`Router` runs a gated block on the rows that execute it, in place:
+:class:`BlockExecutor` runs a gated block on the rows that execute it, in place:
 
 - eagerly with exact shapes (the CPU default): gather the executing rows, run the block, write its
   output back into the activation (no full-size copy for identity-shortcut blocks);
@@ -233,7 +233,7 @@ def capture(
     return CapturedGraph(graph, device, (body, out, *keep))
 
 
-class Router:
+class BlockExecutor:
     """Runs gated blocks of a frozen backbone on their executing rows.
 
     Args:

@@ -23,7 +23,7 @@ from skipnet_env.sources import (
     BackboneSpec,
     DatasetSpec,
     EnvOptions,
-    build_routing,
+    build_sources,
     one_image,
 )
 
@@ -40,7 +40,7 @@ class SkipNetEnv(gym.Env[np.ndarray, Any]):
         dataset: a data set name or an ``ImageTensors``.
         **options: ``split``, ``alpha``, ``accuracy_reward``, ``cost_timing``,
             ``gate_first_block``, ``device``, ``data_root``, ``download``, ``image_size``,
-            ``backbone_train``, ``precision``: see :func:`skipnet_env.sources.build_routing`.
+            ``backbone_train``, ``precision``: see :func:`skipnet_env.sources.build_sources`.
     """
 
     metadata: dict[str, Any] = {"render_modes": []}
@@ -51,9 +51,9 @@ class SkipNetEnv(gym.Env[np.ndarray, Any]):
         dataset: DatasetSpec = DEFAULT_DATASET,
         **options: Unpack[EnvOptions],
     ) -> None:
-        routing = build_routing(backbone, dataset, **options)
-        self.device, self.backbone, self.core = routing.device, routing.backbone, routing.core
-        data = routing.data
+        sources = build_sources(backbone, dataset, **options)
+        self.device, self.backbone, self.core = sources.device, sources.backbone, sources.core
+        data = sources.data
         self.data = data.to(self.device) if isinstance(data, ImageTensors) else data
         self.num_gates = self.core.num_gates
         self.observation_space = observation_space(self.core.obs_dim)

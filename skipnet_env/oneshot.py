@@ -30,7 +30,7 @@ from skipnet_env.sources import (
     BackboneSpec,
     DatasetSpec,
     EnvOptions,
-    build_routing,
+    build_sources,
     one_image,
 )
 from skipnet_env.vector_env import RoutingVectorEnv, as_mask
@@ -72,9 +72,9 @@ class SkipNetOneShotEnv(gym.Env[np.ndarray, np.ndarray]):
         observation: Observation = "image",
         **options: Unpack[EnvOptions],
     ) -> None:
-        routing = build_routing(backbone, dataset, **options)
-        self.device, self.backbone, self.core = routing.device, routing.backbone, routing.core
-        self.data = routing.data.to(self.device) if isinstance(routing.data, ImageTensors) else routing.data
+        sources = build_sources(backbone, dataset, **options)
+        self.device, self.backbone, self.core = sources.device, sources.backbone, sources.core
+        self.data = sources.data.to(self.device) if isinstance(sources.data, ImageTensors) else sources.data
         self.observation = observation
         self.num_gates = self.core.num_gates
         self.obs_shape = observation_shape(self.core, observation)

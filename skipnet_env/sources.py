@@ -27,7 +27,7 @@ DEFAULT_DATASET = "cluttered_digits"
 
 
 class EnvOptions(TypedDict, total=False):
-    """The keyword options every routing env takes (see :func:`build_routing`)."""
+    """The keyword options every routing env takes (see :func:`build_sources`)."""
 
     split: str
     alpha: float
@@ -43,7 +43,7 @@ class EnvOptions(TypedDict, total=False):
 
 
 @dataclass
-class Routing:
+class EnvSources:
     """What an env runs on: its device, data set, backbone and the batched state machine."""
 
     device: torch.device
@@ -52,12 +52,12 @@ class Routing:
     core: BatchedRouting
 
 
-def build_routing(
+def build_sources(
     backbone: BackboneSpec = DEFAULT_BACKBONE,
     dataset: DatasetSpec = DEFAULT_DATASET,
     differentiable: bool = False,
     **options: Unpack[EnvOptions],
-) -> Routing:
+) -> EnvSources:
     """Build an env's sources in one place.
 
     Args:
@@ -96,7 +96,7 @@ def build_routing(
     core = BatchedRouting(
         net, reward, options.get("gate_first_block", False), differentiable, options.get("precision", "auto")
     )
-    return Routing(device, data, net, core)
+    return EnvSources(device, data, net, core)
 
 
 def resolve_dataset(

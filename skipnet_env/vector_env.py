@@ -33,7 +33,7 @@ from skipnet_env.sources import (
     BatchSampler,
     DatasetSpec,
     EnvOptions,
-    build_routing,
+    build_sources,
 )
 
 
@@ -68,7 +68,7 @@ class RoutingVectorEnv(VectorEnv):
 
     Args:
         num_envs: images per batch (B).
-        backbone, dataset, **options: the sources (:func:`skipnet_env.sources.build_routing`).
+        backbone, dataset, **options: the sources (:func:`skipnet_env.sources.build_sources`).
         return_tensors: return torch tensors on the device instead of numpy arrays.
         differentiable: keep the autograd graph through the backbone; needs ``return_tensors``.
         num_workers: data-loader workers for image folders.
@@ -91,9 +91,9 @@ class RoutingVectorEnv(VectorEnv):
             raise ValueError(f"num_envs must be a positive integer, got {num_envs!r}")
         if differentiable and not return_tensors:
             raise ValueError("differentiable=True needs return_tensors=True (numpy arrays carry no gradient)")
-        routing = build_routing(backbone, dataset, differentiable, **options)
-        self.device, self.backbone, self.core = routing.device, routing.backbone, routing.core
-        self.sampler = BatchSampler(routing.data, num_envs, self.device, num_workers)
+        sources = build_sources(backbone, dataset, differentiable, **options)
+        self.device, self.backbone, self.core = sources.device, sources.backbone, sources.core
+        self.sampler = BatchSampler(sources.data, num_envs, self.device, num_workers)
         self.num_envs, self.num_gates, self.return_tensors = num_envs, self.core.num_gates, return_tensors
         self.single_observation_space, self.single_action_space = self.spaces()
         self.observation_space = batch_space(self.single_observation_space, num_envs)
@@ -154,7 +154,7 @@ class RoutingVectorEnv(VectorEnv):
 
 class SkipNetVectorEnv(RoutingVectorEnv):
     """``num_envs`` images per episode batch; ``backbone``, ``dataset`` and ``**options`` as
-    :class:`skipnet_env.env.SkipNetEnv` (:func:`skipnet_env.sources.build_routing`), plus the
+    :class:`skipnet_env.env.SkipNetEnv` (:func:`skipnet_env.sources.build_sources`), plus the
     arguments of :class:`RoutingVectorEnv`. With ``return_tensors`` the final info carries the
     ``logits`` too; with ``differentiable``, ``activation`` and the final ``logits`` require grad
     where the backbone does.

@@ -6,11 +6,11 @@ import torch
 from torch import nn
 
 import backbones
-from experiments.config import RunConfig
 from agents.gates import create_gates
 from agents.hybrid import sp_forward
+from experiments.config import RunConfig
 from skipnet_env.core import BatchedRouting, RewardConfig
-from skipnet_env.engine import Router, bucket_sizes, fold_batchnorm, freeze, resolve_precision
+from skipnet_env.engine import BlockExecutor, bucket_sizes, fold_batchnorm, freeze, resolve_precision
 from skipnet_env.routing import route_block
 from tests.conftest import randomize, tiny_backbone
 
@@ -89,7 +89,7 @@ def test_routed_steps_match_the_reference_on_every_row(buckets):
     the reference gather/scatter gives, at every executed count from none to all."""
     net = tiny_backbone(20)
     frozen = freeze(net, CPU, precision="fp32")
-    router = Router(frozen, buckets=buckets)
+    router = BlockExecutor(frozen, buckets=buckets)
     g = torch.Generator().manual_seed(0)
     batch = 24
     x = torch.randn(batch, 1, 16, 16, generator=g)
@@ -143,8 +143,8 @@ def test_engine_episodes_match_the_differentiable_path():
 def test_graphs_need_cuda_and_buckets():
     frozen = freeze(tiny_backbone(20), CPU, precision="fp32")
     with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
-        Router(frozen, buckets=8, graphs=True)
-    assert Router(frozen).buckets == 0 and not Router(frozen).graphs  # the CPU default: exact, eager
+        BlockExecutor(frozen, buckets=8, graphs=True)
+    assert BlockExecutor(frozen).buckets == 0 and not BlockExecutor(frozen).graphs  # the CPU default: exact, eager
 
 
 @pytest.mark.parametrize("kind", ["rnn", "ff1"])
@@ -177,12 +177,12 @@ def test_routed_rows_keep_the_channels_last_layout():
     frozen = freeze(tiny_backbone(20), CPU, precision="fp32", channels_last=True)
     seen = []
     frozen.blocks[1].register_forward_pre_hook(lambda m, args: seen.append(args[0]))
-    router = Router(frozen, buckets=4)
+    router = BlockExecutor(frozen, buckets=4)
     with torch.no_grad():
         h = router.begin(frozen.stem(frozen.prepare(torch.randn(16, 1, 16, 16))))
         router.route(1, h, torch.arange(16) % 2 == 0, 8)
         route_inplace_h = frozen.stem(frozen.prepare(torch.randn(16, 1, 16, 16)))
-        Router(frozen, buckets=0).route(1, route_inplace_h, torch.arange(16) % 2 == 0, 8)
+        BlockExecutor(frozen, buckets=0).route(1, route_inplace_h, torch.arange(16) % 2 == 0, 8)
     assert len(seen) == 2 and all(x.is_contiguous(memory_format=torch.channels_last) for x in seen)
 
 
@@ -191,7 +191,7 @@ def test_a_failed_capture_falls_back_to_the_eager_bucketed_step(caplog):
     every row right (here the capture fails because the device is the CPU)."""
     net = tiny_backbone(20)
     frozen = freeze(net, CPU, precision="fp32")
-    router = Router(frozen, buckets=3, graphs=False)
+    router = BlockExecutor(frozen, buckets=3, graphs=False)
     router.graphs = True  # as on CUDA: the first route of each (block, bucket) captures
     g = torch.Generator().manual_seed(1)
     x = torch.randn(12, 1, 16, 16, generator=g)
@@ -248,13 +248,13 @@ def test_engine_self_check_passes_and_catches_a_wrong_fast_path(monkeypatch, cap
     assert c["ok"] and c["decisions_agree"] == 1.0 and c["max_logit_difference"] < 1e-4
     assert 0.3 < check.median_gate(torch.randn(64, 4, 2, 2), 1).float().mean() < 0.7  # a data-dependent half
 
-    real_build = Router._build
+    real_build = BlockExecutor._build
 
     def broken(self, block, h, out, execute, bucket):  # a step that writes nothing back
         step = real_build(self, block, h, out, execute, bucket)
         return lambda: None if bucket > 8 else step()
 
-    monkeypatch.setattr(Router, "_build", broken)
+    monkeypatch.setattr(BlockExecutor, "_build", broken)
     with pytest.raises(SystemExit) as exit_:
         check.main(args)
     assert exit_.value.code == 1 and "WRONG" in capsys.readouterr().out
@@ -299,7 +299,7 @@ def test_a_capture_follows_pytorchs_cuda_graph_rules(monkeypatch):
     monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
 
     frozen = freeze(tiny_backbone(20), CPU, precision="fp32")
-    router = Router(frozen, buckets=3, graphs=False)
+    router = BlockExecutor(frozen, buckets=3, graphs=False)
     router.graphs = True  # as on CUDA
     with torch.no_grad():
         h = router.begin(frozen.stem(torch.randn(12, 1, 16, 16)))
