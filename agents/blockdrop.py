@@ -19,14 +19,15 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+from typing_extensions import Unpack
 
 from agents.policies import RoutingPolicy
-from agents.trainer import CHECKPOINT_EVERY, Trainer
+from agents.trainer import RunValues, Trainer
 from backbones.base import Backbone
 from backbones.data import Dataset
 from backbones.options import COUNT, POSITIVE, POSITIVE_INT, Rule, check_options, option
 from backbones.progress import progress_bar
-from skipnet_env.core import DEFAULT_ALPHA, AccuracyReward
+from skipnet_env.core import AccuracyReward
 from skipnet_env.oneshot import SkipNetOneShotVectorEnv, run_mask
 
 
@@ -108,32 +109,23 @@ class BlockDropTrainer(Trainer):
         metadata: dict[str, Any],
         writer: Any = None,
         progress: bool = True,
-        *,
-        num_envs: int,
-        alpha: float = DEFAULT_ALPHA,
-        entropy_coef: float = 0.0,
-        seed: int = 0,
-        precision: str = "auto",
-        checkpoint_every: int = CHECKPOINT_EVERY,
+        **run: Unpack[RunValues],
     ) -> None:
-        super().__init__(
-            cfg, device, checkpoint, metadata, writer, progress,
-            seed=seed, precision=precision, checkpoint_every=checkpoint_every,
-        )  # fmt: skip
-        self.net, self.entropy_coef = net.to(device), entropy_coef
+        super().__init__(cfg, device, checkpoint, metadata, writer, progress, **run)
+        self.net = net.to(device)
         self.env = SkipNetOneShotVectorEnv(
-            num_envs,
+            self.num_envs,
             backbone,
             data,
             return_tensors=True,
-            alpha=alpha,
+            alpha=self.alpha,
             accuracy_reward=cfg.reward,
             device=device,
-            precision=precision,
+            precision=self.precision,
         )
         self.opt = torch.optim.Adam(self.net.parameters(), lr=cfg.lr)
-        self.generator = torch.Generator(device=device).manual_seed(seed + 1)
-        self.env.reset(seed=seed)
+        self.generator = torch.Generator(device=device).manual_seed(self.seed + 1)
+        self.env.reset(seed=self.seed)
 
     def trained_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         return list(self.net.named_parameters())

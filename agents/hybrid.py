@@ -39,15 +39,16 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from typing_extensions import Unpack
 
 from agents.compute_price import BUDGET_STEP_HRL, ComputePrice, SpendingMeter
 from agents.gates import GatePolicy
-from agents.trainer import CHECKPOINT_EVERY, Trainer
+from agents.trainer import RunValues, Trainer
 from backbones.base import Backbone, skip
 from backbones.data import Dataset, batches
 from backbones.options import COUNT, NON_NEGATIVE, POSITIVE, POSITIVE_INT, UNIT, check_options, option
 from backbones.progress import progress_bar
-from skipnet_env.core import DEFAULT_ALPHA, SKIPNET_REWARD, BatchedRouting
+from skipnet_env.core import SKIPNET_REWARD, BatchedRouting
 from skipnet_env.engine import freeze
 from skipnet_env.vector_env import SkipNetVectorEnv
 
@@ -190,11 +191,9 @@ class HybridTrainer(Trainer):
             ``checkpoint_every`` HRL iterations).
         metadata: written into every checkpoint (agent, backbone identity, ...).
         writer: a TensorBoard ``SummaryWriter`` (or ``None``).
-        num_envs: images per HRL batch (the environment's).
-        alpha: weight of compute in the reward (and in SP's loss unless ``cfg.sp_alpha``).
-        budget: a FLOPs fraction to meet instead: the compute weight becomes a multiplier, starting at ``alpha``.
-        entropy_coef: weight of the gates' entropy bonus in HRL.
-        seed, precision, checkpoint_every: :class:`agents.trainer.Trainer`'s.
+        budget: a FLOPs fraction to meet: the compute weight becomes a multiplier, starting at ``alpha``
+            (which otherwise prices compute, in HRL's reward and, unless ``cfg.sp_alpha``, in SP's loss).
+        **run: the run's values (:class:`agents.trainer.RunValues`: ``num_envs``, ``alpha``, ``seed``, ...).
     """
 
     def __init__(
@@ -208,28 +207,19 @@ class HybridTrainer(Trainer):
         metadata: dict[str, Any],
         writer: Any = None,
         progress: bool = True,
-        *,
-        num_envs: int,
-        alpha: float = DEFAULT_ALPHA,
         budget: float | None = None,
-        entropy_coef: float = 0.0,
-        seed: int = 0,
-        precision: str = "auto",
-        checkpoint_every: int = CHECKPOINT_EVERY,
+        **run: Unpack[RunValues],
     ) -> None:
-        super().__init__(
-            cfg, device, checkpoint, metadata, writer, progress,
-            seed=seed, precision=precision, checkpoint_every=checkpoint_every,
-        )  # fmt: skip
+        super().__init__(cfg, device, checkpoint, metadata, writer, progress, **run)
         self.backbone, self.gates, self.data = backbone.to(device).eval(), gates.to(device), train_data
         self.sp_epochs, self.hrl_iterations = cfg.stages()
-        self.num_envs, self.alpha, self.budget, self.entropy_coef = num_envs, alpha, budget, entropy_coef
+        self.budget = budget
         self.backbone.requires_grad_(cfg.finetune_backbone)
         self.sp_opt = torch.optim.Adam(self._param_groups(), lr=cfg.sp_lr)
         self.hrl_opt = torch.optim.Adam(self._param_groups(), lr=cfg.hrl_lr)
-        self.generator = torch.Generator().manual_seed(seed)  # SP's data order
+        self.generator = torch.Generator().manual_seed(self.seed)  # SP's data order
         # HRL's action sampling draws from its own generator, saved and restored with the run
-        self.action_generator = torch.Generator(device=device).manual_seed(seed + 1)
+        self.action_generator = torch.Generator(device=device).manual_seed(self.seed + 1)
         self.stage = "sp"  # done_units: epochs in SP, iterations in HRL
         # SP's compute weight: sp_alpha, or with a budget the multiplier that meets it (HRL then prices
         # compute at the multiplier SP ended with)

@@ -23,8 +23,10 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from typing_extensions import Required, TypedDict, Unpack
 
 from backbones.checkpoint import atomic_save, safe_load
+from skipnet_env.core import DEFAULT_ALPHA
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +36,24 @@ WEIGHT_LIMIT = 1e4
 LOSS_LIMIT = 1e6
 CHECKPOINT_EVERY = 50
 """iterations between checkpoints, every trainer's default"""
+
+
+class RunValues(TypedDict, total=False):
+    """The run's values every trainer is given as the run has them (the top of
+    :class:`experiments.config.RunConfig`)."""
+
+    num_envs: Required[int]
+    """images per batch in the environment"""
+    alpha: float
+    """weight of compute in the reward (default :data:`skipnet_env.core.DEFAULT_ALPHA`)"""
+    entropy_coef: float
+    """weight of the policy's entropy bonus (default 0)"""
+    seed: int
+    """seeds the trainer's random generators: data order, sampled decisions (default 0)"""
+    precision: str
+    """the frozen backbone's compute precision: auto, fp32, bf16 (default auto)"""
+    checkpoint_every: int
+    """iterations between checkpoints (default :data:`CHECKPOINT_EVERY`)"""
 
 
 def diverged(what: str, checkpoint: Path) -> FloatingPointError:
@@ -66,12 +86,8 @@ class Trainer:
         metadata: written into every checkpoint (agent, backbone and data identity, ...).
         writer: a TensorBoard ``SummaryWriter`` (or ``None``).
         progress: show progress bars (on a terminal).
-        seed: seeds the trainer's random generators (data order, sampled decisions).
-        precision: the frozen backbone's compute precision (``"auto"``, ``"fp32"``, ``"bf16"``).
-        checkpoint_every: iterations between checkpoints.
-
-    The run's cross-cutting values (seed, precision, and in a subclass the compute price and batch)
-    are arguments, given as the run has them; the subclass's own options are its ``cfg``.
+        **run: the run's values, given to every trainer as the run has them (:class:`RunValues`); the
+            subclass's own options are its ``cfg``.
 
     A subclass implements :meth:`trained_parameters`, :meth:`training_state` and
     :meth:`load_training_state`, and moves ``stage`` (a name of its own; ``"done"`` at the end) and
@@ -86,14 +102,16 @@ class Trainer:
         metadata: dict[str, Any],
         writer: Any,
         progress: bool,
-        *,
-        seed: int,
-        precision: str,
-        checkpoint_every: int,
+        **run: Unpack[RunValues],
     ) -> None:
         self.cfg, self.device, self.checkpoint, self.metadata = cfg, device, Path(checkpoint), metadata
         self.writer, self.progress = writer, progress
-        self.seed, self.precision, self.checkpoint_every = seed, precision, checkpoint_every
+        self.num_envs = run["num_envs"]
+        self.alpha = run.get("alpha", DEFAULT_ALPHA)
+        self.entropy_coef = run.get("entropy_coef", 0.0)
+        self.seed = run.get("seed", 0)
+        self.precision = run.get("precision", "auto")
+        self.checkpoint_every = run.get("checkpoint_every", CHECKPOINT_EVERY)
         self.stage, self.done_units = "train", 0
         self._logged: dict[str, list[Tensor]] = {}
 
