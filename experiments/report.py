@@ -58,6 +58,41 @@ def write_figures(run_dir: Path, writer: Any, result: EvalResult, test_data: Any
         plt.close(fig)
 
 
+def write_evaluation(
+    run_dir: Path,
+    writer: Any,
+    result: EvalResult,
+    val: EvalResult,
+    full: EvalResult,
+    base: EvalResult | None,
+    test_data: Any,
+    seed: int,
+) -> dict[str, Any]:
+    """Everything a run reports of its evaluation: the scalars (TensorBoard), the per-image outcomes
+    and the figures (the run folder); closes ``writer``. Returns the results' entries on how dynamic
+    the routing is and on the validation split."""
+    dynamics = routing_statistics(result, full, seed)
+    scalars = {
+        "val_accuracy": val.accuracy,
+        "val_flops_fraction": val.flops_fraction,
+        "accuracy": result.accuracy,
+        "flops_fraction": result.flops_fraction,
+        **{k: v for k, v in dynamics.items() if isinstance(v, float | int)},
+    }
+    for name, value in scalars.items():
+        writer.add_scalar(f"eval/{name}", value, 0)
+    write_per_image(run_dir / "per_image.npz", result, full, base)
+    write_figures(run_dir, writer, result, test_data)
+    writer.close()
+    return {
+        **dynamics,
+        "val_accuracy": val.accuracy,
+        "val_accuracy_ci95": list(bootstrap_ci(val.per_image["correct"], seed)),
+        "val_flops_fraction": val.flops_fraction,
+        "val_num_images": val.num_images,
+    }
+
+
 def format_table(r: dict[str, Any]) -> str:
     rows = [
         ("agent", r["agent"]),

@@ -36,7 +36,7 @@ from backbones.pretrained import get_trained
 from backbones.registry import list_backbones, options
 from experiments.cli import given_fields, one_line_errors, parse
 from experiments.config import SAFE_ON_RESUME, RunConfig
-from experiments.report import format_table, routing_statistics, write_figures, write_per_image
+from experiments.report import format_table, write_evaluation
 
 log = logging.getLogger("skipnet_gym.run")
 
@@ -168,6 +168,64 @@ class ReportingWriter:
         return getattr(self.writer, name)
 
 
+def checked(cfg: RunConfig, given: set[str] | None) -> tuple[RunConfig, dict | None]:
+    """Stage 1: the options checked against each other before any work, and for ``--resume`` the
+    configuration the run was started with (:func:`resumed_config`); returns it and the agent
+    checkpoint's state (``--eval-only``, ``--resume``)."""
+    get_agent(cfg.agent)  # fail on an unknown agent before any work
+    if (cfg.eval_only or cfg.resume) and not cfg.checkpoint:
+        raise ValueError("--eval-only and --resume need --checkpoint PATH (an agent checkpoint)")
+    if cfg.eval_only and cfg.resume:
+        raise ValueError("--eval-only and --resume exclude each other: evaluate a checkpoint, or continue its run")
+    state = safe_load(cfg.checkpoint) if (cfg.eval_only or cfg.resume) and cfg.checkpoint else None
+    if cfg.resume:
+        assert state is not None
+        cfg = resumed_config(cfg, state.get("metadata", {}).get("run_config"), given)
+    if cfg.budget is not None and not get_agent(cfg.agent).takes_budget:  # a resumed run's agent: its own
+        raise ValueError(
+            f"--budget does not apply to --agent {cfg.agent}: price compute with --alpha (agents that take a budget: "
+            f"{', '.join(agents_taking_budget())})"
+        )
+    return cfg, state
+
+
+def run_identity(cfg: RunConfig, backbone: Any, split: dict[str, Dataset]) -> dict[str, Any]:
+    """What every checkpoint of the run carries: the agent, the backbone's and data's identity, the
+    configuration (flat, under the flags' names)."""
+    return {
+        "agent": cfg.agent,
+        "backbone": backbone.arch,
+        "dataset": cfg.dataset,
+        "backbone_fingerprint": fingerprint(backbone),
+        "data_fingerprint": data_fingerprint(split.values()),
+        "num_classes": backbone.num_classes,
+        "input_size": list(backbone.input_size),
+        "run_config": flatten(cfg),
+    }
+
+
+def run_folder(cfg: RunConfig, env: str) -> Path:
+    """Where the run writes: a resumed run continues in its own folder; a new run, or an evaluation,
+    gets a folder of its own, never the checkpoint's."""
+    if cfg.resume and cfg.checkpoint:
+        return Path(cfg.checkpoint).parent
+    kind = "eval" if cfg.eval_only else str(cfg.seed)
+    return new_run_dir(Path(cfg.run_dir), f"{env}__{cfg.agent}__{kind}__{int(time.time())}")
+
+
+def open_writer(run_dir: Path, cfg: RunConfig, report: Callable[[str, float, int], None] | None) -> Any:
+    """The run's TensorBoard writer (also reporting every scalar to ``report``), its options logged."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer: Any = SummaryWriter(str(run_dir))
+    if report is not None:
+        writer = ReportingWriter(writer, report)
+    writer.add_text(
+        "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in flatten(cfg).items())
+    )
+    return writer
+
+
 def run(
     cfg: RunConfig, given: set[str] | None = None, report: Callable[[str, float, int], None] | None = None
 ) -> dict[str, Any]:
@@ -178,23 +236,8 @@ def run(
     ``given``: the options set on the command line, for ``--resume`` (see :func:`resumed_config`).
     ``report``: called with every scalar the run logs, as it logs it (see :class:`ReportingWriter`).
     """
-    from torch.utils.tensorboard import SummaryWriter
-
-    get_agent(cfg.agent)  # fail on an unknown agent before any work
-    if (cfg.eval_only or cfg.resume) and not cfg.checkpoint:
-        raise ValueError("--eval-only and --resume need --checkpoint PATH (an agent checkpoint)")
-    if cfg.eval_only and cfg.resume:
-        raise ValueError("--eval-only and --resume exclude each other: evaluate a checkpoint, or continue its run")
-    state = safe_load(cfg.checkpoint) if (cfg.eval_only or cfg.resume) and cfg.checkpoint else None
-    if cfg.resume:
-        assert state is not None
-        cfg = resumed_config(cfg, state.get("metadata", {}).get("run_config"), given)
-    spec = get_agent(cfg.agent)  # a resumed run's agent is the one it was started with
-    if cfg.budget is not None and not spec.takes_budget:
-        raise ValueError(
-            f"--budget does not apply to --agent {cfg.agent}: price compute with --alpha (agents that take a budget: "
-            f"{', '.join(agents_taking_budget())})"
-        )
+    cfg, state = checked(cfg, given)
+    spec = get_agent(cfg.agent)
     t0 = time.perf_counter()
     seed_everything(cfg.seed, cfg.torch_deterministic)
     device = resolve_device(cfg.device)
@@ -209,70 +252,36 @@ def run(
     backbone, backbone_meta = load_backbone_for(cfg, device, split)
     base = backbone_meta.pop("base", None)  # the network a skip-ready backbone was made from
     backbone = backbone.to(device).eval()
-    metadata = {
-        "agent": cfg.agent,
-        "backbone": backbone.arch,
-        "dataset": cfg.dataset,
-        "backbone_fingerprint": fingerprint(backbone),
-        "data_fingerprint": data_fingerprint(split.values()),
-        "num_classes": backbone.num_classes,
-        "input_size": list(backbone.input_size),
-        "run_config": flatten(cfg),
-    }
-
+    metadata = run_identity(cfg, backbone, split)
     stage = None
     if state is not None:
         assert cfg.checkpoint is not None  # the state was read from it
         check_agent_checkpoint(state, cfg.checkpoint, cfg.agent, metadata)
         stage = state["metadata"].get("stage")
-    if cfg.resume and cfg.checkpoint:  # the run continues in its own folder
-        run_dir = Path(cfg.checkpoint).parent
-    else:  # a new run, or an evaluation: a folder of its own, never the checkpoint's
-        kind = "eval" if cfg.eval_only else str(cfg.seed)
-        run_dir = new_run_dir(Path(cfg.run_dir), f"{spec.env}__{cfg.agent}__{kind}__{int(time.time())}")
     if cfg.eval_only and stage != "done":
         log.warning(
             "warning: %s is unfinished (stage %r): evaluating the policy as it was when the checkpoint was written",
             cfg.checkpoint,
             stage,
         )
+    run_dir = run_folder(cfg, spec.env)
     checkpoint = Path(cfg.checkpoint) if cfg.checkpoint else run_dir / "agent.pt"
-    writer: Any = SummaryWriter(str(run_dir))
-    if report is not None:
-        writer = ReportingWriter(writer, report)
-    writer.add_text(
-        "hyperparameters",
-        "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in flatten(cfg).items()),
-    )
+    writer = open_writer(run_dir, cfg, report)
     ctx = AgentContext(cfg, backbone, split["train"], device, checkpoint, metadata, writer, backbone_meta)
 
+    def test(policy: RoutingPolicy, net: Any, part: str = "test") -> Any:
+        return evaluate(policy, net, split[part], device, eval_batch, precision=cfg.precision)
+
     # the frozen backbone's own accuracy, before --finetune-backbone (or a loaded checkpoint) changes it
-    full = evaluate(RoutingPolicy(), backbone, split["test"], device, eval_batch, precision=cfg.precision)
-    base_result = (
-        None
-        if base is None
-        else evaluate(RoutingPolicy(), base, split["test"], device, eval_batch, precision=cfg.precision)
-    )
+    full = test(RoutingPolicy(), backbone)
+    base_result = None if base is None else test(RoutingPolicy(), base)
     log.info("full backbone: test accuracy %.4f", full.accuracy)
     t_train = time.perf_counter()
     policy = spec.load(ctx, state) if cfg.eval_only and state is not None else spec.train(ctx, state)
     train_seconds = time.perf_counter() - t_train
     log.info("%s trained in %.1f s", cfg.agent, train_seconds)
     # validation figures, what any choice between runs (a sweep, a front, a budget) is made on; test is reported
-    val = evaluate(policy, backbone, split["val"], device, eval_batch, precision=cfg.precision)
-    result = evaluate(policy, backbone, split["test"], device, eval_batch, precision=cfg.precision)
-    writer.add_scalar("eval/val_accuracy", val.accuracy, 0)
-    writer.add_scalar("eval/val_flops_fraction", val.flops_fraction, 0)
-    writer.add_scalar("eval/accuracy", result.accuracy, 0)
-    writer.add_scalar("eval/flops_fraction", result.flops_fraction, 0)
-    dynamics = routing_statistics(result, full, cfg.seed)
-    for name, value in dynamics.items():
-        if isinstance(value, float | int):
-            writer.add_scalar(f"eval/{name}", value, 0)
-    write_per_image(run_dir / "per_image.npz", result, full, base_result)
-    write_figures(run_dir, writer, result, split["test"])
-    writer.close()
-
+    val, result = test(policy, backbone, "val"), test(policy, backbone)
     out = {
         "agent": cfg.agent,
         "backbone": backbone.arch,
@@ -281,11 +290,7 @@ def run(
         "seed": cfg.seed,
         "device": str(device),
         **result.as_dict(),
-        **dynamics,
-        "val_accuracy": val.accuracy,
-        "val_accuracy_ci95": list(bootstrap_ci(val.per_image["correct"], cfg.seed)),
-        "val_flops_fraction": val.flops_fraction,
-        "val_num_images": val.num_images,
+        **write_evaluation(run_dir, writer, result, val, full, base_result, split["test"], cfg.seed),
         "full_backbone_accuracy": full.accuracy,
         "full_backbone_accuracy_ci95": list(bootstrap_ci(full.per_image["correct"], cfg.seed)),
         "backbone_test_accuracy_at_training": backbone_meta.get("test_accuracy"),
