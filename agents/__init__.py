@@ -3,8 +3,13 @@
 An agent is an entry of the registry (``registry.register_agent``: how to train it, how to load
 it, what role it plays in comparisons, the env it decides in). Trained ones subclass
 ``trainer.Trainer`` (checkpoint, exact resume, divergence guard, logged means): the hybrid SP +
-HRL trainer (``hybrid``) and BlockDrop's (``blockdrop``). Every policy is evaluated by one
-``evaluate`` on the environment's own state machine.
+HRL trainer (``hybrid``) and BlockDrop's (``blockdrop``), given the run's values as arguments
+(``trainer.RunValues``: alpha, seed, precision, batch). Each module owns its options, a dataclass
+beside the code it configures (``HybridConfig``, ``gates.RecurrentGateConfig``,
+``blockdrop.BlockDropConfig``, ``skip_ready.JointConfig``, ``registry.SB3Config``,
+``fixed.FixedConfig``); the run's configuration (``experiments.config.RunConfig``) is their tree, and
+an agent reads it through ``registry.AgentOptions``. Every policy is evaluated by one ``evaluate``
+on the environment's own state machine.
 """
 
 import warnings

@@ -4,7 +4,9 @@
 architectures, ``flops``; ``data`` (every data set as ``ImageTensors`` in memory or a streamed
 ``FolderImages``, their ``batches`` and fingerprints; ``splits``, ``cluttered``); ``train`` and
 ``pretrained`` (trained on first use, cached by everything that changes the weights, the data
-included); ``checkpoint`` (atomic, ``weights_only``); ``device`` (device and seeding).
+included); ``checkpoint`` (atomic, ``weights_only``); ``device`` (device and seeding);
+``options`` (a configuration option's rule and resumability declared on its field, and a tree of
+configurations seen as one flat set of flags: every layer's configurations use it).
 """
 
 from backbones import cifar_resnet as _cifar_resnet  # noqa: F401  (fills the registry)

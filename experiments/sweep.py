@@ -26,14 +26,13 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from backbones.options import build, flatten, option_fields, replace
+from backbones.options import POSITIVE_INT, build, check_options, flatten, option, option_fields, replace
 from experiments.cli import one_line_errors, parse, parse_value
 from experiments.config import RunConfig
 
 log = logging.getLogger("skipnet_gym.sweep")
-SEARCHES = ("grid", "optuna")
 OBJECTIVES = {"val_accuracy": "max", "val_flops_fraction": "min"}  # chosen on validation, never on test
 REPORTED = (
     "val_accuracy",
@@ -49,21 +48,21 @@ REPORTED = (
 class SweepConfig:
     """Sweep run options on Ray Tune; write the accuracy / FLOPs Pareto front."""
 
-    search: str = "grid"
+    search: Literal["grid", "optuna"] = "grid"
     """grid (every combination of --grid values) or optuna (multi-objective search over --space)"""
     grid: tuple[str, ...] = ("alpha=0.5,1,2,4",)
     """NAME=V1,V2,...: values of a run option (any of run.py's, e.g. alpha, budget, hrl_lr, agent, seed)"""
     space: tuple[str, ...] = ("alpha=loguniform:0.2:4",)
     """NAME=uniform:LO:HI | loguniform:LO:HI | int:LO:HI | choice:A|B|...: a distribution for optuna"""
-    samples: int = 8
+    samples: int = option(8, POSITIVE_INT)
     """optuna: trials to run (a grid runs each combination once)"""
-    max_concurrent: int = 2
+    max_concurrent: int = option(2, POSITIVE_INT)
     """trials at a time"""
-    cpus_per_trial: int = 1
+    cpus_per_trial: int = option(1, POSITIVE_INT)
     """CPU cores per trial (also its torch threads)"""
     gpus_per_trial: float | None = None
     """GPUs (a fraction shares one) per trial; default: 1/--max-concurrent when there is a GPU, else 0"""
-    scheduler: str = "none"
+    scheduler: Literal["none", "asha"] = "none"
     """none, or asha (stops trials whose --scheduler-metric lags, as they report it)"""
     scheduler_metric: str = "charts/episodic_return"
     """asha: the reported training scalar to compare trials by (higher is better; a return depends on alpha)"""
@@ -79,13 +78,7 @@ class SweepConfig:
     """every trial's run options (--agent, --backbone, --hrl-iterations, ...), the swept ones set per trial"""
 
     def __post_init__(self) -> None:
-        if self.search not in SEARCHES:
-            raise ValueError(f"--search must be one of {', '.join(SEARCHES)}, got {self.search!r}")
-        if self.scheduler not in ("none", "asha"):
-            raise ValueError(f"--scheduler must be none or asha, got {self.scheduler!r}")
-        for name, value in (("samples", self.samples), ("max_concurrent", self.max_concurrent)):
-            if value < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        check_options(self)
 
 
 RUN_FIELDS = option_fields(RunConfig)
