@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from agents.compute_price import ComputePrice, SpendingMeter
 from agents.gates import GatePolicy, create_gates
 from agents.hybrid import sp_forward
+from agents.trainer import check_losses, check_weights
 from backbones.base import FIRST_GATED, Backbone
 from backbones.cache import building, cache_dir
 from backbones.checkpoint import atomic_save, backbone_metadata, fingerprint, load_backbone, safe_load
@@ -240,12 +241,13 @@ class JointTrainer:
                 losses.append(loss.detach())
                 rates.append(executed.detach().mean())
                 bar.update(1)
-            worst = float(torch.stack(losses).abs().max())
-            if not math.isfinite(worst):
-                raise FloatingPointError(
-                    f"joint SP loss reached {worst} at epoch {epoch}: lower --joint-lr "
-                    f"(the last good checkpoint {self.checkpoint} is kept)"
-                )
+            # the trainers' one divergence guard (agents.trainer): a runaway loss or weight stops the stage
+            # before a checkpoint holds it
+            check_losses(losses, f"joint SP (epoch {epoch + 1}; lower --joint-lr)", self.checkpoint)
+            check_weights(
+                [*self.backbone.named_parameters(), *(("gates." + n, p) for n, p in self.gates.named_parameters())],
+                self.checkpoint,
+            )
             self.epoch = epoch + 1
             record = {
                 "epoch": float(self.epoch),

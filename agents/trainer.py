@@ -38,6 +38,13 @@ CHECKPOINT_EVERY = 50
 """iterations between checkpoints, every trainer's default"""
 
 
+def check_losses(losses: list[Tensor], where: str, checkpoint: Path) -> None:
+    """Stop on a non-finite or runaway loss among the recent ``losses`` (one host sync for all)."""
+    worst = float(torch.stack(losses).detach().abs().nan_to_num(float("inf")).max())
+    if not math.isfinite(worst) or worst > LOSS_LIMIT:
+        raise diverged(f"{where} loss reached {worst:.4g}", checkpoint)
+
+
 class RunValues(TypedDict, total=False):
     """The run's values every trainer is given as the run has them (the top of
     :class:`experiments.config.RunConfig`)."""
@@ -148,10 +155,7 @@ class Trainer:
 
     # -- the divergence guard ---------------------------------------------------------------
     def check_losses(self, losses: list[Tensor], where: str) -> None:
-        """Stop on a non-finite or runaway loss among the recent ``losses`` (one host sync for all)."""
-        worst = float(torch.stack(losses).detach().abs().nan_to_num(float("inf")).max())
-        if not math.isfinite(worst) or worst > LOSS_LIMIT:
-            raise diverged(f"{where} loss reached {worst:.4g}", self.checkpoint)
+        check_losses(losses, where, self.checkpoint)
 
     def check_weights(self) -> None:
         check_weights(self.trained_parameters(), self.checkpoint)

@@ -155,3 +155,12 @@ def test_a_skip_ready_backbone_carries_its_data_fingerprint_where_load_backbone_
     load_backbone(ready_meta["checkpoint"], data_fingerprint="abc")
     with pytest.raises(CheckpointMismatchError, match="data_fingerprint"):
         load_backbone(ready_meta["checkpoint"], data_fingerprint="other")
+
+
+def test_joint_sp_stops_on_divergence_with_the_trainers_guard(digits_train, tmp_path):
+    """Joint SP uses the trainers' one divergence guard (it had its own, for NaN losses only): a
+    runaway stops the stage before any checkpoint holds it, the message naming the flag to lower."""
+    trainer = _trainer(tiny_backbone(20), digits_train, tmp_path / "ready.pt", epochs=1, lr=1e6)
+    with pytest.raises(FloatingPointError, match=r"joint SP \(epoch 1; lower --joint-lr\).*No checkpoint was written"):
+        trainer.train()
+    assert not (tmp_path / "ready.pt").exists()
