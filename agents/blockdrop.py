@@ -73,8 +73,10 @@ class OneShotPolicy(RoutingPolicy):
 
 @dataclass
 class BlockDropConfig:
-    """BlockDrop's options. The run's compute price, seed, precision and batch are not here: they are
-    the run's, given to :class:`BlockDropTrainer` as they are."""
+    """BlockDrop (--agent blockdrop): a policy network decides the whole mask from the image.
+
+    The run's compute price, seed, precision and batch are not here: they are the run's, given to
+    :class:`BlockDropTrainer` as they are."""
 
     flag_prefix: ClassVar[str] = "blockdrop_"
 

@@ -26,7 +26,7 @@ FIXED_POLICY_BUDGET = 0.6
 
 @dataclass
 class FixedConfig:
-    """The data-independent baselines' options (their budget is the run's ``--budget``)."""
+    """The data-independent baselines (random, static), at the run's --budget."""
 
     rate: float | None = option(None, UNIT)
     """random: execute probability of each gated block (default: the rate that spends --budget)"""

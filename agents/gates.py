@@ -138,8 +138,9 @@ Pooling = Literal["mean", "mean_max_std"]
 
 @dataclass
 class RecurrentGateConfig:
-    """The recurrent gate's options: ``hybrid_rnn``'s, and those of the gates joint SP trains (the
-    defaults are the runs': BENCHMARKS.md section 4, 16-d with a learned bias per block)."""
+    """The recurrent gate: hybrid_rnn's, and the gates joint SP trains beside the backbone.
+
+    The defaults are the runs' (BENCHMARKS.md section 4: 16-d, a learned bias per block)."""
 
     flag_prefix: ClassVar[str] = "rnn_"
 

@@ -65,8 +65,10 @@ HRL_ITERATIONS = 500
 
 @dataclass
 class HybridConfig:
-    """SkipNet's hybrid trainer: SP, then HRL. The run's compute price (``alpha``, ``budget``), seed,
-    precision and batch are not here: they are the run's, given to :class:`HybridTrainer` as they are."""
+    """SkipNet's hybrid trainer (hybrid_rnn, hybrid_ff, hybrid_ff2): supervised pre-training (SP), then hybrid RL.
+
+    The run's compute price (``alpha``, ``budget``), seed, precision and batch are not here: they are
+    the run's, given to :class:`HybridTrainer` as they are."""
 
     sp_epochs: int | None = option(None, COUNT)
     """hybrid: supervised pre-training epochs on the frozen backbone (default: 10, except hybrid_rnn on a skip-ready

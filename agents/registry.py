@@ -178,7 +178,9 @@ register_agent("hybrid_ff2", _hybrid("ff2"))
 
 @dataclass
 class SB3Config:
-    """The Stable-Baselines3 agents' options (their algorithms' own settings: :mod:`agents.sb3_agents`)."""
+    """Stable-Baselines3 agents (ppo, a2c, recurrent_ppo, ppo_oneshot).
+
+    Their algorithms' own settings: :mod:`agents.sb3_agents`."""
 
     timesteps: int = option(150_000, POSITIVE_INT)
     """SB3 agents: environment steps to train for (image-blocks; images for ppo_oneshot)"""

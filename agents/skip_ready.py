@@ -64,8 +64,9 @@ DEFAULT_EPOCHS, MIN_STEPS = 6, 500
 
 @dataclass
 class JointConfig:
-    """Joint supervised pre-training of a backbone and its gates (the paper's SP). Its seed is the
-    run's, given to :func:`get_skip_ready` as it is."""
+    """Joint SP (--backbone-recipe skip_ready): the backbone trained with its gates, the paper's SP.
+
+    Its seed is the run's, given to :func:`get_skip_ready` as it is."""
 
     flag_prefix: ClassVar[str] = "joint_"
 

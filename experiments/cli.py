@@ -103,7 +103,12 @@ def build_parser(cls: type, description: str | None = None) -> argparse.Argument
     )
     defaults = flatten(cls())
     docs: dict[type, dict[str, str]] = {}
+    groups: dict[tuple[str, ...], Any] = {(): parser}  # a nested part's flags under its own heading
     for name, opt in option_fields(cls).items():
+        where = opt.path[:-1]
+        if where not in groups:
+            summary = (opt.owner.__doc__ or "").strip().split("\n\n")[0]  # the docstring's first paragraph
+            groups[where] = parser.add_argument_group(".".join(where), " ".join(summary.split()))
         doc = docs.setdefault(opt.owner, field_docs(opt.owner)).get(opt.field.name, "")
         help_text = doc.replace("%", "%%")  # argparse formats help with %
         kind, extra = _parser_type(opt.hint)
@@ -111,7 +116,7 @@ def build_parser(cls: type, description: str | None = None) -> argparse.Argument
             extra = {"action": argparse.BooleanOptionalAction}
         else:
             extra["type"] = kind
-        parser.add_argument(flag(name), default=defaults[name], help=help_text, **extra)
+        groups[where].add_argument(flag(name), default=defaults[name], help=help_text, **extra)
     return parser
 
 
