@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar, cast
 
-from backbones.options import build, flag, flatten, option_fields
+from backbones.options import build, flag, option_fields
 
 T = TypeVar("T")
 
@@ -94,6 +94,28 @@ def parse_value(cls: type, name: str, text: str) -> Any:
     return value
 
 
+def declared_defaults(cls: type, instance: Any = None) -> dict[str, Any]:
+    """Each option's default as its field declares it (never as a ``__post_init__`` filled it in:
+    ``TrainConfig.epochs`` stays unset, so that the data set given on the command line picks it); a
+    nested part's defaults are those of the outer field's default instance (``RunConfig(progress=False)``)."""
+    out: dict[str, Any] = {}
+    hints = typing.get_type_hints(cls)
+    prefix = getattr(cls, "flag_prefix", "") if instance is not None else ""
+    for f in dataclasses.fields(cls):
+        if instance is not None:
+            value = getattr(instance, f.name)
+        elif f.default is not dataclasses.MISSING:
+            value = f.default
+        else:
+            value = cast(Any, f.default_factory)()
+        if dataclasses.is_dataclass(hints[f.name]):
+            inner = declared_defaults(hints[f.name], value)
+            out.update({prefix + k: v for k, v in inner.items()})
+        else:
+            out[prefix + f.name] = value
+    return out
+
+
 def build_parser(cls: type, description: str | None = None) -> argparse.ArgumentParser:
     """A flag per option of configuration ``cls`` (nested parts included: :func:`option_fields`),
     its help the docstring under the field, its default the field's."""
@@ -101,7 +123,7 @@ def build_parser(cls: type, description: str | None = None) -> argparse.Argument
         description=description or (cls.__doc__ or "").strip().splitlines()[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    defaults = flatten(cls())
+    defaults = declared_defaults(cls)
     docs: dict[type, dict[str, str]] = {}
     groups: dict[tuple[str, ...], Any] = {(): parser}  # a nested part's flags under its own heading
     for name, opt in option_fields(cls).items():

@@ -101,3 +101,14 @@ def test_the_old_import_still_works_with_a_warning():
         warnings.simplefilter("always")
         from agents.config import RunConfig as Old
     assert Old is RunConfig and any(issubclass(w.category, DeprecationWarning) for w in caught)
+
+
+def test_a_default_filled_in_after_construction_is_not_a_flag_default():
+    """Regression: the flags took their defaults from an instance, whose ``__post_init__`` had set
+    ``TrainConfig.epochs`` for the default data set (10): ``train_backbone.py --dataset cifar10``
+    trained 10 epochs instead of CIFAR's 30."""
+    from backbones.train import DEFAULT_EPOCHS, TrainConfig
+    from experiments.cli import parse
+
+    assert parse(TrainConfig, ["--dataset", "cifar10"]).epochs == DEFAULT_EPOCHS.get("cifar10", 30) == 30
+    assert parse(TrainConfig, ["--dataset", "cifar10", "--epochs", "2"]).epochs == 2
