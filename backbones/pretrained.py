@@ -18,6 +18,26 @@ from backbones.train import TrainConfig, train
 __all__ = ["cache_dir", "get_trained"]
 
 
+# the training options in a cached backbone's name, in this order (the names of existing caches)
+WEIGHT_FIELDS = (
+    "width", "image_size", "epochs", "batch_size", "lr", "weight_decay", "drop_rate", "drop_schedule", "shift", "flip",
+    "seed",
+)  # fmt: skip
+# options that change the weights too but came later: named only when they differ from their default, so that
+# the caches made before them keep their names
+NAMED_WHEN_CHANGED = ("momentum",)
+
+
+def weights_key(cfg: TrainConfig) -> str:
+    """The part of a cached backbone's name that says how it was trained: every option that changes
+    its weights (the data's fingerprint is added beside it)."""
+    key = "-".join(f"{f}{getattr(cfg, f)}" for f in WEIGHT_FIELDS)
+    defaults = TrainConfig(arch=cfg.arch, dataset=cfg.dataset)
+    return key + "".join(
+        f"-{f}{getattr(cfg, f)}" for f in NAMED_WHEN_CHANGED if getattr(cfg, f) != getattr(defaults, f)
+    )
+
+
 def get_trained(arch: str, dataset: str, **train_overrides: Any) -> tuple[Backbone, dict[str, Any]]:
     """The backbone ``arch`` trained on ``dataset`` with :class:`TrainConfig` defaults and
     ``train_overrides``; cached under :func:`cache_dir` by everything that changes the weights, the
@@ -30,21 +50,8 @@ def get_trained(arch: str, dataset: str, **train_overrides: Any) -> tuple[Backbo
     splits = load_splits(dataset, cfg.data_root, cfg.download, cfg.image_size)
     if cfg.image_size is None:  # the data set's own size, named in the key as the envs name it
         cfg = dataclasses.replace(cfg, image_size=splits["train"].input_size[1])
-    weight_fields = (
-        "width",
-        "image_size",
-        "epochs",
-        "batch_size",
-        "lr",
-        "weight_decay",
-        "drop_rate",
-        "drop_schedule",
-        "shift",
-        "flip",
-        "seed",
-    )
     # the data's contents too: another --data-root (or a changed file) trains its own backbone
-    key = "-".join(f"{f}{getattr(cfg, f)}" for f in weight_fields) + f"-data{data_fingerprint(splits.values())}"
+    key = weights_key(cfg) + f"-data{data_fingerprint(splits.values())}"
     if cfg.out is None:
         cfg = dataclasses.replace(
             cfg, out=str(cache_dir() / "backbones" / f"{arch}-{dataset}-{key}.pt"), log_dir=str(cache_dir() / "runs")

@@ -103,3 +103,25 @@ def test_activation_probe_leaves_batchnorm_statistics_alone():
     _ = net.activation_shapes
     after = [m.running_mean for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert all(torch.equal(a, b) for a, b in zip(before, after)) and net.training
+
+
+def test_a_cached_backbone_is_named_by_every_option_that_changes_its_weights():
+    """Regression: the cache key left out the SGD momentum, so a backbone trained with another
+    momentum reused the cached one. Every TrainConfig field is either in the key or said here not to
+    change the weights (a new field fails this test until it is placed)."""
+    import dataclasses
+
+    from backbones.pretrained import NAMED_WHEN_CHANGED, WEIGHT_FIELDS, weights_key
+    from backbones.train import TrainConfig
+
+    named_otherwise = {"arch", "dataset", "data_root", "download"}  # in the file name or the data's fingerprint
+    no_effect = {"device", "out", "resume", "log_dir", "num_workers", "progress"}
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert fields == set(WEIGHT_FIELDS) | set(NAMED_WHEN_CHANGED) | named_otherwise | no_effect
+    base = TrainConfig(image_size=16)
+    # the caches made before momentum was named keep their names
+    assert weights_key(base) == (
+        "width0.5-image_size16-epochs10-batch_size128-lr0.1-weight_decay0.0005-drop_rate0.5-drop_schedulelinear"
+        "-shift2-flipNone-seed0"
+    )
+    assert weights_key(dataclasses.replace(base, momentum=0.5)) == weights_key(base) + "-momentum0.5"
