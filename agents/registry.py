@@ -34,6 +34,7 @@ from agents.policies import (
     StaticPolicy,
 )
 from agents.skip_ready import gate_identity, load_gates
+from agents.trainer import RunValues
 from backbones.base import FIRST_GATED, Backbone
 from backbones.checkpoint import atomic_save
 from backbones.data import Dataset
@@ -53,8 +54,6 @@ class AgentOptions(Protocol):
     budget: float | None
     seed: int
     precision: Precision
-    entropy_coef: float
-    checkpoint_every: int
     progress: bool
     hybrid: HybridConfig
     gates: RecurrentGateConfig
@@ -63,6 +62,10 @@ class AgentOptions(Protocol):
     fixed: FixedConfig
 
     def batch_sizes(self) -> tuple[int, int]: ...
+
+    def run_values(self) -> RunValues:
+        """The values every trainer is given (:class:`agents.trainer.RunValues`)."""
+        ...
 
 
 @dataclass
@@ -151,8 +154,7 @@ def _hybrid(kind: str) -> AgentSpec:
         c = ctx.cfg
         trainer = HybridTrainer(
             ctx.backbone, _start_gates(ctx, kind), ctx.train_data, c.hybrid, ctx.device, ctx.checkpoint,
-            ctx.metadata, ctx.writer, c.progress, num_envs=c.batch_sizes()[0], alpha=c.alpha, budget=c.budget,
-            entropy_coef=c.entropy_coef, seed=c.seed, precision=c.precision, checkpoint_every=c.checkpoint_every,
+            ctx.metadata, ctx.writer, c.progress, budget=c.budget, **c.run_values(),
         )  # fmt: skip
         if state is not None:
             trainer.resume()
@@ -257,8 +259,7 @@ def _train_blockdrop(ctx: AgentContext, state: dict | None) -> RoutingPolicy:
     c = ctx.cfg
     trainer = BlockDropTrainer(
         ctx.backbone, _blockdrop_net(ctx), ctx.train_data, c.blockdrop, ctx.device, ctx.checkpoint, ctx.metadata,
-        ctx.writer, c.progress, num_envs=c.batch_sizes()[0], alpha=c.alpha, entropy_coef=c.entropy_coef,
-        seed=c.seed, precision=c.precision, checkpoint_every=c.checkpoint_every,
+        ctx.writer, c.progress, **c.run_values(),
     )  # fmt: skip
     if state is not None:
         trainer.resume(state)

@@ -268,9 +268,8 @@ def bench_recipe(net: Backbone, device: torch.device, images: int, hrl_iteration
     gates = create_gates("rnn", net, **cfg.gates.options()).to(device)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = HybridTrainer(
-            net, gates, data, cfg.hybrid, device, Path(tmp) / "agent.pt", {}, progress=False,
-            num_envs=batch, alpha=cfg.alpha, seed=cfg.seed, precision=cfg.precision,
-        )  # fmt: skip
+            net, gates, data, cfg.hybrid, device, Path(tmp) / "agent.pt", {}, progress=False, **cfg.run_values()
+        )
         sync(device)
         t0 = time.perf_counter()
         trainer.train_sp()

@@ -94,25 +94,23 @@ def parse_value(cls: type, name: str, text: str) -> Any:
     return value
 
 
-def declared_defaults(cls: type, instance: Any = None) -> dict[str, Any]:
+def declared_defaults(cls: type) -> dict[str, Any]:
     """Each option's default as its field declares it (never as a ``__post_init__`` filled it in:
     ``TrainConfig.epochs`` stays unset, so that the data set given on the command line picks it); a
     nested part's defaults are those of the outer field's default instance (``RunConfig(progress=False)``)."""
-    out: dict[str, Any] = {}
-    hints = typing.get_type_hints(cls)
-    prefix = getattr(cls, "flag_prefix", "") if instance is not None else ""
-    for f in dataclasses.fields(cls):
-        if instance is not None:
-            value = getattr(instance, f.name)
-        elif f.default is not dataclasses.MISSING:
-            value = f.default
-        else:
-            value = cast(Any, f.default_factory)()
-        if dataclasses.is_dataclass(hints[f.name]):
-            inner = declared_defaults(hints[f.name], value)
-            out.update({prefix + k: v for k, v in inner.items()})
-        else:
-            out[prefix + f.name] = value
+    declared = {f.name: f for f in dataclasses.fields(cls)}
+    parts: dict[str, Any] = {}  # a nested part's default instance, made once
+    out = {}
+    for name, opt in option_fields(cls).items():
+        head, *inside = opt.path
+        f = declared[head]
+        if not inside:
+            out[name] = f.default if f.default is not dataclasses.MISSING else cast(Any, f.default_factory)()
+            continue
+        value = parts.setdefault(head, cast(Any, f.default_factory)())
+        for attr in inside:
+            value = getattr(value, attr)
+        out[name] = value
     return out
 
 

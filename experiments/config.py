@@ -22,7 +22,7 @@ from agents.gates import RecurrentGateConfig
 from agents.hybrid import HRL_ITERATIONS, SP_EPOCHS, HybridConfig
 from agents.registry import SB3Config
 from agents.skip_ready import JOINT_GATE_KIND, JointConfig
-from agents.trainer import CHECKPOINT_EVERY
+from agents.trainer import CHECKPOINT_EVERY, RunValues
 from backbones.options import (
     COUNT,
     FLOPS_FRACTION,
@@ -168,6 +168,17 @@ class RunConfig:
         if self.num_envs is None or self.eval_batch is None:
             raise RuntimeError("the batch sizes are set by the device: call for_device() first")
         return self.num_envs, self.eval_batch
+
+    def run_values(self) -> RunValues:
+        """What every trainer is given of the run (a configuration :meth:`for_device` has resolved)."""
+        return {
+            "num_envs": self.batch_sizes()[0],
+            "alpha": self.alpha,
+            "entropy_coef": self.entropy_coef,
+            "seed": self.seed,
+            "precision": self.precision,
+            "checkpoint_every": self.checkpoint_every,
+        }
 
     def differences(self, other: RunConfig) -> dict[str, tuple]:
         """``{option: (mine, other's)}`` for every option that differs (flat names)."""

@@ -7,11 +7,11 @@ the batched, device-resident :class:`SkipNetVectorEnv` as its vector entry point
 with :class:`SkipNetOneShotVectorEnv`.
 
 The layers, bottom up: ``routing`` (the routed block: a block on the rows that execute it),
-``engine`` (the frozen inference copy; ``BlockExecutor``: in-place and bucketed execution of a gated
-block, CUDA-graph capture; ``python
--m experiments.check`` checks it on a GPU), ``core`` (:class:`BatchedRouting`, the one state machine
-every env, evaluation and replay steps), ``sources`` (``EnvSources``: backbone, data and the state machine from
-names or objects), and the envs: single ones in ``env`` and ``oneshot``, the batched ones on one base,
+``engine`` (the frozen inference copy; ``BlockExecutor``: in-place and bucketed execution of a
+gated block, CUDA-graph capture; ``python -m experiments.check`` checks it on a GPU), ``core``
+(:class:`BatchedRouting`, the one state machine every env, evaluation and replay steps),
+``sources`` (``EnvSources``: backbone, data and the state machine from names or objects), and the
+envs: single ones in ``env`` and ``oneshot``, the batched ones on one base,
 ``vector_env.RoutingVectorEnv``.
 """
 

@@ -110,12 +110,13 @@ class SkipNetOneShotEnv(gym.Env[np.ndarray, np.ndarray]):
 def check_mask(action: Any, shape: tuple[int, ...]) -> np.ndarray:
     """A bool mask of ``shape`` from a 0/1 array (floats 0.0 / 1.0 too, as SB3 samples them), else a
     ``ValueError`` saying what arrived."""
-    if np.asarray(action).shape != shape:
+    arr = np.asarray(action)
+    if arr.shape != shape:
         raise ValueError(
             f"the action is the whole execute mask: an array of shape {shape} of 0 (skip) / 1 (execute), "
-            f"got shape {np.asarray(action).shape}"
+            f"got shape {arr.shape}"
         )
-    return as_mask(action, shape, floats=True)
+    return as_mask(arr, shape, floats=True)
 
 
 class SkipNetOneShotVectorEnv(RoutingVectorEnv):

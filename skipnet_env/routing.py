@@ -3,8 +3,9 @@
 ``route_block`` gathers the executing rows, runs the block on them and writes their outputs over
 the shortcut's (the identity, or a projection cheap enough to run on every row): skipped rows cost
 only their shortcut, on any device, with no Python loop over images. The frozen engine
-(:mod:`skipnet_env.engine`) runs it in place. ``masked_forward`` is what the original SkipNet code does (run every
-block on every row, then multiply by the gate), kept as the baseline the benchmarks compare to.
+(:mod:`skipnet_env.engine`) runs it in place. ``masked_forward`` is what the original SkipNet code
+does (run every block on every row, then multiply by the gate), kept as the baseline the
+benchmarks compare to.
 """
 
 from __future__ import annotations
