@@ -137,15 +137,35 @@ def _gate_options(ctx: AgentContext, kind: str) -> dict[str, Any]:
     return ctx.cfg.gates.options() if kind == "rnn" else {}
 
 
+# the hybrid agents and the kind of gates each trains
+HYBRID_GATES = {"hybrid_rnn": "rnn", "hybrid_ff": "ff1", "hybrid_ff2": "ff2"}
+
+
+def starts_from_joint_gates(agent: str, gate_options: dict[str, Any], backbone_meta: dict[str, Any]) -> bool:
+    """Whether ``agent`` starts from the gates joint SP trained beside the backbone ``backbone_meta``
+    describes: a skip-ready backbone whose gates are of the agent's kind, first gated block and
+    options (``gate_options``: the recurrent gate's). Gates that do not start from them start untrained."""
+    kind = HYBRID_GATES.get(agent)
+    joint = backbone_meta.get("skip_ready", {}).get("gates")
+    if kind is None or joint is None or "checkpoint" not in backbone_meta:
+        return False
+    return joint == gate_identity(kind, gate_options if kind == "rnn" else {}, FIRST_GATED)
+
+
 def _start_gates(ctx: AgentContext, kind: str) -> GatePolicy:
     """New gates, or, on a skip-ready backbone whose joint SP trained gates of this kind and shape,
     those gates: the paper's recipe (SP jointly, then HRL) continues from them."""
     gates = _gates(ctx, kind)
     joint = ctx.backbone_meta.get("skip_ready", {}).get("gates")
-    wanted = gate_identity(kind, _gate_options(ctx, kind), gates.first_gated)
-    if joint == wanted and "checkpoint" in ctx.backbone_meta:
+    if starts_from_joint_gates(f"hybrid_{kind}", _gate_options(ctx, kind), ctx.backbone_meta):
         gates.load_state_dict(load_gates(ctx.backbone_meta["checkpoint"], ctx.backbone, ctx.device).state_dict())
         log.info("hybrid_%s starts from the gates joint SP trained beside the backbone", kind)
+    elif joint is not None:
+        log.warning(
+            "hybrid_%s starts from new gates: the skip-ready backbone's gates (%s) are not this agent's (%s); SP "
+            "trains them for %d epochs",
+            kind, joint, gate_identity(kind, _gate_options(ctx, kind), gates.first_gated), ctx.cfg.hybrid.stages()[0],
+        )  # fmt: skip
     return gates
 
 
@@ -170,9 +190,8 @@ def _hybrid(kind: str) -> AgentSpec:
     return AgentSpec(train, load, takes_budget=True)
 
 
-register_agent("hybrid_rnn", _hybrid("rnn"))
-register_agent("hybrid_ff", _hybrid("ff1"))
-register_agent("hybrid_ff2", _hybrid("ff2"))
+for _agent, _kind in HYBRID_GATES.items():
+    register_agent(_agent, _hybrid(_kind))
 
 
 # -- Stable-Baselines3 -----------------------------------------------------------------------------
@@ -331,4 +350,7 @@ register_agent(
     AgentSpec(_train_static, _load_static, role="matched", takes_budget=True),
 )
 
-__all__ = ["AGENTS", "AgentContext", "AgentOptions", "AgentSpec", "SB3Config", "get_agent", "register_agent"]
+__all__ = [
+    "AGENTS", "HYBRID_GATES", "AgentContext", "AgentOptions", "AgentSpec", "SB3Config", "get_agent", "register_agent",
+    "starts_from_joint_gates",
+]  # fmt: skip

@@ -3,7 +3,8 @@ how dynamic a policy is, and the area under an accuracy-vs-FLOPs curve.
 
 Everything takes per-image numpy arrays (one entry per test image), so two agents evaluated on the
 same test images can be compared image by image (paired), which is far tighter than comparing two
-independent accuracies.
+independent accuracies. Where images are not independent (renderings of one source digit), the
+intervals resample the independent units instead (``groups``: a cluster bootstrap).
 """
 
 from __future__ import annotations
@@ -17,28 +18,64 @@ CONFIDENCE = 0.95
 RESAMPLES = 2000
 
 
-def bootstrap_ci(values: np.ndarray, seed: int = 0, resamples: int = RESAMPLES) -> tuple[float, float]:
+def resampled_means(
+    values: np.ndarray, groups: np.ndarray | None = None, seed: int = 0, resamples: int = RESAMPLES
+) -> np.ndarray:
+    """Bootstrap replicates of the mean of ``values`` ``(n,)`` or of each row of ``(P, n)``:
+    ``(resamples,)`` or ``(resamples, P)``, every row resampled with the same draws (so rows stay paired).
+
+    ``groups`` ``(n,)``: the independent unit each value belongs to (the source digit a rendered
+    image was drawn from). The draws then resample groups with replacement, each taking all its
+    values (a cluster bootstrap); the mean is over the values drawn. Without groups every value is
+    its own group: the ordinary bootstrap over images. Values of one group are not independent
+    samples (two renderings of one digit are right or wrong together more often than two digits),
+    so resampling them one by one makes the interval too narrow.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    rows = values.reshape(-1, values.shape[-1])  # (P, n)
+    n = rows.shape[1]
+    if groups is None:
+        codes, count = np.arange(n), n
+    else:
+        groups = np.asarray(groups)
+        if groups.shape != (n,):
+            raise ValueError(f"groups must name one group per value: shape ({n},), got {groups.shape}")
+        _, codes = np.unique(groups, return_inverse=True)
+        count = int(codes.max()) + 1
+    sums = np.stack([np.bincount(codes, weights=r, minlength=count) for r in rows], axis=1)  # (G, P)
+    sizes = np.bincount(codes, minlength=count).astype(np.float64)  # (G,)
+    rng = np.random.default_rng(seed)
+    out = np.empty((resamples, rows.shape[0]))
+    for start in range(0, resamples, 250):  # in chunks: (250, G) draws at a time
+        draw = rng.integers(0, count, size=(min(250, resamples - start), count))
+        out[start : start + len(draw)] = sums[draw].sum(axis=1) / sizes[draw].sum(axis=1)[:, None]
+    return out if values.ndim > 1 else out[:, 0]
+
+
+def _interval(samples: np.ndarray) -> tuple[float, float]:
+    low, high = np.quantile(samples, [(1 - CONFIDENCE) / 2, (1 + CONFIDENCE) / 2])
+    return float(low), float(high)
+
+
+def bootstrap_ci(
+    values: np.ndarray, seed: int = 0, resamples: int = RESAMPLES, groups: np.ndarray | None = None
+) -> tuple[float, float]:
     """95% percentile-bootstrap interval of the mean of ``values`` ``(n,)`` (e.g. per-image
-    correctness: the interval of the accuracy)."""
+    correctness: the interval of the accuracy); with ``groups``, a cluster bootstrap that resamples
+    the groups (:func:`resampled_means`)."""
     values = np.asarray(values, dtype=np.float64)
     if values.ndim != 1 or values.size < 2:
         raise ValueError(f"need a 1-D array of at least 2 values, got shape {values.shape}")
     if np.all(values == values[0]):  # a constant sample: the bootstrap has no spread to show
         return float(values[0]), float(values[0])
-    res = stats.bootstrap(
-        (values,),
-        np.mean,
-        n_resamples=resamples,
-        confidence_level=CONFIDENCE,
-        method="percentile",
-        vectorized=True,
-        rng=np.random.default_rng(seed),
-    )
-    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+    return _interval(resampled_means(values, groups, seed, resamples))
 
 
-def paired_difference(a: np.ndarray, b: np.ndarray, seed: int = 0) -> dict[str, float | list[float]]:
-    """Mean of ``a - b`` over the same images, with its 95% bootstrap interval.
+def paired_difference(
+    a: np.ndarray, b: np.ndarray, seed: int = 0, groups: np.ndarray | None = None
+) -> dict[str, float | list[float]]:
+    """Mean of ``a - b`` over the same images, with its 95% bootstrap interval (over ``groups``
+    where given: :func:`resampled_means`).
 
     Args:
         a, b: ``(n,)`` per-image values of two policies on the same test images, in the same order
@@ -51,7 +88,7 @@ def paired_difference(a: np.ndarray, b: np.ndarray, seed: int = 0) -> dict[str, 
     if a.shape != b.shape:
         raise ValueError(f"paired values must be on the same images: shapes {a.shape} and {b.shape}")
     diff = a - b
-    return {"difference": float(diff.mean()), "ci95": list(bootstrap_ci(diff, seed))}
+    return {"difference": float(diff.mean()), "ci95": list(bootstrap_ci(diff, seed, groups=groups))}
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
@@ -88,10 +125,17 @@ def common_range(curves: Sequence[Sequence[float]]) -> tuple[float, float] | Non
 
 
 def curve_auc(
-    flops: Sequence[float], correct: np.ndarray, lo: float, hi: float, seed: int = 0, resamples: int = 1000
+    flops: Sequence[float],
+    correct: np.ndarray,
+    lo: float,
+    hi: float,
+    seed: int = 0,
+    resamples: int = 1000,
+    groups: np.ndarray | None = None,
 ) -> dict[str, float | list[float] | np.ndarray]:
     """:func:`area_under_curve` of one agent's points, with a 95% bootstrap interval over test
-    images (every point resampled with the same images, so the points stay paired).
+    images (or over ``groups``: :func:`resampled_means`; every point resampled with the same draws,
+    so the points stay paired).
 
     Args:
         flops: ``(P,)`` FLOPs fraction of each point.
@@ -103,13 +147,11 @@ def curve_auc(
         :func:`auc_difference`).
     """
     correct = np.asarray(correct, dtype=np.float64)
-    idx = np.random.default_rng(seed).integers(0, correct.shape[1], size=(resamples, correct.shape[1]))
-    acc = np.stack([c[idx].mean(axis=1) for c in correct], axis=1)  # (resamples, P)
+    acc = resampled_means(correct, groups, seed, resamples)  # (resamples, P)
     samples = np.array([area_under_curve(flops, a, lo, hi) for a in acc])
-    low, high = np.quantile(samples, [(1 - CONFIDENCE) / 2, (1 + CONFIDENCE) / 2])
     return {
         "auc": area_under_curve(flops, correct.mean(axis=1), lo, hi),
-        "ci95": [float(low), float(high)],
+        "ci95": list(_interval(samples)),
         "samples": samples,
     }
 
@@ -117,6 +159,4 @@ def curve_auc(
 def auc_difference(a: dict, b: dict) -> dict[str, float | list[float]]:
     """Difference of two :func:`curve_auc` results on the same test images and seed, with its
     paired 95% interval."""
-    diff = a["samples"] - b["samples"]
-    low, high = np.quantile(diff, [(1 - CONFIDENCE) / 2, (1 + CONFIDENCE) / 2])
-    return {"difference": float(a["auc"] - b["auc"]), "ci95": [float(low), float(high)]}
+    return {"difference": float(a["auc"] - b["auc"]), "ci95": list(_interval(a["samples"] - b["samples"]))}

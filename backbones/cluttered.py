@@ -78,7 +78,8 @@ def render(
 
     Returns:
         images ``(n, 1, canvas, canvas)`` uint8, labels ``(n,)`` int64, and the drawn factors of
-        each image (``digit_size``, ``contrast``, ``fragments``, ``noise``), ``(n,)`` each.
+        each image (``source``: the index of its source digit; ``digit_size``, ``contrast``,
+        ``fragments``, ``noise``), ``(n,)`` each.
     """
     g = torch.Generator().manual_seed(seed)
     s = cfg.canvas
@@ -88,7 +89,7 @@ def render(
         return lo + (hi - lo) * torch.rand(size, generator=g)
 
     m = sources.shape[0]
-    index = torch.randint(0, m, (n,), generator=g)
+    index = _draw_sources(g, m, n)
     size = uniform(cfg.digit_size)
     x0 = torch.rand(n, generator=g) * (s - size)
     y0 = torch.rand(n, generator=g) * (s - size)
@@ -118,8 +119,21 @@ def render(
     noise = uniform(cfg.noise)
     canvas = torch.maximum(image, clutter) + noise[:, None, None, None] * torch.randn(n, 1, s, s, generator=g)
     images = (canvas.clamp(0, 1) * 255).round().to(torch.uint8)
-    factors = {"digit_size": size, "contrast": contrast, "fragments": fragments, "noise": noise}
+    factors = {"source": index, "digit_size": size, "contrast": contrast, "fragments": fragments, "noise": noise}
     return images, labels[index].clone(), factors
+
+
+def _draw_sources(g: torch.Generator, num_sources: int, n: int) -> Tensor:
+    """The source digit of each of ``n`` images ``(n,)``: the first draw of a split's generator."""
+    return torch.randint(0, num_sources, (n,), generator=g)
+
+
+def cluttered_sources(split: str) -> Tensor:
+    """``(N,)`` int64: the index of the source digit each image of ``split`` is a rendering of (the
+    independent unit of the split: its 5,000 test images are renderings of a few hundred digits, so
+    intervals resample digits, not images). Replays the split's first draw; no rendering."""
+    num_sources = len(_source_digits(split)[1])
+    return _draw_sources(torch.Generator().manual_seed(SPLIT_SEEDS[split]), num_sources, SPLIT_SIZES[split])
 
 
 def _source_digits(split: str) -> tuple[Tensor, Tensor]:

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from backbones.cluttered import ClutterConfig, cluttered_split
+from backbones.cluttered import ClutterConfig, cluttered_sources, cluttered_split
 from backbones.splits import SPLITS, VAL_FRACTION, fixed_split
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,9 @@ class ImageTensors:
         mean, std: per-channel normalisation, in [0, 1] units.
         name: data set name.
         flip: horizontal flips are a valid augmentation (not for digits).
+        groups: ``(N,)`` int64 or ``None``: the independent unit each image was made from (the source
+            digit of a ``cluttered_digits`` rendering); intervals resample groups, not images.
+            ``None``: every image is its own.
     """
 
     images: Tensor
@@ -69,6 +72,7 @@ class ImageTensors:
     std: tuple[float, ...]
     name: str
     flip: bool = False
+    groups: Tensor | None = field(default=None, repr=False)
     _fingerprint: str | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -81,6 +85,8 @@ class ImageTensors:
                 f"labels of {self.name!r} must be class indices in [0, {self.num_classes}), got "
                 f"[{int(self.labels.min())}, {int(self.labels.max())}]: set num_classes to the number of classes"
             )
+        if self.groups is not None and self.groups.shape != self.labels.shape:
+            raise ValueError(f"groups must name one group per image: ({len(self)},), got {tuple(self.groups.shape)}")
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -141,6 +147,13 @@ class FolderImages:
 Dataset = ImageTensors | FolderImages
 
 
+def groups_of(data: Dataset) -> np.ndarray | None:
+    """The independent unit of each image of ``data`` ``(N,)`` (:attr:`ImageTensors.groups`), or
+    ``None`` where every image is its own: what intervals over ``data`` resample."""
+    groups = getattr(data, "groups", None)
+    return None if groups is None else groups.cpu().numpy()
+
+
 def data_fingerprint(splits: Iterable[Dataset]) -> str:
     """One fingerprint of several splits (train, val, test): a backbone's or an agent's data."""
     return hashlib.sha256(":".join(d.fingerprint for d in splits).encode()).hexdigest()[:16]
@@ -184,18 +197,17 @@ def _digits(split: str, root: Path, download: bool, image_size: int | None) -> I
     x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
     images = x.round().clamp(0, 255).to(torch.uint8)
     labels = torch.from_numpy(bunch.target.astype(np.int64))
-    mean = float(images.float().mean() / 255.0)
-    std = float(images.float().std() / 255.0)
+    mean, std = _channel_stats(images)
     idx = torch.from_numpy(fixed_split(len(labels), (0.1, 0.2), split))
-    return ImageTensors(images[idx], labels[idx], 10, (mean,), (std,), "digits")
+    return ImageTensors(images[idx], labels[idx], 10, mean, std, "digits")
 
 
 def _cluttered_digits(split: str, root: Path, download: bool, image_size: int | None) -> ImageTensors:
     cfg = ClutterConfig(canvas=image_size) if image_size else ClutterConfig()
     images, labels = cluttered_split(split, cfg)
     # normalisation statistics of the training split, whichever split is asked for
-    stats = cluttered_split("train", cfg)[0].float() / 255.0 if split != "train" else images.float() / 255.0
-    return ImageTensors(images, labels, 10, (float(stats.mean()),), (float(stats.std()),), "cluttered_digits")
+    mean, std = _channel_stats(cluttered_split("train", cfg)[0] if split != "train" else images)
+    return ImageTensors(images, labels, 10, mean, std, "cluttered_digits", groups=cluttered_sources(split))
 
 
 # name -> (torchvision class, files expected under root, mean, std, flip)
@@ -263,19 +275,22 @@ def _torchvision(name: str) -> Callable[[str, Path, bool, int | None], ImageTens
 
 
 def _channel_stats(images: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std of uint8 ``(N, C, H, W)`` images in [0, 1] units (in chunks: a
-    float copy of a large training set would not fit)."""
+    """Per-channel mean and std of uint8 ``(N, C, H, W)`` images in [0, 1] units.
+
+    From exact integer sums (in chunks: a float copy of a large training set would not fit): a float
+    sum's rounding depends on how many threads share the reduction, and these statistics are part of
+    the data's fingerprint, so a float mean made one thread's cached backbones miss under two."""
     c = images.shape[1]
-    total = torch.zeros(c, dtype=torch.float64)
-    squares = torch.zeros(c, dtype=torch.float64)
+    total = torch.zeros(c, dtype=torch.int64)
+    squares = torch.zeros(c, dtype=torch.int64)
     for chunk in images.split(4096):
-        x = chunk.transpose(0, 1).reshape(c, -1).double() / 255.0
+        x = chunk.transpose(0, 1).reshape(c, -1).to(torch.int64)  # (C, pixels)
         total += x.sum(1)
         squares += (x * x).sum(1)
-    count = images.numel() / c
-    mean = total / count
-    std = (squares / count - mean * mean).clamp_min(1e-12).sqrt()
-    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+    count = images.numel() // c
+    mean = [int(t) / count for t in total]  # in [0, 255]: Python floats from exact integers
+    std = [max(int(q) / count - m * m, 1e-12) ** 0.5 for q, m in zip(squares, mean)]
+    return tuple(m / 255.0 for m in mean), tuple(v / 255.0 for v in std)
 
 
 Arrays = tuple[Tensor, Tensor]  # uint8 images (N, C, H, W), int64 labels (N,)

@@ -40,6 +40,7 @@ from backbones.device import resolve_device
 from backbones.options import build, flatten, option_fields, replace
 from experiments.cli import one_line_errors, parse
 from experiments.config import RunConfig
+from experiments.report import read_per_image
 from experiments.run import run
 
 log = logging.getLogger("skipnet_gym.compare")
@@ -73,6 +74,7 @@ class Point:
     setting: str
     runs: list[dict[str, Any]]
     correct: np.ndarray  # (seeds, n) per-image correctness
+    groups: np.ndarray | None = None  # (n,) the test images' independent units, what intervals resample
 
     @property
     def flops(self) -> float:
@@ -93,11 +95,9 @@ class Point:
 
 
 def _point(agent: str, setting: str, runs: list[dict[str, Any]]) -> Point:
-    correct = []
-    for r in runs:
-        with np.load(Path(r["run_dir"]) / "per_image.npz", allow_pickle=False) as f:
-            correct.append(f["correct"].astype(np.float64))
-    return Point(agent, setting, runs, np.stack(correct))
+    per_image = [read_per_image(r["run_dir"]) for r in runs]
+    correct = np.stack([f["correct"].astype(np.float64) for f in per_image])
+    return Point(agent, setting, runs, correct, per_image[0].get("group"))
 
 
 def _config_key(cfg: RunConfig | dict) -> str | None:
@@ -170,12 +170,13 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
         points.append(_point(agent, "all blocks", runs_of(agent)))
 
     seed = cfg.seeds[0]
+    groups = points[0].groups if points else None  # every point is on the same test images
     paired = []
     for p in (p for p in points if p.agent in learned):
         row: dict[str, Any] = {"agent": p.agent, "setting": p.setting, "flops": p.flops}
         for other, at in matched.items():
             q = at[min(p.val_flops, 1.0)]
-            row[f"vs_{other}"] = paired_difference(p.correct.mean(0), q.correct.mean(0), seed)
+            row[f"vs_{other}"] = paired_difference(p.correct.mean(0), q.correct.mean(0), seed, groups)
             row[f"{other}_flops"] = q.flops
         paired.append(row)
 
@@ -188,7 +189,9 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
     if span is not None and all(len(ps) > 1 for ps in curves.values()):
         lo, hi = span
         results = {
-            agent: curve_auc([p.flops for p in ps], np.stack([p.correct.mean(0) for p in ps]), lo, hi, seed)
+            agent: curve_auc(
+                [p.flops for p in ps], np.stack([p.correct.mean(0) for p in ps]), lo, hi, seed, groups=groups
+            )
             for agent, ps in curves.items()
         }
         auc = {"range": [lo, hi]}
@@ -206,7 +209,7 @@ def summarize(p: Point, seed: int) -> dict[str, Any]:
         "seeds": len(p.runs),
         "accuracy": p.mean("accuracy"),
         "accuracy_seed_std": p.std("accuracy"),
-        "accuracy_ci95": list(bootstrap_ci(p.correct.mean(0), seed)),
+        "accuracy_ci95": list(bootstrap_ci(p.correct.mean(0), seed, groups=p.groups)),
         "flops_fraction": p.flops,
         "flops_seed_std": p.std("flops_fraction"),
         "policy_flops_fraction": p.mean("policy_flops_fraction"),

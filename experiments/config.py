@@ -92,6 +92,9 @@ class RunConfig:
     backbone_flip: bool | None = None
     """horizontal flips when the backbone is trained (default: the data set's own: on for CIFAR and your own images,
     off for digits and SVHN)"""
+    backbone_seed: int | None = option(None, COUNT)
+    """seed of the base network's training (default: --seed: every seed trains its own base network, so seeds
+    resample everything a result depends on)"""
     backbone_recipe: BackboneRecipe = "skip_ready"
     """base: the backbone as trained (frozen); skip_ready: the base backbone trained further with its gates (joint
     SP, the paper's recipe), then frozen: every agent runs on it"""
@@ -102,6 +105,14 @@ class RunConfig:
     """fraction of the full network's FLOPs to spend: static (at most) and random (on average), default 0.6; hybrid
     agents (met by the training: the compute weight becomes a Lagrange multiplier, starting at --alpha), default: none,
     --alpha prices compute"""
+    max_drop: float | None = option(None, NON_NEGATIVE)
+    """hybrid_rnn on a skip-ready backbone: ask for accuracy, get the least compute: the cheapest of
+    --max-drop-budgets whose joint gates' validation accuracy is within this many points of the base network's
+    (searched from the cheapest up, each a cached joint SP; replaces --joint-budget)"""
+    max_drop_budgets: tuple[float, ...] = option(
+        (0.35, 0.5, 0.6, 0.7, 0.85), Rule(lambda v: len(v) > 0 and all(0 < b <= 1 for b in v), "fractions in (0, 1]")
+    )
+    """the joint SP budgets --max-drop searches, cheapest first"""
     seed: int = option(0, COUNT)
     """seed for python, numpy, torch and the environment"""
     device: str = option("auto", resumable=True)
@@ -147,16 +158,18 @@ class RunConfig:
         joint SP trained them to spend (``--joint-budget``)."""
         return self.budget not in (None, self.joint.budget) or (self.budget is None and self.alpha != DEFAULT_ALPHA)
 
-    def for_device(self, device: torch.device, max_batch: int | None = None) -> RunConfig:
+    def for_device(self, device: torch.device, max_batch: int | None = None, joint_gates: bool = True) -> RunConfig:
         """This configuration with the options left unset filled in: the batch sizes for ``device``
         (the environment's at most ``max_batch``, the training set's size) and the hybrid stages'
-        lengths for the backbone recipe."""
+        lengths for the backbone recipe. ``joint_gates``: whether the skip-ready backbone carries gates
+        the agent starts from (:func:`agents.registry.starts_from_joint_gates`); gates that start new
+        are trained by the full SP, never evaluated untrained."""
         defaults: dict[str, Any] = {**DEVICE_BATCHES["cuda" if device.type == "cuda" else "cpu"]}
         if max_batch is not None:
             defaults["num_envs"] = min(defaults["num_envs"], max_batch)
         defaults.update(RECIPE_STAGES[self.backbone_recipe])
         if self.backbone_recipe == "skip_ready" and self.agent.startswith("hybrid_"):
-            if self.agent != JOINT_GATES_AGENT:  # other gates than joint SP's start untrained: the full SP
+            if self.agent != JOINT_GATES_AGENT or not joint_gates:  # gates that start untrained: the full SP
                 defaults["sp_epochs"] = SP_EPOCHS
             elif self.asks_other_compute():  # the joint gates re-priced for another compute
                 defaults["sp_epochs"] = SKIP_READY_REPRICE_EPOCHS

@@ -10,35 +10,49 @@ import numpy as np
 
 from agents.evaluate import EvalResult
 from agents.statistics import bootstrap_ci, dynamic_blocks, paired_difference, spearman
-from backbones.data import ImageTensors
+from backbones.data import ImageTensors, groups_of
 from experiments.figures import class_block_heatmap, path_gallery
 
 
-def routing_statistics(result: EvalResult, full: EvalResult, seed: int) -> dict[str, Any]:
-    """Intervals and how dynamic the routing is, from the per-image results of the policy and of
-    the full backbone on the same test images."""
+def routing_statistics(
+    result: EvalResult, full: EvalResult, seed: int, groups: np.ndarray | None = None
+) -> dict[str, Any]:
+    """Intervals (over ``groups``, the test images' independent units, where given) and how dynamic
+    the routing is, from the per-image results of the policy and of the full backbone on the same
+    test images."""
     return {
-        "accuracy_ci95": list(bootstrap_ci(result.per_image["correct"], seed)),
-        "accuracy_vs_full": paired_difference(result.per_image["correct"], full.per_image["correct"], seed),
+        "accuracy_ci95": list(bootstrap_ci(result.per_image["correct"], seed, groups=groups)),
+        "accuracy_vs_full": paired_difference(result.per_image["correct"], full.per_image["correct"], seed, groups),
         # > 0: images the full backbone finds hard (high cross-entropy) run more blocks
         "difficulty_spearman": spearman(result.blocks_per_image, full.per_image["cross_entropy"]),
         "dynamic_blocks": dynamic_blocks(result.execute_rate),
     }
 
 
-def write_per_image(path: Path, result: EvalResult, full: EvalResult, base: EvalResult | None = None) -> None:
+def write_per_image(
+    path: Path, result: EvalResult, full: EvalResult, base: EvalResult | None = None, groups: np.ndarray | None = None
+) -> None:
     """Per-test-image outcomes of the policy, of the full backbone and (a skip-ready backbone's) of the
-    base network it was made from (a plain ``.npz``, read with ``allow_pickle=False``): what paired
-    comparisons between runs are computed from."""
+    base network it was made from, and each image's independent unit (``group``, where the data has
+    one) (a plain ``.npz``, read with ``allow_pickle=False``): what paired comparisons between runs
+    are computed from."""
     arrays: dict[str, Any] = dict(result.per_image)
     if base is not None:
         arrays["base_correct"] = base.per_image["correct"]
+    if groups is not None:
+        arrays["group"] = groups
     np.savez_compressed(
         path,
         **arrays,
         full_correct=full.per_image["correct"],
         full_cross_entropy=full.per_image["cross_entropy"],
     )
+
+
+def read_per_image(run_dir: str | Path) -> dict[str, np.ndarray]:
+    """The per-image outcomes a run wrote (:func:`write_per_image`)."""
+    with np.load(Path(run_dir) / "per_image.npz", allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}
 
 
 def write_figures(run_dir: Path, writer: Any, result: EvalResult, test_data: Any) -> None:
@@ -65,13 +79,15 @@ def write_evaluation(
     val: EvalResult,
     full: EvalResult,
     base: EvalResult | None,
-    test_data: Any,
+    splits: dict[str, Any],
     seed: int,
 ) -> dict[str, Any]:
     """Everything a run reports of its evaluation: the scalars (TensorBoard), the per-image outcomes
     and the figures (the run folder); closes ``writer``. Returns the results' entries on how dynamic
-    the routing is and on the validation split."""
-    dynamics = routing_statistics(result, full, seed)
+    the routing is and on the validation split. Intervals resample each split's independent units
+    (:func:`backbones.data.groups_of`)."""
+    test_data, groups = splits["test"], groups_of(splits["test"])
+    dynamics = routing_statistics(result, full, seed, groups)
     scalars = {
         "val_accuracy": val.accuracy,
         "val_flops_fraction": val.flops_fraction,
@@ -81,13 +97,13 @@ def write_evaluation(
     }
     for name, value in scalars.items():
         writer.add_scalar(f"eval/{name}", value, 0)
-    write_per_image(run_dir / "per_image.npz", result, full, base)
+    write_per_image(run_dir / "per_image.npz", result, full, base, groups)
     write_figures(run_dir, writer, result, test_data)
     writer.close()
     return {
         **dynamics,
         "val_accuracy": val.accuracy,
-        "val_accuracy_ci95": list(bootstrap_ci(val.per_image["correct"], seed)),
+        "val_accuracy_ci95": list(bootstrap_ci(val.per_image["correct"], seed, groups=groups_of(splits["val"]))),
         "val_flops_fraction": val.flops_fraction,
         "val_num_images": val.num_images,
     }

@@ -24,18 +24,18 @@ from typing import Any
 import torch
 
 from agents.evaluate import evaluate
-from agents.policies import RoutingPolicy
-from agents.registry import AgentContext, agents_taking_budget, get_agent
-from agents.skip_ready import JOINT_GATE_KIND, get_skip_ready
+from agents.policies import GateRoutingPolicy, RoutingPolicy
+from agents.registry import AgentContext, agents_taking_budget, get_agent, starts_from_joint_gates
+from agents.skip_ready import JOINT_GATE_KIND, get_skip_ready, load_gates
 from agents.statistics import bootstrap_ci, paired_difference
 from backbones.checkpoint import CheckpointMismatchError, fingerprint, load_backbone, mismatches, safe_load
-from backbones.data import Dataset, data_fingerprint, load_splits, with_flip
+from backbones.data import Dataset, data_fingerprint, groups_of, load_splits, with_flip
 from backbones.device import resolve_device, seed_everything
 from backbones.options import build, flag, flatten, option_fields, replace
 from backbones.pretrained import get_trained
 from backbones.registry import list_backbones, options
 from experiments.cli import given_fields, one_line_errors, parse
-from experiments.config import SAFE_ON_RESUME, RunConfig
+from experiments.config import JOINT_GATES_AGENT, SAFE_ON_RESUME, RunConfig
 from experiments.report import format_table, write_evaluation
 
 log = logging.getLogger("skipnet_gym.run")
@@ -57,12 +57,67 @@ def load_backbone_for(cfg: RunConfig, device: torch.device, splits: dict[str, Da
     base, meta = load_base_backbone(cfg, device, splits)
     if cfg.backbone_recipe == "base" or "skip_ready" in meta:
         return base, meta
+    if cfg.max_drop is not None:
+        return search_budget(cfg, device, splits, base, meta)
+    net, ready_meta = skip_ready(cfg, device, splits, base, meta)
+    return net, {**ready_meta, "base": base}
+
+
+def skip_ready(cfg: RunConfig, device: torch.device, splits: dict[str, Dataset], base: Any, meta: dict) -> tuple:
+    """The skip-ready backbone joint SP makes from ``base`` with ``cfg.joint`` (cached), and its metadata."""
     train = with_flip(splits["train"], cfg.backbone_flip)  # joint SP augments as the base training did
-    net, ready_meta = get_skip_ready(
+    return get_skip_ready(
         base, meta, train, cfg.joint, JOINT_GATE_KIND, cfg.gates.options(), device,
         val_data=splits["val"], progress=cfg.progress, seed=cfg.seed,
     )  # fmt: skip
-    return net, {**ready_meta, "base": base}
+
+
+def within_drop(base: float, accuracy: float, max_drop: float) -> bool:
+    """Whether ``accuracy`` is at most ``max_drop`` points below ``base`` (accuracies as fractions;
+    a drop of exactly ``max_drop`` counts, whatever the float rounding of the points)."""
+    return 100 * (base - accuracy) <= max_drop + 1e-9
+
+
+def search_budget(
+    cfg: RunConfig, device: torch.device, splits: dict[str, Dataset], base: Any, meta: dict
+) -> tuple[Any, dict]:
+    """``--max-drop``: the skip-ready backbone of the cheapest of ``--max-drop-budgets`` whose joint
+    gates' validation accuracy is within ``--max-drop`` points of the base network's (tried from the
+    cheapest up; each a cached joint SP). Where none is, the most accurate one, with a warning. The
+    metadata's ``max_drop`` holds the search (every budget tried, its validation figures) and the choice.
+    Only validation images are seen."""
+    batch = cfg.eval_batch or 512
+
+    def on_val(policy: RoutingPolicy, net: Any) -> Any:
+        return evaluate(policy, net, splits["val"], device, batch, precision=cfg.precision)
+
+    base_val = on_val(RoutingPolicy(), base).accuracy
+    tried: list[dict[str, Any]] = []
+    best: tuple[Any, dict, dict] | None = None  # the most accurate so far, the choice where none is within reach
+    for budget in sorted(cfg.max_drop_budgets):
+        net, ready_meta = skip_ready(replace(cfg, joint_budget=budget), device, splits, base, meta)
+        val = on_val(GateRoutingPolicy(load_gates(ready_meta["checkpoint"], net, device), JOINT_GATES_AGENT), net)
+        tried.append({"budget": budget, "val_accuracy": val.accuracy, "val_flops_fraction": val.flops_fraction})
+        log.info(
+            "--max-drop: joint budget %.2f: validation %.2f%% at %.1f%% of the FLOPs (base %.2f%%)",
+            budget, 100 * val.accuracy, 100 * val.flops_fraction, 100 * base_val,
+        )  # fmt: skip
+        if best is None or val.accuracy > best[2]["val_accuracy"]:
+            best = (net, ready_meta, tried[-1])
+        if within_drop(base_val, val.accuracy, cfg.max_drop):
+            best = (net, ready_meta, tried[-1])
+            break
+    else:
+        log.warning(
+            "warning: no joint budget of %s keeps the validation accuracy within %.2f points of the base network's "
+            "(%.2f%%): the most accurate one is used. Try higher --max-drop-budgets.",
+            cfg.max_drop_budgets, cfg.max_drop, 100 * base_val,
+        )  # fmt: skip
+    assert best is not None
+    net, ready_meta, pick = best
+    met = within_drop(base_val, pick["val_accuracy"], cfg.max_drop)
+    search = {"base_val_accuracy": base_val, "tried": tried, "chosen_budget": pick["budget"], "met": met}
+    return net, {**ready_meta, "base": base, "max_drop": search}
 
 
 def load_base_backbone(cfg: RunConfig, device: torch.device, splits: dict[str, Dataset]) -> tuple[Any, dict]:
@@ -85,6 +140,7 @@ def load_base_backbone(cfg: RunConfig, device: torch.device, splits: dict[str, D
         "drop_rate": cfg.backbone_drop_rate,
         "drop_schedule": cfg.backbone_drop_schedule,
         "flip": cfg.backbone_flip,
+        "seed": cfg.seed if cfg.backbone_seed is None else cfg.backbone_seed,
         "device": str(device),
         "progress": cfg.progress,
         "data_root": cfg.data_root,
@@ -93,6 +149,23 @@ def load_base_backbone(cfg: RunConfig, device: torch.device, splits: dict[str, D
     if "width" in options(cfg.backbone):
         overrides["width"] = cfg.width
     return get_trained(cfg.backbone, cfg.dataset, **overrides)
+
+
+def training_epochs(cfg: RunConfig, backbone_meta: dict[str, Any], train_size: int) -> dict[str, float]:
+    """Epochs of training the routed network received, by stage (``base``, ``joint_sp``, and ``hrl``
+    where the agent's HRL trains the backbone): what a same-epochs control, the base network trained
+    as long, is trained for. Empty where the base network's training is unknown (a checkpoint of
+    unknown origin)."""
+    ready = backbone_meta.get("skip_ready")
+    base = (ready.get("base_train_config") if ready else backbone_meta.get("train_config")) or {}
+    if "epochs" not in base:
+        return {}
+    epochs = {"base": float(base["epochs"])}
+    if ready:
+        epochs["joint_sp"] = float(ready["joint_config"]["epochs"])
+    if cfg.agent.startswith("hybrid_") and cfg.hybrid.finetune_backbone:
+        epochs["hrl"] = cfg.hybrid.stages()[1] * cfg.batch_sizes()[0] / train_size
+    return epochs
 
 
 def new_run_dir(parent: Path, name: str) -> Path:
@@ -181,6 +254,13 @@ def checked(cfg: RunConfig, given: set[str] | None) -> tuple[RunConfig, dict | N
     if cfg.resume:
         assert state is not None
         cfg = resumed_config(cfg, state.get("metadata", {}).get("run_config"), given)
+    if cfg.max_drop is not None and (
+        cfg.agent != JOINT_GATES_AGENT or cfg.backbone_recipe != "skip_ready" or cfg.budget is not None
+    ):
+        raise ValueError(
+            f"--max-drop searches the joint SP budget of --agent {JOINT_GATES_AGENT} on --backbone-recipe skip_ready, "
+            "without --budget (it chooses the compute)"
+        )
     if cfg.budget is not None and not get_agent(cfg.agent).takes_budget:  # a resumed run's agent: its own
         raise ValueError(
             f"--budget does not apply to --agent {cfg.agent}: price compute with --alpha (agents that take a budget: "
@@ -243,13 +323,17 @@ def run(
     device = resolve_device(cfg.device)
     split = run_splits(cfg)
     # batch sizes left unset: the device's defaults (at most the training set), recorded with the run
-    cfg = cfg.for_device(device, max_batch=len(split["train"]))
-    num_envs, eval_batch = cfg.batch_sizes()
+    num_envs, eval_batch = cfg.for_device(device, max_batch=len(split["train"])).batch_sizes()
     if len(split["train"]) < num_envs:
         raise ValueError(
             f"--num-envs {num_envs} is more than the {len(split['train'])} training images of {cfg.dataset}"
         )
     backbone, backbone_meta = load_backbone_for(cfg, device, split)
+    if "max_drop" in backbone_meta:  # the run goes on at the joint budget the search chose
+        cfg = replace(cfg, joint_budget=backbone_meta["max_drop"]["chosen_budget"])
+    # the stages' lengths depend on whether the agent's gates start from the backbone's joint ones
+    joint_gates = starts_from_joint_gates(cfg.agent, cfg.gates.options(), backbone_meta)
+    cfg = cfg.for_device(device, max_batch=len(split["train"]), joint_gates=joint_gates)
     base = backbone_meta.pop("base", None)  # the network a skip-ready backbone was made from
     backbone = backbone.to(device).eval()
     metadata = run_identity(cfg, backbone, split)
@@ -282,6 +366,7 @@ def run(
     log.info("%s trained in %.1f s", cfg.agent, train_seconds)
     # validation figures, what any choice between runs (a sweep, a front, a budget) is made on; test is reported
     val, result = test(policy, backbone, "val"), test(policy, backbone)
+    groups = groups_of(split["test"])  # what the test intervals resample: its independent units
     out = {
         "agent": cfg.agent,
         "backbone": backbone.arch,
@@ -290,10 +375,11 @@ def run(
         "seed": cfg.seed,
         "device": str(device),
         **result.as_dict(),
-        **write_evaluation(run_dir, writer, result, val, full, base_result, split["test"], cfg.seed),
+        **write_evaluation(run_dir, writer, result, val, full, base_result, split, cfg.seed),
         "full_backbone_accuracy": full.accuracy,
-        "full_backbone_accuracy_ci95": list(bootstrap_ci(full.per_image["correct"], cfg.seed)),
+        "full_backbone_accuracy_ci95": list(bootstrap_ci(full.per_image["correct"], cfg.seed, groups=groups)),
         "backbone_test_accuracy_at_training": backbone_meta.get("test_accuracy"),
+        "training_epochs": training_epochs(cfg, backbone_meta, len(split["train"])),
         "train_seconds": train_seconds,
         "wall_seconds": time.perf_counter() - t0,
         "checkpoint": str(checkpoint),
@@ -303,8 +389,10 @@ def run(
     if base_result is not None:  # the skip-ready recipe against the network it started from
         out["base_backbone_accuracy"] = base_result.accuracy
         out["accuracy_vs_base"] = paired_difference(
-            result.per_image["correct"], base_result.per_image["correct"], cfg.seed
+            result.per_image["correct"], base_result.per_image["correct"], cfg.seed, groups
         )
+    if "max_drop" in backbone_meta:
+        out["max_drop"] = backbone_meta["max_drop"]
     if "skip_ready" in backbone_meta:
         out["skip_ready_backbone"] = backbone_meta.get("checkpoint", cfg.backbone_checkpoint)
     if cfg.eval_only:

@@ -5,7 +5,7 @@ import torch
 
 import backbones
 from backbones.cache import cache_dir
-from backbones.cluttered import SPLIT_SIZES, ClutterConfig, _source_digits, render
+from backbones.cluttered import SPLIT_SEEDS, SPLIT_SIZES, ClutterConfig, _source_digits, cluttered_sources, render
 
 
 def _digest(t: torch.Tensor) -> str:
@@ -49,3 +49,15 @@ def test_registered_splits_are_large_cached_and_disjoint_in_source_digits():
     train_sources = {tuple(x.flatten().tolist()) for x in _source_digits("train")[0]}
     test_sources = [tuple(x.flatten().tolist()) for x in _source_digits("test")[0]]
     assert sum(s in train_sources for s in test_sources) < 5  # a few duplicate digits exist in the source data
+
+
+def test_every_image_names_the_source_digit_it_renders():
+    """The embedded test split is renderings of a few hundred source digits: the data says which, so
+    intervals can resample digits (the independent unit), not images."""
+    sources, labels = _source_digits("val")
+    _, _, factors = render(sources, labels, SPLIT_SIZES["val"], SPLIT_SEEDS["val"])
+    assert torch.equal(cluttered_sources("val"), factors["source"])  # replayed without rendering
+    test = backbones.load_dataset("cluttered_digits", "test")
+    assert test.groups is not None and torch.equal(test.labels, _source_digits("test")[1][test.groups])
+    assert len(torch.unique(test.groups)) < len(test) / 10  # 5,000 renderings of a few hundred digits
+    assert torch.equal(backbones.load_dataset("cluttered_digits", "val").groups, factors["source"])

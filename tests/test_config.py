@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from agents.hybrid import HybridConfig
-from agents.skip_ready import JointConfig
+from agents.registry import starts_from_joint_gates
+from agents.skip_ready import JointConfig, gate_identity
 from backbones.options import build, flatten, option_fields, replace
 from experiments.cli import build_parser, field_docs
 from experiments.config import SAFE_ON_RESUME, RunConfig
@@ -34,6 +35,20 @@ def test_a_skip_ready_backbone_keeps_its_gates_unless_another_compute_is_asked_f
         "feedforward gates": (10, 0),
     }
     assert replace(RunConfig(), sp_epochs=1).for_device(cpu).hybrid.sp_epochs == 1  # what the user set stays
+    # gates that cannot start from the joint ones (another shape) are trained by the full SP, never evaluated untrained
+    assert RunConfig().for_device(cpu, 10_000, joint_gates=False).hybrid.stages() == (10, 0)
+
+
+def test_only_gates_of_the_joint_kind_and_shape_start_from_them():
+    """The bug: ``_start_gates`` returned fresh gates without a word when the skip-ready backbone's
+    gates had another shape, and the skip-ready stages (0 SP epochs, 0 HRL) evaluated them untrained."""
+    gate_options = RunConfig().gates.options()
+    meta = {"checkpoint": "x.pt", "skip_ready": {"gates": gate_identity("rnn", gate_options)}}
+    assert starts_from_joint_gates("hybrid_rnn", gate_options, meta)
+    assert not starts_from_joint_gates("hybrid_rnn", {**gate_options, "hidden": 99}, meta)  # another shape
+    assert not starts_from_joint_gates("hybrid_ff", {}, meta)  # another kind
+    assert not starts_from_joint_gates("hybrid_rnn", gate_options, {"checkpoint": "x.pt"})  # a base network
+    assert not starts_from_joint_gates("ppo", gate_options, meta)
 
 
 def test_a_run_saved_before_the_recipes_resumes_on_the_base_network():

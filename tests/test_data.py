@@ -204,3 +204,24 @@ def test_large_image_folder_streams_with_validation_from_train(tmp_path, monkeyp
     assert isinstance(train, backbones.FolderImages) and (len(train), len(val), len(test)) == (18, 2, 20)
     assert len({train.fingerprint, val.fingerprint, test.fingerprint}) == 3
     assert data_mod.loader_workers(10_000) <= (os.cpu_count() or 1)
+
+
+def test_normalisation_and_fingerprint_do_not_depend_on_the_thread_count():
+    """The bug: cluttered_digits' mean was a float32 sum whose rounding depends on how many threads
+    share it (0.13163937 at 1 thread, 0.13163939 at 2); the fingerprint holds it, so a backbone cached
+    by a 2-thread run was retrained under OMP_NUM_THREADS=1. Statistics come from exact integer sums."""
+    from backbones.data import _channel_stats
+
+    images = torch.randint(0, 256, (12_000, 1, 24, 24), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    threads = torch.get_num_threads()
+    try:
+        got = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            got.append((_channel_stats(images), backbones.load_dataset("digits", "train").fingerprint))
+    finally:
+        torch.set_num_threads(threads)
+    assert got[0] == got[1]
+    x = images.numpy().astype(np.float64) / 255.0
+    (mean,), (std,) = got[0][0]
+    assert mean == pytest.approx(x.mean(), rel=1e-12) and std == pytest.approx(x.std(), rel=1e-9)

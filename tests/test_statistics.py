@@ -7,6 +7,7 @@ from agents.statistics import (
     common_range,
     dynamic_blocks,
     paired_difference,
+    resampled_means,
     spearman,
 )
 
@@ -61,3 +62,28 @@ def test_area_under_curve_over_a_common_range():
     assert common_range([[0.1, 0.2], [0.5, 0.7]]) is None
     with pytest.raises(ValueError, match="not inside"):
         area_under_curve([0.2, 0.6], [0.5, 0.6], 0.1, 0.5)
+
+
+def test_a_cluster_bootstrap_resamples_the_independent_units():
+    """5,000 renderings of 100 source digits, each digit right or wrong in all its renderings: the
+    sample holds 100 independent outcomes, not 5,000. Resampling images gives an interval about
+    sqrt(50) times too narrow; resampling digits gives the interval of 100 outcomes."""
+    rng = np.random.default_rng(0)
+    digit_right = rng.random(100) < 0.8
+    groups = rng.integers(0, 100, 5000)
+    correct = digit_right[groups].astype(float)
+    lo_i, hi_i = bootstrap_ci(correct)
+    lo_g, hi_g = bootstrap_ci(correct, groups=groups)
+    assert lo_g < correct.mean() < hi_g
+    assert (hi_g - lo_g) > 4 * (hi_i - lo_i)
+    # about the binomial interval of 100 outcomes at p = 0.8: +-1.96 * 0.04
+    assert (hi_g - lo_g) == pytest.approx(2 * 1.96 * np.sqrt(0.8 * 0.2 / 100), rel=0.25)
+    # one group per image is the ordinary bootstrap over images, draw for draw
+    np.testing.assert_array_equal(resampled_means(correct, np.arange(5000), 3), resampled_means(correct, None, 3))
+    # paired: the difference's interval resamples digits too
+    d_i = paired_difference(correct, np.roll(correct, 1))
+    d_g = paired_difference(correct, np.roll(correct, 1), groups=groups)
+    assert d_i["difference"] == d_g["difference"]
+    assert d_g["ci95"][1] - d_g["ci95"][0] > d_i["ci95"][1] - d_i["ci95"][0]
+    with pytest.raises(ValueError, match="one group per value"):
+        bootstrap_ci(correct, groups=groups[:10])

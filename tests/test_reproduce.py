@@ -1,0 +1,98 @@
+"""The recipe's protocol: per-seed base networks, the same-epochs control, intervals over source digits,
+verdicts read off intervals (on planted per-image outcomes, in-process)."""
+
+import numpy as np
+import pytest
+
+from backbones.options import replace
+from experiments.config import RunConfig
+from experiments.reproduce import PaperRow, format_markdown, summarize
+from experiments.run import training_epochs
+
+
+def _planted_run(tmp_path, name, correct, base_correct, groups, **results):
+    run_dir = tmp_path / name
+    run_dir.mkdir()
+    np.savez_compressed(run_dir / "per_image.npz", correct=correct, base_correct=base_correct, group=groups)
+    return {
+        "run_dir": str(run_dir),
+        "accuracy": float(correct.mean()),
+        "flops_fraction": 0.5,
+        "computation_percent": 50.0,
+        "val_accuracy": 0.9,
+        "val_flops_fraction": 0.5,
+        "full_backbone_accuracy": 0.9,
+        "training_epochs": {"base": 10.0, "joint_sp": 6.0},
+        "config": {"backbone_epochs": 16},
+        **results,
+    }
+
+
+def test_the_recipe_is_judged_against_base_and_control_by_intervals_over_source_digits(tmp_path):
+    rng = np.random.default_rng(0)
+    groups = rng.integers(0, 200, 4000)  # 4,000 renderings of 200 digits
+    hard = rng.random(200) < 0.1
+    base = (~hard[groups]).astype(float)  # the base network: 90%, right or wrong per digit
+    ours = base.copy()
+    ours[np.flatnonzero(groups == np.flatnonzero(~hard)[0])] = 0.0  # ours loses one easy digit: about -0.5 points
+    control = np.ones_like(base)  # the control, trained as long: every image right
+    runs = [_planted_run(tmp_path, f"s{s}", ours, base, groups) for s in range(2)]
+    controls = [_planted_run(tmp_path, f"c{s}", control, control, groups) for s in range(2)]
+    row = summarize("cifar_resnet38", PaperRow("ResNet-38", None, None, None), runs, 0, controls)
+    assert row["interval_unit"].startswith("source digit")
+    assert row["vs_base"]["difference"] == pytest.approx(ours.mean() - base.mean())
+    # about 20 renderings of one digit lost: inside half a point, but the interval over 200 digits cannot say so
+    assert row["within_half_a_point_of_base"] == "undecided"
+    assert row["control_accuracy"] == 1.0 and row["vs_control"]["difference"] < -0.1
+    assert row["within_half_a_point_of_control"] == "no"
+    table = format_markdown("embedded", [row])
+    assert "control" in table and "undecided" in table and "source digits" in table
+
+
+def test_training_epochs_count_every_stage_that_trains_the_network():
+    skip_ready = {"skip_ready": {"base_train_config": {"epochs": 10}, "joint_config": {"epochs": 6}}}
+    cfg = RunConfig(num_envs=100, eval_batch=100)
+    assert training_epochs(cfg, skip_ready, 12_000) == {"base": 10.0, "joint_sp": 6.0}
+    hrl = replace(cfg, hrl_iterations=1200, finetune_backbone=True)
+    assert training_epochs(hrl, skip_ready, 12_000) == {"base": 10.0, "joint_sp": 6.0, "hrl": 10.0}
+    assert training_epochs(cfg, {"train_config": {"epochs": 10}}, 12_000) == {"base": 10.0}
+    assert training_epochs(cfg, {}, 12_000) == {}  # a checkpoint of unknown origin: no control
+
+
+def test_max_drop_takes_the_cheapest_budget_within_reach_on_validation(monkeypatch):
+    """--max-drop tries the joint budgets from the cheapest up and stops at the first whose joint gates'
+    validation accuracy is within the drop of the base network's; where none is, the most accurate."""
+    from types import SimpleNamespace
+
+    import experiments.run as run_module
+
+    val_accuracy = {None: 0.92, 0.35: 0.90, 0.5: 0.915, 0.7: 0.918, 0.85: 0.919}  # None: the base network
+    built = []
+
+    def skip_ready(cfg, device, splits, base, meta):
+        built.append(cfg.joint.budget)
+        return SimpleNamespace(budget=cfg.joint.budget), {"checkpoint": f"b{cfg.joint.budget}.pt"}
+
+    def evaluate(policy, net, data, device, batch, precision):
+        assert data == "val data"  # only validation images are seen
+        return SimpleNamespace(accuracy=val_accuracy[getattr(net, "budget", None)], flops_fraction=0.5)
+
+    monkeypatch.setattr(run_module, "skip_ready", skip_ready)
+    monkeypatch.setattr(run_module, "evaluate", evaluate)
+    monkeypatch.setattr(run_module, "load_gates", lambda *a: None)
+    splits = {"train": "train data", "val": "val data", "test": "test data"}
+    cfg = replace(RunConfig(), max_drop=0.5, max_drop_budgets=(0.85, 0.35, 0.5, 0.7))
+    net, meta = run_module.search_budget(cfg, "cpu", splits, SimpleNamespace(), {})
+    assert built == [0.35, 0.5] and net.budget == 0.5  # 0.35 loses 2 points; 0.5 loses 0.5: the first within reach
+    assert meta["max_drop"]["chosen_budget"] == 0.5 and meta["max_drop"]["met"]
+    built.clear()
+    net, meta = run_module.search_budget(replace(cfg, max_drop=0.05), "cpu", splits, SimpleNamespace(), {})
+    assert built == [0.35, 0.5, 0.7, 0.85] and net.budget == 0.85 and not meta["max_drop"]["met"]
+
+
+def test_max_drop_is_refused_where_it_cannot_choose_the_compute():
+    from experiments.run import checked
+
+    for bad in ({"budget": 0.5}, {"agent": "ppo"}, {"backbone_recipe": "base"}):
+        with pytest.raises(ValueError, match="--max-drop searches"):
+            checked(replace(RunConfig(), max_drop=0.5, **bad), None)
