@@ -98,6 +98,9 @@ class HybridConfig:
     """hybrid: weight of the REINFORCE term beside the cross-entropy (paper: 0.01)"""
     finetune_backbone: bool = False
     """hybrid: train the backbone too (the paper's full recipe); BatchNorm statistics stay frozen"""
+    ce_route: Literal["sampled", "greedy"] = "sampled"
+    """hybrid, with --finetune-backbone: the route HRL's cross-entropy trains the backbone through: sampled (the
+    paper's: the routes REINFORCE samples) or greedy (the routes the evaluation takes: p >= 0.5)"""
     backbone_lr: float = option(1e-4, POSITIVE, resumable=True)
     """hybrid: learning rate of the backbone when fine-tuning"""
     log_every: int = option(20, POSITIVE_INT, resumable=True)
@@ -383,19 +386,22 @@ class HybridTrainer(Trainer):
             **{key: final[key] for key in ("label", "logits", "correct", "flops_fraction")},
         }
 
-    @torch.no_grad()
-    def greedy_returns(self, start: Tensor, labels: Tensor) -> Tensor:
+    def greedy_route(self, start: Tensor, labels: Tensor, grad: bool = False) -> tuple[Tensor, Tensor]:
         """Returns-to-go ``(N, B)`` of the greedy route (execute where p >= 0.5) replayed on the
-        same images, from the activation ``start`` they began at: the self-critical baseline."""
+        same images, from the activation ``start`` they began at (the self-critical baseline), and
+        its logits ``(B, classes)``: with ``grad``, differentiable in the backbone's weights (the
+        cross-entropy of ``--ce-route greedy``)."""
         core = self.replay
-        core.begin(start.detach(), labels)
-        state = self.gates.initial_state(start.shape[0], self.device)
-        rewards = []
-        for k in range(core.num_gates):
-            logit, state = self.gates(core.activation, k, state)
-            _, reward, _ = core.advance(logit >= 0.0)
-            rewards.append(reward)
-        return discounted_returns(torch.stack(rewards), self.cfg.gamma)
+        with torch.set_grad_enabled(grad):
+            core.begin(start if grad else start.detach(), labels)
+            state = self.gates.initial_state(start.shape[0], self.device)
+            rewards = []
+            for k in range(core.num_gates):
+                logit, state = self.gates(core.activation, k, state)
+                _, reward, _ = core.advance(logit.detach() >= 0.0)
+                rewards.append(reward.detach())
+        assert core.logits is not None
+        return discounted_returns(torch.stack(rewards), self.cfg.gamma), core.logits
 
     def set_alpha(self, alpha: float) -> None:
         """Price compute at ``alpha`` in the environment's reward and the greedy replay's (a budget's
@@ -435,7 +441,12 @@ class HybridTrainer(Trainer):
                 env.reset()
             ep = self.rollout(env)
             returns = discounted_returns(ep["reward"], cfg.gamma)
-            greedy = self.greedy_returns(ep["start"], ep["label"]) if cfg.baseline == "self_critical" else None
+            greedy_ce = cfg.finetune_backbone and cfg.ce_route == "greedy"
+            greedy, greedy_logits = (
+                self.greedy_route(ep["start"], ep["label"], grad=greedy_ce)
+                if cfg.baseline == "self_critical" or greedy_ce
+                else (None, None)
+            )
             # what the gates spend: the greedy route's where it was replayed (the evaluation's decisions)
             spent = gate_share + (
                 self.replay.spent_flops / self.replay.full_flops if greedy is not None else ep["flops_fraction"]
@@ -445,7 +456,7 @@ class HybridTrainer(Trainer):
             entropy = ep["entropy"].mean()
             loss = cfg.rl_weight * (rl - self.entropy_coef * entropy)
             if cfg.finetune_backbone:  # the supervised term: trains the backbone through executed blocks
-                loss = loss + F.cross_entropy(ep["logits"], ep["label"])
+                loss = loss + F.cross_entropy(greedy_logits if greedy_ce else ep["logits"], ep["label"])
             self.hrl_opt.zero_grad(set_to_none=True)
             loss.backward()
             self.hrl_opt.step()

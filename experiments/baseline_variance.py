@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         for _ in range(args.rollouts):
             ep = trainer.rollout(env)
             returns = discounted_returns(ep["reward"], 1.0)
-            greedy = trainer.greedy_returns(ep["start"], ep["label"])
+            greedy = trainer.greedy_route(ep["start"], ep["label"])[0]
             for name in grads:
                 loss = reinforce_loss(ep["log_prob"], advantages(returns, name, greedy))
                 g = torch.autograd.grad(loss, params, retain_graph=True)

@@ -86,7 +86,8 @@ def search_budget(
     cheapest up; each a cached joint SP). Where none is, the most accurate one, with a warning. The
     metadata's ``max_drop`` holds the search (every budget tried, its validation figures) and the choice.
     Only validation images are seen."""
-    batch = cfg.eval_batch or 512
+    batch, max_drop = cfg.for_device(device).batch_sizes()[1], cfg.max_drop
+    assert max_drop is not None
 
     def on_val(policy: RoutingPolicy, net: Any) -> Any:
         return evaluate(policy, net, splits["val"], device, batch, precision=cfg.precision)
@@ -104,18 +105,18 @@ def search_budget(
         )  # fmt: skip
         if best is None or val.accuracy > best[2]["val_accuracy"]:
             best = (net, ready_meta, tried[-1])
-        if within_drop(base_val, val.accuracy, cfg.max_drop):
+        if within_drop(base_val, val.accuracy, max_drop):
             best = (net, ready_meta, tried[-1])
             break
     else:
         log.warning(
             "warning: no joint budget of %s keeps the validation accuracy within %.2f points of the base network's "
             "(%.2f%%): the most accurate one is used. Try higher --max-drop-budgets.",
-            cfg.max_drop_budgets, cfg.max_drop, 100 * base_val,
+            cfg.max_drop_budgets, max_drop, 100 * base_val,
         )  # fmt: skip
     assert best is not None
     net, ready_meta, pick = best
-    met = within_drop(base_val, pick["val_accuracy"], cfg.max_drop)
+    met = within_drop(base_val, pick["val_accuracy"], max_drop)
     search = {"base_val_accuracy": base_val, "tried": tried, "chosen_budget": pick["budget"], "met": met}
     return net, {**ready_meta, "base": base, "max_drop": search}
 

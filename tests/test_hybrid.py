@@ -216,7 +216,7 @@ def test_self_critical_advantage_vanishes_when_the_policy_is_deterministic(tmp_p
     trainer.replay = BatchedRouting(trainer.backbone, env.core.reward)
     ep = trainer.rollout(env)
     returns = discounted_returns(ep["reward"], 1.0)
-    torch.testing.assert_close(trainer.greedy_returns(ep["start"], ep["label"]), returns)
+    torch.testing.assert_close(trainer.greedy_route(ep["start"], ep["label"])[0], returns)
 
 
 def test_hrl_is_reproducible_from_its_seed(tmp_path):
@@ -243,3 +243,22 @@ def test_every_gate_trains_through_hrl(kind, tmp_path):
     )
     trainer.train()
     assert any(not torch.equal(before[k], v) for k, v in gates.state_dict().items())
+
+
+@pytest.mark.parametrize("route", ["sampled", "greedy"])
+def test_hrl_cross_entropy_trains_the_backbone_through_the_route_asked_for(route, tmp_path):
+    """--ce-route greedy: the backbone learns the routes the evaluation takes. Gates at p = 0.45
+    everywhere: the greedy route skips every gated block, sampled routes run about half of them; with
+    the REINFORCE term off, only the cross-entropy trains the backbone."""
+    trainer = _trainer(
+        tmp_path, sp_epochs=0, hrl_iterations=1, finetune_backbone=True, rl_weight=0.0, ce_route=route, backbone_lr=1e-2
+    )
+    with torch.no_grad():
+        trainer.gates.out.weight.zero_()
+        trainer.gates.out.bias.fill_(-0.2)  # logit -0.2: p(execute) = 0.45
+        trainer.gates.position_bias.zero_()
+    gated = trainer.backbone.blocks[1].conv1.weight
+    before, stem = gated.clone(), trainer.backbone.blocks[0].conv1.weight.clone()  # block 0 always runs
+    trainer.train()
+    assert not torch.equal(stem, trainer.backbone.blocks[0].conv1.weight)
+    assert torch.equal(before, gated) == (route == "greedy")  # a block the greedy route skips learns nothing
