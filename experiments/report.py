@@ -109,6 +109,18 @@ def write_evaluation(
     }
 
 
+def _max_drop_line(search: dict[str, Any]) -> str:
+    tried = ", ".join(
+        f"{t['budget']:g} -> {100 * t['val_accuracy']:.2f}% at {100 * t['val_flops_fraction']:.1f}%"
+        for t in search["tried"]
+    )
+    missed = "" if search["met"] else " (none within --max-drop: the most accurate)"
+    return (
+        f"joint budgets tried on validation: {tried} (base {100 * search['base_val_accuracy']:.2f}%); "
+        f"chose {search['chosen_budget']:g}{missed}"
+    )
+
+
 def format_table(r: dict[str, Any]) -> str:
     rows = [
         ("agent", r["agent"]),
@@ -132,6 +144,7 @@ def format_table(r: dict[str, Any]) -> str:
             if "accuracy_vs_base" in r
             else []
         ),
+        *([("--max-drop search", _max_drop_line(r["max_drop"]))] if "max_drop" in r else []),
         (
             "validation",
             f"accuracy {100 * r['val_accuracy']:.2f}% at {100 * r['val_flops_fraction']:.1f}% of the FLOPs "

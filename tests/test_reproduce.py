@@ -3,9 +3,11 @@ verdicts read off intervals (on planted per-image outcomes, in-process)."""
 
 import numpy as np
 import pytest
+import torch
 
 from backbones.options import replace
 from experiments.config import RunConfig
+from experiments.report import _max_drop_line
 from experiments.reproduce import PaperRow, format_markdown, summarize
 from experiments.run import training_epochs
 
@@ -82,12 +84,16 @@ def test_max_drop_takes_the_cheapest_budget_within_reach_on_validation(monkeypat
     monkeypatch.setattr(run_module, "load_gates", lambda *a: None)
     splits = {"train": "train data", "val": "val data", "test": "test data"}
     cfg = replace(RunConfig(), max_drop=0.5, max_drop_budgets=(0.85, 0.35, 0.5, 0.7))
-    net, meta = run_module.search_budget(cfg, "cpu", splits, SimpleNamespace(), {})
+    net, meta = run_module.search_budget(cfg, torch.device("cpu"), splits, SimpleNamespace(), {})
     assert built == [0.35, 0.5] and net.budget == 0.5  # 0.35 loses 2 points; 0.5 loses 0.5: the first within reach
     assert meta["max_drop"]["chosen_budget"] == 0.5 and meta["max_drop"]["met"]
+    assert "0.35 -> 90.00% at 50.0%, 0.5 -> 91.50%" in _max_drop_line(meta["max_drop"])  # what run.py prints
     built.clear()
-    net, meta = run_module.search_budget(replace(cfg, max_drop=0.05), "cpu", splits, SimpleNamespace(), {})
+    net, meta = run_module.search_budget(
+        replace(cfg, max_drop=0.05), torch.device("cpu"), splits, SimpleNamespace(), {}
+    )
     assert built == [0.35, 0.5, 0.7, 0.85] and net.budget == 0.85 and not meta["max_drop"]["met"]
+    assert "none within --max-drop" in _max_drop_line(meta["max_drop"])
 
 
 def test_max_drop_is_refused_where_it_cannot_choose_the_compute():
