@@ -456,7 +456,9 @@ class HybridTrainer(Trainer):
             entropy = ep["entropy"].mean()
             loss = cfg.rl_weight * (rl - self.entropy_coef * entropy)
             if cfg.finetune_backbone:  # the supervised term: trains the backbone through executed blocks
-                loss = loss + F.cross_entropy(greedy_logits if greedy_ce else ep["logits"], ep["label"])
+                routed = greedy_logits if greedy_ce else ep["logits"]
+                assert routed is not None
+                loss = loss + F.cross_entropy(routed, ep["label"])
             self.hrl_opt.zero_grad(set_to_none=True)
             loss.backward()
             self.hrl_opt.step()

@@ -112,7 +112,7 @@ def reproduce(cfg: ReproduceConfig, given: set[str] | None = None) -> list[dict[
 
     Each seed trains everything it depends on (its own base network, joint SP, the gates), and a
     same-epochs control: the base network trained, at that seed, for as many epochs as the recipe
-    trained the routed network in all (:func:`experiments.run.training_epochs`)."""
+    trained the routed network in all (:func:`experiments.recipe.training_epochs`)."""
     preset, models = PRESETS[cfg.preset]
     shared = {k: v for k, v in preset.items() if k not in (given or set())}
     rows = []

@@ -21,152 +21,20 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from agents.evaluate import evaluate
-from agents.policies import GateRoutingPolicy, RoutingPolicy
+from agents.policies import RoutingPolicy
 from agents.registry import AgentContext, agents_taking_budget, get_agent, starts_from_joint_gates
-from agents.skip_ready import JOINT_GATE_KIND, get_skip_ready, load_gates
 from agents.statistics import bootstrap_ci, paired_difference
-from backbones.checkpoint import CheckpointMismatchError, fingerprint, load_backbone, mismatches, safe_load
-from backbones.data import Dataset, data_fingerprint, groups_of, load_splits, with_flip
+from backbones.checkpoint import CheckpointMismatchError, fingerprint, mismatches, safe_load
+from backbones.data import Dataset, data_fingerprint, groups_of
 from backbones.device import resolve_device, seed_everything
 from backbones.options import build, flag, flatten, option_fields, replace
-from backbones.pretrained import get_trained
-from backbones.registry import list_backbones, options
 from experiments.cli import given_fields, one_line_errors, parse
 from experiments.config import JOINT_GATES_AGENT, SAFE_ON_RESUME, RunConfig
+from experiments.recipe import load_backbone_for, run_splits, training_epochs
 from experiments.report import format_table, write_evaluation
 
 log = logging.getLogger("skipnet_gym.run")
-
-
-def run_splits(cfg: RunConfig) -> dict[str, Dataset]:
-    """The run's data: its train, val and test splits."""
-    return load_splits(cfg.dataset, cfg.data_root, cfg.download, cfg.image_size)
-
-
-def load_backbone_for(cfg: RunConfig, device: torch.device, splits: dict[str, Dataset]) -> tuple[Any, dict]:
-    """The backbone the run's agents route, and its checkpoint's metadata.
-
-    The base network is ``--backbone-checkpoint`` (refused when it was made on other data), or the
-    registry backbone trained on the data (cached by the data's contents). With ``--backbone-recipe
-    skip_ready`` it is trained further with its gates (joint SP, cached) and the metadata holds
-    ``base``, the base network; a checkpoint that is skip-ready already is used as it is.
-    """
-    base, meta = load_base_backbone(cfg, device, splits)
-    if cfg.backbone_recipe == "base" or "skip_ready" in meta:
-        return base, meta
-    if cfg.max_drop is not None:
-        return search_budget(cfg, device, splits, base, meta)
-    net, ready_meta = skip_ready(cfg, device, splits, base, meta)
-    return net, {**ready_meta, "base": base}
-
-
-def skip_ready(cfg: RunConfig, device: torch.device, splits: dict[str, Dataset], base: Any, meta: dict) -> tuple:
-    """The skip-ready backbone joint SP makes from ``base`` with ``cfg.joint`` (cached), and its metadata."""
-    train = with_flip(splits["train"], cfg.backbone_flip)  # joint SP augments as the base training did
-    return get_skip_ready(
-        base, meta, train, cfg.joint, JOINT_GATE_KIND, cfg.gates.options(), device,
-        val_data=splits["val"], progress=cfg.progress, seed=cfg.seed,
-    )  # fmt: skip
-
-
-def within_drop(base: float, accuracy: float, max_drop: float) -> bool:
-    """Whether ``accuracy`` is at most ``max_drop`` points below ``base`` (accuracies as fractions;
-    a drop of exactly ``max_drop`` counts, whatever the float rounding of the points)."""
-    return 100 * (base - accuracy) <= max_drop + 1e-9
-
-
-def search_budget(
-    cfg: RunConfig, device: torch.device, splits: dict[str, Dataset], base: Any, meta: dict
-) -> tuple[Any, dict]:
-    """``--max-drop``: the skip-ready backbone of the cheapest of ``--max-drop-budgets`` whose joint
-    gates' validation accuracy is within ``--max-drop`` points of the base network's (tried from the
-    cheapest up; each a cached joint SP). Where none is, the most accurate one, with a warning. The
-    metadata's ``max_drop`` holds the search (every budget tried, its validation figures) and the choice.
-    Only validation images are seen."""
-    batch, max_drop = cfg.for_device(device).batch_sizes()[1], cfg.max_drop
-    assert max_drop is not None
-
-    def on_val(policy: RoutingPolicy, net: Any) -> Any:
-        return evaluate(policy, net, splits["val"], device, batch, precision=cfg.precision)
-
-    base_val = on_val(RoutingPolicy(), base).accuracy
-    tried: list[dict[str, Any]] = []
-    best: tuple[Any, dict, dict] | None = None  # the most accurate so far, the choice where none is within reach
-    for budget in sorted(cfg.max_drop_budgets):
-        net, ready_meta = skip_ready(replace(cfg, joint_budget=budget), device, splits, base, meta)
-        val = on_val(GateRoutingPolicy(load_gates(ready_meta["checkpoint"], net, device), JOINT_GATES_AGENT), net)
-        tried.append({"budget": budget, "val_accuracy": val.accuracy, "val_flops_fraction": val.flops_fraction})
-        log.info(
-            "--max-drop: joint budget %.2f: validation %.2f%% at %.1f%% of the FLOPs (base %.2f%%)",
-            budget, 100 * val.accuracy, 100 * val.flops_fraction, 100 * base_val,
-        )  # fmt: skip
-        if best is None or val.accuracy > best[2]["val_accuracy"]:
-            best = (net, ready_meta, tried[-1])
-        if within_drop(base_val, val.accuracy, max_drop):
-            best = (net, ready_meta, tried[-1])
-            break
-    else:
-        log.warning(
-            "warning: no joint budget of %s keeps the validation accuracy within %.2f points of the base network's "
-            "(%.2f%%): the most accurate one is used. Try higher --max-drop-budgets.",
-            cfg.max_drop_budgets, max_drop, 100 * base_val,
-        )  # fmt: skip
-    assert best is not None
-    net, ready_meta, pick = best
-    met = within_drop(base_val, pick["val_accuracy"], max_drop)
-    search = {"base_val_accuracy": base_val, "tried": tried, "chosen_budget": pick["budget"], "met": met}
-    return net, {**ready_meta, "base": base, "max_drop": search}
-
-
-def load_base_backbone(cfg: RunConfig, device: torch.device, splits: dict[str, Dataset]) -> tuple[Any, dict]:
-    train_data = splits["train"]
-    if cfg.backbone_checkpoint:
-        net, meta = load_backbone(
-            cfg.backbone_checkpoint,
-            dataset=cfg.dataset,
-            num_classes=train_data.num_classes,
-            input_size=train_data.input_size,
-            data_fingerprint=data_fingerprint(splits.values()),
-            map_location=device,
-        )
-        return net, {**meta, "checkpoint": cfg.backbone_checkpoint}
-    if cfg.backbone not in list_backbones():
-        raise ValueError(f"unknown backbone {cfg.backbone!r}; valid names: {', '.join(list_backbones())}")
-    overrides: dict[str, Any] = {
-        "image_size": train_data.input_size[1],
-        "epochs": cfg.backbone_epochs,
-        "drop_rate": cfg.backbone_drop_rate,
-        "drop_schedule": cfg.backbone_drop_schedule,
-        "flip": cfg.backbone_flip,
-        "seed": cfg.seed if cfg.backbone_seed is None else cfg.backbone_seed,
-        "device": str(device),
-        "progress": cfg.progress,
-        "data_root": cfg.data_root,
-        "download": cfg.download,
-    }
-    if "width" in options(cfg.backbone):
-        overrides["width"] = cfg.width
-    return get_trained(cfg.backbone, cfg.dataset, **overrides)
-
-
-def training_epochs(cfg: RunConfig, backbone_meta: dict[str, Any], train_size: int) -> dict[str, float]:
-    """Epochs of training the routed network received, by stage (``base``, ``joint_sp``, and ``hrl``
-    where the agent's HRL trains the backbone): what a same-epochs control, the base network trained
-    as long, is trained for. Empty where the base network's training is unknown (a checkpoint of
-    unknown origin)."""
-    ready = backbone_meta.get("skip_ready")
-    base = (ready.get("base_train_config") if ready else backbone_meta.get("train_config")) or {}
-    if "epochs" not in base:
-        return {}
-    epochs = {"base": float(base["epochs"])}
-    if ready:
-        epochs["joint_sp"] = float(ready["joint_config"]["epochs"])
-    if cfg.agent.startswith("hybrid_") and cfg.hybrid.finetune_backbone:
-        epochs["hrl"] = cfg.hybrid.stages()[1] * cfg.batch_sizes()[0] / train_size
-    return epochs
 
 
 def new_run_dir(parent: Path, name: str) -> Path:

@@ -180,7 +180,7 @@ def sweep(cfg: SweepConfig) -> dict[str, Any]:
         raise ImportError("the sweep needs Ray Tune: pip install -e '.[sweep]'") from err
     import torch
 
-    from experiments.run import load_backbone_for, run_splits
+    from experiments.recipe import load_backbone_for, run_splits
 
     space = param_space(cfg)  # a bad --grid or --space is refused before any work, and so is a wrong --name
     out = Path(cfg.out).resolve()

@@ -7,9 +7,9 @@ import torch
 
 from backbones.options import replace
 from experiments.config import RunConfig
+from experiments.recipe import training_epochs
 from experiments.report import _max_drop_line
 from experiments.reproduce import PaperRow, format_markdown, summarize
-from experiments.run import training_epochs
 
 
 def _planted_run(tmp_path, name, correct, base_correct, groups, **results):
@@ -66,7 +66,7 @@ def test_max_drop_takes_the_cheapest_budget_within_reach_on_validation(monkeypat
     validation accuracy is within the drop of the base network's; where none is, the most accurate."""
     from types import SimpleNamespace
 
-    import experiments.run as run_module
+    import experiments.recipe as run_module
 
     val_accuracy = {None: 0.92, 0.35: 0.90, 0.5: 0.915, 0.7: 0.918, 0.85: 0.919}  # None: the base network
     built = []
