@@ -103,6 +103,10 @@ class HybridConfig:
     paper's: the routes REINFORCE samples) or greedy (the routes the evaluation takes: p >= 0.5)"""
     backbone_lr: float = option(1e-4, POSITIVE, resumable=True)
     """hybrid: learning rate of the backbone when fine-tuning"""
+    calibrate: bool = True
+    """hybrid: after training, move the gates' threshold until the validation images spend the budget (--budget; on a
+    skip-ready backbone without --budget or --alpha, --joint-budget) to within 0.5% of the FLOPs (p >= 0.5 where it
+    already does)"""
     log_every: int = option(20, POSITIVE_INT, resumable=True)
     """hybrid: log (and sync with the device) every this many HRL iterations"""
 

@@ -99,10 +99,12 @@ class StaticPolicy(RoutingPolicy):
 
 
 class GateRoutingPolicy(RoutingPolicy):
-    """SkipNet's gates at evaluation: execute where ``p(execute) >= 0.5``."""
+    """SkipNet's gates at evaluation: execute where ``p(execute) >= 0.5``, or where the gate's logit
+    is at least ``threshold`` (0 is ``p >= 0.5``; a budget's calibration moves it:
+    :func:`agents.evaluate.calibrate_threshold`)."""
 
-    def __init__(self, gates: GatePolicy, name: str) -> None:
-        self.gates, self.name = gates, name
+    def __init__(self, gates: GatePolicy, name: str, threshold: float = 0.0) -> None:
+        self.gates, self.name, self.threshold = gates, name, threshold
 
     def reset(self, batch_size: int, device: torch.device) -> None:
         self.state = self.gates.initial_state(batch_size, device)
@@ -110,7 +112,7 @@ class GateRoutingPolicy(RoutingPolicy):
     @torch.no_grad()
     def act(self, obs: Tensor, activation: Tensor, k: int) -> Tensor:
         logit, self.state = self.gates(activation, k, self.state)
-        return logit >= 0.0  # sigmoid(logit) >= 0.5
+        return logit >= self.threshold  # at threshold 0: sigmoid(logit) >= 0.5
 
 
 class SB3RoutingPolicy(RoutingPolicy):

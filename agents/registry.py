@@ -185,7 +185,8 @@ def _hybrid(kind: str) -> AgentSpec:
         gates.load_state_dict(state["gates"])
         if "backbone" in state:  # a fine-tuned backbone travels with its gates
             ctx.backbone.load_state_dict(state["backbone"])
-        return GateRoutingPolicy(gates.eval(), f"hybrid_{kind}")
+        # the threshold a budget's calibration chose (run.py writes it beside the gates)
+        return GateRoutingPolicy(gates.eval(), f"hybrid_{kind}", float(state.get("threshold", 0.0)))
 
     return AgentSpec(train, load, takes_budget=True)
 

@@ -176,6 +176,17 @@ class RunConfig:
         mine = flatten(self)
         return replace(self, **{k: v for k, v in defaults.items() if mine[k] is None})
 
+    def calibration_budget(self, joint_gates: bool) -> float | None:
+        """The FLOPs fraction a hybrid agent's gates are calibrated to spend on validation images
+        (``--calibrate``): ``--budget``, or the joint budget where the agent uses the joint gates as
+        joint SP trained them (``joint_gates``, no other compute asked for); ``None``: no budget applies."""
+        if not (self.agent.startswith("hybrid_") and self.hybrid.calibrate):
+            return None
+        if self.budget is not None:
+            return self.budget
+        reused = self.agent == JOINT_GATES_AGENT and self.backbone_recipe == "skip_ready" and joint_gates
+        return self.joint.budget if reused and not self.asks_other_compute() else None
+
     def batch_sizes(self) -> tuple[int, int]:
         """``(num_envs, eval_batch)`` of a configuration :meth:`for_device` has resolved."""
         if self.num_envs is None or self.eval_batch is None:

@@ -21,11 +21,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agents.evaluate import evaluate
-from agents.policies import RoutingPolicy
+import torch
+
+from agents.evaluate import calibrate_threshold, evaluate
+from agents.policies import GateRoutingPolicy, RoutingPolicy
 from agents.registry import AgentContext, agents_taking_budget, get_agent, starts_from_joint_gates
 from agents.statistics import bootstrap_ci, paired_difference
-from backbones.checkpoint import CheckpointMismatchError, fingerprint, mismatches, safe_load
+from backbones.checkpoint import CheckpointMismatchError, atomic_save, fingerprint, mismatches, safe_load
 from backbones.data import Dataset, data_fingerprint, groups_of
 from backbones.device import resolve_device, seed_everything
 from backbones.options import build, flag, flatten, option_fields, replace
@@ -33,6 +35,7 @@ from experiments.cli import given_fields, one_line_errors, parse
 from experiments.config import JOINT_GATES_AGENT, SAFE_ON_RESUME, RunConfig
 from experiments.recipe import load_backbone_for, run_splits, training_epochs
 from experiments.report import format_table, write_evaluation
+from skipnet_env.engine import Precision
 
 log = logging.getLogger("skipnet_gym.run")
 
@@ -175,6 +178,30 @@ def open_writer(run_dir: Path, cfg: RunConfig, report: Callable[[str, float, int
     return writer
 
 
+def calibrate(
+    policy: GateRoutingPolicy,
+    backbone: Any,
+    val: Dataset,
+    budget: float,
+    device: torch.device,
+    batch: int,
+    precision: Precision,
+    checkpoint: Path,
+) -> dict[str, float]:
+    """``--calibrate``: the gates' threshold moved until the validation images spend ``budget``
+    (:func:`agents.evaluate.calibrate_threshold`), written into the agent checkpoint beside the gates
+    (``threshold``: what an evaluation of the checkpoint uses); returns what it did."""
+    before = evaluate(policy, backbone, val, device, batch, precision=precision).flops_fraction
+    threshold, result = calibrate_threshold(policy, backbone, val, budget, device, batch, precision)
+    state = safe_load(checkpoint)
+    atomic_save({**state, "threshold": threshold}, checkpoint)
+    log.info(
+        "calibrated the gates to --budget %.3f on validation: threshold %+.3f, %.1f%% -> %.1f%% of the FLOPs",
+        budget, threshold, 100 * before, 100 * result.flops_fraction,
+    )  # fmt: skip
+    return {"budget": budget, "threshold": threshold, "val_flops_before": before, "val_flops": result.flops_fraction}
+
+
 def run(
     cfg: RunConfig, given: set[str] | None = None, report: Callable[[str, float, int], None] | None = None
 ) -> dict[str, Any]:
@@ -233,6 +260,10 @@ def run(
     policy = spec.load(ctx, state) if cfg.eval_only and state is not None else spec.train(ctx, state)
     train_seconds = time.perf_counter() - t_train
     log.info("%s trained in %.1f s", cfg.agent, train_seconds)
+    target = cfg.calibration_budget(joint_gates)
+    calibration = None
+    if target is not None and isinstance(policy, GateRoutingPolicy) and not cfg.eval_only:
+        calibration = calibrate(policy, backbone, split["val"], target, device, eval_batch, cfg.precision, checkpoint)
     # validation figures, what any choice between runs (a sweep, a front, a budget) is made on; test is reported
     val, result = test(policy, backbone, "val"), test(policy, backbone)
     groups = groups_of(split["test"])  # what the test intervals resample: its independent units
@@ -262,6 +293,8 @@ def run(
         )
     if "max_drop" in backbone_meta:
         out["max_drop"] = backbone_meta["max_drop"]
+    if calibration is not None:
+        out["calibration"] = calibration
     if "skip_ready" in backbone_meta:
         out["skip_ready_backbone"] = backbone_meta.get("checkpoint", cfg.backbone_checkpoint)
     if cfg.eval_only:

@@ -104,3 +104,28 @@ def test_elimination_scores_each_removal_exactly(setup):
         assert path[step + 1][1] == mask
     with pytest.raises(ValueError, match="rerank"):
         elimination_path(net, data, CPU, rerank=0.0)
+
+
+def test_a_calibrated_threshold_spends_the_budget_on_the_images_it_was_calibrated_on(setup):
+    """Gates trained for a budget land a few points off it on other images; the threshold moves until
+    they spend it (a bisection over the logit threshold), and a gate that already does keeps its own."""
+    from agents.evaluate import CALIBRATION_TOLERANCE, calibrate_threshold
+
+    net, data = setup
+    torch.manual_seed(0)
+    gates = create_gates("rnn", net)
+    with torch.no_grad():
+        gates.out.weight.normal_(0, 2.0)  # per-image decisions, not all-or-nothing
+    policy = GateRoutingPolicy(gates.eval(), "hybrid_rnn")
+    start = evaluate(policy, net, data, CPU, 64).flops_fraction
+    for budget in (0.5, 0.75):
+        threshold, result = calibrate_threshold(policy, net, data, budget, CPU, 64)
+        assert abs(result.flops_fraction - budget) <= CALIBRATION_TOLERANCE, (start, threshold, result.flops_fraction)
+        assert policy.threshold == threshold
+        assert evaluate(policy, net, data, CPU, 64).flops_fraction == result.flops_fraction  # what evaluation uses
+    policy.threshold = 0.0
+    threshold, _ = calibrate_threshold(policy, net, data, start, CPU, 64)
+    assert threshold == 0.0  # within the tolerance already: p >= 0.5 stays
+    _, result = calibrate_threshold(policy, net, data, 0.01, CPU, 64)  # below what skipping every gated block costs
+    floor = evaluate(GateRoutingPolicy(gates, "hybrid_rnn", 12.0), net, data, CPU, 64).flops_fraction
+    assert 0.01 < result.flops_fraction <= floor + 1e-9  # the closest it can get

@@ -102,3 +102,25 @@ def test_max_drop_is_refused_where_it_cannot_choose_the_compute():
     for bad in ({"budget": 0.5}, {"agent": "ppo"}, {"backbone_recipe": "base"}):
         with pytest.raises(ValueError, match="--max-drop searches"):
             checked(replace(RunConfig(), max_drop=0.5, **bad), None)
+
+
+def test_a_budget_is_met_on_validation_and_the_checkpoint_keeps_the_threshold(tmp_path):
+    """--budget: the hybrid gates' threshold is calibrated on validation images and stored in the agent
+    checkpoint, so --eval-only evaluates what the run reported."""
+    from experiments.run import run
+
+    tiny = RunConfig(
+        agent="hybrid_rnn", backbone="cifar_resnet20", dataset="digits", width=0.25, backbone_epochs=1,
+        backbone_recipe="base", budget=0.8, num_envs=32, progress=False, run_dir=str(tmp_path),
+    )  # fmt: skip
+    tiny = replace(tiny, sp_epochs=1, hrl_iterations=0)
+    r = run(tiny)
+    assert (
+        abs(r["calibration"]["val_flops"] - 0.8) <= 0.005 and r["val_flops_fraction"] == r["calibration"]["val_flops"]
+    )
+    again = run(replace(tiny, eval_only=True, checkpoint=r["checkpoint"]))
+    assert again["val_flops_fraction"] == r["val_flops_fraction"] and "calibration" not in again
+    assert (
+        run(replace(tiny, calibrate=False, run_dir=str(tmp_path / "off")))["val_flops_fraction"]
+        != r["val_flops_fraction"]
+    )
