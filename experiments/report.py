@@ -109,6 +109,14 @@ def write_evaluation(
     }
 
 
+def _stages_line(stages: list[dict[str, Any]]) -> str:
+    return " -> ".join(
+        f"{s['stage']}: {100 * s['val_accuracy']:.2f}%"
+        + (f" at {100 * s['val_flops_fraction']:.1f}%" if "val_flops_fraction" in s else "")
+        for s in stages
+    )
+
+
 def _max_drop_line(search: dict[str, Any]) -> str:
     tried = ", ".join(
         f"{t['budget']:g} -> {100 * t['val_accuracy']:.2f}% at {100 * t['val_flops_fraction']:.1f}%"
@@ -145,6 +153,7 @@ def format_table(r: dict[str, Any]) -> str:
             else []
         ),
         *([("--max-drop search", _max_drop_line(r["max_drop"]))] if "max_drop" in r else []),
+        *([("stages (validation)", _stages_line(r["stages"]))] if r.get("stages") else []),
         (
             "validation",
             f"accuracy {100 * r['val_accuracy']:.2f}% at {100 * r['val_flops_fraction']:.1f}% of the FLOPs "

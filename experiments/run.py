@@ -191,15 +191,21 @@ def calibrate(
     """``--calibrate``: the gates' threshold moved until the validation images spend ``budget``
     (:func:`agents.evaluate.calibrate_threshold`), written into the agent checkpoint beside the gates
     (``threshold``: what an evaluation of the checkpoint uses); returns what it did."""
-    before = evaluate(policy, backbone, val, device, batch, precision=precision).flops_fraction
+    before = evaluate(policy, backbone, val, device, batch, precision=precision)
     threshold, result = calibrate_threshold(policy, backbone, val, budget, device, batch, precision)
     state = safe_load(checkpoint)
     atomic_save({**state, "threshold": threshold}, checkpoint)
     log.info(
         "calibrated the gates to --budget %.3f on validation: threshold %+.3f, %.1f%% -> %.1f%% of the FLOPs",
-        budget, threshold, 100 * before, 100 * result.flops_fraction,
+        budget, threshold, 100 * before.flops_fraction, 100 * result.flops_fraction,
     )  # fmt: skip
-    return {"budget": budget, "threshold": threshold, "val_flops_before": before, "val_flops": result.flops_fraction}
+    return {
+        "budget": budget,
+        "threshold": threshold,
+        "val_accuracy_before": before.accuracy,
+        "val_flops_before": before.flops_fraction,
+        "val_flops": result.flops_fraction,
+    }
 
 
 def run(
@@ -255,6 +261,12 @@ def run(
     # the frozen backbone's own accuracy, before --finetune-backbone (or a loaded checkpoint) changes it
     full = test(RoutingPolicy(), backbone)
     base_result = None if base is None else test(RoutingPolicy(), base)
+    # what each stage of the recipe did, on validation images: first the networks with every block run
+    networks = [("base network", base)] if base is not None else []
+    stages = [
+        {"stage": f"{name}, every block", "val_accuracy": test(RoutingPolicy(), net, "val").accuracy}
+        for name, net in [*networks, ("routed network", backbone)]
+    ]
     log.info("full backbone: test accuracy %.4f", full.accuracy)
     t_train = time.perf_counter()
     policy = spec.load(ctx, state) if cfg.eval_only and state is not None else spec.train(ctx, state)
@@ -266,6 +278,15 @@ def run(
         calibration = calibrate(policy, backbone, split["val"], target, device, eval_batch, cfg.precision, checkpoint)
     # validation figures, what any choice between runs (a sweep, a front, a budget) is made on; test is reported
     val, result = test(policy, backbone, "val"), test(policy, backbone)
+    if calibration is not None:
+        stages.append(
+            {"stage": f"{cfg.agent} as trained", "val_accuracy": calibration["val_accuracy_before"],
+             "val_flops_fraction": calibration["val_flops_before"]}
+        )  # fmt: skip
+    stages.append(
+        {"stage": f"{cfg.agent}" + (f", calibrated to {target:g}" if calibration else ""),
+         "val_accuracy": val.accuracy, "val_flops_fraction": val.flops_fraction}
+    )  # fmt: skip
     groups = groups_of(split["test"])  # what the test intervals resample: its independent units
     out = {
         "agent": cfg.agent,
@@ -295,6 +316,7 @@ def run(
         out["max_drop"] = backbone_meta["max_drop"]
     if calibration is not None:
         out["calibration"] = calibration
+    out["stages"] = stages
     if "skip_ready" in backbone_meta:
         out["skip_ready_backbone"] = backbone_meta.get("checkpoint", cfg.backbone_checkpoint)
     if cfg.eval_only:

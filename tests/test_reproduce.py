@@ -118,6 +118,11 @@ def test_a_budget_is_met_on_validation_and_the_checkpoint_keeps_the_threshold(tm
     assert (
         abs(r["calibration"]["val_flops"] - 0.8) <= 0.005 and r["val_flops_fraction"] == r["calibration"]["val_flops"]
     )
+    # what each stage did, on validation: the network with every block, the gates as trained, calibrated
+    assert [st["stage"] for st in r["stages"]] == [
+        "routed network, every block", "hybrid_rnn as trained", "hybrid_rnn, calibrated to 0.8"
+    ]  # fmt: skip
+    assert r["stages"][-1]["val_flops_fraction"] == r["val_flops_fraction"]
     again = run(replace(tiny, eval_only=True, checkpoint=r["checkpoint"]))
     assert again["val_flops_fraction"] == r["val_flops_fraction"] and "calibration" not in again
     assert (
