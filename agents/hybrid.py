@@ -72,8 +72,8 @@ class HybridConfig:
 
     sp_epochs: int | None = option(None, COUNT)
     """hybrid: supervised pre-training epochs on the frozen backbone (default: 10, except hybrid_rnn on a skip-ready
-    backbone: 0, its gates as joint SP trained them for --joint-budget, or 3 when --budget or --alpha asks for
-    another compute)"""
+    backbone: 0, its gates as joint SP trained them for --joint-budget or --budget, or 3 when --alpha asks for another
+    compute)"""
     sp_batch: int = option(128, POSITIVE_INT)
     """hybrid: images per SP step, on every device (SP's learning rate and steps are tuned for it; --num-envs sizes
     the environment's batch)"""

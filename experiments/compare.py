@@ -160,11 +160,15 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
             continue
         for alpha in cfg.alphas:
             points.append(_point(agent, f"alpha={alpha:g}", runs_of(agent, alpha=alpha)))
-    budgets = sorted({min(p.val_flops, 1.0) for p in points}) or list(cfg.fallback_budgets)
+    # the matched baselines run at each learned point's validation FLOPs, on the network it routed (a budget of
+    # hybrid_rnn's is met by a skip-ready backbone of its own: RunConfig.with_budget_recipe)
+    networks = {min(p.val_flops, 1.0): p.runs[0]["config"]["joint_budget"] for p in points}
+    budgets = sorted(networks) or list(cfg.fallback_budgets)
     matched: dict[str, dict[float, Point]] = defaultdict(dict)
     for agent in (a for a in cfg.agents if specs[a].role == "matched"):
         for b in budgets:
-            matched[agent][b] = _point(agent, f"budget={b:.3f}", runs_of(agent, budget=b, rate=None))
+            network = {"joint_budget": networks[b]} if b in networks else {}
+            matched[agent][b] = _point(agent, f"budget={b:.3f}", runs_of(agent, budget=b, rate=None, **network))
             points.append(matched[agent][b])
     for agent in (a for a in cfg.agents if specs[a].role == "reference"):
         points.append(_point(agent, "all blocks", runs_of(agent)))

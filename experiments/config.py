@@ -158,23 +158,33 @@ class RunConfig:
         joint SP trained them to spend (``--joint-budget``)."""
         return self.budget not in (None, self.joint.budget) or (self.budget is None and self.alpha != DEFAULT_ALPHA)
 
+    def with_budget_recipe(self) -> RunConfig:
+        """On a skip-ready backbone, ``hybrid_rnn``'s ``--budget B`` is met by joint SP at ``B`` (its
+        own skip-ready backbone, cached), not by re-pricing the gates of another budget on a frozen
+        network: validation chose it (BENCHMARKS.md section 12: +2.6 points at 0.35, +0.4 at 0.7)."""
+        reprices = self.budget is not None and self.budget != self.joint.budget
+        if self.agent == JOINT_GATES_AGENT and self.backbone_recipe == "skip_ready" and reprices:
+            return replace(self, joint_budget=self.budget)
+        return self
+
     def for_device(self, device: torch.device, max_batch: int | None = None, joint_gates: bool = True) -> RunConfig:
         """This configuration with the options left unset filled in: the batch sizes for ``device``
         (the environment's at most ``max_batch``, the training set's size) and the hybrid stages'
         lengths for the backbone recipe. ``joint_gates``: whether the skip-ready backbone carries gates
         the agent starts from (:func:`agents.registry.starts_from_joint_gates`); gates that start new
         are trained by the full SP, never evaluated untrained."""
+        cfg = self.with_budget_recipe()
         defaults: dict[str, Any] = {**DEVICE_BATCHES["cuda" if device.type == "cuda" else "cpu"]}
         if max_batch is not None:
             defaults["num_envs"] = min(defaults["num_envs"], max_batch)
-        defaults.update(RECIPE_STAGES[self.backbone_recipe])
-        if self.backbone_recipe == "skip_ready" and self.agent.startswith("hybrid_"):
-            if self.agent != JOINT_GATES_AGENT or not joint_gates:  # gates that start untrained: the full SP
+        defaults.update(RECIPE_STAGES[cfg.backbone_recipe])
+        if cfg.backbone_recipe == "skip_ready" and cfg.agent.startswith("hybrid_"):
+            if cfg.agent != JOINT_GATES_AGENT or not joint_gates:  # gates that start untrained: the full SP
                 defaults["sp_epochs"] = SP_EPOCHS
-            elif self.asks_other_compute():  # the joint gates re-priced for another compute
+            elif cfg.asks_other_compute():  # the joint gates re-priced for another compute (--alpha)
                 defaults["sp_epochs"] = SKIP_READY_REPRICE_EPOCHS
-        mine = flatten(self)
-        return replace(self, **{k: v for k, v in defaults.items() if mine[k] is None})
+        mine = flatten(cfg)
+        return replace(cfg, **{k: v for k, v in defaults.items() if mine[k] is None})
 
     def calibration_budget(self, joint_gates: bool) -> float | None:
         """The FLOPs fraction a hybrid agent's gates are calibrated to spend on validation images

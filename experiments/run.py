@@ -219,6 +219,7 @@ def run(
     ``report``: called with every scalar the run logs, as it logs it (see :class:`ReportingWriter`).
     """
     cfg, state = checked(cfg, given)
+    cfg = cfg.with_budget_recipe()
     spec = get_agent(cfg.agent)
     t0 = time.perf_counter()
     seed_everything(cfg.seed, cfg.torch_deterministic)

@@ -29,12 +29,14 @@ def test_a_skip_ready_backbone_keeps_its_gates_unless_another_compute_is_asked_f
     assert got == {
         "default": (0, 0),
         "its budget": (0, 0),
-        "another budget": (3, 0),
+        "another budget": (0, 0),  # met by a joint SP at that budget: its own skip-ready backbone
         "another alpha": (3, 0),
         "base recipe": (10, 500),
         "feedforward gates": (10, 0),
     }
     assert replace(RunConfig(), sp_epochs=1).for_device(cpu).hybrid.sp_epochs == 1  # what the user set stays
+    assert RunConfig(budget=0.4).for_device(cpu).joint.budget == 0.4
+    assert RunConfig(budget=0.4, agent="static").for_device(cpu).joint.budget == 0.5  # static spends it on 0.5's
     # gates that cannot start from the joint ones (another shape) are trained by the full SP, never evaluated untrained
     assert RunConfig().for_device(cpu, 10_000, joint_gates=False).hybrid.stages() == (10, 0)
 
