@@ -86,8 +86,8 @@ class HybridConfig:
     sp_alpha_warmup: int = option(3, COUNT)
     """hybrid: SP epochs over which the compute weight ramps up linearly from 0 (0: full weight at once)"""
     hrl_iterations: int | None = option(None, COUNT)
-    """hybrid: REINFORCE iterations, one batch of num_envs episodes each (default: 500 on the base recipe; 0 on a
-    skip-ready backbone, where HRL after joint SP did not help: BENCHMARKS.md section 9)"""
+    """hybrid: REINFORCE iterations, one batch of num_envs episodes each (default: 500 on the base recipe; after joint
+    SP, hybrid_rnn's HRL 1,000 with the backbone trained: BENCHMARKS.md section 12; 0 for other gates there)"""
     hrl_lr: float = option(1e-4, POSITIVE, resumable=True)
     """hybrid: Adam learning rate of the gates in hybrid RL"""
     gamma: float = option(1.0, UNIT)
@@ -96,8 +96,9 @@ class HybridConfig:
     """hybrid: REINFORCE baseline: self_critical (the greedy route's return on the same image), batch_mean, none"""
     rl_weight: float = option(0.01, NON_NEGATIVE)
     """hybrid: weight of the REINFORCE term beside the cross-entropy (paper: 0.01)"""
-    finetune_backbone: bool = False
-    """hybrid: train the backbone too (the paper's full recipe); BatchNorm statistics stay frozen"""
+    finetune_backbone: bool | None = None
+    """hybrid: HRL trains the backbone too, by cross-entropy through the executed blocks (the paper's full recipe;
+    BatchNorm statistics stay frozen; default: on for hybrid_rnn's HRL after joint SP, off elsewhere)"""
     ce_route: Literal["sampled", "greedy"] = "sampled"
     """hybrid, with --finetune-backbone: the route HRL's cross-entropy trains the backbone through: sampled (the
     paper's: the routes REINFORCE samples) or greedy (the routes the evaluation takes: p >= 0.5)"""
@@ -107,11 +108,16 @@ class HybridConfig:
     """hybrid: after training, move the gates' threshold until the validation images spend the budget (--budget; on a
     skip-ready backbone without --budget or --alpha, --joint-budget) to within 0.5% of the FLOPs (p >= 0.5 where it
     already does)"""
-    log_every: int = option(20, POSITIVE_INT, resumable=True)
-    """hybrid: log (and sync with the device) every this many HRL iterations"""
+    log_every: int = option(50, POSITIVE_INT, resumable=True)
+    """hybrid: log (and sync with the device) every this many HRL iterations; with a budget, the reward's price of
+    compute moves as often (50: what the recipe's HRL was measured with, BENCHMARKS.md section 12)"""
 
     def __post_init__(self) -> None:
         check_options(self)
+
+    def finetunes(self) -> bool:
+        """Whether the backbone trains (``finetune_backbone``, off where unset)."""
+        return bool(self.finetune_backbone)
 
     def stages(self) -> tuple[int, int]:
         """``(sp_epochs, hrl_iterations)``, the defaults where unset."""
@@ -223,7 +229,8 @@ class HybridTrainer(Trainer):
         self.backbone, self.gates, self.data = backbone.to(device).eval(), gates.to(device), train_data
         self.sp_epochs, self.hrl_iterations = cfg.stages()
         self.budget = budget
-        self.backbone.requires_grad_(cfg.finetune_backbone)
+        self.finetune = cfg.finetunes()
+        self.backbone.requires_grad_(self.finetune)
         self.sp_opt = torch.optim.Adam(self._param_groups(), lr=cfg.sp_lr)
         self.hrl_opt = torch.optim.Adam(self._param_groups(), lr=cfg.hrl_lr)
         self.generator = torch.Generator().manual_seed(self.seed)  # SP's data order
@@ -251,14 +258,14 @@ class HybridTrainer(Trainer):
         """Fresh parameter groups for one optimizer (an optimizer writes its defaults into the
         group dicts it is given, so two optimizers must never share them)."""
         groups: list[dict[str, Any]] = [{"params": list(self.gates.parameters())}]
-        if self.cfg.finetune_backbone:
+        if self.finetune:
             groups.append({"params": list(self.backbone.parameters()), "lr": self.cfg.backbone_lr})
         return groups
 
     # -- checkpoints (Trainer) -------------------------------------------------------------
     def trained_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         params = list(self.gates.named_parameters())
-        if self.cfg.finetune_backbone:
+        if self.finetune:
             params += [(f"backbone.{n}", p) for n, p in self.backbone.named_parameters()]
         return params
 
@@ -273,7 +280,7 @@ class HybridTrainer(Trainer):
         }
         if self.env is not None:  # where the environment's batches stand, for an exact resume
             state["sampler"] = self.env.sampler.state_before_last_draw()
-        if self.cfg.finetune_backbone:
+        if self.finetune:
             state["backbone"] = self.backbone.state_dict()
         return state
 
@@ -305,7 +312,7 @@ class HybridTrainer(Trainer):
         meter = SpendingMeter(self.backbone, self.gates, self.device)
         # a frozen backbone runs on the execution engine (BN folded; bf16, channels_last on CUDA):
         # the gradient reaches the gates through its activations, not its weights
-        sp_net = self.backbone if cfg.finetune_backbone else freeze(self.backbone, precision=self.precision)
+        sp_net = self.backbone if self.finetune else freeze(self.backbone, precision=self.precision)
         for epoch in range(self.done_units, self.sp_epochs):
             # a budget's multiplier needs no ramp: it rises from alpha as far as the spending asks
             ramp = min(1.0, (epoch + 1) / cfg.sp_alpha_warmup) if cfg.sp_alpha_warmup > 0 and not self.budget else 1.0
@@ -356,7 +363,7 @@ class HybridTrainer(Trainer):
             device=self.device,
             precision=self.precision,
             return_tensors=True,
-            differentiable=self.cfg.finetune_backbone,
+            differentiable=self.finetune,
             gate_first_block=self.gates.first_gated == 0,
         )
 
@@ -428,7 +435,7 @@ class HybridTrainer(Trainer):
             env.reset(seed=self.seed)
         # a fine-tuned backbone changes every iteration: the replay runs on it (under no_grad), not on a frozen copy
         self.replay = BatchedRouting(
-            self.backbone, env.core.reward, self.gates.first_gated == 0, cfg.finetune_backbone, self.precision
+            self.backbone, env.core.reward, self.gates.first_gated == 0, self.finetune, self.precision
         )
         gate_share = sum(self.gates.flops) / self.backbone.flops.full  # the gates' own FLOPs, a share of the network
         # linear decay to 0 over the stage: REINFORCE's noisy steps settle instead of wandering at the end
@@ -439,13 +446,13 @@ class HybridTrainer(Trainer):
         bar = progress_bar(self.hrl_iterations, "HRL (REINFORCE)", self.progress, initial=self.done_units)
         last: dict[str, float] = {}
         for it in range(self.done_units, self.hrl_iterations):
-            if cfg.finetune_backbone and it > 0:
+            if self.finetune and it > 0:
                 # the autoreset computed the next batch's first activation with the weights of before the
                 # last update; start it again so the graph holds the current weights
                 env.reset()
             ep = self.rollout(env)
             returns = discounted_returns(ep["reward"], cfg.gamma)
-            greedy_ce = cfg.finetune_backbone and cfg.ce_route == "greedy"
+            greedy_ce = self.finetune and cfg.ce_route == "greedy"
             greedy, greedy_logits = (
                 self.greedy_route(ep["start"], ep["label"], grad=greedy_ce)
                 if cfg.baseline == "self_critical" or greedy_ce
@@ -459,7 +466,7 @@ class HybridTrainer(Trainer):
             rl = reinforce_loss(ep["log_prob"], advantages(returns, cfg.baseline, greedy))
             entropy = ep["entropy"].mean()
             loss = cfg.rl_weight * (rl - self.entropy_coef * entropy)
-            if cfg.finetune_backbone:  # the supervised term: trains the backbone through executed blocks
+            if self.finetune:  # the supervised term: trains the backbone through executed blocks
                 routed = greedy_logits if greedy_ce else ep["logits"]
                 assert routed is not None
                 loss = loss + F.cross_entropy(routed, ep["label"])

@@ -43,12 +43,14 @@ from skipnet_env.engine import Precision
 BackboneRecipe = Literal["base", "skip_ready"]
 
 # the hybrid agents' stages by backbone recipe: on a skip-ready backbone joint SP trained the gates already, for
-# --joint-budget; used as they are, they did best there (BENCHMARKS.md section 9: SP or HRL on top made the routing
-# less dynamic and no more accurate)
-RECIPE_STAGES: dict[str, dict[str, int]] = {
-    "base": {"sp_epochs": SP_EPOCHS, "hrl_iterations": HRL_ITERATIONS},
-    "skip_ready": {"sp_epochs": 0, "hrl_iterations": 0},
+# --joint-budget; other gates than joint SP's get the full SP there, and no HRL (RunConfig.for_device)
+RECIPE_STAGES: dict[str, dict[str, Any]] = {
+    "base": {"sp_epochs": SP_EPOCHS, "hrl_iterations": HRL_ITERATIONS, "finetune_backbone": False},
+    "skip_ready": {"sp_epochs": 0, "hrl_iterations": 0, "finetune_backbone": False},
 }
+# the recipe's second stage after joint SP, for the joint gates at their budget: the paper's HRL, REINFORCE in the
+# environment with the backbone trained through the executed blocks (chosen on validation: BENCHMARKS.md section 12)
+RECIPE_HRL: dict[str, Any] = {"hrl_iterations": 1000, "finetune_backbone": True}
 # SP epochs that re-price a skip-ready backbone's gates for a budget other than the one joint SP trained them for
 SKIP_READY_REPRICE_EPOCHS = 3
 # the agent whose gates joint SP trains
@@ -183,6 +185,8 @@ class RunConfig:
                 defaults["sp_epochs"] = SP_EPOCHS
             elif cfg.asks_other_compute():  # the joint gates re-priced for another compute (--alpha)
                 defaults["sp_epochs"] = SKIP_READY_REPRICE_EPOCHS
+            else:  # the joint gates at their budget: HRL, which holds that budget
+                defaults.update(RECIPE_HRL, budget=cfg.joint.budget)
         mine = flatten(cfg)
         return replace(cfg, **{k: v for k, v in defaults.items() if mine[k] is None})
 

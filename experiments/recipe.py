@@ -145,6 +145,6 @@ def training_epochs(cfg: RunConfig, backbone_meta: dict[str, Any], train_size: i
     epochs = {"base": float(base["epochs"])}
     if ready:
         epochs["joint_sp"] = float(ready["joint_config"]["epochs"])
-    if cfg.agent.startswith("hybrid_") and cfg.hybrid.finetune_backbone:
+    if cfg.agent.startswith("hybrid_") and cfg.hybrid.finetunes():
         epochs["hrl"] = cfg.hybrid.stages()[1] * cfg.batch_sizes()[0] / train_size
     return epochs

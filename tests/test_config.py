@@ -25,20 +25,22 @@ def test_a_skip_ready_backbone_keeps_its_gates_unless_another_compute_is_asked_f
         "base recipe": RunConfig(backbone_recipe="base"),
         "feedforward gates": RunConfig(agent="hybrid_ff"),  # untrained on a skip-ready backbone: the full SP
     }
-    got = {k: c.for_device(cpu, 10_000).hybrid.stages() for k, c in stages.items()}
-    assert got == {
-        "default": (0, 0),
-        "its budget": (0, 0),
-        "another budget": (0, 0),  # met by a joint SP at that budget: its own skip-ready backbone
-        "another alpha": (3, 0),
-        "base recipe": (10, 500),
-        "feedforward gates": (10, 0),
+    resolved = {k: c.for_device(cpu, 10_000) for k, c in stages.items()}
+    got = {k: (*c.hybrid.stages(), c.hybrid.finetunes(), c.budget) for k, c in resolved.items()}
+    assert got == {  # the joint gates at their budget: HRL with the backbone trained, holding that budget
+        "default": (0, 1000, True, 0.5),
+        "its budget": (0, 1000, True, 0.5),
+        "another budget": (0, 1000, True, 0.4),  # met by a joint SP at that budget: its own skip-ready backbone
+        "another alpha": (3, 0, False, None),
+        "base recipe": (10, 500, False, None),
+        "feedforward gates": (10, 0, False, None),
     }
     assert replace(RunConfig(), sp_epochs=1).for_device(cpu).hybrid.sp_epochs == 1  # what the user set stays
     assert RunConfig(budget=0.4).for_device(cpu).joint.budget == 0.4
     assert RunConfig(budget=0.4, agent="static").for_device(cpu).joint.budget == 0.5  # static spends it on 0.5's
     # gates that cannot start from the joint ones (another shape) are trained by the full SP, never evaluated untrained
     assert RunConfig().for_device(cpu, 10_000, joint_gates=False).hybrid.stages() == (10, 0)
+    assert replace(RunConfig(), hrl_iterations=0).for_device(cpu).hybrid.stages() == (0, 0)  # SP alone, asked for
 
 
 def test_only_gates_of_the_joint_kind_and_shape_start_from_them():
