@@ -417,10 +417,12 @@ def test_reproduce_runs_the_recipe_end_to_end_on_the_tiny_preset(cache, tmp_path
     assert "ResNet-20 w0.25" in proc.stdout
     (row,) = json.loads((tmp_path / "out" / "tiny" / "reproduce.json").read_text())
     assert row["seeds"] == 2 and 0 <= row["skipnet_accuracy"] <= 1 and 0 < row["flops_fraction"] <= 1.2
-    # each seed its own base network, and a control trained as long as base (1 epoch) + joint SP (1 epoch)
-    assert row["control_epochs"] == 2 and len(set(row["control_run_dirs"])) == 2 and "vs_control" in row
+    # each seed its own base network, and a control trained as long as base (1 epoch) + joint SP (1 epoch) + HRL (2
+    # iterations of 32 images, the backbone trained: a share of an epoch)
+    assert set(row["training_epochs"]) == {"base", "joint_sp", "hrl"} and row["control_epochs"] == 3
+    assert len(set(row["control_run_dirs"])) == 2 and "vs_control" in row
     trained = {p.name for p in (cache / "backbones").glob("cifar_resnet20-digits-*.pt")}
-    for epochs in (1, 2):  # the base networks and the controls, one per seed
+    for epochs in (1, 3):  # the base networks and the controls, one per seed
         assert {s for s in (0, 1) if any(f"-epochs{epochs}-" in n and f"-seed{s}" in n for n in trained)} == {0, 1}
     assert len({Path(d).name for d in row["run_dirs"]}) == 2
 
