@@ -1,4 +1,4 @@
-"""SkipNet's CIFAR table, reproduced by one command: base -> joint SP -> gates, our figures beside the paper's.
+"""SkipNet's CIFAR table, reproduced by one command: base -> joint SP -> HRL, our figures beside the paper's.
 
     python experiments/reproduce.py                      # the embedded preset: CPU minutes
     python experiments/reproduce.py --preset cifar10     # the paper's ResNet-38/74/110 on CIFAR-10 (a GPU's hours)
@@ -6,9 +6,11 @@
 
 Each model of the preset runs the paper's recipe through ``experiments/run.py`` (``--backbone-recipe
 skip_ready``) at every seed: the seed's base network is trained (cached), then trained further with
-its gates (joint SP, cached: the skip-ready backbone), and SkipNet's recurrent gates trained beside it
-route it, frozen. Beside it, per seed, a same-epochs control: the base network trained for as many
-epochs as the recipe's network received in all (``--no-control`` leaves it out). The table gives, per
+its gates (joint SP, cached: the skip-ready backbone), then the gates trained beside it continue
+with HRL (REINFORCE in the environment, the network trained through the executed blocks) and are
+calibrated to the budget on validation images: ``run.py``'s default. Beside it, per seed, a
+same-epochs control: the base network trained for as many epochs as the recipe's network received
+in all (``--no-control`` leaves it out). The table gives, per
 model, the base network's, the control's and SkipNet's test accuracy (means over seeds, with 95%
 intervals that resample the test images' independent units: the source digits of the embedded set),
 the paired differences to the base and to the control on the same images with a verdict read off the
@@ -86,7 +88,7 @@ PRESETS: dict[str, tuple[dict[str, Any], dict[str, PaperRow]]] = {
 
 @dataclass
 class ReproduceConfig:
-    """SkipNet's CIFAR table by the paper's recipe (base, joint SP, the gates), beside the paper's figures."""
+    """SkipNet's CIFAR table by the paper's recipe (base, joint SP, HRL), beside the paper's figures."""
 
     preset: str = "embedded"
     """cifar10 (the paper's models; needs the data and a GPU's hours), embedded (CPU minutes), tiny (a smoke test)"""
@@ -204,7 +206,7 @@ def _diff(d: dict[str, Any]) -> str:
 def format_markdown(preset: str, rows: list[dict[str, Any]]) -> str:
     unit = rows[0]["interval_unit"] if rows else "test images"
     lines = [
-        f"SkipNet's recipe (base -> joint SP -> gates), preset `{preset}`: ours beside the paper's (test accuracy %, "
+        f"SkipNet's recipe (base -> joint SP -> HRL), preset `{preset}`: ours beside the paper's (test accuracy %, "
         f"mean over seeds, each seed with its own base network; 95% intervals resample the {unit}; computation % in "
         "the paper's measure; FLOPs % gates included). The control is the base network trained as many epochs as "
         "the recipe's network; 'within 0.5' is yes only when the whole interval is above -0.5 points.",
