@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from scipy import stats
 
 CONFIDENCE = 0.95
 RESAMPLES = 2000
@@ -97,6 +96,8 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     if np.all(x == x[0]) or np.all(y == y[0]):
         return 0.0
+    from scipy import stats  # here: importing it costs every command line most of a second
+
     return float(stats.spearmanr(x, y).statistic)
 
 

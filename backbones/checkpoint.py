@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torchvision
 
 from backbones.base import Backbone
 from backbones.registry import create
@@ -33,7 +32,7 @@ def versions() -> dict[str, str]:
         ours = version("skipnet-gym")
     except PackageNotFoundError:
         ours = "unknown"
-    return {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__), "skipnet_gym": ours}
+    return {"torch": str(torch.__version__), "torchvision": version("torchvision"), "skipnet_gym": ours}
 
 
 def atomic_save(obj: dict[str, Any], path: str | Path) -> None:

@@ -7,7 +7,6 @@ keeps its weight files.
 
 from __future__ import annotations
 
-import torchvision
 from torch import Tensor, nn
 
 from backbones.base import Backbone
@@ -46,6 +45,8 @@ def imagenet_resnet(depth: int, num_classes: int = 1000, weights: str | None = N
     """
     if depth not in IMAGENET_DEPTHS:
         raise ValueError(f"ImageNet ResNet depth must be one of {IMAGENET_DEPTHS}, got {depth}")
+    import torchvision  # here, not at import: it costs a second every command line would pay
+
     builder = getattr(torchvision.models, f"resnet{depth}")
     try:
         net = builder(weights=weights, num_classes=num_classes)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import functools
 import inspect
 import sys
 import textwrap
@@ -23,8 +24,10 @@ from backbones.options import build, flag, option_fields
 T = TypeVar("T")
 
 
+@functools.cache
 def field_docs(cls: type) -> dict[str, str]:
-    """The string literal right under each field of dataclass ``cls``."""
+    """The string literal right under each field of dataclass ``cls`` (read from the source once
+    per class: a parser asks for every field's)."""
     docs: dict[str, str] = {}
     for klass in reversed(cls.__mro__):
         if not dataclasses.is_dataclass(klass):

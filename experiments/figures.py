@@ -29,22 +29,23 @@ def path_gallery(
         correct: ``(n,)`` bool.
     """
     order = np.argsort(blocks, kind="stable")
-    groups = (("fewest blocks", order[:per_side]), ("most blocks", order[::-1][:per_side]))
+    groups = (order[:per_side], order[::-1][:per_side])
     cols = min(per_side, 8)
     rows_per_group = -(-per_side // cols)
-    fig, axes = plt.subplots(2 * rows_per_group, cols, figsize=(1.3 * cols, 1.55 * 2 * rows_per_group))
-    axes = np.atleast_2d(axes)
-    for g, (_, idx) in enumerate(groups):
-        for j in range(rows_per_group * cols):
-            ax = axes[g * rows_per_group + j // cols, j % cols]
-            ax.axis("off")
-            if j >= len(idx):
-                continue
-            i = idx[j]
-            img = images[i].transpose(1, 2, 0)
-            ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=255)
-            mark = "" if correct[i] else " x"
-            ax.set_title(f"{labels[i]} | {int(blocks[i])}{mark}", fontsize=7)
+    # one image of tiles, each with a white band above it for its caption: one axes to draw, not 2 x per_side
+    _, channels, h, w = images.shape
+    band, gap = max(h // 2, 4), max(w // 8, 1)
+    tile_h, tile_w = band + h, w + gap
+    canvas = np.full((2 * rows_per_group * tile_h, cols * tile_w, channels), 255, dtype=np.uint8)
+    fig, ax = plt.subplots(figsize=(1.3 * cols, 1.55 * 2 * rows_per_group))
+    for g, idx in enumerate(groups):
+        for j, i in enumerate(idx):
+            top, left = (g * rows_per_group + j // cols) * tile_h + band, (j % cols) * tile_w
+            canvas[top : top + h, left : left + w] = images[i].transpose(1, 2, 0)
+            caption = f"{labels[i]} | {int(blocks[i])}" + ("" if correct[i] else " x")
+            ax.text(left + w / 2, top - 1, caption, fontsize=7, ha="center", va="bottom")
+    ax.imshow(canvas[..., 0] if channels == 1 else canvas, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+    ax.axis("off")
     fig.suptitle(
         f"top {rows_per_group} row(s): fewest blocks; bottom {rows_per_group}: most blocks\n"
         "label | gated blocks run (x: misclassified)",

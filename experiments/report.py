@@ -11,7 +11,6 @@ import numpy as np
 from agents.evaluate import EvalResult
 from agents.statistics import bootstrap_ci, dynamic_blocks, paired_difference, spearman
 from backbones.data import ImageTensors, groups_of
-from experiments.figures import class_block_heatmap, path_gallery
 
 
 def routing_statistics(
@@ -58,7 +57,9 @@ def read_per_image(run_dir: str | Path) -> dict[str, np.ndarray]:
 def write_figures(run_dir: Path, writer: Any, result: EvalResult, test_data: Any) -> None:
     """``heatmap.png`` (execute rate, class x block) and ``gallery.png`` (fewest / most blocks),
     beside ``results.json`` and in TensorBoard."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # here: matplotlib costs a command line's start-up half a second
+
+    from experiments.figures import class_block_heatmap, path_gallery
 
     pi = result.per_image
     figures = {"heatmap": class_block_heatmap(pi["executed"], pi["label"], test_data.num_classes)}

@@ -31,6 +31,7 @@ from backbones.checkpoint import CheckpointMismatchError, atomic_save, fingerpri
 from backbones.data import Dataset, data_fingerprint, groups_of
 from backbones.device import resolve_device, seed_everything
 from backbones.options import build, flag, flatten, option_fields, replace
+from backbones.registry import options as backbone_options
 from experiments.cli import given_fields, one_line_errors, parse
 from experiments.config import JOINT_GATES_AGENT, SAFE_ON_RESUME, RunConfig
 from experiments.recipe import load_backbone_for, run_splits, training_epochs
@@ -221,6 +222,8 @@ def run(
     cfg, state = checked(cfg, given)
     cfg = cfg.with_budget_recipe()
     spec = get_agent(cfg.agent)
+    if not cfg.backbone_checkpoint:
+        backbone_options(cfg.backbone)  # an unknown name is refused before the data is read
     t0 = time.perf_counter()
     seed_everything(cfg.seed, cfg.torch_deterministic)
     device = resolve_device(cfg.device)
