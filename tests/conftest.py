@@ -2,6 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import io
+import logging
+import os
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -38,3 +47,62 @@ def _isolated_cache(tmp_path, monkeypatch):
     """Never touch the user's backbone cache or ./runs from a test."""
     monkeypatch.setenv("SKIPNET_CACHE", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)
+
+
+@dataclass
+class Completed:
+    """What an entry point did, as :class:`subprocess.CompletedProcess` says it."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@contextlib.contextmanager
+def _environ(**values: str):
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def call_entry_point(script: str, args: list[str], cache: Path | None = None) -> Completed:
+    """Run ``experiments/<script>``'s ``main(args)`` in this process, as its command line would
+    (exit status, stdout, stderr with the log's INFO lines): a new Python process proves nothing
+    more and costs seconds of imports (the ``--help`` tests start one per entry point)."""
+    module = importlib.import_module("experiments." + script.removeprefix("experiments/").removesuffix(".py"))
+    out, err = io.StringIO(), io.StringIO()
+    handler = logging.StreamHandler(err)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    code = 0
+    env = {} if cache is None else {"SKIPNET_CACHE": str(cache)}
+    try:
+        with _environ(**env), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                module.main(list(args))
+            except SystemExit as exit:
+                code = exit.code if isinstance(exit.code, int) else 1
+            except Exception:  # what the interpreter prints for an uncaught exception
+                err.write(traceback.format_exc())
+                code = 1
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+    return Completed(code, out.getvalue(), err.getvalue())
+
+
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory) -> Path:
+    """One backbone cache for the session's entry-point tests: a tiny backbone is trained once and
+    read by every test that asks for it (the cache is keyed by everything that changes a result)."""
+    return tmp_path_factory.mktemp("shared-cache")

@@ -46,6 +46,7 @@ def test_the_meter_counts_what_the_evaluation_counts(digits_test):
     assert meter.spent(greedy).mean().item() == pytest.approx(result.flops_fraction, rel=1e-4)
 
 
+@pytest.mark.slow
 def test_sp_with_a_budget_lands_near_it(tmp_path):
     """With --budget, SP's compute weight moves until the greedy gates spend the budget: two budgets
     far apart land near each, from the same alpha."""

@@ -1,7 +1,8 @@
-"""Smoke tests of the real entry points with tiny budgets, in subprocesses."""
+"""Smoke tests of the real entry points with tiny budgets: their ``main`` called in this process
+(:func:`conftest.call_entry_point`), one new process per entry point (``--help``)."""
 
+import contextlib
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+from tests.conftest import call_entry_point
+
+pytestmark = pytest.mark.slow  # entry points end to end
 
 ROOT = Path(__file__).resolve().parents[1]
 # the base network as trained (the recipe's skip-ready stage has tests of its own, below)
@@ -39,16 +44,14 @@ TINY_BUDGETS = {
 }
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
+@pytest.fixture
+def cache(shared_cache):
+    return shared_cache
 
 
 def run(args, cache, cwd, script="experiments/run.py", check=True):
-    env = {**os.environ, "SKIPNET_CACHE": str(cache)}
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / script), *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=600
-    )
+    with contextlib.chdir(cwd):
+        proc = call_entry_point(script, args, cache)
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -125,8 +128,10 @@ def test_finetune_backbone_run_reports_the_frozen_backbone_beside_it(cache, tmp_
 def test_bad_input_is_explained(cache, tmp_path):
     proc = run(["--agent", "dqn"], cache, tmp_path, check=False)
     assert proc.returncode != 0 and "valid agents" in proc.stderr and "hybrid_rnn" in proc.stderr
-    proc = run(["--backbone", "resnet9000", "--no-progress"], cache, tmp_path, check=False)
+    empty = tmp_path / "empty-cache"
+    proc = run(["--backbone", "resnet9000", "--no-progress"], empty, tmp_path, check=False)
     assert proc.returncode != 0 and "cifar_resnet110" in proc.stderr
+    assert not empty.exists()  # refused before the data was made (the generated data is cached there)
     proc = run(["--dataset", "imagenet22k"], cache, tmp_path, check=False)
     assert proc.returncode != 0 and "valid names" in proc.stderr
     proc = run(["--eval-only"], cache, tmp_path, check=False)
@@ -305,39 +310,12 @@ def test_compare_curves_area_and_paired_area_on_planted_points(tmp_path):
 
 def test_bench_runs_small(tmp_path):
     out = tmp_path / "bench.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "experiments/bench.py"),
-            "--backbone",
-            "cifar_resnet20",
-            "--width",
-            "0.25",
-            "--in-channels",
-            "1",
-            "--image-size",
-            "16",
-            "--batch",
-            "8",
-            "--rounds",
-            "1",
-            "--parts",
-            "forward",
-            "throughput",
-            "savings",
-            "recipe",
-            "static",
-            "--recipe-images",
-            "32",
-            "--recipe-hrl",
-            "2",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    args = [
+        *("--backbone", "cifar_resnet20", "--width", "0.25", "--in-channels", "1", "--image-size", "16"),
+        *("--batch", "8", "--rounds", "1", "--parts", "forward", "throughput", "savings", "recipe", "static"),
+        *("--recipe-images", "32", "--recipe-hrl", "2", "--out", str(out)),
+    ]
+    proc = call_entry_point("bench.py", args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     figures = result["batches"]["8"]
@@ -366,13 +344,13 @@ SKIP_READY = ["--backbone-recipe", "skip_ready", "--joint-epochs", "1"]
 
 
 @pytest.fixture(scope="module")
-def skip_ready_checkpoint(cache, tmp_path_factory):
+def skip_ready_checkpoint(shared_cache, tmp_path_factory):
     """The tiny skip-ready backbone, made once by a recipe run (base -> joint SP -> hybrid_rnn)."""
     tmp = tmp_path_factory.mktemp("recipe")
     run(
         ["--agent", "hybrid_rnn", *TINY_BACKBONE, *SKIP_READY, *TINY_BUDGETS["hybrid_rnn"], "--no-progress",
          "--run-dir", str(tmp / "runs")],
-        cache,
+        shared_cache,
         tmp,
     )  # fmt: skip
     (results,) = (tmp / "runs").glob("SkipNet-v0__*/results.json")

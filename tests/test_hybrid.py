@@ -184,6 +184,7 @@ def test_each_stage_trains_at_its_own_learning_rate(tmp_path):
     assert [g["lr"] for g in trainer.hrl_opt.param_groups] == [3e-2, 1e-5]
 
 
+@pytest.mark.slow
 def test_sp_with_a_compute_term_learns_to_skip(tmp_path):
     """On a frozen trained backbone, SP with cross-entropy alone keeps (nearly) every block; its
     compute term teaches the gates to skip."""

@@ -104,6 +104,7 @@ def test_max_drop_is_refused_where_it_cannot_choose_the_compute():
             checked(replace(RunConfig(), max_drop=0.5, **bad), None)
 
 
+@pytest.mark.slow
 def test_a_budget_is_met_on_validation_and_the_checkpoint_keeps_the_threshold(tmp_path):
     """--budget: the hybrid gates' threshold is calibrated on validation images and stored in the agent
     checkpoint, so --eval-only evaluates what the run reported."""

@@ -58,6 +58,7 @@ def test_frozen_batchnorm_keeps_the_base_statistics(digits_train, tmp_path):
     assert all(torch.equal(trained.state_dict()[k], v) for k, v in means.items())
 
 
+@pytest.mark.slow
 def test_joint_sp_resumes_bit_for_bit(digits_train, tmp_path):
     whole, _ = _trainer(tiny_backbone(20), digits_train, tmp_path / "whole.pt", epochs=2).train()
 

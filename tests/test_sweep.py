@@ -10,6 +10,8 @@ import pytest
 
 from experiments.sweep import SweepConfig, cast, pareto_front
 
+pytestmark = pytest.mark.slow  # entry points end to end
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -1,6 +1,4 @@
 import dataclasses
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +8,7 @@ import backbones
 import backbones.train as train_mod
 from backbones.checkpoint import safe_load
 from backbones.train import TrainConfig, train
+from tests.conftest import call_entry_point
 from tests.test_data import write_npz
 
 TINY = {"arch": "cifar_resnet20", "dataset": "digits", "width": 0.25, "batch_size": 256, "progress": False}
@@ -68,36 +67,11 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_p
 
 def test_command_line_entry_point(tmp_path):
     out = tmp_path / "cli.pt"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "experiments.train_backbone",
-            "--arch",
-            "cifar_resnet20",
-            "--width",
-            "0.25",
-            "--epochs",
-            "1",
-            "--out",
-            str(out),
-            "--log-dir",
-            str(tmp_path / "runs"),
-            "--no-progress",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=Path(__file__).resolve().parents[1],
-    )
+    args = ["--arch", "cifar_resnet20", "--dataset", "digits", "--width", "0.25", "--epochs", "1", "--out", str(out)]
+    result = call_entry_point("train_backbone.py", [*args, "--log-dir", str(tmp_path / "runs"), "--no-progress"])
     assert result.returncode == 0, result.stderr
     assert "test accuracy" in result.stdout and out.is_file()
-    help_text = subprocess.run(
-        [sys.executable, "-m", "experiments.train_backbone", "--help"],
-        capture_output=True,
-        text=True,
-        cwd=Path(__file__).resolve().parents[1],
-    ).stdout
+    help_text = call_entry_point("train_backbone.py", ["--help"]).stdout
     assert "stochastic depth" in help_text  # field docstrings become the help
 
 
