@@ -35,14 +35,33 @@ def versions() -> dict[str, str]:
     return {"torch": str(torch.__version__), "torchvision": version("torchvision"), "skipnet_gym": ours}
 
 
+def _writer_gone(tmp: Path) -> bool:
+    """Whether the process that named temporary file ``tmp`` (``.<name>.<pid>.<random>.tmp``) is no
+    longer running on this machine: its file is left over from a save killed mid-write."""
+    try:
+        pid = int(tmp.name.rsplit(".", 3)[1])
+    except ValueError:
+        return True  # not named by a process
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # another user's process: running
+        return False
+    return False
+
+
 def atomic_save(obj: dict[str, Any], path: str | Path) -> None:
     """``torch.save`` to a temporary file in the same folder, then rename over ``path``: a crash
-    mid-write never leaves a truncated checkpoint where a good one was."""
+    mid-write never leaves a truncated checkpoint where a good one was. Temporary files that saves
+    killed mid-write left are removed; those of saves still running (another process writing the
+    same cache entry) are not."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a save that was killed mid-write
-        stale.unlink(missing_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        if stale.name != path.name and _writer_gone(stale):
+            stale.unlink(missing_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)

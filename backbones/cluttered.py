@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from backbones.cache import cache_dir
+from backbones.cache import building, cache_dir
 from backbones.checkpoint import atomic_save, safe_load
 from backbones.splits import fixed_split
 
@@ -150,15 +150,22 @@ def cluttered_split(split: str, cfg: ClutterConfig = ClutterConfig(), use_cache:
     """Images ``(N, 1, canvas, canvas)`` uint8 and labels ``(N,)`` of ``split``, generated on first
     use and cached (the file name carries the generator version, canvas and split)."""
     path = cache_dir() / "datasets" / f"cluttered_digits-v{GENERATOR_VERSION}-{cfg.canvas}px-{split}.pt"
-    if use_cache and path.is_file():
-        state = safe_load(path)
-        if state.get("config") == _config_dict(cfg):
-            return state["images"], state["labels"]
+    if not use_cache:
+        return _generate(split, cfg)
+    with building(path):  # a second process asking for the split waits for the first one's, then reads it
+        if path.is_file():
+            state = safe_load(path)
+            if state.get("config") == _config_dict(cfg):
+                return state["images"], state["labels"]
+        images, labels = _generate(split, cfg)
+        atomic_save({"images": images, "labels": labels, "config": _config_dict(cfg)}, path)
+    return images, labels
+
+
+def _generate(split: str, cfg: ClutterConfig) -> tuple[Tensor, Tensor]:
     log.info("generating cluttered_digits %s (%d images at %dpx)", split, SPLIT_SIZES[split], cfg.canvas)
     sources, labels = _source_digits(split)
     images, labels, _ = render(sources, labels, SPLIT_SIZES[split], SPLIT_SEEDS[split], cfg)
-    if use_cache:
-        atomic_save({"images": images, "labels": labels, "config": _config_dict(cfg)}, path)
     return images, labels
 
 

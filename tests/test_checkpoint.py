@@ -70,3 +70,21 @@ def test_leftover_temporary_files_are_removed_by_the_next_save(tmp_path):
     other.write_bytes(b"x")
     atomic_save({"a": 1}, tmp_path / "agent.pt")
     assert not stale.exists() and other.exists() and (tmp_path / "agent.pt").is_file()
+
+
+def test_a_save_leaves_the_temporary_file_of_another_running_save_alone(tmp_path):
+    """Two processes writing one cache entry at once (two runs on an empty cache): the second save
+    once removed the first one's temporary file mid-write, and the first one failed on its rename."""
+    import os
+    import subprocess
+    import sys
+
+    from backbones.checkpoint import atomic_save
+
+    running = tmp_path / f".data.pt.{os.getppid()}.x1.tmp"  # a live process's save in progress
+    running.write_bytes(b"being written")
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    killed = tmp_path / f".data.pt.{int(ended.stdout)}.x2.tmp"  # a process that has ended: left over
+    killed.write_bytes(b"half")
+    atomic_save({"a": 1}, tmp_path / "data.pt")
+    assert running.exists() and not killed.exists() and (tmp_path / "data.pt").is_file()
