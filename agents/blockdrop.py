@@ -22,8 +22,9 @@ from torch import Tensor, nn
 from typing_extensions import Unpack
 
 from agents.policies import RoutingPolicy
+from agents.registry import AgentContext, AgentSpec, register_agent
 from agents.trainer import RunValues, Trainer
-from backbones.base import Backbone
+from backbones.base import FIRST_GATED, Backbone
 from backbones.data import Dataset
 from backbones.options import COUNT, POSITIVE, POSITIVE_INT, Rule, check_options, option
 from backbones.progress import progress_bar
@@ -197,3 +198,37 @@ class BlockDropTrainer(Trainer):
             self.stage = "done"
             self.save()
         return OneShotPolicy(self.net)
+
+
+# -- the agent ----------------------------------------------------------------------------------------
+
+
+def _blockdrop_net(ctx: AgentContext, width: int | None = None) -> BlockDropNet:
+    num_gates = ctx.backbone.num_blocks - FIRST_GATED
+    return BlockDropNet(ctx.backbone.input_size[0], num_gates, width or ctx.options.width).to(ctx.device)
+
+
+def _train_blockdrop(ctx: AgentContext, state: dict | None) -> RoutingPolicy:
+    c = ctx.cfg
+    trainer = BlockDropTrainer(
+        ctx.backbone, _blockdrop_net(ctx), ctx.train_data, ctx.options, ctx.device, ctx.checkpoint, ctx.metadata,
+        ctx.writer, c.progress, **c.run_values(),
+    )  # fmt: skip
+    if state is not None:
+        trainer.resume(state)
+    return trainer.train()
+
+
+def _load_blockdrop(ctx: AgentContext, state: dict) -> RoutingPolicy:
+    net = _blockdrop_net(ctx, width=state["net"]["features.0.weight"].shape[0])  # the width it was trained with
+    net.load_state_dict(state["net"])
+    return OneShotPolicy(net)
+
+
+register_agent(
+    "blockdrop",
+    AgentSpec(
+        _train_blockdrop, _load_blockdrop, env="SkipNetOneShot-v0", options=BlockDropConfig,
+        smoke=("--blockdrop-iterations", "4", "--blockdrop-width", "4", "--num-envs", "32", "--checkpoint-every", "2"),
+    ),
+)  # fmt: skip

@@ -6,13 +6,16 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from agents.policies import StaticPolicy
+from agents.policies import RandomPolicy, RoutingPolicy, StaticPolicy
+from agents.registry import AgentContext, AgentSpec, register_agent
 from backbones.base import FIRST_GATED, Backbone, skip
+from backbones.checkpoint import atomic_save
 from backbones.data import Dataset, batches
 from backbones.options import UNIT, check_options, option
 from backbones.progress import progress_bar
@@ -212,3 +215,64 @@ def cached_elimination_path(
     path = elimination_path(backbone, data, device, 0.0, max_images=max_images, progress=progress, precision=precision)
     atomic_save({"flops": torch.tensor([f for f, _ in path]), "masks": torch.tensor([m for _, m in path])}, path_file)
     return path
+
+
+# -- the agents: full, random, static ---------------------------------------------------------------------
+
+
+def _fixed_save(ctx: AgentContext, **payload: Any) -> None:
+    atomic_save({"metadata": {**ctx.metadata, "stage": "done"}, **payload}, ctx.checkpoint)
+
+
+def _train_full(ctx: AgentContext, state: dict | None) -> RoutingPolicy:
+    _fixed_save(ctx)
+    return RoutingPolicy()
+
+
+def _budget(ctx: AgentContext) -> float:
+    return FIXED_POLICY_BUDGET if ctx.cfg.budget is None else ctx.cfg.budget
+
+
+def _random_rate(ctx: AgentContext) -> float:
+    """``--rate``, or the rate at which random skipping spends ``--budget`` of the FLOPs."""
+    if ctx.options.rate is not None:
+        return ctx.options.rate
+    return random_rate_for_budget(ctx.backbone, _budget(ctx))
+
+
+def _train_random(ctx: AgentContext, state: dict | None) -> RoutingPolicy:
+    rate = _random_rate(ctx)
+    _fixed_save(ctx, rate=rate)
+    return RandomPolicy(rate, ctx.cfg.seed)
+
+
+def _train_static(ctx: AgentContext, state: dict | None) -> RoutingPolicy:
+    path = cached_elimination_path(
+        ctx.backbone, ctx.train_data, ctx.device, ctx.metadata, ctx.cfg.progress, precision=ctx.cfg.precision
+    )
+    policy = static_for_budget(path, _budget(ctx), ctx.options.static_mix, ctx.cfg.seed)
+    more = {} if policy.mask_more is None else {"mask_more": torch.tensor(policy.mask_more)}
+    _fixed_save(ctx, mask=torch.tensor(policy.mask), share_more=policy.share_more, **more)
+    return policy
+
+
+def _load_static(ctx: AgentContext, state: dict) -> RoutingPolicy:
+    more = state["mask_more"].tolist() if "mask_more" in state else None
+    return StaticPolicy(state["mask"].tolist(), more, float(state.get("share_more", 0.0)), ctx.cfg.seed)
+
+
+register_agent("full", AgentSpec(_train_full, lambda ctx, s: RoutingPolicy(), role="reference", seeded=False))
+register_agent(
+    "random",
+    AgentSpec(
+        _train_random, lambda ctx, s: RandomPolicy(float(s["rate"]), ctx.cfg.seed), role="matched",
+        takes_budget=True, options=FixedConfig, part="fixed", smoke=("--rate", "0.5"),
+    ),
+)  # fmt: skip
+register_agent(
+    "static",
+    AgentSpec(
+        _train_static, _load_static, role="matched", takes_budget=True, options=FixedConfig, part="fixed",
+        smoke=("--budget", "0.7"),
+    ),
+)  # fmt: skip

@@ -8,6 +8,7 @@ optimizer's) go into our atomic, ``weights_only`` checkpoints, and loading rebui
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,13 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.vec_env import VecEnv
 
+from agents.policies import RoutingPolicy, SB3OneShotPolicy, SB3RoutingPolicy
+from agents.registry import AgentContext, AgentSpec, EnvId, register_agent
 from agents.trainer import check_weights
 from backbones.checkpoint import atomic_save
+from backbones.options import POSITIVE_INT, check_options, option
+from backbones.progress import progress_bar
+from skipnet_env.core import SKIPNET_REWARD
 
 
 def _minibatch(env: VecEnv, n_steps: int) -> int:
@@ -114,3 +120,77 @@ class CheckpointCallback(BaseCallback):
             {"metadata": {**self.metadata, "num_timesteps": self.model.num_timesteps}, **model_state(self.model)},
             self.path,
         )
+
+
+# the smoke runs' steps: rollouts of both envs
+SMOKE: dict[str, tuple[str, ...]] = {
+    "SkipNet-v0": ("--timesteps", "600", "--num-envs", "16"),
+    "SkipNetOneShot-v0": ("--timesteps", "128", "--num-envs", "16"),
+}
+
+
+@dataclass
+class SB3Config:
+    """Stable-Baselines3 agents (ppo, a2c, recurrent_ppo, ppo_oneshot).
+
+    Their algorithms' own settings: :mod:`agents.sb3_agents`."""
+
+    timesteps: int = option(150_000, POSITIVE_INT)
+    """SB3 agents: environment steps to train for (image-blocks; images for ppo_oneshot)"""
+
+    def __post_init__(self) -> None:
+        check_options(self)
+
+
+def _sb3(algo: str, env_id: EnvId = "SkipNet-v0") -> AgentSpec:
+    """An SB3 algorithm on ``SkipNet-v0`` (block by block) or ``SkipNetOneShot-v0`` (one mask per image)."""
+    oneshot = env_id == "SkipNetOneShot-v0"
+
+    def make(ctx: AgentContext):
+        from skipnet_env.sb3_bridge import make_sb3_env
+
+        env = make_sb3_env(
+            ctx.cfg.batch_sizes()[0],
+            env_id,
+            backbone=ctx.backbone,
+            dataset=ctx.train_data,
+            alpha=ctx.cfg.alpha,
+            **({} if oneshot else SKIPNET_REWARD),
+            device=ctx.device,
+            precision=ctx.cfg.precision,
+        )
+        env.seed(ctx.cfg.seed)
+        episode_length = 1 if oneshot else env.get_attr("num_gates")[0]
+        return build_model(algo, env, ctx.cfg.seed, ctx.device, episode_length)
+
+    def policy(model) -> RoutingPolicy:
+        return SB3OneShotPolicy(model, f"{algo}_oneshot") if oneshot else SB3RoutingPolicy(model, algo)
+
+    def train(ctx: AgentContext, state: dict | None) -> RoutingPolicy:
+        model = make(ctx)
+        if state is not None:
+            load_model_state(model, state)
+        timesteps = ctx.options.timesteps
+        remaining = timesteps - model.num_timesteps
+        bar = progress_bar(timesteps, f"{algo} (SB3)", ctx.cfg.progress, initial=model.num_timesteps)
+        callback = CheckpointCallback(ctx.checkpoint, {**ctx.metadata, "stage": "train"}, bar=bar)
+        if remaining > 0:
+            model.learn(total_timesteps=remaining, callback=callback, reset_num_timesteps=state is None)
+        else:  # a finished run resumed: nothing to train, the model is only saved again
+            callback.init_callback(model)
+        bar.close()
+        callback.metadata["stage"] = "done"
+        callback.save()
+        return policy(model)
+
+    def load(ctx: AgentContext, state: dict) -> RoutingPolicy:
+        model = make(ctx)
+        load_model_state(model, state)
+        return policy(model)
+
+    return AgentSpec(train, load, env=env_id, options=SB3Config, part="sb3", smoke=SMOKE[env_id])
+
+
+for _algo in ("ppo", "a2c", "recurrent_ppo"):
+    register_agent(_algo, _sb3(_algo))
+register_agent("ppo_oneshot", _sb3("ppo", "SkipNetOneShot-v0"))

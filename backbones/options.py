@@ -3,7 +3,8 @@
 A field made with :func:`option` carries its rule (``POSITIVE``, ``FRACTION``, ...) and whether a
 resumed run may change it; :func:`check_options` checks a whole dataclass against its fields' rules
 and ``Literal`` choices, once, with messages that name the command-line flag. A field made with
-:func:`nested` holds another configuration: a run's configuration is a tree of the parts each
+:func:`nested` holds another configuration, one made with :func:`parts` the configurations of the
+parts registered when it is read (each agent's own): a run's configuration is a tree of the parts each
 module owns (the hybrid trainer's, the gates', BlockDrop's, ...), and :func:`option_fields`,
 :func:`flatten` and :func:`build` see it as one flat set of uniquely named options, the names of its
 flags (a part's ``flag_prefix`` goes before its fields: ``JointConfig.lr`` is ``--joint-lr``).
@@ -54,6 +55,26 @@ def nested(cls: type, factory: Callable[[], Any] | None = None) -> Any:
     """A field holding configuration ``cls`` (``factory()``, default ``cls()``): a field annotated
     with a dataclass is a part of the tree, its options the tree's too."""
     return dataclasses.field(default_factory=factory or cls)
+
+
+def parts(provider: Callable[[], dict[str, type]]) -> Any:
+    """A field holding ``{name: configuration}`` for the parts ``provider()`` names when the tree is
+    walked, not when the class is made: the agents' parts, which agents register as they are
+    imported (a user's own included). Annotate it ``dict[str, Any]``; its options are the tree's."""
+    return dataclasses.field(
+        default_factory=lambda: {name: cls() for name, cls in provider().items()}, metadata={"parts": provider}
+    )
+
+
+def at(config: Any, path: tuple[str, ...]) -> Any:
+    """The value at ``path`` (attribute names, and part names inside a :func:`parts` field) of ``config``."""
+    for name in path:
+        config = config[name] if isinstance(config, dict) else getattr(config, name)
+    return config
+
+
+def _parts_of(f: dataclasses.Field) -> dict[str, type]:
+    return f.metadata["parts"]() if "parts" in f.metadata else {}
 
 
 def flag(name: str) -> str:
@@ -113,6 +134,10 @@ def option_fields(cls: type) -> dict[str, Option]:
     def walk(klass: type, path: tuple[str, ...], prefix: str) -> None:
         hints = typing.get_type_hints(klass)
         for f in dataclasses.fields(klass):
+            for part, inner in _parts_of(f).items():
+                walk(inner, (*path, f.name, part), prefix + getattr(inner, "flag_prefix", ""))
+            if "parts" in f.metadata:
+                continue
             if dataclasses.is_dataclass(hints[f.name]):
                 inner = hints[f.name]
                 walk(inner, (*path, f.name), prefix + getattr(inner, "flag_prefix", ""))
@@ -128,13 +153,7 @@ def option_fields(cls: type) -> dict[str, Option]:
 
 def flatten(config: Any) -> dict[str, Any]:
     """``{flat name: value}`` of every option in the tree ``config`` (what runs store and compare)."""
-    out = {}
-    for name, opt in option_fields(type(config)).items():
-        value = config
-        for attr in opt.path:
-            value = getattr(value, attr)
-        out[name] = value
-    return out
+    return {name: at(config, opt.path) for name, opt in option_fields(type(config)).items()}
 
 
 def build(cls: type, values: dict[str, Any], base: Any = None) -> Any:
@@ -153,7 +172,9 @@ def build(cls: type, values: dict[str, Any], base: Any = None) -> Any:
         kwargs = {}
         for f in dataclasses.fields(klass):
             here = (*path, f.name)
-            if dataclasses.is_dataclass(hints[f.name]):
+            if "parts" in f.metadata:
+                kwargs[f.name] = {part: make(inner, (*here, part)) for part, inner in _parts_of(f).items()}
+            elif dataclasses.is_dataclass(hints[f.name]):
                 kwargs[f.name] = make(hints[f.name], here)
             elif here in by_path:
                 kwargs[f.name] = by_path[here]

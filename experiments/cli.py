@@ -19,7 +19,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar, cast
 
-from backbones.options import build, flag, option_fields
+from agents.registry import import_agents
+from backbones.options import at, build, flag, option_fields
 
 T = TypeVar("T")
 
@@ -110,18 +111,18 @@ def declared_defaults(cls: type) -> dict[str, Any]:
         if not inside:
             out[name] = f.default if f.default is not dataclasses.MISSING else cast(Any, f.default_factory)()
             continue
-        value = parts.setdefault(head, cast(Any, f.default_factory)())
-        for attr in inside:
-            value = getattr(value, attr)
-        out[name] = value
+        if head not in parts:
+            parts[head] = cast(Any, f.default_factory)()
+        out[name] = at(parts[head], tuple(inside))
     return out
 
 
-def build_parser(cls: type, description: str | None = None) -> argparse.ArgumentParser:
+def build_parser(cls: type, description: str | None = None, epilog: str | None = None) -> argparse.ArgumentParser:
     """A flag per option of configuration ``cls`` (nested parts included: :func:`option_fields`),
     its help the docstring under the field, its default the field's."""
     parser = argparse.ArgumentParser(
         description=description or (cls.__doc__ or "").strip().splitlines()[0],
+        epilog=epilog,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     defaults = declared_defaults(cls)
@@ -131,7 +132,7 @@ def build_parser(cls: type, description: str | None = None) -> argparse.Argument
         where = opt.path[:-1]
         if where not in groups:
             summary = (opt.owner.__doc__ or "").strip().split("\n\n")[0]  # the docstring's first paragraph
-            groups[where] = parser.add_argument_group(".".join(where), " ".join(summary.split()))
+            groups[where] = parser.add_argument_group(where[-1], " ".join(summary.split()))
         doc = docs.setdefault(opt.owner, field_docs(opt.owner)).get(opt.field.name, "")
         help_text = doc.replace("%", "%%")  # argparse formats help with %
         kind, extra = _parser_type(opt.hint)
@@ -143,9 +144,28 @@ def build_parser(cls: type, description: str | None = None) -> argparse.Argument
     return parser
 
 
-def parse(cls: type[T], argv: Sequence[str] | None = None, description: str | None = None) -> T:
-    """Parse ``argv`` (default: ``sys.argv[1:]``) into configuration ``cls``."""
-    values = vars(build_parser(cls, description).parse_args(argv))
+def agents_from(argv: Sequence[str]) -> list[str]:
+    """The values of ``--agents-from`` in ``argv``: read before the parser is built, since the
+    agents they register bring options of their own."""
+    out, taking = [], False
+    for arg in argv:
+        if arg.startswith("--agents-from="):
+            out.append(arg.split("=", 1)[1])
+        taking = arg == "--agents-from" or (taking and not arg.startswith("-"))
+        if taking and arg != "--agents-from":
+            out.append(arg)
+    return out
+
+
+def parse(
+    cls: type[T], argv: Sequence[str] | None = None, description: str | None = None, epilog: str | None = None
+) -> T:
+    """Parse ``argv`` (default: ``sys.argv[1:]``) into configuration ``cls`` (the agents of
+    ``--agents-from`` imported first)."""
+    argv = sys.argv[1:] if argv is None else argv
+    for source in agents_from(argv):
+        import_agents(source)
+    values = vars(build_parser(cls, description, epilog).parse_args(argv))
     hints = option_fields(cls)
     for name, value in values.items():
         if isinstance(value, list) and typing.get_origin(hints[name].hint) is tuple:

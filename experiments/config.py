@@ -3,10 +3,10 @@
 One tree: the run's own options at the top (the agent, the backbone and data, the cross-cutting
 values every part is given explicitly: ``alpha``, ``budget``, ``seed``, ``device``, ``precision``,
 the batch sizes), and below them the parts each module owns, with their defaults, rules and help
-(:class:`agents.hybrid.HybridConfig`, :class:`agents.gates.RecurrentGateConfig`,
-:class:`agents.blockdrop.BlockDropConfig`, :class:`agents.skip_ready.JointConfig`,
-:class:`agents.registry.SB3Config`, :class:`agents.fixed.FixedConfig`). The command line sees it
-flat, one flag per option (``--sp-lr``, ``--joint-budget``): :mod:`backbones.options`.
+(the recipe's: :class:`agents.skip_ready.JointConfig`, :class:`agents.hybrid.HybridConfig`,
+:class:`agents.gates.RecurrentGateConfig`; and each agent's own, as the agent registered it:
+``agent_options``, :func:`agents.registry.agent_parts`). The command line sees it flat, one flag per
+option (``--sp-lr``, ``--joint-budget``, ``--blockdrop-width``): :mod:`backbones.options`.
 """
 
 from __future__ import annotations
@@ -16,11 +16,9 @@ from typing import Any, Literal
 
 import torch
 
-from agents.blockdrop import BlockDropConfig
-from agents.fixed import FixedConfig
 from agents.gates import RecurrentGateConfig
 from agents.hybrid import HRL_ITERATIONS, SP_EPOCHS, HybridConfig
-from agents.registry import SB3Config
+from agents.registry import agent_parts
 from agents.skip_ready import JOINT_GATE_KIND, JointConfig
 from agents.trainer import CHECKPOINT_EVERY, RunValues
 from backbones.options import (
@@ -34,6 +32,7 @@ from backbones.options import (
     flatten,
     nested,
     option,
+    parts,
     replace,
     resumable_options,
 )
@@ -68,8 +67,10 @@ class RunConfig:
     """Train and evaluate a routing agent on a frozen backbone (SkipNet-Gym)."""
 
     agent: str = "hybrid_rnn"
-    """agent: hybrid_rnn, hybrid_ff, hybrid_ff2, blockdrop, ppo, a2c, recurrent_ppo, ppo_oneshot, random, static,
-    full"""
+    """routing agent (listed below the options; an unknown name lists them too)"""
+    agents_from: tuple[str, ...] = ()
+    """import these .py files or modules first: their agents register themselves and can be given to --agent
+    (README: "Add an agent")"""
     # what the agents route: the backbone and its data
     backbone: str = "cifar_resnet38"
     """backbone registry name (trained on --dataset and cached on first use)"""
@@ -129,13 +130,11 @@ class RunConfig:
     """hybrid, blockdrop: weight of the policy's entropy bonus (keeps the decisions exploring)"""
     checkpoint_every: int = option(CHECKPOINT_EVERY, POSITIVE_INT, resumable=True)
     """hybrid, blockdrop: write the checkpoint every this many iterations"""
-    # the parts, each owned by the module it configures
+    # the parts, each owned by the module it configures: the recipe's, then each agent's own as it registered it
     joint: JointConfig = nested(JointConfig)
     hybrid: HybridConfig = nested(HybridConfig)
     gates: RecurrentGateConfig = nested(RecurrentGateConfig)
-    blockdrop: BlockDropConfig = nested(BlockDropConfig)
-    sb3: SB3Config = nested(SB3Config)
-    fixed: FixedConfig = nested(FixedConfig)
+    agent_options: dict[str, Any] = parts(agent_parts)
     # run control
     eval_only: bool = False
     """evaluate --checkpoint without training"""
@@ -173,7 +172,7 @@ class RunConfig:
         """This configuration with the options left unset filled in: the batch sizes for ``device``
         (the environment's at most ``max_batch``, the training set's size) and the hybrid stages'
         lengths for the backbone recipe. ``joint_gates``: whether the skip-ready backbone carries gates
-        the agent starts from (:func:`agents.registry.starts_from_joint_gates`); gates that start new
+        the agent starts from (:func:`agents.skipnet.starts_from_joint_gates`); gates that start new
         are trained by the full SP, never evaluated untrained."""
         cfg = self.with_budget_recipe()
         defaults: dict[str, Any] = {**DEVICE_BATCHES["cuda" if device.type == "cuda" else "cpu"]}

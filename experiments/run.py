@@ -25,7 +25,8 @@ import torch
 
 from agents.evaluate import calibrate_threshold, evaluate
 from agents.policies import GateRoutingPolicy, RoutingPolicy
-from agents.registry import AgentContext, agents_taking_budget, get_agent, starts_from_joint_gates
+from agents.registry import AGENTS, AgentContext, agents_taking_budget, get_agent, part_of
+from agents.skipnet import starts_from_joint_gates
 from agents.statistics import bootstrap_ci, paired_difference
 from backbones.checkpoint import CheckpointMismatchError, atomic_save, fingerprint, mismatches, safe_load
 from backbones.data import Dataset, data_fingerprint, groups_of
@@ -257,7 +258,8 @@ def run(
     run_dir = run_folder(cfg, spec.env)
     checkpoint = Path(cfg.checkpoint) if cfg.checkpoint else run_dir / "agent.pt"
     writer = open_writer(run_dir, cfg, report)
-    ctx = AgentContext(cfg, backbone, split["train"], device, checkpoint, metadata, writer, backbone_meta)
+    own = cfg.agent_options.get(part_of(cfg.agent, spec)) if spec.options is not None else None
+    ctx = AgentContext(cfg, backbone, split["train"], device, checkpoint, metadata, writer, backbone_meta, own)
 
     def test(policy: RoutingPolicy, net: Any, part: str = "test") -> Any:
         return evaluate(policy, net, split[part], device, eval_batch, precision=cfg.precision)
@@ -329,12 +331,18 @@ def run(
     return out
 
 
+def agents_listed() -> str:
+    """The registered agents, for ``--help`` (a parser's epilog is formatted when it is printed,
+    after ``--agents-from`` registered the user's)."""
+    return "agents: " + ", ".join(AGENTS)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """The command line: user errors print one line (``--debug`` for the traceback); bugs print theirs."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     argv = sys.argv[1:] if argv is None else argv
     with one_line_errors(argv):
-        cfg = parse(RunConfig, argv, description=__doc__.strip().splitlines()[0])
+        cfg = parse(RunConfig, argv, description=__doc__.strip().splitlines()[0], epilog=agents_listed())
         result = run(cfg, given_fields(RunConfig, argv))
     print(format_table(result))
     return result

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from agents.hybrid import HybridConfig
-from agents.registry import starts_from_joint_gates
 from agents.skip_ready import JointConfig, gate_identity
+from agents.skipnet import starts_from_joint_gates
 from backbones.options import build, flatten, option_fields, replace
 from experiments.cli import build_parser, field_docs
 from experiments.config import SAFE_ON_RESUME, RunConfig
@@ -79,10 +79,13 @@ def test_a_flat_configuration_of_an_older_version_builds_the_same_run():
     assert (cfg.agent, cfg.alpha, cfg.hybrid.sp_lr, cfg.gates.hidden, cfg.gates.pooling) == (
         "blockdrop", 2.0, 0.01, 8, "mean_max_std"
     )  # fmt: skip
-    assert (cfg.joint.budget, cfg.joint.bn, cfg.blockdrop.iterations, cfg.blockdrop.reward) == (
+    parts = cfg.agent_options  # the agents' own parts, as they registered them
+    assert (cfg.joint.budget, cfg.joint.bn, parts["blockdrop"].iterations, parts["blockdrop"].reward) == (
         0.4, "frozen", 7, "correct"
     )  # fmt: skip
-    assert (cfg.blockdrop.width, cfg.sb3.timesteps, cfg.fixed.rate, cfg.fixed.static_mix) == (8, 99, 0.3, False)
+    assert (parts["blockdrop"].width, parts["sb3"].timesteps, parts["fixed"].rate, parts["fixed"].static_mix) == (
+        8, 99, 0.3, False
+    )  # fmt: skip
     assert flatten(cfg).items() >= FLAT_BEFORE_THE_TREE.items()  # stored flat again, under the same names
     assert resumed_config(RunConfig(checkpoint="x.pt"), flatten(cfg), given=set()) == cfg
     with pytest.raises(ValueError, match="unknown options rnn_hiden"):

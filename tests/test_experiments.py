@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from agents.registry import AGENTS
 from tests.conftest import call_entry_point
 
 pytestmark = pytest.mark.slow  # entry points end to end
@@ -21,27 +22,8 @@ TINY_BACKBONE = [
     *("--backbone-recipe", "base", "--dataset", "digits", "--backbone", "cifar_resnet20", "--width", "0.25"),
     *("--backbone-epochs", "1"),
 ]
-TINY_BUDGETS = {
-    "hybrid_rnn": ["--sp-epochs", "1", "--hrl-iterations", "3", "--num-envs", "32"],
-    "hybrid_ff": ["--sp-epochs", "1", "--hrl-iterations", "3", "--num-envs", "32"],
-    "ppo": ["--timesteps", "600", "--num-envs", "16"],
-    "a2c": ["--timesteps", "600", "--num-envs", "16"],
-    "recurrent_ppo": ["--timesteps", "600", "--num-envs", "16"],
-    "blockdrop": [
-        "--blockdrop-iterations",
-        "4",
-        "--blockdrop-width",
-        "4",
-        "--num-envs",
-        "32",
-        "--checkpoint-every",
-        "2",
-    ],
-    "ppo_oneshot": ["--timesteps", "128", "--num-envs", "16"],
-    "random": ["--rate", "0.5"],
-    "static": ["--budget", "0.7"],
-    "full": [],
-}
+# every registered agent's seconds-long run, as it declared it
+TINY_BUDGETS = {name: list(spec.smoke) for name, spec in AGENTS.items()}
 
 
 @pytest.fixture
@@ -91,13 +73,7 @@ def test_every_agent_trains_evaluates_and_reloads(agent, cache, tmp_path):
     (evaluation,) = (tmp_path / "runs").glob(f"*__{agent}__eval__*/results.json")
     reloaded = json.loads(evaluation.read_text())
     assert reloaded["evaluated_checkpoint"] == {"path": r["checkpoint"], "stage": "done", "finished": True}
-    if agent in (
-        "hybrid_rnn",
-        "hybrid_ff",
-        "blockdrop",
-        "static",
-        "full",
-    ):  # deterministic policies: same result on reload
+    if agent.startswith("hybrid_") or agent in ("blockdrop", "static", "full"):  # deterministic: same on reload
         assert reloaded["accuracy"] == r["accuracy"] and reloaded["flops_fraction"] == r["flops_fraction"]
 
 
@@ -431,3 +407,30 @@ def test_agent_checkpoint_of_other_data_is_refused(caplog):
     older = {k: v for k, v in meta.items() if k != "data_fingerprint"}  # written before fingerprints: a warning
     check_agent_checkpoint({"metadata": older}, "agent.pt", "static", meta)
     assert "no data fingerprint" in caplog.text
+
+
+def readme_agent() -> str:
+    """The README's example agent file (``# my_agent.py``): the test runs what a reader copies."""
+    text = (ROOT / "README.md").read_text()
+    start = text.index("# my_agent.py")
+    return text[start : text.index("```", start)]
+
+
+def test_an_agent_is_one_file_outside_the_package(cache, tmp_path):
+    """The README's toy agent, with two options, in a file of its own: --agents-from registers it, its
+    flags parse, it trains, evaluates and reloads, and --help lists it with its options."""
+    toy = tmp_path / "my_agent.py"
+    toy.write_text(readme_agent())
+    args = ["--agents-from", str(toy), "--agent", "every_kth", *TINY_BACKBONE, "--no-progress"]
+    proc = run([*args, "--kth-k", "3", "--kth-first", "1", "--run-dir", str(tmp_path / "runs")], cache, tmp_path)
+    (results,) = (tmp_path / "runs").glob("SkipNet-v0__every_kth__*/results.json")
+    r = json.loads(results.read_text())
+    assert r["execute_rate"] == [0.0, 1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 1.0] and "accuracy" in proc.stdout
+    assert r["config"]["kth_k"] == 3 and r["config"]["kth_first"] == 1
+    again = run([*args, "--kth-k", "3", "--kth-first", "1", "--eval-only", "--checkpoint", r["checkpoint"]], cache,
+                tmp_path)  # fmt: skip
+    assert "accuracy" in again.stdout
+    bad = run([*args, "--kth-k", "0"], cache, tmp_path, check=False)
+    assert bad.returncode == 2 and "--kth-k must be an integer >= 1, got 0" in bad.stderr
+    shown = run(["--agents-from", str(toy), "--help"], cache, tmp_path)
+    assert "every_kth" in shown.stdout and "--kth-first" in shown.stdout
