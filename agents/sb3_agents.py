@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.vec_env import VecEnv
 
 from agents.policies import RoutingPolicy, SB3OneShotPolicy, SB3RoutingPolicy
@@ -79,7 +80,11 @@ SB3_ALGOS: dict[str, Callable[[VecEnv, int, str, int], BaseAlgorithm]] = {
 def build_model(algo: str, env: VecEnv, seed: int, device: torch.device, episode_length: int) -> BaseAlgorithm:
     """``algo`` on ``env``, its rollouts sized by the episodes' length in steps (the gated blocks
     of ``SkipNet-v0``; 1 on ``SkipNetOneShot-v0``)."""
-    return SB3_ALGOS[algo](env, seed, "cuda" if device.type == "cuda" else "cpu", episode_length)
+    model = SB3_ALGOS[algo](env, seed, "cuda" if device.type == "cuda" else "cpu", episode_length)
+    # SB3's default logger makes a folder in the system's temporary one at every learn(), even when it
+    # writes nothing: a logger of its own writes nothing and makes none (the run logs to its TensorBoard)
+    model.set_logger(Logger(folder=None, output_formats=[]))
+    return model
 
 
 def model_state(model: BaseAlgorithm) -> dict[str, Any]:

@@ -41,3 +41,18 @@ def test_single_env_also_works_in_sb3_dummy_vec_env():
     env.reset()
     obs, reward, dones, infos = env.step(np.array([1, 0]))
     assert obs.shape == (2, 25)
+
+
+def test_an_sb3_agent_leaves_no_folder_in_the_temporary_one(tmp_path, monkeypatch):
+    """SB3's default logger made an empty SB3-<time> folder in /tmp at every learn(), each run's."""
+    import tempfile
+
+    import torch
+
+    from agents.sb3_agents import build_model
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    net, data = tiny_backbone(20), backbones.load_dataset("digits", "test")
+    model = build_model("ppo", make_sb3_env(8, backbone=net, dataset=data, device="cpu"), 0, torch.device("cpu"), 8)
+    model.learn(total_timesteps=128)
+    assert list(tmp_path.iterdir()) == []
