@@ -13,9 +13,6 @@ beside the code it configures (``HybridConfig``, ``gates.RecurrentGateConfig``,
 policy is evaluated by one ``evaluate`` on the environment's own state machine.
 """
 
-import warnings
-from typing import Any
-
 from agents.evaluate import EvalResult, evaluate
 from agents.gates import FeedforwardGates, GatePolicy, RecurrentGate, create_gates
 from agents.hybrid import HybridConfig, HybridTrainer
@@ -25,17 +22,6 @@ from agents.trainer import Trainer
 
 # the built-in agents: each module registers its own
 from agents import blockdrop, fixed, sb3_agents, skipnet  # noqa: E402, F401  isort: skip
-
-
-def __getattr__(name: str) -> Any:
-    """``agents.RunConfig`` moved to :mod:`experiments.config` (the command line's configuration is
-    not the library's): the old name works, with a warning, until the next release."""
-    if name == "RunConfig":
-        warnings.warn("agents.RunConfig moved: import it from experiments.config", DeprecationWarning, stacklevel=2)
-        from experiments.config import RunConfig
-
-        return RunConfig
-    raise AttributeError(f"module 'agents' has no attribute {name!r}")
 
 
 __all__ = [

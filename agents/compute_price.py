@@ -77,6 +77,12 @@ class ComputePrice:
             return self.value
         return self.value + self.gain * (spent.detach().float().mean() - self.budget)
 
+    def warmup(self, epoch: int, epochs: int) -> float:
+        """The scale of a fixed ``alpha`` in ``epoch`` (from 0) of a linear warm-up over ``epochs``
+        epochs (0: none). A budget's multiplier needs no ramp: it rises from alpha as far as the
+        spending asks."""
+        return min(1.0, (epoch + 1) / epochs) if epochs > 0 and self.budget is None else 1.0
+
     def loss(self, added: Tensor, spent: Tensor, ramp: float = 1.0) -> Tensor:
         """The compute term for ``added`` ``(B,)`` (differentiable: the FLOPs fraction the executed
         gated blocks add) when the greedy decisions spend ``spent`` ``(B,)``; ``ramp`` scales a fixed

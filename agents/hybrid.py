@@ -28,7 +28,6 @@ fine-tuning, the convolutions and BatchNorm affine parameters still train.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import typing
@@ -158,6 +157,27 @@ def sp_forward(
         h = m * block(h) + (1.0 - m) * skip(block, h)
         executed.append(g)
     return backbone.head(h).float(), torch.stack(executed, dim=1), torch.stack(greedy, dim=1)
+
+
+def sp_loss(
+    net: Any,
+    gates: GatePolicy,
+    x: Tensor,
+    y: Tensor,
+    noise: torch.Generator | None,
+    meter: SpendingMeter,
+    price: ComputePrice,
+    ramp: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """SP's loss on one batch, for the hybrid trainer's SP and joint SP alike: cross-entropy through
+    hard gates plus the compute the executed blocks add, priced by ``price`` (scaled by ``ramp``)
+    from what the greedy gates spend; the straight-through gradient reaches the gates through both.
+    Moves a budget's price by that spending. Returns ``(loss, executed (B, N), spending (B,))``."""
+    logits, executed, greedy = sp_forward(net, gates, x, noise)
+    spending = meter.spent(greedy)  # (B,) what the gates would spend at evaluation
+    cost = price.loss(executed @ meter.cost, spending, ramp)
+    price.update(spending)  # the cost above holds the price it was computed with
+    return F.cross_entropy(logits, y) + cost, executed, spending
 
 
 def discounted_returns(rewards: Tensor, gamma: float) -> Tensor:
@@ -314,21 +334,15 @@ class HybridTrainer(Trainer):
         # the gradient reaches the gates through its activations, not its weights
         sp_net = self.backbone if self.finetune else freeze(self.backbone, precision=self.precision)
         for epoch in range(self.done_units, self.sp_epochs):
-            # a budget's multiplier needs no ramp: it rises from alpha as far as the spending asks
-            ramp = min(1.0, (epoch + 1) / cfg.sp_alpha_warmup) if cfg.sp_alpha_warmup > 0 and not self.budget else 1.0
+            ramp = self.price.warmup(epoch, cfg.sp_alpha_warmup)
             losses, spent = [], []
             for x, y in batches(self.data, cfg.sp_batch, self.device, train=True, generator=self.generator):
                 noise = self.action_generator if cfg.sp_sample else None
-                logits, executed, greedy = sp_forward(sp_net, self.gates, x, noise)
-                spending = meter.spent(greedy)  # (B,) what the gates would spend at evaluation
-                # hard gates forward, straight-through backward: the cost's gradient reaches p
-                cost = self.price.loss(executed @ meter.cost, spending, ramp)
-                loss = F.cross_entropy(logits, y) + cost
+                loss, executed, spending = sp_loss(sp_net, self.gates, x, y, noise, meter, self.price, ramp)
                 self.sp_opt.zero_grad(set_to_none=True)
                 loss.backward()
                 self.sp_opt.step()
                 spent.append(spending.mean())
-                self.price.update(spending)
                 losses.append(loss.detach())
                 bar.update(1)
             self.check_losses(losses, "SP")  # once an epoch: no host sync per step
@@ -418,8 +432,8 @@ class HybridTrainer(Trainer):
         """Price compute at ``alpha`` in the environment's reward and the greedy replay's (a budget's
         price, as it moves)."""
         assert self.env is not None
-        reward = dataclasses.replace(self.env.core.reward, alpha=max(alpha, 0.0))
-        self.env.core.reward = self.replay.reward = reward
+        self.env.alpha = max(alpha, 0.0)
+        self.replay.reward = self.env.reward
 
     def train_hrl(self) -> None:
         cfg = self.cfg
@@ -435,7 +449,7 @@ class HybridTrainer(Trainer):
             env.reset(seed=self.seed)
         # a fine-tuned backbone changes every iteration: the replay runs on it (under no_grad), not on a frozen copy
         self.replay = BatchedRouting(
-            self.backbone, env.core.reward, self.gates.first_gated == 0, self.finetune, self.precision
+            self.backbone, env.reward, self.gates.first_gated == 0, self.finetune, self.precision
         )
         gate_share = sum(self.gates.flops) / self.backbone.flops.full  # the gates' own FLOPs, a share of the network
         # linear decay to 0 over the stage: REINFORCE's noisy steps settle instead of wandering at the end
@@ -492,7 +506,7 @@ class HybridTrainer(Trainer):
                 means = self.flush(self.done_units, "losses/total", "HRL")
                 if self.budget is not None:  # the reward prices compute at the budget's price (one sync per log)
                     self.set_alpha(float(self.price.weight(torch.tensor(means["charts/greedy_flops_fraction"]))))
-                    self.write({"charts/compute_weight": env.core.reward.alpha}, self.done_units)
+                    self.write({"charts/compute_weight": env.alpha}, self.done_units)
                 last = means
                 bar.set_postfix(
                     acc=f"{means['charts/train_accuracy']:.3f}", flops=f"{means['charts/flops_fraction']:.3f}"
@@ -508,7 +522,7 @@ class HybridTrainer(Trainer):
                 cfg.log_every,
                 last["charts/train_accuracy"],
                 100 * last["charts/greedy_flops_fraction"],
-                env.core.reward.alpha,
+                env.alpha,
             )
         self.stage = "done"
         self.save()

@@ -37,11 +37,10 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
 
 from agents.compute_price import ComputePrice, SpendingMeter
 from agents.gates import GatePolicy, create_gates
-from agents.hybrid import sp_forward
+from agents.hybrid import sp_loss
 from agents.trainer import check_losses, check_weights
 from backbones.base import FIRST_GATED, Backbone
 from backbones.cache import building, cache_dir
@@ -50,7 +49,7 @@ from backbones.data import Dataset, ImageTensors, batches
 from backbones.device import seed_everything
 from backbones.options import COUNT, FLOPS_FRACTION, NON_NEGATIVE, POSITIVE, POSITIVE_INT, UNIT, check_options, option
 from backbones.progress import progress_bar
-from backbones.train import evaluate
+from backbones.train import full_accuracy
 
 log = logging.getLogger(__name__)
 
@@ -221,18 +220,14 @@ class JointTrainer:
             t0 = time.perf_counter()
             self.backbone.train(cfg.bn == "train")
             self.gates.train()
-            # a budget's multiplier needs no ramp: it rises from alpha as far as the spending asks
-            ramp = min(1.0, (epoch + 1) / cfg.alpha_warmup) if cfg.alpha_warmup > 0 and not cfg.budget else 1.0
+            ramp = self.price.warmup(epoch, cfg.alpha_warmup)
             losses, rates, spent = [], [], []
             for x, y in batches(
                 self.data, cfg.batch_size, self.device, train=True, shift=cfg.shift, generator=self.generator
             ):
-                logits, executed, greedy = sp_forward(self.backbone, self.gates, x, self.noise if cfg.sample else None)
-                spending = meter.spent(greedy)  # (B,) what the gates would spend at evaluation
-                cost = self.price.loss(executed @ meter.cost, spending, ramp)
-                loss = F.cross_entropy(logits, y) + cost
+                noise = self.noise if cfg.sample else None
+                loss, executed, spending = sp_loss(self.backbone, self.gates, x, y, noise, meter, self.price, ramp)
                 spent.append(spending.mean())
-                self.price.update(spending)
                 self.backbone_opt.zero_grad(set_to_none=True)
                 self.gate_opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -271,7 +266,7 @@ class JointTrainer:
             done = self.epoch == self.epochs
             extra: dict[str, Any] = {}
             if done and val_data is not None:
-                extra["val_accuracy_all_blocks"] = evaluate(self.backbone.eval(), val_data, self.device)
+                extra["val_accuracy_all_blocks"] = full_accuracy(self.backbone.eval(), val_data, self.device)
             self.save(complete=done, **extra)
         bar.close()
         self.backbone.eval().requires_grad_(False)

@@ -104,7 +104,7 @@ class TrainConfig:
 
 
 @torch.no_grad()
-def evaluate(backbone: Backbone, data: Dataset, device: torch.device, batch_size: int = 512) -> float:
+def full_accuracy(backbone: Backbone, data: Dataset, device: torch.device, batch_size: int = 512) -> float:
     """Top-1 accuracy of the full network on ``data``."""
     was_training = backbone.training
     backbone.eval()
@@ -201,7 +201,7 @@ def train(cfg: TrainConfig, splits: dict[str, Dataset] | None = None) -> tuple[B
             scheduler.step()
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{val_acc:.3f}")
-        val_acc = evaluate(backbone, val_data, device)
+        val_acc = full_accuracy(backbone, val_data, device)
         step = (epoch + 1) * steps_per_epoch
         log.info(
             "backbone %s epoch %d/%d: loss %.4f, validation accuracy %.4f (%.1f s)",
@@ -224,7 +224,7 @@ def train(cfg: TrainConfig, splits: dict[str, Dataset] | None = None) -> tuple[B
             "data_fingerprint": expected["data_fingerprint"],
         }
         if done:
-            extra["test_accuracy"] = evaluate(backbone, test_data, device)
+            extra["test_accuracy"] = full_accuracy(backbone, test_data, device)
             writer.add_scalar("charts/test_accuracy", extra["test_accuracy"], step)
         atomic_save(
             {

@@ -84,7 +84,7 @@ class SweepConfig:
 RUN_FIELDS = option_fields(RunConfig)
 
 
-def cast(name: str, text: str) -> Any:
+def option_value(name: str, text: str) -> Any:
     """``text`` as run option ``name`` takes it on the command line (an unknown option is an error
     that lists them)."""
     if name not in RUN_FIELDS:
@@ -107,15 +107,15 @@ def param_space(cfg: SweepConfig) -> dict[str, Any]:
     if cfg.search == "grid":
         for spec in cfg.grid:
             name, values = _split(spec, "--grid")
-            space[name] = tune.grid_search([cast(name, v) for v in values.split(",")])
+            space[name] = tune.grid_search([option_value(name, v) for v in values.split(",")])
         return space
     for spec in cfg.space:
         name, dist = _split(spec, "--space")
         kind, _, args = dist.partition(":")
         if kind == "choice":
-            space[name] = tune.choice([cast(name, v) for v in args.split("|")])
+            space[name] = tune.choice([option_value(name, v) for v in args.split("|")])
             continue
-        lo, hi = (cast(name, v) for v in args.split(":"))
+        lo, hi = (option_value(name, v) for v in args.split(":"))
         makers = {"uniform": tune.uniform, "loguniform": tune.loguniform, "int": lambda a, b: tune.randint(a, b + 1)}
         if kind not in makers:
             raise ValueError(f"--space {spec!r}: the distribution is one of uniform, loguniform, int, choice")

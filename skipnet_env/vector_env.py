@@ -15,6 +15,7 @@ device (no copy); otherwise numpy arrays. ``env.activation`` is the current acti
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,7 @@ from gymnasium.vector.utils import batch_space
 from torch import Tensor
 from typing_extensions import Unpack
 
+from skipnet_env.core import RewardConfig
 from skipnet_env.env import observation_space
 from skipnet_env.sources import (
     DEFAULT_BACKBONE,
@@ -102,6 +104,23 @@ class RoutingVectorEnv(VectorEnv):
         ones, zeros = torch.ones(num_envs, dtype=torch.bool), torch.zeros(num_envs, dtype=torch.bool)
         self._all = ones.to(self.device) if return_tensors else ones.numpy()
         self._none = zeros.to(self.device) if return_tensors else zeros.numpy()
+
+    @property
+    def reward(self) -> RewardConfig:
+        """The reward's scoring rule (set its compute weight with :attr:`alpha`)."""
+        return self.core.reward
+
+    @property
+    def alpha(self) -> float:
+        """The weight of compute in the reward (each block costs ``alpha`` x its share of the FLOPs)."""
+        return self.core.reward.alpha
+
+    @alpha.setter
+    def alpha(self, value: float) -> None:
+        """Price compute anew from the next step on (a budget's price, as it moves)."""
+        if not value >= 0:
+            raise ValueError(f"alpha must be >= 0, got {value}")
+        self.core.reward = dataclasses.replace(self.core.reward, alpha=float(value))
 
     def spaces(self) -> tuple[spaces.Space, spaces.Space]:
         """One env's observation and action spaces."""

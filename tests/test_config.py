@@ -1,8 +1,6 @@
 """The run configuration: one tree of the parts each module owns, seen flat by the command line;
 the recipe's stage defaults; resuming runs saved by older versions."""
 
-import warnings
-
 import pytest
 import torch
 
@@ -116,13 +114,6 @@ def test_each_part_checks_itself_naming_the_flag():
         replace(RunConfig(), rnn_hidden=0)
     with pytest.raises(ValueError, match="--budget must be a fraction of the full network's FLOPs"):
         RunConfig(budget=1.5)
-
-
-def test_the_old_import_still_works_with_a_warning():
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        from agents.config import RunConfig as Old
-    assert Old is RunConfig and any(issubclass(w.category, DeprecationWarning) for w in caught)
 
 
 def test_a_default_filled_in_after_construction_is_not_a_flag_default():

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments.sweep import SweepConfig, cast, pareto_front
+from experiments.sweep import SweepConfig, option_value, pareto_front
 
 pytestmark = pytest.mark.slow  # entry points end to end
 
@@ -22,17 +22,17 @@ def test_pareto_front_keeps_exactly_the_undominated_points():
 
 
 def test_values_take_the_run_options_types_and_unknown_options_are_named():
-    assert cast("alpha", "2") == 2.0 and isinstance(cast("alpha", "2"), float)
-    assert cast("hrl_iterations", "30") == 30 and cast("agent", "blockdrop") == "blockdrop"
-    assert cast("sp_alpha", "None") is None and cast("sp_sample", "false") is False
+    assert option_value("alpha", "2") == 2.0 and isinstance(option_value("alpha", "2"), float)
+    assert option_value("hrl_iterations", "30") == 30 and option_value("agent", "blockdrop") == "blockdrop"
+    assert option_value("sp_alpha", "None") is None and option_value("sp_sample", "false") is False
     with pytest.raises(ValueError, match="unknown run option 'alpah'"):
-        cast("alpah", "1")
+        option_value("alpah", "1")
     # the command line's own parsing: choices and types are checked as the flags check them
-    assert cast("backbone_recipe", "base") == "base"
+    assert option_value("backbone_recipe", "base") == "base"
     with pytest.raises(ValueError, match="backbone_recipe is one of base, skip_ready"):
-        cast("backbone_recipe", "fancy")
+        option_value("backbone_recipe", "fancy")
     with pytest.raises(ValueError, match="hrl_iterations takes int values"):
-        cast("hrl_iterations", "many")
+        option_value("hrl_iterations", "many")
     with pytest.raises(ValueError, match="--search must be one of grid, optuna"):
         SweepConfig(search="random")
 

@@ -29,7 +29,7 @@ def test_trains_writes_metadata_and_reuses_a_finished_run(tmp_path):
 
 def test_resumes_after_an_interruption(tmp_path, monkeypatch):
     cfg = TrainConfig(**TINY, epochs=3, out=str(tmp_path / "b.pt"), log_dir=str(tmp_path / "runs"))
-    real_evaluate = train_mod.evaluate
+    real_evaluate = train_mod.full_accuracy
     calls = {"n": 0}
 
     def interrupted(*args, **kwargs):
@@ -38,12 +38,12 @@ def test_resumes_after_an_interruption(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real_evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(train_mod, "evaluate", interrupted)
+    monkeypatch.setattr(train_mod, "full_accuracy", interrupted)
     with pytest.raises(KeyboardInterrupt):
         train(cfg)
     state = safe_load(cfg.out)
     assert state["epoch"] == 1 and not state["metadata"]["complete"]
-    monkeypatch.setattr(train_mod, "evaluate", real_evaluate)
+    monkeypatch.setattr(train_mod, "full_accuracy", real_evaluate)
     _, meta = train(cfg)
     assert meta["complete"] and safe_load(cfg.out)["epoch"] == 3
 

@@ -152,3 +152,16 @@ def test_folder_images_are_served_through_a_loader(tmp_path, monkeypatch):
     for _ in range(envs.num_gates * 3):  # more batches than the folder holds: the loader restarts
         obs, reward, terminated, *_ = envs.step(np.ones(4, dtype=np.int64))
     assert obs.shape == (4, envs.core.obs_dim)
+
+
+def test_the_compute_weight_is_set_through_the_env(parts):
+    """``env.alpha = a`` prices compute from the next step on (a budget's price moves it during
+    training); a negative weight is refused."""
+    envs = make(parts, alpha=0.0, accuracy_reward="correct", cost_timing="per_step")
+    envs.reset(seed=0)
+    _, free, *_ = envs.step(np.ones(B, dtype=np.int64))
+    envs.alpha = 2.0
+    _, priced, *_ = envs.step(np.ones(B, dtype=np.int64))
+    assert envs.alpha == envs.reward.alpha == 2.0 and (free == 0).all() and (priced < 0).all()
+    with pytest.raises(ValueError, match="alpha must be >= 0"):
+        envs.alpha = -1.0
