@@ -13,7 +13,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from agents.policies import GateRoutingPolicy, RoutingPolicy
 from backbones.base import Backbone
-from backbones.data import Dataset, batches
+from backbones.batching import batches
+from backbones.data import Dataset
 from skipnet_env.core import BatchedRouting, RewardConfig
 
 

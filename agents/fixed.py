@@ -15,8 +15,9 @@ from torch import Tensor
 from agents.policies import RandomPolicy, RoutingPolicy, StaticPolicy
 from agents.registry import AgentContext, AgentSpec, register_agent
 from backbones.base import FIRST_GATED, Backbone, skip
+from backbones.batching import batches
 from backbones.checkpoint import atomic_save
-from backbones.data import Dataset, batches
+from backbones.data import Dataset
 from backbones.options import UNIT, check_options, option
 from backbones.progress import progress_bar
 from skipnet_env.engine import freeze, resolve_precision

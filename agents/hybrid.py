@@ -44,7 +44,8 @@ from agents.compute_price import BUDGET_STEP_HRL, ComputePrice, SpendingMeter
 from agents.gates import GatePolicy
 from agents.trainer import RunValues, Trainer
 from backbones.base import Backbone, skip
-from backbones.data import Dataset, batches
+from backbones.batching import batches
+from backbones.data import Dataset
 from backbones.options import COUNT, NON_NEGATIVE, POSITIVE, POSITIVE_INT, UNIT, check_options, option
 from backbones.progress import progress_bar
 from skipnet_env.core import SKIPNET_REWARD, BatchedRouting

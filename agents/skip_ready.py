@@ -43,9 +43,10 @@ from agents.gates import GatePolicy, create_gates
 from agents.hybrid import sp_loss
 from agents.trainer import check_losses, check_weights
 from backbones.base import FIRST_GATED, Backbone
+from backbones.batching import batches
 from backbones.cache import building, cache_dir
 from backbones.checkpoint import atomic_save, backbone_metadata, fingerprint, load_backbone, safe_load
-from backbones.data import Dataset, ImageTensors, batches
+from backbones.data import Dataset, ImageTensors
 from backbones.device import seed_everything
 from backbones.options import COUNT, FLOPS_FRACTION, NON_NEGATIVE, POSITIVE, POSITIVE_INT, UNIT, check_options, option
 from backbones.progress import progress_bar

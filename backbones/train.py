@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from backbones.base import Backbone
+from backbones.batching import batches
 from backbones.checkpoint import atomic_save, backbone_metadata, check_metadata, load_backbone, safe_load
-from backbones.data import Dataset, batches, data_fingerprint, load_splits, with_flip
+from backbones.data import Dataset, data_fingerprint, load_splits, with_flip
 from backbones.device import resolve_device, seed_everything
 from backbones.progress import progress_bar
 from backbones.registry import create, options

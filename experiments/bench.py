@@ -305,7 +305,8 @@ def write_user_formats(root: Path) -> dict[str, tuple[str, Path]]:
     <index>.png`` and ``root/cluttered.npz``; returns ``{label: (dataset name, data root)}``."""
     from PIL import Image
 
-    from backbones.data import SPLITS, load_dataset
+    from backbones.data import load_dataset
+    from backbones.splits import SPLITS
 
     arrays: dict[str, Any] = {}
     for split in SPLITS:

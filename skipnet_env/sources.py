@@ -14,8 +14,9 @@ from torch import Tensor
 from typing_extensions import TypedDict, Unpack
 
 from backbones.base import Backbone
+from backbones.batching import data_loader
 from backbones.checkpoint import load_backbone
-from backbones.data import Dataset, FolderImages, ImageTensors, data_loader, load_dataset
+from backbones.data import Dataset, FolderImages, ImageTensors, load_dataset
 from backbones.device import resolve_device
 from backbones.registry import list_backbones
 from skipnet_env.core import DEFAULT_ALPHA, AccuracyReward, BatchedRouting, CostTiming, RewardConfig

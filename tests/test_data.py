@@ -7,7 +7,8 @@ import torch
 import torchvision
 
 import backbones
-from backbones.data import DatasetNotFoundError, random_shift
+from backbones.batching import random_shift
+from backbones.data import DatasetNotFoundError
 
 
 def test_digits_splits_are_fixed_disjoint_and_upscaled():
@@ -195,7 +196,8 @@ def test_image_folder_of_mixed_sizes_asks_for_image_size(tmp_path):
 
 
 def test_large_image_folder_streams_with_validation_from_train(tmp_path, monkeypatch):
-    import backbones.data as data_mod
+    import backbones.batching
+    import backbones.loaders as data_mod
 
     write_image_folder(tmp_path / "big", n=10)
     monkeypatch.setattr(data_mod, "IN_MEMORY_SIDE", 4)  # these 10-pixel images count as large
@@ -203,14 +205,14 @@ def test_large_image_folder_streams_with_validation_from_train(tmp_path, monkeyp
                         ("train", "val", "test"))  # fmt: skip
     assert isinstance(train, backbones.FolderImages) and (len(train), len(val), len(test)) == (18, 2, 20)
     assert len({train.fingerprint, val.fingerprint, test.fingerprint}) == 3
-    assert data_mod.loader_workers(10_000) <= (os.cpu_count() or 1)
+    assert backbones.batching.loader_workers(10_000) <= (os.cpu_count() or 1)
 
 
 def test_normalisation_and_fingerprint_do_not_depend_on_the_thread_count():
     """The bug: cluttered_digits' mean was a float32 sum whose rounding depends on how many threads
     share it (0.13163937 at 1 thread, 0.13163939 at 2); the fingerprint holds it, so a backbone cached
     by a 2-thread run was retrained under OMP_NUM_THREADS=1. Statistics come from exact integer sums."""
-    from backbones.data import _channel_stats
+    from backbones.loaders import _channel_stats
 
     images = torch.randint(0, 256, (12_000, 1, 24, 24), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     threads = torch.get_num_threads()

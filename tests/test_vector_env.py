@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import backbones
+import backbones.loaders
 import skipnet_env  # noqa: F401
 from skipnet_env.env import SkipNetEnv
 from skipnet_env.vector_env import SkipNetVectorEnv
@@ -136,7 +137,7 @@ def test_bad_num_envs_and_alpha(parts):
 def test_folder_images_are_served_through_a_loader(tmp_path, monkeypatch):
     from PIL import Image
 
-    monkeypatch.setattr(backbones.data, "IN_MEMORY_SIDE", 16)  # these 40-pixel images count as large: streamed
+    monkeypatch.setattr(backbones.loaders, "IN_MEMORY_SIDE", 16)  # these 40-pixel images count as large: streamed
 
     for cls in ("a", "b"):
         for split in ("train", "val"):
