@@ -102,8 +102,8 @@ class HybridConfig:
     ce_route: Literal["sampled", "greedy"] = "sampled"
     """hybrid, with --finetune-backbone: the route HRL's cross-entropy trains the backbone through: sampled (the
     paper's: the routes REINFORCE samples) or greedy (the routes the evaluation takes: p >= 0.5)"""
-    backbone_lr: float = option(1e-4, POSITIVE, resumable=True)
-    """hybrid: learning rate of the backbone when fine-tuning"""
+    finetune_lr: float = option(1e-4, POSITIVE, resumable=True, was=("backbone_lr",))
+    """hybrid, with --finetune-backbone: learning rate of the backbone (the base network's trainer has its own)"""
     calibrate: bool = True
     """hybrid: after training, move the gates' threshold until the validation images spend the budget (--budget; on a
     skip-ready backbone without --budget or --alpha, --joint-budget) to within 0.5% of the FLOPs (p >= 0.5 where it
@@ -280,7 +280,7 @@ class HybridTrainer(Trainer):
         group dicts it is given, so two optimizers must never share them)."""
         groups: list[dict[str, Any]] = [{"params": list(self.gates.parameters())}]
         if self.finetune:
-            groups.append({"params": list(self.backbone.parameters()), "lr": self.cfg.backbone_lr})
+            groups.append({"params": list(self.backbone.parameters()), "lr": self.cfg.finetune_lr})
         return groups
 
     # -- checkpoints (Trainer) -------------------------------------------------------------
@@ -312,7 +312,7 @@ class HybridTrainer(Trainer):
         self.gates.load_state_dict(state["gates"])
         for name, opt, lr in (("sp_opt", self.sp_opt, self.cfg.sp_lr), ("hrl_opt", self.hrl_opt, self.cfg.hrl_lr)):
             opt.load_state_dict(state[name])
-            for group, group_lr in zip(opt.param_groups, (lr, self.cfg.backbone_lr)):
+            for group, group_lr in zip(opt.param_groups, (lr, self.cfg.finetune_lr)):
                 group["lr"] = group["initial_lr"] = group_lr
         self.generator.set_state(state["generator"])
         self.action_generator.set_state(state["action_generator"].cpu())

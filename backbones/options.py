@@ -44,11 +44,18 @@ UNIT = Rule(lambda v: _number(v) and 0 <= v <= 1, "in [0, 1]")
 FLOPS_FRACTION = Rule(lambda v: _number(v) and 0 < v <= 1, "a fraction of the full network's FLOPs in (0, 1]")
 
 
-def option(default: Any = dataclasses.MISSING, rule: Rule | None = None, *, resumable: bool = False) -> Any:
+def option(
+    default: Any = dataclasses.MISSING,
+    rule: Rule | None = None,
+    *,
+    resumable: bool = False,
+    was: tuple[str, ...] = (),
+) -> Any:
     """A configuration field: its default, the rule its values meet (``None`` passes where the type
-    allows it) and whether a resumed run may change it: how the run runs, not what it computes (the
-    learning rates too, so that a diverged run can be resumed more gently)."""
-    return dataclasses.field(default=default, metadata={"rule": rule, "resumable": resumable})
+    allows it), whether a resumed run may change it (how the run runs, not what it computes; the
+    learning rates too, so that a diverged run can be resumed more gently) and the flat names it
+    had before (``was``): their flags still work, and configurations stored under them still build."""
+    return dataclasses.field(default=default, metadata={"rule": rule, "resumable": resumable, "was": was})
 
 
 def nested(cls: type, factory: Callable[[], Any] | None = None) -> Any:
@@ -151,6 +158,17 @@ def option_fields(cls: type) -> dict[str, Option]:
     return out
 
 
+def former_names(cls: type) -> dict[str, str]:
+    """``{former flat name: flat name}`` of the options of ``cls`` that were renamed (``option(was=...)``)."""
+    return {old: name for name, opt in option_fields(cls).items() for old in opt.field.metadata.get("was", ())}
+
+
+def current_names(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` (flat) with former option names replaced by today's (a stored configuration)."""
+    renamed = former_names(cls)
+    return {renamed.get(k, k): v for k, v in values.items()}
+
+
 def flatten(config: Any) -> dict[str, Any]:
     """``{flat name: value}`` of every option in the tree ``config`` (what runs store and compare)."""
     return {name: at(config, opt.path) for name, opt in option_fields(type(config)).items()}
@@ -161,6 +179,7 @@ def build(cls: type, values: dict[str, Any], base: Any = None) -> Any:
     defaults); an unknown name is a ``ValueError`` listing the options. Every part checks itself as
     it is built."""
     known = option_fields(cls)
+    values = current_names(cls, values)
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise ValueError(f"unknown options {', '.join(unknown)}; options: {', '.join(sorted(known))}")

@@ -140,7 +140,8 @@ def build_parser(cls: type, description: str | None = None, epilog: str | None =
             extra = {"action": argparse.BooleanOptionalAction}
         else:
             extra["type"] = kind
-        groups[where].add_argument(flag(name), default=defaults[name], help=help_text, **extra)
+        former = [flag(f) for f in opt.field.metadata.get("was", ())]  # renamed options keep their old flags
+        groups[where].add_argument(flag(name), *former, dest=name, default=defaults[name], help=help_text, **extra)
     return parser
 
 

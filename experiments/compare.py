@@ -37,7 +37,7 @@ import numpy as np
 from agents.registry import get_agent
 from agents.statistics import auc_difference, bootstrap_ci, common_range, curve_auc, paired_difference
 from backbones.device import resolve_device
-from backbones.options import build, flatten, option_fields, replace
+from backbones.options import build, current_names, flatten, option_fields, replace
 from experiments.cli import one_line_errors, parse
 from experiments.config import RunConfig
 from experiments.report import read_per_image
@@ -107,6 +107,7 @@ def _config_key(cfg: RunConfig | dict) -> str | None:
     different setting whenever that default changed (returns ``None``)."""
     run_cfg: RunConfig
     if isinstance(cfg, dict):
+        cfg = current_names(RunConfig, cfg)
         names = set(option_fields(RunConfig))
         if not names <= set(cfg):
             return None

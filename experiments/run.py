@@ -31,7 +31,7 @@ from agents.statistics import bootstrap_ci, paired_difference
 from backbones.checkpoint import CheckpointMismatchError, atomic_save, fingerprint, mismatches, safe_load
 from backbones.data import Dataset, data_fingerprint, groups_of
 from backbones.device import resolve_device, seed_everything
-from backbones.options import build, flag, flatten, option_fields, replace
+from backbones.options import build, current_names, flag, flatten, option_fields, replace
 from backbones.registry import options as backbone_options
 from experiments.cli import given_fields, one_line_errors, parse
 from experiments.config import JOINT_GATES_AGENT, SAFE_ON_RESUME, RunConfig
@@ -86,6 +86,7 @@ def resumed_config(cfg: RunConfig, saved: dict[str, Any] | None, given: set[str]
         )
     names = set(option_fields(RunConfig))
     # a run saved before the recipes existed routed the base network, the only recipe then
+    saved = current_names(RunConfig, saved)  # stored under an option's former name: today's
     started: RunConfig = build(RunConfig, {"backbone_recipe": "base", **{k: v for k, v in saved.items() if k in names}})
     given = names if given is None else given
     changed = {k: v for k, v in started.differences(cfg).items() if k in given and k not in SAFE_ON_RESUME}

@@ -99,7 +99,7 @@ def test_every_option_has_one_flag_help_and_default():
     for name, opt in options.items():
         assert field_docs(opt.owner).get(opt.field.name), f"{name} has no help"
         assert flags[name].default == defaults[name]
-    assert {"sp_lr", "hrl_lr", "backbone_lr", "blockdrop_lr", "log_every", "device", "resume"} <= SAFE_ON_RESUME
+    assert {"sp_lr", "hrl_lr", "finetune_lr", "blockdrop_lr", "log_every", "device", "resume"} <= SAFE_ON_RESUME
     assert not {"alpha", "seed", "sp_epochs", "joint_lr", "rnn_hidden"} & SAFE_ON_RESUME
 
 
@@ -125,3 +125,20 @@ def test_a_default_filled_in_after_construction_is_not_a_flag_default():
 
     assert parse(TrainConfig, ["--dataset", "cifar10"]).epochs == DEFAULT_EPOCHS.get("cifar10", 30) == 30
     assert parse(TrainConfig, ["--dataset", "cifar10", "--epochs", "2"]).epochs == 2
+
+
+def test_a_renamed_option_keeps_its_old_flag_and_stored_runs_build():
+    """--backbone-lr (the hybrid fine-tune's rate, which read as the base trainer's) is --finetune-lr;
+    the old flag still parses and configurations stored under the old name still build and resume."""
+    from experiments.cli import build_parser, parse
+    from experiments.run import resumed_config
+
+    assert parse(RunConfig, ["--backbone-lr", "3e-5"]).hybrid.finetune_lr == 3e-5
+    assert parse(RunConfig, ["--finetune-lr", "2e-5"]).hybrid.finetune_lr == 2e-5
+    assert "--finetune-lr FINETUNE_LR, --backbone-lr FINETUNE_LR" in build_parser(RunConfig).format_help()
+    stored = {**flatten(RunConfig()), "sp_lr": 0.01}
+    del stored["finetune_lr"]
+    stored["backbone_lr"] = 3e-4  # a run stored before the rename
+    cfg = resumed_config(RunConfig(checkpoint="x.pt"), stored, given=set())
+    assert cfg.hybrid.finetune_lr == 3e-4 and cfg.hybrid.sp_lr == 0.01
+    assert build(RunConfig, {"backbone_lr": 5e-5}).hybrid.finetune_lr == 5e-5

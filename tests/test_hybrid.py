@@ -179,7 +179,7 @@ def test_finetune_backbone_trains_it_with_frozen_batchnorm_statistics(tmp_path):
 def test_each_stage_trains_at_its_own_learning_rate(tmp_path):
     """Regression: both optimizers once shared their parameter-group dicts, and the first one's
     learning rate (SP's) silently applied to HRL too."""
-    trainer = _trainer(tmp_path, sp_lr=1e-3, hrl_lr=3e-2, finetune_backbone=True, backbone_lr=1e-5)
+    trainer = _trainer(tmp_path, sp_lr=1e-3, hrl_lr=3e-2, finetune_backbone=True, finetune_lr=1e-5)
     assert [g["lr"] for g in trainer.sp_opt.param_groups] == [1e-3, 1e-5]
     assert [g["lr"] for g in trainer.hrl_opt.param_groups] == [3e-2, 1e-5]
 
@@ -252,7 +252,7 @@ def test_hrl_cross_entropy_trains_the_backbone_through_the_route_asked_for(route
     everywhere: the greedy route skips every gated block, sampled routes run about half of them; with
     the REINFORCE term off, only the cross-entropy trains the backbone."""
     trainer = _trainer(
-        tmp_path, sp_epochs=0, hrl_iterations=1, finetune_backbone=True, rl_weight=0.0, ce_route=route, backbone_lr=1e-2
+        tmp_path, sp_epochs=0, hrl_iterations=1, finetune_backbone=True, rl_weight=0.0, ce_route=route, finetune_lr=1e-2
     )
     with torch.no_grad():
         trainer.gates.out.weight.zero_()
