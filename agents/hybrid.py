@@ -86,8 +86,8 @@ class HybridConfig:
     sp_alpha_warmup: int = option(3, COUNT)
     """hybrid: SP epochs over which the compute weight ramps up linearly from 0 (0: full weight at once)"""
     hrl_iterations: int | None = option(None, COUNT)
-    """hybrid: REINFORCE iterations, one batch of num_envs episodes each (default: 500 on the base recipe; after joint
-    SP, hybrid_rnn's HRL 1,000 with the backbone trained: BENCHMARKS.md section 12; 0 for other gates there)"""
+    """hybrid: REINFORCE iterations, one batch of num_envs episodes each (default: 500 on the base recipe; 0 on a
+    skip-ready backbone, where the recipe's own HRL trained the gates and the network: --recipe-hrl-iterations)"""
     hrl_lr: float = option(1e-4, POSITIVE, resumable=True)
     """hybrid: Adam learning rate of the gates in hybrid RL"""
     gamma: float = option(1.0, UNIT)
@@ -97,8 +97,8 @@ class HybridConfig:
     rl_weight: float = option(0.01, NON_NEGATIVE)
     """hybrid: weight of the REINFORCE term beside the cross-entropy (paper: 0.01)"""
     finetune_backbone: bool | None = None
-    """hybrid: HRL trains the backbone too, by cross-entropy through the executed blocks (the paper's full recipe;
-    BatchNorm statistics stay frozen; default: on for hybrid_rnn's HRL after joint SP, off elsewhere)"""
+    """hybrid: HRL trains the backbone too, by cross-entropy through the executed blocks (what the recipe's HRL does;
+    BatchNorm statistics stay frozen; the fine-tuned backbone travels in the agent's checkpoint)"""
     ce_route: Literal["sampled", "greedy"] = "sampled"
     """hybrid, with --finetune-backbone: the route HRL's cross-entropy trains the backbone through: sampled (the
     paper's: the routes REINFORCE samples) or greedy (the routes the evaluation takes: p >= 0.5)"""
@@ -263,6 +263,7 @@ class HybridTrainer(Trainer):
         self.price = ComputePrice(self.sp_alpha, budget, device)
         self.env: SkipNetVectorEnv | None = None
         self.resume_sampler: dict[str, Any] | None = None
+        self.resume_alpha: float | None = None  # the reward's price of compute where the run stopped
 
     @property
     def hrl_alpha(self) -> float:
@@ -299,8 +300,9 @@ class HybridTrainer(Trainer):
             "action_generator": self.action_generator.get_state(),
             "price": self.price.state_dict(),
         }
-        if self.env is not None:  # where the environment's batches stand, for an exact resume
+        if self.env is not None:  # where the environment's batches stand and the reward's price, for an exact resume
             state["sampler"] = self.env.sampler.state_before_last_draw()
+            state["reward_alpha"] = self.env.alpha
         if self.finetune:
             state["backbone"] = self.backbone.state_dict()
         return state
@@ -317,6 +319,7 @@ class HybridTrainer(Trainer):
         self.generator.set_state(state["generator"])
         self.action_generator.set_state(state["action_generator"].cpu())
         self.resume_sampler = state.get("sampler")
+        self.resume_alpha = state.get("reward_alpha")
         if "price" in state:
             self.price.load_state_dict(state["price"])
         if "backbone" in state:
@@ -452,6 +455,8 @@ class HybridTrainer(Trainer):
         self.replay = BatchedRouting(
             self.backbone, env.reward, self.gates.first_gated == 0, self.finetune, self.precision
         )
+        if self.resume_alpha is not None:  # a budget's price as it stood (it moves every log_every iterations)
+            self.set_alpha(self.resume_alpha)
         gate_share = sum(self.gates.flops) / self.backbone.flops.full  # the gates' own FLOPs, a share of the network
         # linear decay to 0 over the stage: REINFORCE's noisy steps settle instead of wandering at the end
         start = self.done_units
@@ -520,7 +525,7 @@ class HybridTrainer(Trainer):
                 "HRL: %d iterations; the last %d: train accuracy %.4f, greedy gates spend %.1f%% of the FLOPs, "
                 "alpha %.3f",
                 self.hrl_iterations,
-                cfg.log_every,
+                min(cfg.log_every, self.hrl_iterations),
                 last["charts/train_accuracy"],
                 100 * last["charts/greedy_flops_fraction"],
                 env.alpha,

@@ -1,7 +1,8 @@
 """SkipNet's gates as agents: ``hybrid_rnn`` (the recurrent gate), ``hybrid_ff`` and ``hybrid_ff2``
 (feedforward gates), trained by the hybrid algorithm (:mod:`agents.hybrid`: SP, then HRL). On a
-skip-ready backbone whose joint SP trained gates of the agent's kind and shape, the agent continues
-from those gates (the paper's recipe: SP jointly, then HRL).
+skip-ready backbone whose recipe trained gates of the agent's kind and shape (joint SP, then the
+recipe's HRL: :mod:`agents.recipe_hrl`), the agent starts from those gates; by default it evaluates
+them as they are (calibrated to the budget), its own SP and HRL being 0.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def _start_gates(ctx: AgentContext, kind: str) -> GatePolicy:
     joint = ctx.backbone_meta.get("skip_ready", {}).get("gates")
     if starts_from_joint_gates(f"hybrid_{kind}", _gate_options(ctx, kind), ctx.backbone_meta):
         gates.load_state_dict(load_gates(ctx.backbone_meta["checkpoint"], ctx.backbone, ctx.device).state_dict())
-        log.info("hybrid_%s starts from the gates joint SP trained beside the backbone", kind)
+        log.info("hybrid_%s starts from the gates the recipe trained beside the backbone (joint SP, its HRL)", kind)
     elif joint is not None:
         log.warning(
             "hybrid_%s starts from new gates: the skip-ready backbone's gates (%s) are not this agent's (%s); SP "

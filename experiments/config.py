@@ -3,7 +3,8 @@
 One tree: the run's own options at the top (the agent, the backbone and data, the cross-cutting
 values every part is given explicitly: ``alpha``, ``budget``, ``seed``, ``device``, ``precision``,
 the batch sizes), and below them the parts each module owns, with their defaults, rules and help
-(the recipe's: :class:`agents.skip_ready.JointConfig`, :class:`agents.hybrid.HybridConfig`,
+(the recipe's: :class:`agents.skip_ready.JointConfig`, :class:`agents.recipe_hrl.RecipeHRLConfig`,
+:class:`agents.hybrid.HybridConfig`,
 :class:`agents.gates.RecurrentGateConfig`; and each agent's own, as the agent registered it:
 ``agent_options``, :func:`agents.registry.agent_parts`). The command line sees it flat, one flag per
 option (``--sp-lr``, ``--joint-budget``, ``--blockdrop-width``): :mod:`backbones.options`.
@@ -18,6 +19,7 @@ import torch
 
 from agents.gates import RecurrentGateConfig
 from agents.hybrid import HRL_ITERATIONS, SP_EPOCHS, HybridConfig
+from agents.recipe_hrl import RecipeHRLConfig
 from agents.registry import agent_parts
 from agents.skip_ready import JOINT_GATE_KIND, JointConfig
 from agents.trainer import CHECKPOINT_EVERY, RunValues
@@ -41,16 +43,13 @@ from skipnet_env.engine import Precision
 
 BackboneRecipe = Literal["base", "skip_ready"]
 
-# the hybrid agents' stages by backbone recipe: on a skip-ready backbone joint SP trained the gates already, for
-# --joint-budget; other gates than joint SP's get the full SP there, and no HRL (RunConfig.for_device)
+# the hybrid agents' stages by backbone recipe: on a skip-ready backbone the recipe trained the gates already (joint
+# SP, then its HRL: agents.recipe_hrl), for --joint-budget; other gates than the recipe's get the full SP there, and
+# no HRL (RunConfig.for_device)
 RECIPE_STAGES: dict[str, dict[str, Any]] = {
     "base": {"sp_epochs": SP_EPOCHS, "hrl_iterations": HRL_ITERATIONS, "finetune_backbone": False},
     "skip_ready": {"sp_epochs": 0, "hrl_iterations": 0, "finetune_backbone": False},
 }
-# the recipe's second stage after joint SP, for the joint gates at their budget: the paper's HRL, REINFORCE in the
-# environment with the backbone trained through the executed blocks; 500 iterations, not 1,000: validation 91.65%
-# against 91.52% (3 seeds), in half the time (chosen on validation: BENCHMARKS.md section 12)
-RECIPE_HRL: dict[str, Any] = {"hrl_iterations": 500, "finetune_backbone": True}
 # SP epochs that re-price a skip-ready backbone's gates for a budget other than the one joint SP trained them for
 SKIP_READY_REPRICE_EPOCHS = 3
 # the agent whose gates joint SP trains
@@ -133,6 +132,7 @@ class RunConfig:
     """hybrid, blockdrop: write the checkpoint every this many iterations"""
     # the parts, each owned by the module it configures: the recipe's, then each agent's own as it registered it
     joint: JointConfig = nested(JointConfig)
+    recipe_hrl: RecipeHRLConfig = nested(RecipeHRLConfig)
     hybrid: HybridConfig = nested(HybridConfig)
     gates: RecurrentGateConfig = nested(RecurrentGateConfig)
     agent_options: dict[str, Any] = parts(agent_parts)
@@ -183,10 +183,8 @@ class RunConfig:
         if cfg.backbone_recipe == "skip_ready" and cfg.agent.startswith("hybrid_"):
             if cfg.agent != JOINT_GATES_AGENT or not joint_gates:  # gates that start untrained: the full SP
                 defaults["sp_epochs"] = SP_EPOCHS
-            elif cfg.asks_other_compute():  # the joint gates re-priced for another compute (--alpha)
+            elif cfg.asks_other_compute():  # the recipe's gates re-priced for another compute (--alpha)
                 defaults["sp_epochs"] = SKIP_READY_REPRICE_EPOCHS
-            else:  # the joint gates at their budget: HRL, which holds that budget
-                defaults.update(RECIPE_HRL, budget=cfg.joint.budget)
         mine = flatten(cfg)
         return replace(cfg, **{k: v for k, v in defaults.items() if mine[k] is None})
 

@@ -1,6 +1,6 @@
-"""The recipe's stages before an agent trains: the base network, joint SP (the skip-ready backbone),
-``--max-drop``'s search for the cheapest joint budget that keeps the accuracy, and how many epochs the
-routed network was trained in all (what a same-epochs control trains for)."""
+"""The recipe's stages before an agent trains: the base network, joint SP, the recipe's HRL (the
+skip-ready backbone), ``--max-drop``'s search for the cheapest joint budget that keeps the accuracy,
+and how many epochs the routed network was trained in all (what a same-epochs control trains for)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 
 from agents.evaluate import evaluate
 from agents.policies import GateRoutingPolicy, RoutingPolicy
+from agents.recipe_hrl import get_recipe_hrl
 from agents.skip_ready import JOINT_GATE_KIND, get_skip_ready, load_gates
 from backbones.checkpoint import load_backbone
 from backbones.data import Dataset, data_fingerprint, load_splits, with_flip
@@ -32,16 +33,20 @@ def load_backbone_for(cfg: RunConfig, device: torch.device, splits: dict[str, Da
 
     The base network is ``--backbone-checkpoint`` (refused when it was made on other data), or the
     registry backbone trained on the data (cached by the data's contents). With ``--backbone-recipe
-    skip_ready`` it is trained further with its gates (joint SP, cached) and the metadata holds
-    ``base``, the base network; a checkpoint that is skip-ready already is used as it is.
+    skip_ready`` it is trained further with its gates (joint SP, then the recipe's HRL; each cached)
+    and the metadata holds ``base``, the base network; a checkpoint that is skip-ready already is used
+    as it is.
     """
     base, meta = load_base_backbone(cfg, device, splits)
     if cfg.backbone_recipe == "base" or "skip_ready" in meta:
         return base, meta
     if cfg.max_drop is not None:
-        return search_budget(cfg, device, splits, base, meta)
-    net, ready_meta = skip_ready(cfg, device, splits, base, meta)
-    return net, {**ready_meta, "base": base}
+        net, ready_meta = search_budget(cfg, device, splits, base, meta)
+        cfg = replace(cfg, joint_budget=ready_meta["max_drop"]["chosen_budget"])
+    else:
+        net, ready_meta = skip_ready(cfg, device, splits, base, meta)
+    net, hrl_meta = recipe_hrl(cfg, device, splits, net, ready_meta)
+    return net, {**hrl_meta, **{k: ready_meta[k] for k in ("max_drop",) if k in ready_meta}, "base": base}
 
 
 def skip_ready(cfg: RunConfig, device: torch.device, splits: dict[str, Dataset], base: Any, meta: dict) -> tuple:
@@ -50,6 +55,16 @@ def skip_ready(cfg: RunConfig, device: torch.device, splits: dict[str, Dataset],
     return get_skip_ready(
         base, meta, train, cfg.joint, JOINT_GATE_KIND, cfg.gates.options(), device,
         val_data=splits["val"], progress=cfg.progress, seed=cfg.seed,
+    )  # fmt: skip
+
+
+def recipe_hrl(cfg: RunConfig, device: torch.device, splits: dict[str, Dataset], joint: Any, joint_meta: dict) -> tuple:
+    """The skip-ready backbone the recipe's HRL makes from joint SP's (``--recipe-hrl-*``, cached), at
+    joint SP's budget, and its metadata (joint SP's, where the stage is off)."""
+    return get_recipe_hrl(
+        joint, joint_meta, splits["train"], cfg.recipe_hrl, device, budget=cfg.joint.budget, seed=cfg.seed,
+        precision=cfg.precision, val_data=splits["val"], eval_batch=cfg.for_device(device).batch_sizes()[1],
+        progress=cfg.progress, checkpoint_every=cfg.checkpoint_every,
     )  # fmt: skip
 
 
@@ -64,9 +79,9 @@ def search_budget(
 ) -> tuple[Any, dict]:
     """``--max-drop``: the skip-ready backbone of the cheapest of ``--max-drop-budgets`` whose joint
     gates' validation accuracy is within ``--max-drop`` points of the base network's (tried from the
-    cheapest up; each a cached joint SP). Where none is, the most accurate one, with a warning. The
-    metadata's ``max_drop`` holds the search (every budget tried, its validation figures) and the choice.
-    Only validation images are seen."""
+    cheapest up; each a cached joint SP; the recipe's HRL then runs on the choice alone). Where none is,
+    the most accurate one, with a warning. The metadata's ``max_drop`` holds the search (every budget
+    tried, its validation figures) and the choice. Only validation images are seen."""
     batch, max_drop = cfg.for_device(device).batch_sizes()[1], cfg.max_drop
     assert max_drop is not None
 
@@ -99,7 +114,7 @@ def search_budget(
     net, ready_meta, pick = best
     met = within_drop(base_val, pick["val_accuracy"], max_drop)
     search = {"base_val_accuracy": base_val, "tried": tried, "chosen_budget": pick["budget"], "met": met}
-    return net, {**ready_meta, "base": base, "max_drop": search}
+    return net, {**ready_meta, "max_drop": search}
 
 
 def load_base_backbone(cfg: RunConfig, device: torch.device, splits: dict[str, Dataset]) -> tuple[Any, dict]:
@@ -134,10 +149,10 @@ def load_base_backbone(cfg: RunConfig, device: torch.device, splits: dict[str, D
 
 
 def training_epochs(cfg: RunConfig, backbone_meta: dict[str, Any], train_size: int) -> dict[str, float]:
-    """Epochs of training the routed network received, by stage (``base``, ``joint_sp``, and ``hrl``
-    where the agent's HRL trains the backbone): what a same-epochs control, the base network trained
-    as long, is trained for. Empty where the base network's training is unknown (a checkpoint of
-    unknown origin)."""
+    """Epochs of training the routed network received, by stage (``base``, ``joint_sp``, ``hrl``: the
+    recipe's, and ``agent_hrl`` where the agent's own HRL trains the backbone too): what a same-epochs
+    control, the base network trained as long, is trained for. Empty where the base network's training
+    is unknown (a checkpoint of unknown origin)."""
     ready = backbone_meta.get("skip_ready")
     base = (ready.get("base_train_config") if ready else backbone_meta.get("train_config")) or {}
     if "epochs" not in base:
@@ -145,6 +160,8 @@ def training_epochs(cfg: RunConfig, backbone_meta: dict[str, Any], train_size: i
     epochs = {"base": float(base["epochs"])}
     if ready:
         epochs["joint_sp"] = float(ready["joint_config"]["epochs"])
+        if "hrl" in ready:
+            epochs["hrl"] = ready["hrl"]["iterations"] * ready["hrl"]["batch"] / train_size
     if cfg.agent.startswith("hybrid_") and cfg.hybrid.finetunes():
-        epochs["hrl"] = cfg.hybrid.stages()[1] * cfg.batch_sizes()[0] / train_size
+        epochs["agent_hrl"] = cfg.hybrid.stages()[1] * cfg.batch_sizes()[0] / train_size
     return epochs

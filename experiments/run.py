@@ -211,6 +211,19 @@ def calibrate(
     }
 
 
+def recipe_hrl_stages(backbone_meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """What the recipe's HRL did on validation images (the recipe's gates before and after it, as
+    the stage recorded it), as lines of the run's stage table; none where the stage did not run."""
+    hrl = backbone_meta.get("skip_ready", {}).get("hrl", {})
+    if "val_accuracy_after" not in hrl:
+        return []
+    named = (("joint SP's gates", "before"), (f"after the recipe's HRL ({hrl['iterations']} it.)", "after"))
+    return [
+        {"stage": what, "val_accuracy": hrl[f"val_accuracy_{when}"], "val_flops_fraction": hrl[f"val_flops_{when}"]}
+        for what, when in named
+    ]
+
+
 def run(
     cfg: RunConfig, given: set[str] | None = None, report: Callable[[str, float, int], None] | None = None
 ) -> dict[str, Any]:
@@ -274,6 +287,7 @@ def run(
         {"stage": f"{name}, every block", "val_accuracy": test(RoutingPolicy(), net, "val").accuracy}
         for name, net in [*networks, ("routed network", backbone)]
     ]
+    stages += recipe_hrl_stages(backbone_meta)
     log.info("full backbone: test accuracy %.4f", full.accuracy)
     t_train = time.perf_counter()
     policy = spec.load(ctx, state) if cfg.eval_only and state is not None else spec.train(ctx, state)

@@ -25,10 +25,10 @@ def test_a_skip_ready_backbone_keeps_its_gates_unless_another_compute_is_asked_f
     }
     resolved = {k: c.for_device(cpu, 10_000) for k, c in stages.items()}
     got = {k: (*c.hybrid.stages(), c.hybrid.finetunes(), c.budget) for k, c in resolved.items()}
-    assert got == {  # the joint gates at their budget: HRL with the backbone trained, holding that budget
-        "default": (0, 500, True, 0.5),
-        "its budget": (0, 500, True, 0.5),
-        "another budget": (0, 500, True, 0.4),  # met by a joint SP at that budget: its own skip-ready backbone
+    assert got == {  # the recipe's gates at their budget (joint SP, then the recipe's HRL: a backbone stage)
+        "default": (0, 0, False, None),
+        "its budget": (0, 0, False, 0.5),
+        "another budget": (0, 0, False, 0.4),  # met by the recipe at that budget: its own skip-ready backbone
         "another alpha": (3, 0, False, None),
         "base recipe": (10, 500, False, None),
         "feedforward gates": (10, 0, False, None),

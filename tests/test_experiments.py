@@ -316,7 +316,7 @@ def test_a_stored_run_lacking_an_option_of_this_version_is_not_reused():
     assert _config_key(stored) is None
 
 
-SKIP_READY = ["--backbone-recipe", "skip_ready", "--joint-epochs", "1"]
+SKIP_READY = ["--backbone-recipe", "skip_ready", "--joint-epochs", "1", "--recipe-hrl-iterations", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -348,8 +348,8 @@ def test_every_agent_runs_on_the_skip_ready_backbone(agent, skip_ready_checkpoin
     path = skip_ready_checkpoint["skip_ready_backbone"]
     args = ["--agent", agent, *TINY_BACKBONE, *TINY_BUDGETS[agent], "--no-progress", "--run-dir", str(tmp_path)]
     proc = run([*args, "--backbone-checkpoint", path], cache, tmp_path)
-    if agent == "hybrid_rnn":  # the recipe's HRL continues from the gates joint SP trained
-        assert "starts from the gates joint SP trained" in proc.stderr
+    if agent == "hybrid_rnn":  # SkipNet's gates are the recipe's (joint SP's, then its HRL's)
+        assert "starts from the gates the recipe trained" in proc.stderr
     (results,) = tmp_path.glob("*__*/results.json")  # SkipNetOneShot-v0__blockdrop__...: its env
     r = json.loads(results.read_text())
     assert r["skip_ready_backbone"] == path
@@ -371,8 +371,8 @@ def test_reproduce_runs_the_recipe_end_to_end_on_the_tiny_preset(cache, tmp_path
     assert "ResNet-20 w0.25" in proc.stdout
     (row,) = json.loads((tmp_path / "out" / "tiny" / "reproduce.json").read_text())
     assert row["seeds"] == 2 and 0 <= row["skipnet_accuracy"] <= 1 and 0 < row["flops_fraction"] <= 1.2
-    # each seed its own base network, and a control trained as long as base (1 epoch) + joint SP (1 epoch) + HRL (2
-    # iterations of 32 images, the backbone trained: a share of an epoch)
+    # each seed its own base network, and a control trained as long as base (1 epoch) + joint SP (1 epoch) + the
+    # recipe's HRL (2 iterations of 128 images, the backbone trained: a share of an epoch)
     assert set(row["training_epochs"]) == {"base", "joint_sp", "hrl"} and row["control_epochs"] == 3
     assert len(set(row["control_run_dirs"])) == 2 and "vs_control" in row
     trained = {p.name for p in (cache / "backbones").glob("cifar_resnet20-digits-*.pt")}

@@ -55,8 +55,11 @@ def test_training_epochs_count_every_stage_that_trains_the_network():
     skip_ready = {"skip_ready": {"base_train_config": {"epochs": 10}, "joint_config": {"epochs": 6}}}
     cfg = RunConfig(num_envs=100, eval_batch=100)
     assert training_epochs(cfg, skip_ready, 12_000) == {"base": 10.0, "joint_sp": 6.0}
-    hrl = replace(cfg, hrl_iterations=1200, finetune_backbone=True)
-    assert training_epochs(hrl, skip_ready, 12_000) == {"base": 10.0, "joint_sp": 6.0, "hrl": 10.0}
+    with_hrl = {"skip_ready": {**skip_ready["skip_ready"], "hrl": {"iterations": 500, "batch": 120}}}
+    assert training_epochs(cfg, with_hrl, 12_000) == {"base": 10.0, "joint_sp": 6.0, "hrl": 5.0}  # the recipe's
+    agent_hrl = replace(cfg, hrl_iterations=1200, finetune_backbone=True)  # the agent's own, training the network
+    both = {"base": 10.0, "joint_sp": 6.0, "hrl": 5.0, "agent_hrl": 10.0}
+    assert training_epochs(agent_hrl, with_hrl, 12_000) == both
     assert training_epochs(cfg, {"train_config": {"epochs": 10}}, 12_000) == {"base": 10.0}
     assert training_epochs(cfg, {}, 12_000) == {}  # a checkpoint of unknown origin: no control
 

@@ -43,8 +43,8 @@ def test_a_two_trial_sweep_writes_every_run_and_the_front(tmp_path):
     args = [
         sys.executable, str(ROOT / "experiments/sweep.py"), "--grid", "alpha=0.5,4", "--out", str(tmp_path / "sweeps"),
         "--name", "t", "--max-concurrent", "2", "--dataset", "digits", "--backbone", "cifar_resnet20", "--width",
-        "0.25", "--backbone-epochs", "1", "--joint-epochs", "1", "--sp-epochs", "1", "--hrl-iterations", "4",
-        "--num-envs", "32", "--log-every", "2",
+        "0.25", "--backbone-epochs", "1", "--joint-epochs", "1", "--recipe-hrl-iterations", "2", "--sp-epochs", "1",
+        "--hrl-iterations", "4", "--num-envs", "32", "--log-every", "2",
     ]  # fmt: skip
     proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -80,7 +80,7 @@ def test_optuna_search_reads_the_objectives_reported_at_the_end(tmp_path):
         sys.executable, str(ROOT / "experiments/sweep.py"), "--search", "optuna", "--samples", "2", "--space",
         "alpha=loguniform:0.2:4", "--out", str(tmp_path / "sweeps"), "--name", "o", "--dataset", "digits",
         "--backbone", "cifar_resnet20", "--width", "0.25", "--backbone-epochs", "1", "--joint-epochs", "1",
-        "--sp-epochs", "1", "--hrl-iterations", "4", "--num-envs", "32",
+        "--recipe-hrl-iterations", "2", "--sp-epochs", "1", "--hrl-iterations", "4", "--num-envs", "32",
     ]  # fmt: skip
     proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -1,0 +1,80 @@
+"""The recipe's HRL: a cached backbone stage after joint SP, resumed exactly, that every agent routes."""
+
+import pytest
+import torch
+
+import backbones
+from agents.hybrid import HybridTrainer
+from agents.recipe_hrl import RecipeHRLConfig, get_recipe_hrl
+from agents.skip_ready import JointConfig, get_skip_ready, load_gates
+from backbones.checkpoint import fingerprint, load_backbone
+from tests.conftest import tiny_backbone
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return backbones.load_dataset("digits", "train"), backbones.load_dataset("digits", "val")
+
+
+@pytest.fixture
+def joint(digits, tmp_path, monkeypatch):
+    monkeypatch.setenv("SKIPNET_CACHE", str(tmp_path / "cache"))
+    base = tiny_backbone(20)
+    meta = {"arch": base.arch, "dataset": "digits", "data_fingerprint": "d"}
+    return get_skip_ready(
+        base, meta, digits[0], JointConfig(epochs=1, batch_size=64), "rnn", {"hidden_size": 4, "embed_dim": 4}, CPU,
+        progress=False,
+    )  # fmt: skip
+
+
+def _hrl(joint, digits, iterations=4, **kw):
+    net, meta = joint
+    cfg = RecipeHRLConfig(iterations=iterations, batch=32, lr=1e-3, finetune_lr=1e-3)
+    return get_recipe_hrl(
+        net, meta, digits[0], cfg, CPU, budget=0.5, seed=1, val_data=digits[1], progress=False, **kw
+    )  # fmt: skip
+
+
+def test_hrl_trains_backbone_and_gates_into_a_cached_skip_ready_backbone(joint, digits, monkeypatch):
+    joint_net, joint_meta = joint
+    before = fingerprint(joint_net)
+    net, meta = _hrl(joint, digits)
+    assert fingerprint(joint_net) == before  # the joint backbone is not modified
+    assert fingerprint(net) != before  # HRL trained the backbone through the executed blocks
+    loaded, saved = load_backbone(meta["checkpoint"], dataset="digits", data_fingerprint="d")
+    assert fingerprint(loaded) == fingerprint(net) and saved["complete"]
+    hrl = saved["skip_ready"]["hrl"]
+    assert hrl["iterations"] == 4 and hrl["budget"] == 0.5 and hrl["seed"] == 1
+    assert {"val_accuracy_before", "val_flops_before", "val_accuracy_after", "val_flops_after"} <= set(hrl)
+    assert saved["skip_ready"]["gates"] == joint_meta["skip_ready"]["gates"]  # agents start from them as before
+    new_gates, joint_gates = load_gates(meta["checkpoint"], net), load_gates(joint_meta["checkpoint"], joint_net)
+    assert not torch.equal(new_gates.out.weight, joint_gates.out.weight)
+    # cached: the second call trains nothing; another setting is another backbone; 0 iterations: no stage
+    monkeypatch.setattr(HybridTrainer, "train", lambda self: pytest.fail("retrained a cached stage"))
+    again, again_meta = _hrl(joint, digits)
+    assert again_meta["checkpoint"] == meta["checkpoint"] and fingerprint(again) == fingerprint(net)
+    monkeypatch.undo()
+    other = _hrl(joint, digits, iterations=3)[1]
+    assert other["checkpoint"] != meta["checkpoint"]
+    assert _hrl(joint, digits, iterations=0) == joint
+
+
+def test_an_interrupted_hrl_stage_resumes_bit_for_bit(joint, digits, tmp_path, monkeypatch):
+    whole, _ = _hrl(joint, digits, path=tmp_path / "whole.pt", checkpoint_every=1)
+    record = HybridTrainer.record
+
+    def interrupted(self, values):
+        if self.done_units == 2:  # the checkpoint holds 2 iterations
+            raise KeyboardInterrupt
+        record(self, values)
+
+    monkeypatch.setattr(HybridTrainer, "record", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _hrl(joint, digits, path=tmp_path / "split.pt", checkpoint_every=1)
+    assert (tmp_path / "split.training.pt").is_file() and not (tmp_path / "split.pt").exists()
+    monkeypatch.undo()
+    resumed, _ = _hrl(joint, digits, path=tmp_path / "split.pt", checkpoint_every=1)
+    assert fingerprint(resumed) == fingerprint(whole)
+    assert not (tmp_path / "split.training.pt").exists()  # the trainer's checkpoint goes once the stage is done
