@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from agents.policies import GateRoutingPolicy, RoutingPolicy
+from agents.policies import RoutingPolicy, ThresholdPolicy
 from backbones.base import Backbone
 from backbones.batching import batches
 from backbones.data import Dataset
@@ -142,7 +142,7 @@ CALIBRATION_STEPS = 16
 
 
 def calibrate_threshold(
-    policy: GateRoutingPolicy,
+    policy: ThresholdPolicy,
     backbone: Backbone,
     data: Dataset,
     budget: float,

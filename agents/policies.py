@@ -34,9 +34,14 @@ class SeededDraws:
 
 
 class RoutingPolicy:
-    """Interface (and the ``full`` policy: execute everything)."""
+    """Interface (and the ``full`` policy: execute everything).
+
+    A policy with a ``threshold`` (a log-odds of *execute*) can be calibrated to a budget on
+    validation images (:func:`agents.evaluate.calibrate_threshold`); ``calibrate_to`` names the
+    FLOPs fraction a run calibrates it to where the agent asks for it (``None``: the run decides)."""
 
     name = "full"
+    calibrate_to: float | None = None
 
     def reset(self, batch_size: int, device: torch.device) -> None:
         """Start ``batch_size`` new episodes (stateless policies need nothing)."""
@@ -116,10 +121,12 @@ class GateRoutingPolicy(RoutingPolicy):
 
 
 class SB3RoutingPolicy(RoutingPolicy):
-    """A Stable-Baselines3 model acting on the environment's observations (deterministically)."""
+    """A Stable-Baselines3 model acting on the environment's observations (deterministically: the
+    likelier action; for a feedforward policy, *execute* where its log-odds is above ``threshold``,
+    0 being the likelier action, which a budget's calibration moves)."""
 
-    def __init__(self, model: Any, name: str) -> None:
-        self.model, self.name = model, name
+    def __init__(self, model: Any, name: str, threshold: float = 0.0, calibrate_to: float | None = None) -> None:
+        self.model, self.name, self.threshold, self.calibrate_to = model, name, threshold, calibrate_to
         self.recurrent = hasattr(model.policy, "lstm_actor")
 
     def reset(self, batch_size: int, device: torch.device) -> None:
@@ -127,15 +134,17 @@ class SB3RoutingPolicy(RoutingPolicy):
         self.episode_start = np.ones(batch_size, dtype=bool)
 
     def act(self, obs: Tensor, activation: Tensor, k: int) -> Tensor:
-        obs_np = obs.cpu().numpy()
         if self.recurrent:
             actions, self.state = self.model.predict(
-                obs_np, state=self.state, episode_start=self.episode_start, deterministic=True
+                obs.cpu().numpy(), state=self.state, episode_start=self.episode_start, deterministic=True
             )
             self.episode_start = np.zeros_like(self.episode_start)
-        else:
-            actions, _ = self.model.predict(obs_np, deterministic=True)
-        return torch.as_tensor(actions, device=obs.device) == 1
+            return torch.as_tensor(actions, device=obs.device) == 1
+        from agents.sb3_agents import action_logits  # SB3 is imported where it is used
+
+        with torch.no_grad():
+            logits = action_logits(self.model.policy, obs.to(self.model.device))
+        return (logits[:, 1] - logits[:, 0] > self.threshold).to(obs.device)
 
 
 class SB3OneShotPolicy(RoutingPolicy):
@@ -154,3 +163,7 @@ class SB3OneShotPolicy(RoutingPolicy):
         if self._mask is None:
             raise RuntimeError("a one-shot policy decides from the images: call begin(images) first")
         return self._mask[:, k]
+
+
+# the policies a budget's calibration can move (a threshold on the log-odds of *execute*)
+ThresholdPolicy = GateRoutingPolicy | SB3RoutingPolicy

@@ -1,30 +1,44 @@
 """Stable-Baselines3 baselines on the same batched environment: PPO and A2C with ``MlpPolicy``,
 sb3-contrib's RecurrentPPO with ``MlpLstmPolicy`` (the recurrent counterpart of SkipNet's RNN gate).
 
+On a skip-ready backbone PPO and A2C can start from the recipe's gates (``--distill-epochs``): their
+policy is first fitted to the gates' decisions on the environment's observations (behaviour cloning:
+the actor to the gates' ``p(execute)``, the critic to the returns of the gates' routes), then RL goes
+on from there, and the policy's threshold is calibrated to the recipe's budget on validation images
+like the gates' own: a comparison of PPO with SkipNet's gates between agents that start equal.
+
 SB3's own ``save``/``load`` pickle objects; here only the policy's ``state_dict`` (and its
 optimizer's) go into our atomic, ``weights_only`` checkpoints, and loading rebuilds the model.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import Logger
+from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.vec_env import VecEnv
 
+from agents.gates import GatePolicy
+from agents.hybrid import discounted_returns
 from agents.policies import RoutingPolicy, SB3OneShotPolicy, SB3RoutingPolicy
 from agents.registry import AgentContext, AgentSpec, EnvId, register_agent
+from agents.skip_ready import load_gates
 from agents.trainer import check_weights
+from backbones.batching import batches
 from backbones.checkpoint import atomic_save
-from backbones.options import POSITIVE_INT, check_options, option
+from backbones.data import Dataset
+from backbones.options import COUNT, POSITIVE_INT, check_options, option
 from backbones.progress import progress_bar
-from skipnet_env.core import SKIPNET_REWARD
+from skipnet_env.core import SKIPNET_REWARD, BatchedRouting, RewardConfig
 
 
 def _minibatch(env: VecEnv, n_steps: int) -> int:
@@ -127,6 +141,90 @@ class CheckpointCallback(BaseCallback):
         )
 
 
+log = logging.getLogger(__name__)
+
+# behaviour cloning's batch and learning rate (Adam, on the SB3 policy's parameters)
+DISTILL_BATCH, DISTILL_LR = 256, 1e-3
+
+
+def distill_from_gates(
+    model: BaseAlgorithm,
+    gates: GatePolicy,
+    backbone: Any,
+    data: Dataset,
+    device: torch.device,
+    epochs: int,
+    alpha: float,
+    seed: int = 0,
+    precision: str = "auto",
+    progress: bool = False,
+) -> dict[str, float]:
+    """Fit ``model``'s policy (an ``MlpPolicy`` on ``SkipNet-v0``) to ``gates``: on every training
+    image, the gates' greedy route through the environment, and at each gated block the policy's
+    action distribution fitted to the gates' ``p(execute)`` (cross-entropy to the soft target) and its
+    value to the route's return-to-go under SkipNet's reward at ``alpha``. Returns the last epoch's
+    agreement (the policy's greedy decision = the gates') and losses."""
+    reward = RewardConfig(alpha=alpha, accuracy="neg_ce", cost_timing="per_step")  # SKIPNET_REWARD's
+    core = BatchedRouting(backbone, reward, gates.first_gated == 0, precision=precision)
+    policy = model.policy
+    assert isinstance(policy, ActorCriticPolicy)  # PPO's and A2C's MlpPolicy
+    opt = torch.optim.Adam(policy.parameters(), lr=DISTILL_LR)
+    generator = torch.Generator().manual_seed(seed)
+    steps = -(-len(data) // DISTILL_BATCH)
+    bar = progress_bar(epochs * steps, "distilling the recipe's gates", progress)
+    record: dict[str, float] = {}
+    for _ in range(epochs):
+        agree, actor_losses, value_losses = [], [], []
+        for x, y in batches(data, DISTILL_BATCH, device, train=True, generator=generator):
+            with torch.no_grad():
+                obs = core.start(x, y)
+                state = gates.initial_state(x.shape[0], device)
+                seen, targets, rewards = [], [], []
+                for k in range(core.num_gates):
+                    logit, state = gates(core.activation, k, state)
+                    seen.append(obs)
+                    targets.append(torch.sigmoid(logit))
+                    obs, reward, _ = core.advance(logit >= 0)
+                    rewards.append(reward)
+                returns = discounted_returns(torch.stack(rewards), 1.0)
+            o = torch.cat(seen).to(policy.device)
+            p = torch.cat(targets).to(policy.device)
+            log_p = torch.log_softmax(action_logits(policy, o), dim=1)  # (N*B, 2)
+            actor = -(p * log_p[:, 1] + (1 - p) * log_p[:, 0]).mean()
+            value = F.mse_loss(policy.predict_values(o).flatten(), returns.reshape(-1).to(policy.device))
+            opt.zero_grad(set_to_none=True)
+            (actor + 0.5 * value).backward()
+            opt.step()
+            agree.append(((log_p[:, 1] > log_p[:, 0]) == (p >= 0.5)).float().mean().detach())
+            actor_losses.append(actor.detach())
+            value_losses.append(value.detach())
+            bar.update(1)
+        record = {
+            "agreement": float(torch.stack(agree).mean()),
+            "actor_loss": float(torch.stack(actor_losses).mean()),
+            "value_loss": float(torch.stack(value_losses).mean()),
+        }
+    bar.close()
+    return record
+
+
+def action_logits(policy: ActorCriticPolicy, obs: torch.Tensor) -> torch.Tensor:
+    """``(B, 2)`` logits of skip / execute of a policy on ``SkipNet-v0``'s ``Discrete(2)`` actions."""
+    distribution = policy.get_distribution(obs).distribution
+    assert isinstance(distribution, torch.distributions.Categorical)
+    return distribution.logits
+
+
+def recipe_gates(ctx: AgentContext) -> GatePolicy:
+    """The gates the recipe trained beside the backbone (what ``--distill-epochs`` clones)."""
+    if "gates" not in ctx.backbone_meta.get("skip_ready", {}) or "checkpoint" not in ctx.backbone_meta:
+        raise ValueError(
+            "--distill-epochs clones the recipe's gates: it needs a skip-ready backbone (--backbone-recipe skip_ready, "
+            "or a skip-ready --backbone-checkpoint)"
+        )
+    return load_gates(ctx.backbone_meta["checkpoint"], ctx.backbone, ctx.device)
+
+
 # the smoke runs' steps: rollouts of both envs
 SMOKE: dict[str, tuple[str, ...]] = {
     "SkipNet-v0": ("--timesteps", "600", "--num-envs", "16"),
@@ -142,6 +240,9 @@ class SB3Config:
 
     timesteps: int = option(150_000, POSITIVE_INT)
     """SB3 agents: environment steps to train for (image-blocks; images for ppo_oneshot)"""
+    distill_epochs: int = option(0, COUNT)
+    """ppo, a2c on a skip-ready backbone: epochs of behaviour cloning of the recipe's gates before RL (the policy
+    starts from the gates' decisions; its threshold is then calibrated to --joint-budget on validation); 0: new"""
 
     def __post_init__(self) -> None:
         check_options(self)
@@ -168,13 +269,30 @@ def _sb3(algo: str, env_id: EnvId = "SkipNet-v0") -> AgentSpec:
         episode_length = 1 if oneshot else env.get_attr("num_gates")[0]
         return build_model(algo, env, ctx.cfg.seed, ctx.device, episode_length)
 
-    def policy(model) -> RoutingPolicy:
-        return SB3OneShotPolicy(model, f"{algo}_oneshot") if oneshot else SB3RoutingPolicy(model, algo)
+    def policy(model: BaseAlgorithm, ctx: AgentContext, state: dict | None = None) -> RoutingPolicy:
+        if oneshot:
+            return SB3OneShotPolicy(model, f"{algo}_oneshot")
+        # a policy cloned from the recipe's gates is calibrated to their budget, as they are
+        budget = ctx.backbone_meta.get("skip_ready", {}).get("joint_config", {}).get("budget")
+        distilled = ctx.options.distill_epochs > 0 and algo in DISTILLABLE
+        threshold = float((state or {}).get("threshold", 0.0))  # a calibration's, written beside the model
+        return SB3RoutingPolicy(model, algo, threshold, budget if distilled else None)
 
     def train(ctx: AgentContext, state: dict | None) -> RoutingPolicy:
         model = make(ctx)
         if state is not None:
             load_model_state(model, state)
+        elif ctx.options.distill_epochs:
+            if algo not in DISTILLABLE or oneshot:
+                raise ValueError(f"--distill-epochs applies to {', '.join(DISTILLABLE)} (block by block), not {algo}")
+            fit = distill_from_gates(
+                model, recipe_gates(ctx), ctx.backbone, ctx.train_data, ctx.device, ctx.options.distill_epochs,
+                ctx.cfg.alpha, ctx.cfg.seed, ctx.cfg.precision, ctx.cfg.progress,
+            )  # fmt: skip
+            log.info(
+                "%s starts from the recipe's gates: %d epochs of behaviour cloning, the policy's greedy decision is "
+                "the gates' at %.1f%% of the blocks", algo, ctx.options.distill_epochs, 100 * fit["agreement"],
+            )  # fmt: skip
         timesteps = ctx.options.timesteps
         remaining = timesteps - model.num_timesteps
         bar = progress_bar(timesteps, f"{algo} (SB3)", ctx.cfg.progress, initial=model.num_timesteps)
@@ -186,16 +304,18 @@ def _sb3(algo: str, env_id: EnvId = "SkipNet-v0") -> AgentSpec:
         bar.close()
         callback.metadata["stage"] = "done"
         callback.save()
-        return policy(model)
+        return policy(model, ctx)
 
     def load(ctx: AgentContext, state: dict) -> RoutingPolicy:
         model = make(ctx)
         load_model_state(model, state)
-        return policy(model)
+        return policy(model, ctx, state)
 
     return AgentSpec(train, load, env=env_id, options=SB3Config, part="sb3", smoke=SMOKE[env_id])
 
 
+# the SB3 agents whose policy can start from the recipe's gates (an MLP on SkipNet-v0's observations)
+DISTILLABLE = ("ppo", "a2c")
 for _algo in ("ppo", "a2c", "recurrent_ppo"):
     register_agent(_algo, _sb3(_algo))
 register_agent("ppo_oneshot", _sb3("ppo", "SkipNetOneShot-v0"))

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from agents.evaluate import calibrate_threshold, evaluate
-from agents.policies import GateRoutingPolicy, RoutingPolicy
+from agents.policies import RoutingPolicy, ThresholdPolicy
 from agents.registry import AGENTS, AgentContext, agents_taking_budget, get_agent, part_of
 from agents.skipnet import starts_from_joint_gates
 from agents.statistics import bootstrap_ci, paired_difference
@@ -182,7 +182,7 @@ def open_writer(run_dir: Path, cfg: RunConfig, report: Callable[[str, float, int
 
 
 def calibrate(
-    policy: GateRoutingPolicy,
+    policy: ThresholdPolicy,
     backbone: Any,
     val: Dataset,
     budget: float,
@@ -294,8 +294,10 @@ def run(
     train_seconds = time.perf_counter() - t_train
     log.info("%s trained in %.1f s", cfg.agent, train_seconds)
     target = cfg.calibration_budget(joint_gates)
+    if target is None:  # an agent that asks for a calibration (PPO cloned from the recipe's gates: their budget)
+        target = policy.calibrate_to
     calibration = None
-    if target is not None and isinstance(policy, GateRoutingPolicy) and not cfg.eval_only:
+    if target is not None and isinstance(policy, ThresholdPolicy) and not cfg.eval_only:
         calibration = calibrate(policy, backbone, split["val"], target, device, eval_batch, cfg.precision, checkpoint)
     # validation figures, what any choice between runs (a sweep, a front, a budget) is made on; test is reported
     val, result = test(policy, backbone, "val"), test(policy, backbone)

@@ -356,6 +356,22 @@ def test_every_agent_runs_on_the_skip_ready_backbone(agent, skip_ready_checkpoin
     assert r["full_backbone_accuracy"] == skip_ready_checkpoint["full_backbone_accuracy"]
 
 
+def test_ppo_starts_from_the_recipes_gates_and_is_calibrated_to_their_budget(skip_ready_checkpoint, cache, tmp_path):
+    path = skip_ready_checkpoint["skip_ready_backbone"]
+    args = ["--agent", "ppo", *TINY_BACKBONE, *TINY_BUDGETS["ppo"], "--distill-epochs", "1", "--no-progress"]
+    proc = run([*args, "--backbone-checkpoint", path, "--run-dir", str(tmp_path)], cache, tmp_path)
+    assert "ppo starts from the recipe's gates: 1 epochs of behaviour cloning" in proc.stderr
+    (results,) = tmp_path.glob("*__*/results.json")
+    r = json.loads(results.read_text())
+    assert r["calibration"]["budget"] == 0.5 and abs(r["val_flops_fraction"] - 0.5) < 0.1
+    # the calibrated threshold travels with the checkpoint: evaluating it gives the same routes
+    again = run(["--agent", "ppo", *TINY_BACKBONE, "--backbone-checkpoint", path, "--eval-only", "--checkpoint",
+                 r["checkpoint"], "--distill-epochs", "1", "--run-dir", str(tmp_path / "eval")], cache, tmp_path)  # fmt: skip
+    assert again.returncode == 0
+    (evaluated,) = (tmp_path / "eval").glob("*__*/results.json")
+    assert json.loads(evaluated.read_text())["flops_fraction"] == r["flops_fraction"]
+
+
 def test_budget_is_refused_by_agents_that_cannot_meet_it(cache, tmp_path):
     proc = run(["--agent", "ppo", "--budget", "0.5", *TINY_BACKBONE], cache, tmp_path, check=False)
     assert proc.returncode == 2 and "--budget does not apply to --agent ppo" in proc.stderr

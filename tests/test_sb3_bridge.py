@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 from stable_baselines3 import PPO
 from stable_baselines3.common.vec_env import DummyVecEnv
 
@@ -56,3 +57,31 @@ def test_an_sb3_agent_leaves_no_folder_in_the_temporary_one(tmp_path, monkeypatc
     model = build_model("ppo", make_sb3_env(8, backbone=net, dataset=data, device="cpu"), 0, torch.device("cpu"), 8)
     model.learn(total_timesteps=128)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_ppo_cloned_from_gates_takes_their_decisions_and_a_threshold_moves_them():
+    """``--distill-epochs``: PPO's policy fitted to the recipe's gates on the environment's
+    observations decides as they do; its log-odds threshold (what a calibration moves) trades blocks."""
+    import torch
+
+    from agents.evaluate import evaluate
+    from agents.gates import create_gates
+    from agents.policies import SB3RoutingPolicy
+    from agents.sb3_agents import build_model, distill_from_gates
+
+    net, data, cpu = tiny_backbone(), backbones.load_dataset("digits", "val"), torch.device("cpu")
+    gates = create_gates("ff1", net).eval()
+    pattern = [k % 2 == 0 for k in range(gates.num_gates)]  # every other block: learnable from the position alone
+    with torch.no_grad():
+        for gate, run in zip(gates.gates, pattern):
+            gate[-2].weight.zero_()
+            gate[-2].bias.fill_(8.0 if run else -8.0)
+    env = make_sb3_env(32, "SkipNet-v0", backbone=net, dataset=data, device="cpu")
+    model = build_model("ppo", env, seed=0, device=cpu, episode_length=gates.num_gates)
+    fit = distill_from_gates(model, gates, net, data, cpu, epochs=100, alpha=0.5)  # 100 steps of 180 images
+    assert fit["agreement"] > 0.95
+    rates = evaluate(SB3RoutingPolicy(model, "ppo"), net, data, cpu).execute_rate
+    assert [r > 0.5 for r in rates] == pattern
+    fewer = evaluate(SB3RoutingPolicy(model, "ppo", threshold=50.0), net, data, cpu)
+    assert sum(fewer.execute_rate) == 0  # no block is that likely
