@@ -164,8 +164,8 @@ def distill_from_gates(
     action distribution fitted to the gates' ``p(execute)`` (cross-entropy to the soft target) and its
     value to the route's return-to-go under SkipNet's reward at ``alpha``. Returns the last epoch's
     agreement (the policy's greedy decision = the gates') and losses."""
-    reward = RewardConfig(alpha=alpha, accuracy="neg_ce", cost_timing="per_step")  # SKIPNET_REWARD's
-    core = BatchedRouting(backbone, reward, gates.first_gated == 0, precision=precision)
+    scoring = RewardConfig(alpha=alpha, accuracy="neg_ce", cost_timing="per_step")  # SKIPNET_REWARD's
+    core = BatchedRouting(backbone, scoring, gates.first_gated == 0, precision=precision)
     policy = model.policy
     assert isinstance(policy, ActorCriticPolicy)  # PPO's and A2C's MlpPolicy
     opt = torch.optim.Adam(policy.parameters(), lr=DISTILL_LR)
