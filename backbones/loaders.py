@@ -4,6 +4,7 @@ the normalisation statistics of a user's images."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from backbones.cluttered import ClutterConfig, cluttered_sources, cluttered_split
+from backbones.cluttered import RENDERINGS, cluttered_sources, cluttered_split
 from backbones.data import Dataset, DatasetNotFoundError, FolderImages, ImageTensors
 from backbones.splits import VAL_FRACTION, fixed_split
 
@@ -39,12 +40,18 @@ def _digits(split: str, root: Path, download: bool, image_size: int | None) -> I
     return ImageTensors(images[idx], labels[idx], 10, mean, std, "digits")
 
 
-def _cluttered_digits(split: str, root: Path, download: bool, image_size: int | None) -> ImageTensors:
-    cfg = ClutterConfig(canvas=image_size) if image_size else ClutterConfig()
-    images, labels = cluttered_split(split, cfg)
-    # normalisation statistics of the training split, whichever split is asked for
-    mean, std = _channel_stats(cluttered_split("train", cfg)[0] if split != "train" else images)
-    return ImageTensors(images, labels, 10, mean, std, "cluttered_digits", groups=cluttered_sources(split))
+def _cluttered(name: str) -> Callable[[str, Path, bool, int | None], ImageTensors]:
+    """The loader of the embedded rendering ``name`` (:data:`backbones.cluttered.RENDERINGS`)."""
+
+    def load(split: str, root: Path, download: bool, image_size: int | None) -> ImageTensors:
+        cfg = RENDERINGS[name]
+        cfg = dataclasses.replace(cfg, canvas=image_size) if image_size else cfg
+        images, labels = cluttered_split(split, cfg, name=name)
+        # normalisation statistics of the training split, whichever split is asked for
+        mean, std = _channel_stats(cluttered_split("train", cfg, name=name)[0] if split != "train" else images)
+        return ImageTensors(images, labels, 10, mean, std, name, groups=cluttered_sources(split))
+
+    return load
 
 
 # name -> (torchvision class, files expected under root, mean, std, flip)
@@ -326,7 +333,7 @@ def _npz(split: str, root: Path, download: bool, image_size: int | None) -> Imag
 
 LOADERS: dict[str, Callable[[str, Path, bool, int | None], Dataset]] = {
     "digits": _digits,
-    "cluttered_digits": _cluttered_digits,
+    **{name: _cluttered(name) for name in RENDERINGS},
     **{name: _torchvision(name) for name in _TORCHVISION},
     "imagefolder": _imagefolder,
     "npz": _npz,

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 
 # epochs where a data set's default differs from 30: 12,000 cluttered images need fewer passes
-DEFAULT_EPOCHS = {"cluttered_digits": 10}
+DEFAULT_EPOCHS = {"cluttered_digits": 10, "cluttered_digits_hard": 10}
 
 
 @dataclass

@@ -77,7 +77,8 @@ class RunConfig:
     backbone_checkpoint: str | None = None
     """use this backbone checkpoint instead of the cached one"""
     dataset: str = "cluttered_digits"
-    """data set: cluttered_digits or digits (embedded, offline), mnist, cifar10, cifar100, svhn, imagefolder, npz"""
+    """data set: cluttered_digits, cluttered_digits_hard or digits (embedded, offline), mnist, cifar10, cifar100, svhn,
+    imagefolder, npz"""
     data_root: str | None = None
     """folder with the data set's files (default $SKIPNET_DATA or ./data)"""
     download: bool = True

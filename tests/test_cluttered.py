@@ -61,3 +61,16 @@ def test_every_image_names_the_source_digit_it_renders():
     assert test.groups is not None and torch.equal(test.labels, _source_digits("test")[1][test.groups])
     assert len(torch.unique(test.groups)) < len(test) / 10  # 5,000 renderings of a few hundred digits
     assert torch.equal(backbones.load_dataset("cluttered_digits", "val").groups, factors["source"])
+
+
+def test_the_hard_rendering_is_its_own_data_set_beside_the_default():
+    """``cluttered_digits_hard``: the same source digits, smaller and fainter among more clutter, cached
+    under its own name (the default's files are not replaced)."""
+    from backbones.cache import cache_dir
+
+    easy, hard = (backbones.load_dataset(name, "val") for name in ("cluttered_digits", "cluttered_digits_hard"))
+    assert hard.name == "cluttered_digits_hard" and len(hard) == len(easy) and hard.input_size == easy.input_size
+    assert torch.equal(hard.groups, easy.groups) and torch.equal(hard.labels, easy.labels)  # the same draw of digits
+    assert hard.images.float().mean() < easy.images.float().mean()  # fainter digits, smaller: less ink
+    names = {p.name for p in (cache_dir() / "datasets").glob("*-val.pt")}
+    assert {"cluttered_digits-v1-24px-val.pt", "cluttered_digits_hard-v1-24px-val.pt"} <= names
