@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet -e '.[dev,sweep]'
+	$(PY) -m pip install --quiet -e '.[dev,sweep,zoo]'
 	touch $(STAMP)
 
 run: $(STAMP)

@@ -36,7 +36,7 @@ from agents.policies import GateRoutingPolicy
 from agents.skip_ready import JOINT_GATE_KIND, load_gates
 from agents.trainer import CHECKPOINT_EVERY
 from backbones.base import Backbone
-from backbones.cache import building, cache_dir
+from backbones.cache import building, cache_dir, file_name
 from backbones.checkpoint import atomic_save, backbone_metadata, fingerprint, load_backbone, safe_load
 from backbones.data import Dataset
 from backbones.options import COUNT, NON_NEGATIVE, POSITIVE, POSITIVE_INT, check_options, option
@@ -109,7 +109,11 @@ def recipe_hrl_path(joint_meta: dict[str, Any], joint_fingerprint: str, identity
             "data": data,
         }
     )
-    return cache_dir() / "backbones" / f"skipready-{joint_meta['arch']}-{joint_meta['dataset']}-hrl-{key}.pt"
+    return (
+        cache_dir()
+        / "backbones"
+        / f"skipready-{file_name(joint_meta['arch'])}-{file_name(joint_meta['dataset'])}-hrl-{key}.pt"
+    )
 
 
 def get_recipe_hrl(

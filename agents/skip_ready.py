@@ -44,7 +44,7 @@ from agents.hybrid import sp_loss
 from agents.trainer import check_losses, check_weights
 from backbones.base import FIRST_GATED, Backbone
 from backbones.batching import batches
-from backbones.cache import building, cache_dir
+from backbones.cache import building, cache_dir, file_name
 from backbones.checkpoint import atomic_save, backbone_metadata, fingerprint, load_backbone, safe_load
 from backbones.data import Dataset, ImageTensors
 from backbones.device import seed_everything
@@ -314,7 +314,11 @@ def skip_ready_path(
             "data": data,
         }
     )
-    return cache_dir() / "backbones" / f"skipready-{base_meta['arch']}-{base_meta['dataset']}-{key}.pt"
+    return (
+        cache_dir()
+        / "backbones"
+        / f"skipready-{file_name(base_meta['arch'])}-{file_name(base_meta['dataset'])}-{key}.pt"
+    )
 
 
 def get_skip_ready(

@@ -31,3 +31,9 @@ def building(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def file_name(name: str) -> str:
+    """``name`` (a backbone's, a data set's) as it goes into a cache file's name: ``timm:vit_tiny``
+    -> ``timm-vit_tiny`` (a colon is not a file name's character everywhere)."""
+    return name.replace(":", "-").replace("/", "-")

@@ -18,8 +18,13 @@ if TYPE_CHECKING:
 
 
 def count_flops(module: Callable[[torch.Tensor], Any], x: torch.Tensor) -> tuple[int, Any]:
-    """FLOPs of ``module(x)`` (a module or any function of ``x``) and its output, counted by the framework."""
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
+    """FLOPs of ``module(x)`` (a module or any function of ``x``) and its output, counted by the framework.
+
+    Attention is counted through its plain matrix products: the fused kernels a CPU dispatches
+    ``scaled_dot_product_attention`` to count nothing."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
         out = module(x)
     return int(counter.get_total_flops()), out
 

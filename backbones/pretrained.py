@@ -11,7 +11,7 @@ import dataclasses
 from typing import Any
 
 from backbones.base import Backbone
-from backbones.cache import building, cache_dir
+from backbones.cache import building, cache_dir, file_name
 from backbones.data import data_fingerprint, load_splits
 from backbones.train import TrainConfig, train
 
@@ -25,7 +25,11 @@ WEIGHT_FIELDS = (
 )  # fmt: skip
 # options that change the weights too but came later: named only when they differ from their default, so that
 # the caches made before them keep their names
-NAMED_WHEN_CHANGED = ("momentum",)
+NAMED_WHEN_CHANGED = ("momentum", "optimizer", "model_args")
+
+
+def _named(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
 def weights_key(cfg: TrainConfig) -> str:
@@ -34,7 +38,7 @@ def weights_key(cfg: TrainConfig) -> str:
     key = "-".join(f"{f}{getattr(cfg, f)}" for f in WEIGHT_FIELDS)
     defaults = TrainConfig(arch=cfg.arch, dataset=cfg.dataset)
     return key + "".join(
-        f"-{f}{getattr(cfg, f)}" for f in NAMED_WHEN_CHANGED if getattr(cfg, f) != getattr(defaults, f)
+        f"-{f}{_named(getattr(cfg, f))}" for f in NAMED_WHEN_CHANGED if getattr(cfg, f) != getattr(defaults, f)
     )
 
 
@@ -54,7 +58,9 @@ def get_trained(arch: str, dataset: str, **train_overrides: Any) -> tuple[Backbo
     key = weights_key(cfg) + f"-data{data_fingerprint(splits.values())}"
     if cfg.out is None:
         cfg = dataclasses.replace(
-            cfg, out=str(cache_dir() / "backbones" / f"{arch}-{dataset}-{key}.pt"), log_dir=str(cache_dir() / "runs")
+            cfg,
+            out=str(cache_dir() / "backbones" / f"{file_name(arch)}-{file_name(dataset)}-{key}.pt"),
+            log_dir=str(cache_dir() / "runs"),
         )
     with building(cfg.checkpoint_path):  # a second process wanting this backbone waits, then reuses it
         return train(cfg, splits)

@@ -34,8 +34,24 @@ def register_depths(prefix: str, builder: Callable[..., Backbone], depths: tuple
 
 
 def list_backbones(pattern: str = "*") -> list[str]:
-    """Registered backbone names matching a shell-style ``pattern``, sorted."""
-    return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
+    """Registered backbone names matching a shell-style ``pattern``, sorted, and the zoo backbones
+    the tests route (any ``timm:<model>`` or ``torchvision:<model>`` of their shapes works too)."""
+    from backbones.zoo import TESTED
+
+    return sorted(n for n in (*_REGISTRY, *TESTED) if fnmatch.fnmatch(n, pattern))
+
+
+def _constructor(name: str) -> Callable[..., Backbone]:
+    """The constructor of backbone ``name``: a registered one, or a model zoo's (``timm:``, ``torchvision:``)."""
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    if name.partition(":")[0] in ("timm", "torchvision"):
+        from backbones.zoo import zoo_backbone
+
+        return functools.partial(zoo_backbone, name)
+    raise ValueError(
+        f"unknown backbone {name!r}; valid names: {', '.join(list_backbones())}, or timm:<model>, torchvision:<model>"
+    )
 
 
 def options(name: str) -> set[str]:
@@ -43,15 +59,10 @@ def options(name: str) -> set[str]:
     ``in_channels`` for CIFAR ResNets): callers ask this instead of testing the name's prefix."""
     import inspect
 
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown backbone {name!r}; valid names: {', '.join(list_backbones())}")
-    return set(inspect.signature(_REGISTRY[name]).parameters) - {"num_classes"}
+    return set(inspect.signature(_constructor(name)).parameters) - {"num_classes"}
 
 
 def create(name: str, **kwargs: Any) -> Backbone:
-    """Build the backbone registered as ``name``; keyword arguments go to its constructor."""
-    try:
-        fn = _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"unknown backbone {name!r}; valid names: {', '.join(list_backbones())}") from None
-    return fn(**kwargs)
+    """Build the backbone registered as ``name`` (or a zoo model: ``timm:<model>``,
+    ``torchvision:<model>``); keyword arguments go to its constructor."""
+    return _constructor(name)(**kwargs)

@@ -14,7 +14,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -27,12 +27,18 @@ from backbones.device import resolve_device, seed_everything
 from backbones.progress import progress_bar
 from backbones.registry import create, options
 from backbones.splits import SPLITS
+from backbones.zoo import default_optimizer, parse_model_args
 
 log = logging.getLogger(__name__)
 
 
 # epochs where a data set's default differs from 30: 12,000 cluttered images need fewer passes
 DEFAULT_EPOCHS = {"cluttered_digits": 10, "cluttered_digits_hard": 10}
+# the optimizers' learning rate and weight decay where not given
+OPTIMIZER_DEFAULTS: dict[str, dict[str, float]] = {
+    "sgd": {"lr": 0.1, "weight_decay": 5e-4},
+    "adamw": {"lr": 1e-3, "weight_decay": 0.05},
+}
 
 
 @dataclass
@@ -54,13 +60,17 @@ class TrainConfig:
     epochs: int | None = None
     """training epochs (default: 10 on cluttered_digits, 30 elsewhere)"""
     batch_size: int = 128
-    """images per SGD step"""
-    lr: float = 0.1
-    """peak learning rate (cosine decay to 0)"""
+    """images per step"""
+    optimizer: Literal["auto", "sgd", "adamw"] = "auto"
+    """auto: SGD with Nesterov momentum for CNNs, AdamW for vision transformers"""
+    lr: float | None = None
+    """peak learning rate (cosine decay to 0; default 0.1 with SGD, 1e-3 with AdamW)"""
     momentum: float = 0.9
     """SGD momentum"""
-    weight_decay: float = 5e-4
-    """L2 weight decay"""
+    weight_decay: float | None = None
+    """weight decay (default 5e-4 with SGD, 0.05 with AdamW)"""
+    model_args: tuple[str, ...] = ()
+    """zoo backbones (timm:..., torchvision:...): the model's own keyword arguments, key=value (depth=6 embed_dim=64)"""
     drop_rate: float = 0.5
     """stochastic depth: drop rate of the last block (0 disables)"""
     drop_schedule: str = "linear"
@@ -88,6 +98,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.epochs is None:
             self.epochs = DEFAULT_EPOCHS.get(self.dataset, 30)
+        if self.optimizer == "auto":
+            self.optimizer = default_optimizer(self.arch)
+        defaults = OPTIMIZER_DEFAULTS[self.optimizer]
+        self.lr = defaults["lr"] if self.lr is None else self.lr
+        self.weight_decay = defaults["weight_decay"] if self.weight_decay is None else self.weight_decay
 
     @property
     def total_epochs(self) -> int:
@@ -96,12 +111,27 @@ class TrainConfig:
 
     def arch_kwargs(self, data: Dataset) -> dict[str, Any]:
         c, h, _ = data.input_size
-        wanted = {"in_channels": c, "width": self.width, "image_size": h}
+        wanted = {
+            "in_channels": c,
+            "width": self.width,
+            "image_size": h,
+            "model_args": parse_model_args(self.model_args),
+        }
         return {k: v for k, v in wanted.items() if k in options(self.arch)}
 
     @property
     def checkpoint_path(self) -> Path:
         return Path(self.out) if self.out else Path("checkpoints") / f"{self.arch}-{self.dataset}.pt"
+
+
+def make_optimizer(cfg: TrainConfig, backbone: Backbone) -> torch.optim.Optimizer:
+    """The base trainer's optimizer (``cfg.optimizer``, resolved)."""
+    assert cfg.lr is not None and cfg.weight_decay is not None  # resolved by TrainConfig
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(backbone.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(
+        backbone.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True
+    )
 
 
 @torch.no_grad()
@@ -158,9 +188,7 @@ def train(cfg: TrainConfig, splits: dict[str, Dataset] | None = None) -> tuple[B
     epochs = cfg.total_epochs
     steps_per_epoch = math.ceil(len(train_data) / cfg.batch_size)
     total_steps = epochs * steps_per_epoch
-    optimizer = torch.optim.SGD(
-        backbone.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True
-    )
+    optimizer = make_optimizer(cfg, backbone)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total_steps)))
     generator = torch.Generator().manual_seed(cfg.seed)
     start_epoch, run_name = 0, f"backbone__{cfg.dataset}__{cfg.arch}__{cfg.seed}__{int(time.time())}"

@@ -73,7 +73,11 @@ class RunConfig:
     (README: "Add an agent")"""
     # what the agents route: the backbone and its data
     backbone: str = "cifar_resnet38"
-    """backbone registry name (trained on --dataset and cached on first use)"""
+    """backbone registry name (trained on --dataset and cached on first use), or a model zoo's: timm:<model> (ResNets,
+    ViTs: timm:vit_tiny_patch16_224), torchvision:<model> (ResNets)"""
+    backbone_args: tuple[str, ...] = ()
+    """zoo backbones (timm:<model>, torchvision:<model>): the model's own keyword arguments, key=value (depth=6
+    embed_dim=64 num_heads=2 patch_size=4)"""
     backbone_checkpoint: str | None = None
     """use this backbone checkpoint instead of the cached one"""
     dataset: str = "cluttered_digits"

@@ -145,6 +145,8 @@ def load_base_backbone(cfg: RunConfig, device: torch.device, splits: dict[str, D
     }
     if "width" in options(cfg.backbone):
         overrides["width"] = cfg.width
+    if "model_args" in options(cfg.backbone):
+        overrides["model_args"] = cfg.backbone_args
     return get_trained(cfg.backbone, cfg.dataset, **overrides)
 
 

@@ -136,6 +136,10 @@ def checked(cfg: RunConfig, given: set[str] | None) -> tuple[RunConfig, dict | N
             f"--max-drop searches the joint SP budget of --agent {JOINT_GATES_AGENT} on --backbone-recipe skip_ready, "
             "without --budget (it chooses the compute)"
         )
+    if cfg.backbone_args and (cfg.backbone_checkpoint or "model_args" not in backbone_options(cfg.backbone)):
+        raise ValueError(
+            f"--backbone-args applies to zoo backbones (timm:<model>, torchvision:<model>), not {cfg.backbone}"
+        )
     if cfg.budget is not None and not get_agent(cfg.agent).takes_budget:  # a resumed run's agent: its own
         raise ValueError(
             f"--budget does not apply to --agent {cfg.agent}: price compute with --alpha (agents that take a budget: "

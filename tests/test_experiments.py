@@ -450,3 +450,19 @@ def test_an_agent_is_one_file_outside_the_package(cache, tmp_path):
     assert bad.returncode == 2 and "--kth-k must be an integer >= 1, got 0" in bad.stderr
     shown = run(["--agents-from", str(toy), "--help"], cache, tmp_path)
     assert "every_kth" in shown.stdout and "--kth-first" in shown.stdout
+
+
+def test_a_vit_from_timm_goes_through_the_whole_recipe(cache, tmp_path):
+    """``--backbone timm:<vit> --backbone-args ...``: trained (AdamW), made skip-ready (joint SP, the
+    recipe's HRL), routed by SkipNet's gates and reported against its base network, as a ResNet is."""
+    vit = ["--backbone", "timm:vit_tiny_patch16_224", "--backbone-args", "depth=3", "embed_dim=16", "num_heads=2"]
+    recipe = ["--backbone-epochs", "1", *SKIP_READY, *TINY_BUDGETS["hybrid_rnn"]]
+    run([*vit, "--dataset", "digits", *recipe, "--no-progress", "--run-dir", str(tmp_path)], cache, tmp_path)
+    (results,) = tmp_path.glob("SkipNet-v0__hybrid_rnn__*/results.json")
+    r = json.loads(results.read_text())
+    assert r["backbone"] == "timm:vit_tiny_patch16_224" and "accuracy_vs_base" in r
+    assert any("recipe's HRL" in s["stage"] for s in r["stages"])
+    (trained,) = (cache / "backbones").glob("timm-vit_tiny_patch16_224-digits-*depth=3,embed_dim=16,num_heads=2*.pt")
+    assert "optimizeradamw" not in trained.name  # AdamW is the ViT's default: not named
+    proc = run(["--backbone", "cifar_resnet20", "--backbone-args", "depth=3"], cache, tmp_path, check=False)
+    assert proc.returncode == 2 and "--backbone-args applies to zoo backbones" in proc.stderr

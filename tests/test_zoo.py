@@ -1,0 +1,98 @@
+"""Backbones from the model zoos (timm, torchvision): split without copying their code, routed like
+the project's own ResNets, ViTs included (their patch tokens travel as a grid)."""
+
+import pytest
+import torch
+from gymnasium.utils.env_checker import check_env
+
+import backbones
+from agents.evaluate import evaluate
+from agents.gates import create_gates
+from agents.hybrid import HybridConfig, HybridTrainer
+from agents.policies import RandomPolicy
+from backbones.registry import create, list_backbones
+from backbones.zoo import parse_model_args
+from skipnet_env.env import SkipNetEnv
+from skipnet_env.routing import masked_forward, routed_forward
+
+SMALL_VIT = {"depth": 3, "embed_dim": 32, "num_heads": 2}
+CPU = torch.device("cpu")
+
+
+def _zoo(name, **args):
+    torch.manual_seed(0)
+    return create(name, num_classes=10, in_channels=1, image_size=16, model_args=args)
+
+
+@pytest.fixture(scope="module")
+def vit():
+    return _zoo("timm:vit_tiny_patch16_224", **SMALL_VIT)
+
+
+def _model(name, **args):
+    """The zoo's own model, as the adapter built it (the same seed, the same weights)."""
+    from backbones.zoo import _timm_model, _torchvision_model
+
+    torch.manual_seed(0)
+    source, _, model = name.partition(":")
+    if source == "timm":
+        return _timm_model(model, 10, 1, 16, dict(args))
+    return _torchvision_model(model, 10, 1, dict(args))
+
+
+@pytest.mark.parametrize(
+    "name,args", [("timm:vit_tiny_patch16_224", SMALL_VIT), ("timm:resnet18", {}), ("torchvision:resnet18", {})]
+)
+def test_a_zoo_model_split_into_stem_blocks_head_computes_what_the_model_does(name, args):
+    backbone, model = _zoo(name, **args), _model(name, **args).eval()
+    x = torch.randn(4, 1, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(backbone(x), model(x), rtol=1e-4, atol=1e-5)
+        execute = torch.rand(4, backbone.num_blocks) < 0.5  # and routes row by row as the masked forward
+        torch.testing.assert_close(routed_forward(backbone, x, execute), masked_forward(backbone, x, execute))
+    assert name in list_backbones()
+
+
+def test_a_vit_block_reads_tokens_and_is_the_identity_when_skipped(vit):
+    assert vit.num_blocks == 3 and vit.activation_shapes[0] == (32, 8, 8)  # 16 px, 2 px patches: an 8x8 grid
+    h = torch.randn(2, 32, 8, 8)
+    assert torch.equal(vit.blocks[1].shortcut(h), h)
+    tokens = h.flatten(2).transpose(1, 2)  # (B, 64, 32): what the timm block sees
+    with torch.no_grad():
+        torch.testing.assert_close(vit.blocks[1](h), vit.blocks[1].block(tokens).transpose(1, 2).reshape(2, 32, 8, 8))
+    # attention's FLOPs are counted (the fused CPU kernel counts none): 4 matmuls of the attention per block
+    n, d = 64, 32
+    linear = 2 * n * d * (3 * d + d + 4 * d + 4 * d)
+    assert vit.flops.block_executed[0] == linear + 2 * 2 * n * n * d
+
+
+@pytest.mark.filterwarnings("ignore:.*Box observation space m.* value is .*infinity")
+def test_every_agent_kind_runs_on_a_vit(vit, tmp_path):
+    data = backbones.load_dataset("digits", "val")
+    env = SkipNetEnv(vit, data, device="cpu")
+    check_env(env, skip_render_check=True)
+    half = evaluate(RandomPolicy(0.5), vit, data, CPU)
+    assert 0.3 < half.flops_fraction < 0.8  # skipped blocks cost nothing
+    trainer = HybridTrainer(
+        vit, create_gates("rnn", vit), data, HybridConfig(sp_epochs=1, hrl_iterations=2, sp_batch=64), CPU,
+        tmp_path / "agent.pt", {}, progress=False, num_envs=32,
+    )  # fmt: skip
+    trainer.train()
+    assert (tmp_path / "agent.pt").is_file()
+
+
+def test_a_model_the_adapters_cannot_split_is_named_with_what_was_looked_for():
+    with pytest.raises(ValueError, match="looked for residual stages .* and flat transformer blocks"):
+        _zoo("torchvision:mobilenet_v2")
+    with pytest.raises(ValueError, match="timm has no model 'no_such_net'"):
+        _zoo("timm:no_such_net")
+    with pytest.raises(ValueError, match="class_token=False"):
+        _zoo("timm:vit_tiny_patch16_224", class_token=True, global_pool="token", **SMALL_VIT)
+
+
+def test_model_args_are_python_literals_or_strings():
+    assert parse_model_args(("depth=6", "qkv_bias=False", "act_layer=gelu", "img_size=(24, 24)")) == {
+        "depth": 6, "qkv_bias": False, "act_layer": "gelu", "img_size": (24, 24)
+    }  # fmt: skip
+    with pytest.raises(ValueError, match="key=value pairs"):
+        parse_model_args(("depth",))
