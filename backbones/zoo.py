@@ -89,7 +89,7 @@ def _timm_model(model: str, num_classes: int, in_channels: int, image_size: int,
     try:
         import timm
     except ImportError:
-        raise ImportError("timm:<model> backbones need timm: pip install timm (or the project's extra: .[zoo])") from None
+        raise ImportError("timm:<model> backbones need timm: pip install timm (the extra .[zoo])") from None
     if model not in timm.list_models() and model not in timm.list_models(pretrained=True):
         raise ValueError(f"timm has no model {model!r} (timm.list_models() lists them)")
     kwargs = {"num_classes": num_classes, "in_chans": in_channels, **args}
