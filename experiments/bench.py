@@ -4,6 +4,8 @@
     python experiments/bench.py --device cuda        # every GPU target of BENCHMARKS.md in one command
     python experiments/bench.py --backbone cifar_resnet38 --width 0.5 --in-channels 1 --image-size 16
     python experiments/bench.py --parts recipe static --recipe-images 4096   # smaller on a CPU
+    python experiments/bench.py --backbone timm:vit_tiny_patch16_224 --backbone-args depth=6 embed_dim=64 num_heads=2 \
+        --in-channels 1 --image-size 24 --parts forward savings              # a ViT
 
 Parts:
 
@@ -51,6 +53,7 @@ from backbones.base import Backbone
 from backbones.data import ImageTensors
 from backbones.device import resolve_device
 from backbones.registry import options
+from backbones.zoo import parse_model_args
 from experiments.cli import one_line_errors
 from skipnet_env.engine import BlockExecutor, capture, freeze
 from skipnet_env.env import SkipNetEnv
@@ -96,9 +99,14 @@ def graphed(fn: Callable[[Tensor], Tensor], x: Tensor) -> Callable[[], Any]:
         return capture(lambda: fn(x), x.device, warmup_runs=3, keep=(x,))
 
 
-def registry_backbone(name: str, width: float, in_channels: int, image_size: int) -> Backbone:
-    """Registry backbone ``name`` (10 classes, random weights) built with the options it takes."""
-    wanted = {"image_size": image_size, "width": width, "in_channels": in_channels}
+def registry_backbone(
+    name: str, width: float, in_channels: int, image_size: int, model_args: tuple[str, ...] = ()
+) -> Backbone:
+    """Registry backbone ``name`` (10 classes, random weights) built with the options it takes (a zoo
+    model's own keyword arguments: ``model_args``, ``key=value``)."""
+    wanted = {
+        "image_size": image_size, "width": width, "in_channels": in_channels, "model_args": parse_model_args(model_args)
+    }  # fmt: skip
     return backbones.create(name, num_classes=10, **{k: v for k, v in wanted.items() if k in options(name)})
 
 
@@ -322,7 +330,8 @@ PARTS = ("forward", "throughput", "savings", "recipe", "static", "data")
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--backbone", default="cifar_resnet110", help="registry name")
+    p.add_argument("--backbone", default="cifar_resnet110", help="registry name, or timm:<model>, torchvision:<model>")
+    p.add_argument("--backbone-args", nargs="+", default=[], help="a zoo model's keyword arguments, key=value")
     p.add_argument("--width", type=float, default=1.0, help="CIFAR ResNet width multiplier")
     p.add_argument("--in-channels", type=int, default=3)
     p.add_argument("--image-size", type=int, default=32)
@@ -342,7 +351,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     with one_line_errors(["--debug"] if args.debug else []):
         device = resolve_device(args.device)
-        net = registry_backbone(args.backbone, args.width, args.in_channels, args.image_size).to(device).eval()
+        net = registry_backbone(args.backbone, args.width, args.in_channels, args.image_size, tuple(args.backbone_args))
+        net = net.to(device).eval()
     batch_sizes = args.batch or ([256, 2048] if device.type == "cuda" else [256])
     frozen = freeze(net)
     result: dict = {

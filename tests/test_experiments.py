@@ -466,3 +466,16 @@ def test_a_vit_from_timm_goes_through_the_whole_recipe(cache, tmp_path):
     assert "optimizeradamw" not in trained.name  # AdamW is the ViT's default: not named
     proc = run(["--backbone", "cifar_resnet20", "--backbone-args", "depth=3"], cache, tmp_path, check=False)
     assert proc.returncode == 2 and "--backbone-args applies to zoo backbones" in proc.stderr
+
+
+def test_bench_measures_a_vit(tmp_path):
+    out = tmp_path / "bench.json"
+    args = [
+        *("--backbone", "timm:vit_tiny_patch16_224", "--backbone-args", "depth=2", "embed_dim=16", "num_heads=2"),
+        *("--in-channels", "1", "--image-size", "16", "--batch", "8", "--rounds", "1", "--parts", "forward", "savings"),
+        *("--out", str(out)),
+    ]
+    proc = call_entry_point("bench.py", args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _, *rows = json.loads(out.read_text())["batches"]["8"]["savings"]
+    assert [r["execute_rate"] for r in rows] == [0.25, 0.5, 0.75, 1.0]
