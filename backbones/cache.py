@@ -35,5 +35,12 @@ def building(path: Path) -> Iterator[None]:
 
 def file_name(name: str) -> str:
     """``name`` (a backbone's, a data set's) as it goes into a cache file's name: ``timm:vit_tiny``
-    -> ``timm-vit_tiny`` (a colon is not a file name's character everywhere)."""
-    return name.replace(":", "-").replace("/", "-")
+    -> ``timm-vit_tiny`` (a colon is not a file name's character everywhere); a name with a folder
+    in it (``/home/me/my_net.py:net``) keeps its last part and a hash of the whole
+    (``my_net.py-net-1a2b3c4d``)."""
+    if "/" not in name and "\\" not in name:
+        return name.replace(":", "-")
+    import hashlib
+
+    last = name.replace("\\", "/").rsplit("/", 1)[-1].replace(":", "-")
+    return f"{last}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"

@@ -8,6 +8,7 @@ The cache folder is ``$SKIPNET_CACHE`` (default ``~/.cache/skipnet_gym``).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from typing import Any
 
 from backbones.base import Backbone
@@ -29,7 +30,11 @@ NAMED_WHEN_CHANGED = ("momentum", "optimizer", "model_args")
 
 
 def _named(value: Any) -> str:
-    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+    """An option's value in a file name: a tuple joined by commas, a hash of it where that is long."""
+    if not isinstance(value, tuple):
+        return str(value)
+    joined = ",".join(map(str, value))
+    return joined if len(joined) <= 48 else hashlib.sha256(joined.encode()).hexdigest()[:12]
 
 
 def weights_key(cfg: TrainConfig) -> str:

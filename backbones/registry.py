@@ -45,12 +45,13 @@ def _constructor(name: str) -> Callable[..., Backbone]:
     """The constructor of backbone ``name``: a registered one, or a model zoo's (``timm:``, ``torchvision:``)."""
     if name in _REGISTRY:
         return _REGISTRY[name]
-    if name.partition(":")[0] in ("timm", "torchvision"):
+    if ":" in name:  # a model zoo's (timm:<model>, torchvision:<model>) or the user's (<module or file.py>:<function>)
         from backbones.zoo import zoo_backbone
 
         return functools.partial(zoo_backbone, name)
     raise ValueError(
-        f"unknown backbone {name!r}; valid names: {', '.join(list_backbones())}, or timm:<model>, torchvision:<model>"
+        f"unknown backbone {name!r}; valid names: {', '.join(list_backbones())}, or timm:<model>, torchvision:<model>, "
+        "<module or file.py>:<function>"
     )
 
 

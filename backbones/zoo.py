@@ -24,6 +24,7 @@ parts are not found gets an error naming what was looked for.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 from torch import Tensor, nn
@@ -164,24 +165,55 @@ def zoo_backbone(
     image_size: int = 224,
     model_args: dict[str, Any] | None = None,
 ) -> Backbone:
-    """The zoo model ``name`` (``timm:<model>`` or ``torchvision:<model>``) as a :class:`Backbone`,
-    built by its library with ``model_args`` (its own keyword arguments) for ``in_channels`` x
-    ``image_size`` images."""
+    """The model ``name`` as a :class:`Backbone`, built for ``in_channels`` x ``image_size`` images
+    with ``model_args`` (its own keyword arguments): ``timm:<model>``, ``torchvision:<model>`` (built by
+    its library), or a user's ``<module or file.py>:<function>`` (``function(num_classes=, in_channels=,
+    image_size=, **model_args)`` returns a :class:`Backbone`, or a model the adapters split)."""
     source, _, model = name.partition(":")
-    if source not in SOURCES or not model:
-        raise ValueError(f"a zoo backbone is named timm:<model> or torchvision:<model>, got {name!r}")
+    if not source or not model:
+        raise ValueError(
+            f"a model is named timm:<model>, torchvision:<model> or <module or file.py>:<function>: {name!r}"
+        )
     args = dict(model_args or {})
     if source == "timm":
         net = _timm_model(model, num_classes, in_channels, image_size, args)
-    else:
+    elif source == "torchvision":
         net = _torchvision_model(model, num_classes, in_channels, args)
-    stem, blocks, head = split(net, name)
+    else:
+        net = _user_function(source, model)(
+            num_classes=num_classes, in_channels=in_channels, image_size=image_size, **args
+        )
     kwargs = {"in_channels": in_channels, "image_size": image_size, "model_args": dict(model_args or {})}
+    if isinstance(net, Backbone):  # the user's own split: named as the run names it, so a checkpoint rebuilds it
+        net.arch, net.arch_kwargs = name, kwargs
+        return net.eval()
+    stem, blocks, head = split(net, name)
     backbone = Backbone(
         stem, blocks, head, num_classes=num_classes, input_size=(in_channels, image_size, image_size), arch=name,
         arch_kwargs=kwargs,
     )  # fmt: skip
     return backbone.eval()
+
+
+def _user_function(source: str, function: str) -> Callable[..., Any]:
+    """``function`` of the module ``source`` (a dotted name, or a ``.py`` file)."""
+    import importlib
+    import importlib.util
+    from pathlib import Path
+
+    if source.endswith(".py"):
+        path = Path(source).resolve()
+        if not path.is_file():
+            raise FileNotFoundError(f"--backbone {source}:{function}: no such file {source}")
+        spec = importlib.util.spec_from_file_location(f"skipnet_user_backbone_{path.stem}", path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(source)
+    if not callable(getattr(module, function, None)):
+        raise ValueError(f"--backbone {source}:{function}: {source} has no function {function!r}")
+    return getattr(module, function)
 
 
 def default_optimizer(arch: str) -> Literal["sgd", "adamw"]:

@@ -17,7 +17,7 @@ from backbones.checkpoint import load_backbone
 from backbones.data import Dataset, data_fingerprint, load_splits, with_flip
 from backbones.options import replace
 from backbones.pretrained import get_trained
-from backbones.registry import list_backbones, options
+from backbones.registry import options
 from experiments.config import JOINT_GATES_AGENT, RunConfig
 
 log = logging.getLogger("skipnet_gym.recipe")
@@ -129,8 +129,7 @@ def load_base_backbone(cfg: RunConfig, device: torch.device, splits: dict[str, D
             map_location=device,
         )
         return net, {**meta, "checkpoint": cfg.backbone_checkpoint}
-    if cfg.backbone not in list_backbones():
-        raise ValueError(f"unknown backbone {cfg.backbone!r}; valid names: {', '.join(list_backbones())}")
+    options(cfg.backbone)  # an unknown name is refused with the valid ones
     overrides: dict[str, Any] = {
         "image_size": train_data.input_size[1],
         "epochs": cfg.backbone_epochs,

@@ -479,3 +479,24 @@ def test_bench_measures_a_vit(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     _, *rows = json.loads(out.read_text())["batches"]["8"]["savings"]
     assert [r["execute_rate"] for r in rows] == [0.25, 0.5, 0.75, 1.0]
+
+
+def readme_backbone() -> str:
+    """The README's example network (``# my_net.py``): the test runs what a reader copies."""
+    text = (ROOT / "README.md").read_text()
+    start = text.index("# my_net.py")
+    return text[start : text.index("```", start)]
+
+
+def test_a_network_of_ones_own_is_routed_from_its_file(cache, tmp_path):
+    """``--backbone my_net.py:small_resnet --backbone-args width=8``: the README's network is trained,
+    routed, and its checkpoint rebuilt from the file (``--eval-only``)."""
+    (tmp_path / "my_net.py").write_text(readme_backbone())
+    net = ["--backbone", f"{tmp_path / 'my_net.py'}:small_resnet", "--backbone-args", "width=8", "depth=4"]
+    args = [*net, "--dataset", "digits", "--backbone-recipe", "base", "--backbone-epochs", "1", "--no-progress"]
+    r = run([*args, "--agent", "static", "--budget", "0.5", "--run-dir", str(tmp_path / "runs")], cache, tmp_path)
+    assert "accuracy" in r.stdout
+    (results,) = (tmp_path / "runs").glob("SkipNet-v0__static__*/results.json")
+    assert json.loads(results.read_text())["backbone"].endswith("my_net.py:small_resnet")
+    missing = run([*args, "--backbone", "my_net.py:no_such"], cache, tmp_path, check=False)
+    assert missing.returncode == 2 and "has no function 'no_such'" in missing.stderr
