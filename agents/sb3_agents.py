@@ -36,7 +36,7 @@ from agents.trainer import check_weights
 from backbones.batching import batches
 from backbones.checkpoint import atomic_save
 from backbones.data import Dataset
-from backbones.options import COUNT, POSITIVE_INT, check_options, option
+from backbones.options import COUNT, check_options, option
 from backbones.progress import progress_bar
 from skipnet_env.core import SKIPNET_REWARD, BatchedRouting, RewardConfig
 
@@ -238,14 +238,18 @@ class SB3Config:
 
     Their algorithms' own settings: :mod:`agents.sb3_agents`."""
 
-    timesteps: int = option(150_000, POSITIVE_INT)
-    """SB3 agents: environment steps to train for (image-blocks; images for ppo_oneshot)"""
+    timesteps: int = option(150_000, COUNT)
+    """SB3 agents: environment steps to train for (image-blocks; images for ppo_oneshot; 0 with --distill-epochs: the
+    policy cloned from the recipe's gates, as it is)"""
     distill_epochs: int = option(0, COUNT)
     """ppo, a2c on a skip-ready backbone: epochs of behaviour cloning of the recipe's gates before RL (the policy
     starts from the gates' decisions; its threshold is then calibrated to --joint-budget on validation); 0: new"""
 
     def __post_init__(self) -> None:
         check_options(self)
+        if self.timesteps == 0 and self.distill_epochs == 0:
+            raise ValueError("--timesteps 0 would evaluate an untrained policy: give --distill-epochs too (the policy "
+                             "cloned from the recipe's gates, as it is) or --timesteps N")  # fmt: skip
 
 
 def _sb3(algo: str, env_id: EnvId = "SkipNet-v0") -> AgentSpec:

@@ -85,3 +85,11 @@ def test_ppo_cloned_from_gates_takes_their_decisions_and_a_threshold_moves_them(
     assert [r > 0.5 for r in rates] == pattern
     fewer = evaluate(SB3RoutingPolicy(model, "ppo", threshold=50.0), net, data, cpu)
     assert sum(fewer.execute_rate) == 0  # no block is that likely
+
+
+def test_no_timesteps_is_only_for_a_cloned_policy():
+    from agents.sb3_agents import SB3Config
+
+    with pytest.raises(ValueError, match="--timesteps 0 would evaluate an untrained policy"):
+        SB3Config(timesteps=0)
+    assert SB3Config(timesteps=0, distill_epochs=3).timesteps == 0
