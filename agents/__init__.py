@@ -21,7 +21,7 @@ from agents.registry import AGENTS, get_agent, register_agent
 from agents.trainer import Trainer
 
 # the built-in agents: each module registers its own
-from agents import blockdrop, fixed, sb3_agents, skipnet  # noqa: E402, F401  isort: skip
+from agents import blockdrop, early_exit, fixed, sb3_agents, skipnet  # noqa: E402, F401  isort: skip
 
 
 __all__ = [

@@ -8,11 +8,12 @@ mask ``(B,)`` bool. ``reset(B)`` starts new episodes (recurrent policies clear t
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from agents.gates import GatePolicy
 
@@ -165,5 +166,29 @@ class SB3OneShotPolicy(RoutingPolicy):
         return self._mask[:, k]
 
 
-# the policies a budget's calibration can move (a threshold on the log-odds of *execute*)
-ThresholdPolicy = GateRoutingPolicy | SB3RoutingPolicy
+class ConfidenceExitPolicy(RoutingPolicy):
+    """Exit where the head's top probability reaches ``confidence``; ``threshold`` is its log-odds
+    turned round (``confidence = sigmoid(-threshold)``: a higher threshold exits sooner and spends
+    less, as a gate's does), what a budget's calibration moves."""
+
+    name = "confidence_exit"
+
+    def __init__(self, head: nn.Module, threshold: float = 0.0) -> None:
+        self.head, self.threshold = head, threshold
+
+    @property
+    def confidence(self) -> float:
+        return 1.0 / (1.0 + math.exp(self.threshold))
+
+    def reset(self, batch_size: int, device: torch.device) -> None:
+        self.exited = torch.zeros(batch_size, dtype=torch.bool, device=device)
+
+    @torch.no_grad()
+    def act(self, obs: Tensor, activation: Tensor, k: int) -> Tensor:
+        top = self.head(activation.float()).float().softmax(dim=1).amax(dim=1)  # (B,) the prediction's probability
+        self.exited |= top >= self.confidence
+        return ~self.exited
+
+
+# the policies a budget's calibration can move (a threshold: higher, fewer blocks)
+ThresholdPolicy = GateRoutingPolicy | SB3RoutingPolicy | ConfidenceExitPolicy

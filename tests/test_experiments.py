@@ -63,8 +63,17 @@ def test_every_agent_trains_evaluates_and_reloads(agent, cache, tmp_path):
     for name in ("gallery.png", "heatmap.png", "per_image.npz"):
         assert (results.parent / name).stat().st_size > 0
     assert any(results.parent.glob("events.out.tfevents.*"))
-    again = run(
-        ["--agent", agent, *TINY_BACKBONE, "--eval-only", "--checkpoint", r["checkpoint"], "--no-progress"],
+    again = run(  # the smoke run's options again: its backbone where it names one
+        [
+            "--agent",
+            agent,
+            *TINY_BACKBONE,
+            *TINY_BUDGETS[agent],
+            "--eval-only",
+            "--checkpoint",
+            r["checkpoint"],
+            "--no-progress",
+        ],  # fmt: skip
         cache,
         tmp_path,
     )
@@ -73,7 +82,7 @@ def test_every_agent_trains_evaluates_and_reloads(agent, cache, tmp_path):
     (evaluation,) = (tmp_path / "runs").glob(f"*__{agent}__eval__*/results.json")
     reloaded = json.loads(evaluation.read_text())
     assert reloaded["evaluated_checkpoint"] == {"path": r["checkpoint"], "stage": "done", "finished": True}
-    if agent.startswith("hybrid_") or agent in ("blockdrop", "static", "full"):  # deterministic: same on reload
+    if agent.startswith("hybrid_") or agent in ("blockdrop", "static", "full", "confidence_exit"):  # deterministic
         assert reloaded["accuracy"] == r["accuracy"] and reloaded["flops_fraction"] == r["flops_fraction"]
 
 

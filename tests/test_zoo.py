@@ -96,3 +96,21 @@ def test_model_args_are_python_literals_or_strings():
     }  # fmt: skip
     with pytest.raises(ValueError, match="key=value pairs"):
         parse_model_args(("depth",))
+
+
+def test_confidence_exit_skips_every_block_after_a_confident_prediction(vit):
+    from agents.early_exit import check_head_reads_any_depth
+    from agents.policies import ConfidenceExitPolicy
+    from tests.conftest import tiny_backbone
+
+    data = backbones.load_dataset("digits", "val")
+    never, always = ConfidenceExitPolicy(vit.head, -30.0), ConfidenceExitPolicy(vit.head, 30.0)  # confidence 1, ~0
+    assert evaluate(never, vit, data, CPU).execute_rate == [1.0, 1.0]
+    assert evaluate(always, vit, data, CPU).execute_rate == [0.0, 0.0]
+    with torch.no_grad():  # an image exits once, and stays out
+        policy = ConfidenceExitPolicy(vit.head, 0.0)
+        policy.reset(3, CPU)
+        policy.exited[1] = True
+        assert not policy.act(None, torch.randn(3, 32, 8, 8), 0)[1]
+    with pytest.raises(ValueError, match="head reads any depth"):
+        check_head_reads_any_depth(tiny_backbone(20))  # a ResNet's activations change shape
