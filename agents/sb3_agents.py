@@ -36,7 +36,7 @@ from agents.trainer import check_weights
 from backbones.batching import batches
 from backbones.checkpoint import atomic_save
 from backbones.data import Dataset
-from backbones.options import COUNT, check_options, option
+from backbones.options import COUNT, POSITIVE, check_options, option
 from backbones.progress import progress_bar
 from skipnet_env.core import SKIPNET_REWARD, BatchedRouting, RewardConfig
 
@@ -46,7 +46,7 @@ def _minibatch(env: VecEnv, n_steps: int) -> int:
     return max(1, env.num_envs * n_steps // 8)
 
 
-def _ppo_kwargs(env: VecEnv, seed: int, device: str, num_gates: int) -> dict[str, Any]:
+def _ppo_kwargs(env: VecEnv, seed: int, device: str, num_gates: int, lr: float | None) -> dict[str, Any]:
     n_steps = 2 * num_gates  # two episodes of every image per rollout
     return {
         "n_steps": n_steps,
@@ -54,47 +54,51 @@ def _ppo_kwargs(env: VecEnv, seed: int, device: str, num_gates: int) -> dict[str
         "n_epochs": 4,
         "gamma": 1.0,
         "gae_lambda": 0.95,
-        "learning_rate": 3e-4,
+        "learning_rate": 3e-4 if lr is None else lr,
         "seed": seed,
         "device": device,
         "verbose": 0,
     }
 
 
-def _ppo(env: VecEnv, seed: int, device: str, num_gates: int) -> BaseAlgorithm:
+def _ppo(env: VecEnv, seed: int, device: str, num_gates: int, lr: float | None) -> BaseAlgorithm:
     from stable_baselines3 import PPO
 
-    return PPO("MlpPolicy", env, **_ppo_kwargs(env, seed, device, num_gates))
+    return PPO("MlpPolicy", env, **_ppo_kwargs(env, seed, device, num_gates, lr))
 
 
-def _a2c(env: VecEnv, seed: int, device: str, num_gates: int) -> BaseAlgorithm:
+def _a2c(env: VecEnv, seed: int, device: str, num_gates: int, lr: float | None) -> BaseAlgorithm:
     from stable_baselines3 import A2C
 
-    return A2C("MlpPolicy", env, n_steps=num_gates, gamma=1.0, learning_rate=7e-4, seed=seed, device=device, verbose=0)
+    rate = 7e-4 if lr is None else lr
+    return A2C("MlpPolicy", env, n_steps=num_gates, gamma=1.0, learning_rate=rate, seed=seed, device=device, verbose=0)
 
 
-def _recurrent_ppo(env: VecEnv, seed: int, device: str, num_gates: int) -> BaseAlgorithm:
+def _recurrent_ppo(env: VecEnv, seed: int, device: str, num_gates: int, lr: float | None) -> BaseAlgorithm:
     from sb3_contrib import RecurrentPPO
 
     return RecurrentPPO(
         "MlpLstmPolicy",
         env,
         policy_kwargs={"lstm_hidden_size": 32, "n_lstm_layers": 1},
-        **_ppo_kwargs(env, seed, device, num_gates),
+        **_ppo_kwargs(env, seed, device, num_gates, lr),
     )
 
 
-SB3_ALGOS: dict[str, Callable[[VecEnv, int, str, int], BaseAlgorithm]] = {
+# each algorithm built on (env, seed, device, episode length, learning rate or None: its own)
+SB3_ALGOS: dict[str, Callable[[VecEnv, int, str, int, float | None], BaseAlgorithm]] = {
     "ppo": _ppo,
     "a2c": _a2c,
     "recurrent_ppo": _recurrent_ppo,
 }
 
 
-def build_model(algo: str, env: VecEnv, seed: int, device: torch.device, episode_length: int) -> BaseAlgorithm:
+def build_model(
+    algo: str, env: VecEnv, seed: int, device: torch.device, episode_length: int, learning_rate: float | None = None
+) -> BaseAlgorithm:
     """``algo`` on ``env``, its rollouts sized by the episodes' length in steps (the gated blocks
-    of ``SkipNet-v0``; 1 on ``SkipNetOneShot-v0``)."""
-    model = SB3_ALGOS[algo](env, seed, "cuda" if device.type == "cuda" else "cpu", episode_length)
+    of ``SkipNet-v0``; 1 on ``SkipNetOneShot-v0``); ``learning_rate``: the algorithm's own where ``None``."""
+    model = SB3_ALGOS[algo](env, seed, "cuda" if device.type == "cuda" else "cpu", episode_length, learning_rate)
     # SB3's default logger makes a folder in the system's temporary one at every learn(), even when it
     # writes nothing: a logger of its own writes nothing and makes none (the run logs to its TensorBoard)
     model.set_logger(Logger(folder=None, output_formats=[]))
@@ -241,6 +245,8 @@ class SB3Config:
     timesteps: int = option(150_000, COUNT)
     """SB3 agents: environment steps to train for (image-blocks; images for ppo_oneshot; 0 with --distill-epochs: the
     policy cloned from the recipe's gates, as it is)"""
+    learning_rate: float | None = option(None, POSITIVE)
+    """SB3 agents: the optimizer's learning rate (default: the algorithm's, PPO 3e-4, A2C 7e-4)"""
     distill_epochs: int = option(0, COUNT)
     """ppo, a2c on a skip-ready backbone: epochs of behaviour cloning of the recipe's gates before RL (the policy
     starts from the gates' decisions; its threshold is then calibrated to --joint-budget on validation); 0: new"""
@@ -271,7 +277,7 @@ def _sb3(algo: str, env_id: EnvId = "SkipNet-v0") -> AgentSpec:
         )
         env.seed(ctx.cfg.seed)
         episode_length = 1 if oneshot else env.get_attr("num_gates")[0]
-        return build_model(algo, env, ctx.cfg.seed, ctx.device, episode_length)
+        return build_model(algo, env, ctx.cfg.seed, ctx.device, episode_length, ctx.options.learning_rate)
 
     def policy(model: BaseAlgorithm, ctx: AgentContext, state: dict | None = None) -> RoutingPolicy:
         if oneshot:

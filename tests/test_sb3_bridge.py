@@ -93,3 +93,15 @@ def test_no_timesteps_is_only_for_a_cloned_policy():
     with pytest.raises(ValueError, match="--timesteps 0 would evaluate an untrained policy"):
         SB3Config(timesteps=0)
     assert SB3Config(timesteps=0, distill_epochs=3).timesteps == 0
+
+
+def test_an_sb3_agents_learning_rate_is_the_one_asked_for():
+    import torch
+
+    from agents.sb3_agents import build_model
+
+    net = tiny_backbone()
+    env = make_sb3_env(8, "SkipNet-v0", backbone=net, dataset=backbones.load_dataset("digits", "val"), device="cpu")
+    model = build_model("ppo", env, seed=0, device=torch.device("cpu"), episode_length=8, learning_rate=1e-5)
+    model.learn(total_timesteps=128)
+    assert [g["lr"] for g in model.policy.optimizer.param_groups] == [1e-5]
