@@ -222,10 +222,18 @@ def recipe_hrl_stages(backbone_meta: dict[str, Any]) -> list[dict[str, Any]]:
     if "val_accuracy_after" not in hrl:
         return []
     named = (("joint SP's gates", "before"), (f"after the recipe's HRL ({hrl['iterations']} it.)", "after"))
-    return [
+    lines = [
         {"stage": what, "val_accuracy": hrl[f"val_accuracy_{when}"], "val_flops_fraction": hrl[f"val_flops_{when}"]}
         for what, when in named
     ]
+    if hrl.get("kept") == "joint":  # validation handed joint SP's network on
+        lines.append(
+            {
+                "stage": "kept: joint SP's (validation, at the budget)",
+                "val_accuracy": hrl["val_accuracy_before_at_budget"],
+            }
+        )
+    return lines
 
 
 def run(

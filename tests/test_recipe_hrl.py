@@ -29,9 +29,9 @@ def joint(digits, tmp_path, monkeypatch):
     )  # fmt: skip
 
 
-def _hrl(joint, digits, iterations=4, **kw):
+def _hrl(joint, digits, iterations=4, keep="always", **kw):
     net, meta = joint
-    cfg = RecipeHRLConfig(iterations=iterations, batch=32, lr=1e-3, finetune_lr=1e-3)
+    cfg = RecipeHRLConfig(iterations=iterations, batch=32, lr=1e-3, finetune_lr=1e-3, keep=keep)
     return get_recipe_hrl(
         net, meta, digits[0], cfg, CPU, budget=0.5, seed=1, val_data=digits[1], progress=False, **kw
     )  # fmt: skip
@@ -78,3 +78,32 @@ def test_an_interrupted_hrl_stage_resumes_bit_for_bit(joint, digits, tmp_path, m
     resumed, _ = _hrl(joint, digits, path=tmp_path / "split.pt", checkpoint_every=1)
     assert fingerprint(resumed) == fingerprint(whole)
     assert not (tmp_path / "split.training.pt").exists()  # the trainer's checkpoint goes once the stage is done
+
+
+@pytest.mark.parametrize("hrl_wins", [True, False])
+def test_validation_keeps_hrl_only_where_it_scores_at_least_joint_sps_at_the_budget(
+    joint, digits, monkeypatch, hrl_wins
+):
+    """On a harder data set HRL lost 3 points to joint SP at the same FLOPs: the stage compares the
+    two calibrated to the budget on validation images and hands the better one on."""
+    from types import SimpleNamespace
+
+    import agents.recipe_hrl as stage
+    from experiments.config import RunConfig
+    from experiments.recipe import training_epochs
+
+    scores = iter([0.80, 0.85 if hrl_wins else 0.75])  # joint SP's, then HRL's, at the budget
+    monkeypatch.setattr(stage, "calibrate_threshold", lambda *a, **k: (0.0, SimpleNamespace(accuracy=next(scores))))
+    net, meta = _hrl(joint, digits, keep="validation")
+    hrl = meta["skip_ready"]["hrl"]
+    assert (hrl["val_accuracy_before_at_budget"], hrl["val_accuracy_after_at_budget"]) == (
+        0.80,
+        0.85 if hrl_wins else 0.75,
+    )
+    assert hrl["kept"] == ("hrl" if hrl_wins else "joint")
+    assert (fingerprint(net) == fingerprint(joint[0])) == (not hrl_wins)  # joint SP's network handed on
+    kept_gates = load_gates(meta["checkpoint"], net).out.weight
+    assert torch.equal(kept_gates, load_gates(joint[1]["checkpoint"], joint[0]).out.weight) == (not hrl_wins)
+    epochs = training_epochs(RunConfig(num_envs=32, eval_batch=64), {**meta, "skip_ready": {**meta["skip_ready"],
+                             "base_train_config": {"epochs": 1}}}, len(digits[0]))  # fmt: skip
+    assert ("hrl" in epochs) == hrl_wins  # a control trains as long as the network handed on was trained
