@@ -161,8 +161,9 @@ def training_epochs(cfg: RunConfig, backbone_meta: dict[str, Any], train_size: i
     epochs = {"base": float(base["epochs"])}
     if ready:
         epochs["joint_sp"] = float(ready["joint_config"]["epochs"])
-        if ready.get("hrl", {}).get("kept", "hrl") == "hrl":  # the recipe's HRL trained the network handed on
-            epochs["hrl"] = ready["hrl"]["iterations"] * ready["hrl"]["batch"] / train_size
+        hrl = ready.get("hrl")
+        if hrl and hrl.get("kept", "hrl") == "hrl":  # the recipe's HRL trained the network handed on
+            epochs["hrl"] = hrl["iterations"] * hrl["batch"] / train_size
     if cfg.agent.startswith("hybrid_") and cfg.hybrid.finetunes():
         epochs["agent_hrl"] = cfg.hybrid.stages()[1] * cfg.batch_sizes()[0] / train_size
     return epochs
