@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +34,7 @@ from agents.policies import GateRoutingPolicy
 from agents.skip_ready import JOINT_GATE_KIND, load_gates
 from agents.trainer import CHECKPOINT_EVERY
 from backbones.base import Backbone
-from backbones.cache import building, cache_dir, file_name
+from backbones.cache import building, cache_dir, content_key, file_name
 from backbones.checkpoint import atomic_save, backbone_metadata, fingerprint, load_backbone, safe_load
 from backbones.data import Dataset
 from backbones.options import COUNT, NON_NEGATIVE, POSITIVE, POSITIVE_INT, check_options, option
@@ -91,10 +89,6 @@ class RecipeHRLConfig:
         return self.iterations * self.batch / train_size
 
 
-def _key(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def recipe_hrl_identity(cfg: RecipeHRLConfig, budget: float | None, seed: int, precision: str) -> dict[str, Any]:
     """What names the stage in a checkpoint's metadata and its cache key (with the joint backbone's)."""
     return {**dataclasses.asdict(cfg), "budget": budget, "seed": seed, "precision": precision}
@@ -103,7 +97,7 @@ def recipe_hrl_identity(cfg: RecipeHRLConfig, budget: float | None, seed: int, p
 def recipe_hrl_path(joint_meta: dict[str, Any], joint_fingerprint: str, identity: dict[str, Any], data: str) -> Path:
     """Where the cache keeps the backbone HRL makes from the joint backbone ``joint_fingerprint`` (its
     gates: ``joint_meta``'s) with ``identity`` on the training images of fingerprint ``data``."""
-    key = _key(
+    key = content_key(
         {
             "version": RECIPE_HRL_VERSION,
             "joint": joint_fingerprint,

@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
-import json
 import logging
 import math
 import time
@@ -44,7 +42,7 @@ from agents.hybrid import sp_loss
 from agents.trainer import check_losses, check_weights
 from backbones.base import FIRST_GATED, Backbone
 from backbones.batching import batches
-from backbones.cache import building, cache_dir, file_name
+from backbones.cache import building, cache_dir, content_key, file_name
 from backbones.checkpoint import atomic_save, backbone_metadata, fingerprint, load_backbone, safe_load
 from backbones.data import Dataset, ImageTensors
 from backbones.device import seed_everything
@@ -285,10 +283,6 @@ def gate_identity(kind: str, options: dict[str, Any], first_gated: int = FIRST_G
     return {"kind": kind, "first_gated": first_gated, **options}
 
 
-def _key(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def joint_identity(cfg: JointConfig, seed: int) -> dict[str, Any]:
     """What names a joint SP stage in a skip-ready checkpoint and its cache key: its options and seed."""
     return {**dataclasses.asdict(cfg), "seed": seed}
@@ -305,7 +299,7 @@ def skip_ready_path(
     """Where the cache keeps the skip-ready backbone made from the base network ``base_fingerprint``
     with ``cfg`` and gates ``gates`` (kind and options) on the training images of fingerprint
     ``data``: keyed by everything that changes it."""
-    key = _key(
+    key = content_key(
         {
             "version": JOINT_SP_VERSION,
             "base": base_fingerprint,

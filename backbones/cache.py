@@ -6,6 +6,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 
 def cache_dir() -> Path:
@@ -44,3 +45,12 @@ def file_name(name: str) -> str:
 
     last = name.replace("\\", "/").rsplit("/", 1)[-1].replace(":", "-")
     return f"{last}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+
+
+def content_key(obj: Any) -> str:
+    """A short hash of ``obj`` (JSON with sorted keys; other values by ``str``): what names a cache
+    entry by everything that changes it."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
