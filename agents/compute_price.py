@@ -17,6 +17,7 @@ from torch import Tensor
 from agents.fixed import check_budget
 from agents.gates import GatePolicy
 from backbones.base import Backbone
+from backbones.distributed import Ranks
 
 # a budget's price: the dual-ascent step per SP step and the proportional gain (a gap of 0.05 between
 # spending and budget moves the multiplier by about 1 an epoch of 94 steps and the price at once by 0.1;
@@ -56,6 +57,8 @@ class ComputePrice:
         step: dual-ascent step size.
         device: where the multiplier lives.
         gain: the proportional gain.
+        ranks: on several ranks (data-parallel), the spending is the global batch's mean, so that
+            every rank holds the same price.
     """
 
     def __init__(
@@ -65,17 +68,19 @@ class ComputePrice:
         device: torch.device,
         step: float = BUDGET_STEP,
         gain: float = BUDGET_GAIN,
+        ranks: Ranks | None = None,
     ) -> None:
         if budget is not None:
             check_budget(budget)
         self.budget, self.step, self.gain = budget, step, gain
+        self.mean = (ranks or Ranks()).mean
         self.value = torch.tensor(float(alpha), device=device)  # () float32: the multiplier
 
     def weight(self, spent: Tensor) -> Tensor:
         """The price of compute ``()`` for a batch whose greedy decisions spend ``spent`` ``(B,)``."""
         if self.budget is None:
             return self.value
-        return self.value + self.gain * (spent.detach().float().mean() - self.budget)
+        return self.value + self.gain * (self.mean(spent.detach().float()) - self.budget)
 
     def warmup(self, epoch: int, epochs: int) -> float:
         """The scale of a fixed ``alpha`` in ``epoch`` (from 0) of a linear warm-up over ``epochs``
@@ -94,7 +99,7 @@ class ComputePrice:
         (any shape) of the last batch."""
         if self.budget is not None:
             step = self.step if step is None else step
-            self.value = self.value + step * (spent.detach().float().mean() - self.budget)
+            self.value = self.value + step * (self.mean(spent.detach().float()) - self.budget)
 
     def state_dict(self) -> dict[str, Tensor]:
         return {"value": self.value}

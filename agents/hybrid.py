@@ -37,7 +37,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from typing_extensions import Unpack
 
 from agents.compute_price import BUDGET_STEP_HRL, ComputePrice, SpendingMeter
@@ -160,9 +160,20 @@ def sp_forward(
     return backbone.head(h).float(), torch.stack(executed, dim=1), torch.stack(greedy, dim=1)
 
 
+class SPNetwork(nn.Module):
+    """A backbone and its gates as one module whose forward is :func:`sp_forward`: what SP trains
+    and what ``DistributedDataParallel`` wraps to train it on several ranks."""
+
+    def __init__(self, backbone: Any, gates: GatePolicy) -> None:
+        super().__init__()
+        self.backbone, self.gates = backbone, gates
+
+    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        return sp_forward(self.backbone, self.gates, x, generator)
+
+
 def sp_loss(
-    net: Any,
-    gates: GatePolicy,
+    net: nn.Module,
     x: Tensor,
     y: Tensor,
     noise: torch.Generator | None,
@@ -170,11 +181,12 @@ def sp_loss(
     price: ComputePrice,
     ramp: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """SP's loss on one batch, for the hybrid trainer's SP and joint SP alike: cross-entropy through
+    """SP's loss on one batch of :class:`SPNetwork` ``net`` (or its DDP wrapper), for the hybrid
+    trainer's SP and joint SP alike: cross-entropy through
     hard gates plus the compute the executed blocks add, priced by ``price`` (scaled by ``ramp``)
     from what the greedy gates spend; the straight-through gradient reaches the gates through both.
     Moves a budget's price by that spending. Returns ``(loss, executed (B, N), spending (B,))``."""
-    logits, executed, greedy = sp_forward(net, gates, x, noise)
+    logits, executed, greedy = net(x, noise)
     spending = meter.spent(greedy)  # (B,) what the gates would spend at evaluation
     cost = price.loss(executed @ meter.cost, spending, ramp)
     price.update(spending)  # the cost above holds the price it was computed with
@@ -336,13 +348,14 @@ class HybridTrainer(Trainer):
         meter = SpendingMeter(self.backbone, self.gates, self.device)
         # a frozen backbone runs on the execution engine (BN folded; bf16, channels_last on CUDA):
         # the gradient reaches the gates through its activations, not its weights
-        sp_net = self.backbone if self.finetune else freeze(self.backbone, precision=self.precision)
+        routed = self.backbone if self.finetune else freeze(self.backbone, precision=self.precision)
+        sp_net = SPNetwork(routed, self.gates)
         for epoch in range(self.done_units, self.sp_epochs):
             ramp = self.price.warmup(epoch, cfg.sp_alpha_warmup)
             losses, spent = [], []
             for x, y in batches(self.data, cfg.sp_batch, self.device, train=True, generator=self.generator):
                 noise = self.action_generator if cfg.sp_sample else None
-                loss, executed, spending = sp_loss(sp_net, self.gates, x, y, noise, meter, self.price, ramp)
+                loss, executed, spending = sp_loss(sp_net, x, y, noise, meter, self.price, ramp)
                 self.sp_opt.zero_grad(set_to_none=True)
                 loss.backward()
                 self.sp_opt.step()

@@ -38,7 +38,7 @@ import torch
 
 from agents.compute_price import ComputePrice, SpendingMeter
 from agents.gates import GatePolicy, create_gates
-from agents.hybrid import sp_loss
+from agents.hybrid import SPNetwork, sp_loss
 from agents.trainer import check_losses, check_weights
 from backbones.base import FIRST_GATED, Backbone
 from backbones.batching import batches
@@ -46,6 +46,7 @@ from backbones.cache import building, cache_dir, content_key, file_name
 from backbones.checkpoint import atomic_save, backbone_metadata, fingerprint, load_backbone, safe_load
 from backbones.data import Dataset, ImageTensors
 from backbones.device import seed_everything
+from backbones.distributed import ranks, synced_batchnorm
 from backbones.options import COUNT, FLOPS_FRACTION, NON_NEGATIVE, POSITIVE, POSITIVE_INT, UNIT, check_options, option
 from backbones.progress import progress_bar
 from backbones.train import full_accuracy
@@ -159,13 +160,20 @@ class JointTrainer:
             self.backbone_opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
         )
         self.gate_opt = torch.optim.Adam(self.gates.parameters(), lr=cfg.gate_lr)
-        self.generator = torch.Generator().manual_seed(seed)  # data order
-        self.noise = torch.Generator(device=device).manual_seed(seed + 1)  # the gates' samples
-        self.price = ComputePrice(cfg.alpha, cfg.budget, device)
+        self.ranks = here = ranks()  # under torchrun: each rank its part of every batch, rank 0 writes
+        self.generator = torch.Generator().manual_seed(seed)  # data order (the same on every rank)
+        # the gates' samples and the augmentation: each rank its own stream
+        self.noise = torch.Generator(device=device).manual_seed(seed + 1 + 1_000_003 * here.rank)
+        if here.distributed:
+            torch.manual_seed(seed + 1_000_003 * here.rank)
+        self.price = ComputePrice(cfg.alpha, cfg.budget, device, ranks=here)
         self.epoch = 0
         self.history: list[dict[str, float]] = []
 
     def save(self, complete: bool, **extra: Any) -> None:
+        streams = self.ranks.gather((torch.get_rng_state(), self.noise.get_state()))  # every rank's
+        if not self.ranks.main:
+            return
         meta = backbone_metadata(
             self.backbone,
             self.dataset,
@@ -185,6 +193,7 @@ class JointTrainer:
                 "generator": self.generator.get_state(),
                 "noise": self.noise.get_state(),
                 "torch_rng": torch.get_rng_state(),
+                **({"world": self.ranks.world, "rank_streams": streams} if self.ranks.distributed else {}),
                 "epoch": self.epoch,
                 "price": self.price.state_dict(),
             },
@@ -192,28 +201,45 @@ class JointTrainer:
         )
 
     def resume(self, state: dict[str, Any]) -> None:
-        """Continue from an unfinished checkpoint of this stage, bit for bit."""
+        """Continue from an unfinished checkpoint of this stage, bit for bit (on as many ranks as
+        wrote it: each rank's random streams are its own)."""
+        if state.get("world", 1) != self.ranks.world:
+            raise ValueError(
+                f"{self.checkpoint} is joint SP on {state.get('world', 1)} rank(s), resumed on {self.ranks.world}: "
+                f"resume it on {state.get('world', 1)} rank(s) (each rank's random streams are in the checkpoint)"
+            )
         self.backbone.load_state_dict(state["model"])
         self.gates.load_state_dict(state["gates"])
         self.backbone_opt.load_state_dict(state["backbone_opt"])
         self.schedule.load_state_dict(state["schedule"])
         self.gate_opt.load_state_dict(state["gate_opt"])
         self.generator.set_state(state["generator"])
-        self.noise.set_state(state["noise"].cpu())
-        torch.set_rng_state(state["torch_rng"])
+        torch_rng, noise = state["rank_streams"][self.ranks.rank] if self.ranks.distributed else (
+            state["torch_rng"], state["noise"])  # fmt: skip
+        self.noise.set_state(noise.cpu())
+        torch.set_rng_state(torch_rng.cpu())
         self.price.load_state_dict(state["price"])
         self.epoch = int(state["epoch"])
         self.history = list(state["metadata"]["skip_ready"].get("history", []))
         log.info("resuming joint SP %s at epoch %d", self.checkpoint, self.epoch)
 
     def train(self, val_data: Dataset | None = None) -> tuple[Backbone, GatePolicy]:
-        cfg = self.cfg
+        with synced_batchnorm(self.backbone, self.device, self.ranks):  # the global batch's statistics
+            self._train_epochs(val_data)
+        self.ranks.barrier()  # rank 0 has written the last checkpoint
+        self.backbone.eval().requires_grad_(False)
+        self.gates.eval()
+        return self.backbone, self.gates
+
+    def _train_epochs(self, val_data: Dataset | None) -> None:
+        cfg, here = self.cfg, self.ranks
+        net = here.wrap(SPNetwork(self.backbone, self.gates), self.device)
         meter = SpendingMeter(self.backbone, self.gates, self.device)
         bar = progress_bar(
             total=self.epochs * self.steps_per_epoch,
             initial=self.epoch * self.steps_per_epoch,
             desc="joint SP (backbone + gates)",
-            enabled=self.progress,
+            enabled=self.progress and here.main,
         )
         for epoch in range(self.epoch, self.epochs):
             t0 = time.perf_counter()
@@ -222,14 +248,20 @@ class JointTrainer:
             ramp = self.price.warmup(epoch, cfg.alpha_warmup)
             losses, rates, spent = [], [], []
             for x, y in batches(
-                self.data, cfg.batch_size, self.device, train=True, shift=cfg.shift, generator=self.generator
+                self.data,
+                cfg.batch_size,
+                self.device,
+                train=True,
+                shift=cfg.shift,
+                generator=self.generator,
+                ranks=here,
             ):
                 noise = self.noise if cfg.sample else None
-                loss, executed, spending = sp_loss(self.backbone, self.gates, x, y, noise, meter, self.price, ramp)
+                loss, executed, spending = sp_loss(net, x, y, noise, meter, self.price, ramp)
                 spent.append(spending.mean())
                 self.backbone_opt.zero_grad(set_to_none=True)
                 self.gate_opt.zero_grad(set_to_none=True)
-                loss.backward()
+                here.global_mean(loss, len(y)).backward()
                 self.backbone_opt.step()
                 self.gate_opt.step()
                 self.schedule.step()
@@ -265,12 +297,10 @@ class JointTrainer:
             done = self.epoch == self.epochs
             extra: dict[str, Any] = {}
             if done and val_data is not None:
-                extra["val_accuracy_all_blocks"] = full_accuracy(self.backbone.eval(), val_data, self.device)
+                val = full_accuracy(self.backbone.eval(), val_data, self.device, ranks=here)
+                extra["val_accuracy_all_blocks"] = val
             self.save(complete=done, **extra)
         bar.close()
-        self.backbone.eval().requires_grad_(False)
-        self.gates.eval()
-        return self.backbone, self.gates
 
 
 # the gates joint SP trains beside the backbone (the recurrent gate, with the run's --rnn-* options)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from backbones.data import Dataset, FolderImages, ImageTensors
+from backbones.distributed import Ranks
 
 
 def loader_workers(requested: int) -> int:
@@ -30,12 +31,29 @@ def data_loader(
     drop_last: bool = False,
     num_workers: int = 0,
     generator: torch.Generator | None = None,
+    ranks: Ranks | None = None,
 ) -> torch.utils.data.DataLoader:
-    """The ``DataLoader`` an image folder streams through (workers capped at the cores)."""
+    """The ``DataLoader`` an image folder streams through (workers capped at the cores). On
+    ``ranks`` (data-parallel), this rank's share: a ``DistributedSampler`` for training (its
+    shuffle seeded from ``generator``, the same on every rank), every ``world``-th image for
+    evaluation (no image twice); ``batch_size`` is then the global batch, split evenly."""
+    dataset: torch.utils.data.Dataset = data.dataset
+    sampler: torch.utils.data.Sampler | None = None
+    if ranks is not None and ranks.distributed:
+        if batch_size % ranks.world:
+            raise ValueError(f"a batch of {batch_size} images does not split over {ranks.world} ranks: give a multiple")
+        batch_size //= ranks.world
+        if shuffle:
+            seed = int(torch.randint(2**62, (1,), generator=generator))
+            sampler = torch.utils.data.DistributedSampler(dataset, ranks.world, ranks.rank, shuffle=True, seed=seed)
+            shuffle = False
+        else:
+            dataset = torch.utils.data.Subset(dataset, range(ranks.rank, len(data), ranks.world))
     return torch.utils.data.DataLoader(
-        data.dataset,
+        dataset,
         batch_size=batch_size,
         shuffle=shuffle,
+        sampler=sampler,
         num_workers=loader_workers(num_workers),
         pin_memory=device.type == "cuda",
         drop_last=drop_last,
@@ -67,9 +85,11 @@ def batches(
     shift: int = 0,
     num_workers: int = 0,
     generator: torch.Generator | None = None,
+    ranks: Ranks | None = None,
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """Normalised image batches ``(B, C, H, W)`` and labels ``(B,)`` on ``device``; shuffled and
-    augmented when ``train``."""
+    augmented when ``train``. On ``ranks`` (data-parallel), this rank's part of each batch: the
+    ranks draw the same order (``generator``) and each takes its slice of every global batch."""
     if isinstance(data, ImageTensors):
         data = data.to(device)
         n = len(data)
@@ -78,6 +98,8 @@ def batches(
         )
         for start in range(0, n, batch_size):
             idx = order[start : start + batch_size]
+            if ranks is not None:
+                idx = ranks.part(idx)
             x = data.images[idx]
             if train:
                 x = random_shift(x, shift)
@@ -86,6 +108,8 @@ def batches(
                     x = torch.where(flip[:, None, None, None], x.flip(-1), x)
             yield data.normalize(x), data.labels[idx]
     else:
-        loader = data_loader(data, batch_size, device, shuffle=train, num_workers=num_workers, generator=generator)
+        loader = data_loader(
+            data, batch_size, device, shuffle=train, num_workers=num_workers, generator=generator, ranks=ranks
+        )
         for x, y in loader:
             yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)

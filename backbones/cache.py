@@ -19,16 +19,27 @@ def building(path: Path) -> Iterator[None]:
     """Hold an exclusive lock on ``path``'s cache entry while it is built: a second process (a
     sweep's other trial, a comparison run beside it) that wants the same entry waits, then finds it
     finished, instead of training it a second time into the same file. An advisory ``flock`` on
-    ``<path>.lock``; where the platform has none (Windows), no lock."""
+    ``<path>.lock``; where the platform has none (Windows), no lock.
+
+    In a data-parallel job the ranks build the entry together: rank 0 takes the lock, and the
+    others go on only once it holds it (so that they all find the entry as rank 0 does)."""
+    from backbones.distributed import ranks
+
+    here = ranks()
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not POSIX
         yield
         return
+    if not here.main:
+        here.barrier()
+        yield
+        return
     with open(path.with_name(path.name + ".lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
+            here.barrier()
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)

@@ -24,6 +24,7 @@ from backbones.batching import batches
 from backbones.checkpoint import atomic_save, backbone_metadata, check_metadata, load_backbone, safe_load
 from backbones.data import Dataset, data_fingerprint, load_splits, with_flip
 from backbones.device import resolve_device, seed_everything
+from backbones.distributed import Ranks, ranks, synced_batchnorm
 from backbones.progress import progress_bar
 from backbones.registry import create, options
 from backbones.splits import SPLITS
@@ -134,35 +135,58 @@ def make_optimizer(cfg: TrainConfig, backbone: Backbone) -> torch.optim.Optimize
     )
 
 
+def train_step(
+    net: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    here: Ranks,
+) -> torch.Tensor:
+    """One step of the base trainer on this rank's images ``x`` and labels ``y`` (``net``: the
+    backbone, or its DDP wrapper); returns the loss. A non-finite loss raises ``FloatingPointError``
+    before the weights change."""
+    loss = F.cross_entropy(net(x), y)
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"loss is {loss.item()}")
+    optimizer.zero_grad(set_to_none=True)
+    here.global_mean(loss, len(y)).backward()
+    optimizer.step()
+    scheduler.step()
+    return loss
+
+
 @torch.no_grad()
-def full_accuracy(backbone: Backbone, data: Dataset, device: torch.device, batch_size: int = 512) -> float:
-    """Top-1 accuracy of the full network on ``data``."""
+def full_accuracy(
+    backbone: Backbone, data: Dataset, device: torch.device, batch_size: int = 512, ranks: Ranks | None = None
+) -> float:
+    """Top-1 accuracy of the full network on ``data`` (on ``ranks``: each rank counts its part)."""
     was_training = backbone.training
     backbone.eval()
-    correct = total = 0
-    for x, y in batches(data, batch_size, device, train=False):
-        correct += int((backbone(x).argmax(1) == y).sum())
-        total += y.numel()
+    counts = torch.zeros(2, dtype=torch.int64, device=device)  # correct, total
+    for x, y in batches(data, batch_size, device, train=False, ranks=ranks):
+        counts += torch.stack([(backbone(x).argmax(1) == y).sum(), torch.tensor(y.numel(), device=device)])
     backbone.train(was_training)
+    correct, total = (ranks.sum(counts) if ranks is not None else counts).tolist()
     return correct / max(total, 1)
 
 
 def train(cfg: TrainConfig, splits: dict[str, Dataset] | None = None) -> tuple[Backbone, dict[str, Any]]:
     """Train (or resume, or reuse a finished run of) ``cfg``; returns the backbone in eval mode and
     its checkpoint metadata. ``splits``: the data, when the caller has loaded it
-    (``backbones.data.load_splits``).
+    (``backbones.data.load_splits``). Under ``torchrun`` every rank trains on its part of each
+    batch (:mod:`backbones.distributed`) and rank 0 writes.
 
     The checkpoint records the data's fingerprint: a checkpoint made on other data (another
     ``--data-root``, a changed file) is never resumed nor reused."""
-    from torch.utils.tensorboard import SummaryWriter
-
     device = resolve_device(cfg.device)
+    here = ranks()
     path = cfg.checkpoint_path
     splits = splits or load_splits(cfg.dataset, cfg.data_root, cfg.download, cfg.image_size)
     train_data, val_data, test_data = (splits[s] for s in SPLITS)
     train_data = with_flip(train_data, cfg.flip)
     arch_kwargs = cfg.arch_kwargs(train_data)
-    expected = {
+    expected: dict[str, Any] = {
         "arch": cfg.arch,
         "dataset": cfg.dataset,
         "num_classes": train_data.num_classes,
@@ -170,12 +194,16 @@ def train(cfg: TrainConfig, splits: dict[str, Dataset] | None = None) -> tuple[B
         "arch_kwargs": arch_kwargs,
         "data_fingerprint": data_fingerprint(splits.values()),
     }
-    config_dict = dataclasses.asdict(cfg)
-
     state = None
     if cfg.resume and path.is_file():
         state = safe_load(path, map_location=device)
         check_metadata(state["metadata"], path, **expected)
+        if state.get("world", 1) != here.world and not state["metadata"].get("complete"):
+            raise ValueError(
+                f"{path} is a run on {state.get('world', 1)} rank(s), resumed on {here.world}: each rank's "
+                f"augmentation draws its own random stream, which the checkpoint holds per rank; resume it on "
+                f"{state.get('world', 1)} rank(s), or give a new --out"
+            )
         if state["metadata"].get("complete"):
             log.info("reusing finished backbone %s", path)
             return load_backbone(path, map_location=device, arch=cfg.arch, dataset=cfg.dataset)
@@ -184,6 +212,8 @@ def train(cfg: TrainConfig, splits: dict[str, Dataset] | None = None) -> tuple[B
     backbone = create(cfg.arch, num_classes=train_data.num_classes, **arch_kwargs).to(device)
     if cfg.drop_rate > 0:
         backbone.set_stochastic_depth(cfg.drop_rate, schedule=cfg.drop_schedule)
+    if here.distributed:  # the same initial weights, then each rank its own augmentation and drops
+        torch.manual_seed(cfg.seed + 1_000_003 * here.rank)
 
     epochs = cfg.total_epochs
     steps_per_epoch = math.ceil(len(train_data) / cfg.batch_size)
@@ -197,14 +227,47 @@ def train(cfg: TrainConfig, splits: dict[str, Dataset] | None = None) -> tuple[B
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
+        torch.set_rng_state(state["rank_rngs"][here.rank] if here.distributed else state["torch_rng"])
         start_epoch, run_name = state["epoch"], state["run_name"]
         log.info("resuming %s from epoch %d", path, start_epoch)
 
-    writer = SummaryWriter(str(Path(cfg.log_dir) / run_name))
-    writer.add_text("hyperparameters", "\n".join(f"|{k}|{v}|" for k, v in config_dict.items()))
+    with synced_batchnorm(backbone, device, here):
+        _train_epochs(cfg, backbone, (train_data, val_data, test_data), here, device, start_epoch, run_name,
+                      (optimizer, scheduler, generator), expected["data_fingerprint"])  # fmt: skip
+    here.barrier()  # rank 0 has written the last checkpoint
+    backbone.eval()
+    meta = safe_load(path)["metadata"]
+    log.info("trained %s on %s: test accuracy %.4f (%s)", cfg.arch, cfg.dataset, meta.get("test_accuracy", -1), path)
+    return backbone, meta
+
+
+def _train_epochs(
+    cfg: TrainConfig,
+    backbone: Backbone,
+    splits: tuple[Dataset, Dataset, Dataset],
+    here: Ranks,
+    device: torch.device,
+    start_epoch: int,
+    run_name: str,
+    state: tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler, torch.Generator],
+    data_fingerprint: str,
+) -> None:
+    """The epochs of :func:`train` from ``start_epoch``, a checkpoint after each (rank 0 writes)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    train_data, val_data, test_data = splits
+    optimizer, scheduler, generator = state
+    path, config_dict, epochs = cfg.checkpoint_path, dataclasses.asdict(cfg), cfg.total_epochs
+    steps_per_epoch = math.ceil(len(train_data) / cfg.batch_size)
+    net = here.wrap(backbone, device)
+    writer = SummaryWriter(str(Path(cfg.log_dir) / run_name)) if here.main else None
+    if writer is not None:
+        writer.add_text("hyperparameters", "\n".join(f"|{k}|{v}|" for k, v in config_dict.items()))
     bar = progress_bar(
-        total_steps, f"train {cfg.arch} on {cfg.dataset}", cfg.progress, initial=start_epoch * steps_per_epoch
+        epochs * steps_per_epoch,
+        f"train {cfg.arch} on {cfg.dataset}",
+        cfg.progress and here.main,
+        initial=start_epoch * steps_per_epoch,
     )
     val_acc = 0.0
     backbone.train()
@@ -218,19 +281,17 @@ def train(cfg: TrainConfig, splits: dict[str, Dataset] | None = None) -> tuple[B
             shift=cfg.shift,
             num_workers=cfg.num_workers,
             generator=generator,
+            ranks=here,
         ):
-            loss = F.cross_entropy(backbone(x), y)
-            if not torch.isfinite(loss):
+            try:
+                loss = train_step(net, x, y, optimizer, scheduler, here)
+            except FloatingPointError as err:
                 raise FloatingPointError(
-                    f"loss is {loss.item()} at epoch {epoch}: lower --lr; the last good checkpoint ({path}) is kept"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
+                    f"{err} at epoch {epoch}: lower --lr; the last good checkpoint ({path}) is kept"
+                ) from None
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{val_acc:.3f}")
-        val_acc = full_accuracy(backbone, val_data, device)
+        val_acc = full_accuracy(backbone, val_data, device, ranks=here)
         step = (epoch + 1) * steps_per_epoch
         log.info(
             "backbone %s epoch %d/%d: loss %.4f, validation accuracy %.4f (%.1f s)",
@@ -241,20 +302,28 @@ def train(cfg: TrainConfig, splits: dict[str, Dataset] | None = None) -> tuple[B
             val_acc,
             time.perf_counter() - t0,
         )
-        writer.add_scalar("losses/train_loss", loss.item(), step)
-        writer.add_scalar("charts/val_accuracy", val_acc, step)
-        writer.add_scalar("charts/learning_rate", scheduler.get_last_lr()[0], step)
-        writer.add_scalar("charts/epoch_seconds", time.perf_counter() - t0, step)
+        scalars = {
+            "losses/train_loss": loss.item(),
+            "charts/val_accuracy": val_acc,
+            "charts/learning_rate": scheduler.get_last_lr()[0],
+            "charts/epoch_seconds": time.perf_counter() - t0,
+        }
         done = epoch + 1 == epochs
         extra: dict[str, Any] = {
             "complete": done,
             "val_accuracy": val_acc,
             "train_config": config_dict,
-            "data_fingerprint": expected["data_fingerprint"],
+            "data_fingerprint": data_fingerprint,
         }
         if done:
-            extra["test_accuracy"] = full_accuracy(backbone, test_data, device)
-            writer.add_scalar("charts/test_accuracy", extra["test_accuracy"], step)
+            extra["test_accuracy"] = scalars["charts/test_accuracy"] = full_accuracy(
+                backbone, test_data, device, ranks=here
+            )
+        rank_rngs = here.gather(torch.get_rng_state())  # every rank's augmentation stream, for an exact resume
+        if writer is None:
+            continue
+        for tag, value in scalars.items():
+            writer.add_scalar(tag, value, step)
         atomic_save(
             {
                 "metadata": backbone_metadata(backbone, cfg.dataset, **extra),
@@ -263,14 +332,12 @@ def train(cfg: TrainConfig, splits: dict[str, Dataset] | None = None) -> tuple[B
                 "scheduler": scheduler.state_dict(),
                 "generator": generator.get_state(),
                 "torch_rng": torch.get_rng_state(),
+                **({"world": here.world, "rank_rngs": rank_rngs} if here.distributed else {}),
                 "epoch": epoch + 1,
                 "run_name": run_name,
             },
             path,
         )
     bar.close()
-    writer.close()
-    backbone.eval()
-    meta = safe_load(path)["metadata"]
-    log.info("trained %s on %s: test accuracy %.4f (%s)", cfg.arch, cfg.dataset, meta.get("test_accuracy", -1), path)
-    return backbone, meta
+    if writer is not None:
+        writer.close()

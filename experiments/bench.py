@@ -325,7 +325,7 @@ def reexec_with_malloc_settings() -> None:
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC_ENV})
 
 
-PARTS = ("forward", "throughput", "savings", "recipe", "static", "data")
+PARTS = ("forward", "throughput", "savings", "recipe", "static", "data", "ddp")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -424,6 +424,17 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{r['epoch_s']:.1f} | {r['epoch_over_built_in']:.2f}x |"
             )
         print()
+    if "ddp" in args.parts:
+        from experiments.data_parallel import bench_ddp  # torchrun jobs of their own
+
+        shape = ["--backbone", args.backbone, "--width", str(args.width), "--in-channels", str(args.in_channels)]
+        shape += ["--image-size", str(args.image_size), "--device", str(device)]
+        r = result["ddp"] = bench_ddp(shape, args.rounds)
+        print("## Data-parallel training (the base trainer's step, global batch 128, one thread per rank)\n")
+        print(
+            f"1 rank: {r['one_rank_images_per_s']:.0f} images/s; 2 ranks: {r['2_ranks_images_per_s']:.0f} images/s; "
+            f"speed-up {r['speedup']:.2f}x (medians of {r['rounds']} interleaved rounds)\n"
+        )
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2))

@@ -11,12 +11,14 @@ import ast
 import dataclasses
 import functools
 import inspect
+import os
 import sys
 import textwrap
 import types
 import typing
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, TypeVar, cast
 
 from agents.registry import import_agents
@@ -159,11 +161,21 @@ def agents_from(argv: Sequence[str]) -> list[str]:
 
 
 def parse(
-    cls: type[T], argv: Sequence[str] | None = None, description: str | None = None, epilog: str | None = None
+    cls: type[T],
+    argv: Sequence[str] | None = None,
+    description: str | None = None,
+    epilog: str | None = None,
+    data_parallel: bool = False,
 ) -> T:
     """Parse ``argv`` (default: ``sys.argv[1:]``) into configuration ``cls`` (the agents of
-    ``--agents-from`` imported first)."""
+    ``--agents-from`` imported first). Under ``torchrun`` with more than one rank, only an entry
+    point that trains on ranks (``data_parallel``) goes on; the others say so, before any work."""
     argv = sys.argv[1:] if argv is None else argv
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not data_parallel:
+        raise ValueError(
+            f"{Path(sys.argv[0]).name} does not run on several ranks: run it as one process (python, not torchrun); "
+            "experiments/run.py and experiments.train_backbone train on several (README: More than one GPU)"
+        )
     for source in agents_from(argv):
         import_agents(source)
     values = vars(build_parser(cls, description, epilog).parse_args(argv))

@@ -31,6 +31,7 @@ from agents.statistics import bootstrap_ci, paired_difference
 from backbones.checkpoint import CheckpointMismatchError, atomic_save, fingerprint, mismatches, safe_load
 from backbones.data import Dataset, data_fingerprint, groups_of
 from backbones.device import resolve_device, seed_everything
+from backbones.distributed import end, start, stop
 from backbones.options import build, current_names, flag, flatten, option_fields, replace
 from backbones.registry import options as backbone_options
 from experiments.cli import given_fields, one_line_errors, parse
@@ -371,9 +372,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     argv = sys.argv[1:] if argv is None else argv
     with one_line_errors(argv):
-        cfg = parse(RunConfig, argv, description=__doc__.strip().splitlines()[0], epilog=agents_listed())
-        result = run(cfg, given_fields(RunConfig, argv))
+        cfg = parse(
+            RunConfig, argv, description=__doc__.strip().splitlines()[0], epilog=agents_listed(), data_parallel=True
+        )
+        here, device = start(cfg.device)  # under torchrun: the recipe's training stages on every rank
+        if here.distributed:
+            cfg = replace(cfg, device=str(device))
+        try:
+            result = run(cfg, given_fields(RunConfig, argv))
+        finally:
+            stop()
     print(format_table(result))
+    end(here)  # under torchrun: rank 0, alone since joint SP, ends here
     return result
 
 

@@ -1,0 +1,101 @@
+"""Training images per second of the base trainer on N ranks: what ``bench.py --parts ddp`` measures.
+
+Run by bench.py under ``torchrun --nproc-per-node N`` (one thread each on a CPU), it trains the
+backbone with the base trainer's own step (:func:`backbones.train.train_step`: DDP, the global
+batch split over the ranks, BatchNorm synchronised) on random images of the backbone's input size,
+and rank 0 prints one JSON line: ``{"ranks": N, "images_per_s": ...}``. The global batch is the
+same on every N (``--batch``), so the figures compare like with like.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+import torch
+
+from backbones.distributed import end, start, stop, synced_batchnorm
+from backbones.train import train_step
+
+
+def measure(argv: list[str] | None = None) -> dict[str, float]:
+    """On every rank of the job: ``--warmup`` steps, then ``--steps`` timed; rank 0 prints the figures."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--backbone", default="cifar_resnet38")
+    p.add_argument("--width", type=float, default=0.5)
+    p.add_argument("--in-channels", type=int, default=1)
+    p.add_argument("--image-size", type=int, default=24)
+    p.add_argument("--batch", type=int, default=128, help="the global batch (split over the ranks)")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    from experiments.bench import registry_backbone, synthetic
+
+    here, device = start(args.device)
+    device = torch.device(device)
+    net = registry_backbone(args.backbone, args.width, args.in_channels, args.image_size, ()).to(device).train()
+    data = synthetic(args.batch, net.input_size, 10)  # one global batch, reused: the step is what is timed
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    index = here.part(torch.arange(args.batch))
+    x = data.normalize(data.images[index].to(device)).float()
+    y = data.labels[index].to(device)
+    with synced_batchnorm(net, device, here):
+        ddp = here.wrap(net, device)
+        seconds = 0.0
+        for step in range(args.warmup + args.steps):
+            here.barrier()
+            t0 = time.perf_counter()
+            train_step(ddp, x, y, optimizer, scheduler, here)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if step >= args.warmup:
+                seconds += time.perf_counter() - t0
+        del ddp  # DDP's reducer goes before the process group does (else its threads abort the process)
+    seconds = float(here.sum(torch.tensor(seconds)).item()) / here.world  # the ranks' mean
+    here.barrier()  # every rank done before any leaves the group
+    stop()
+    result = {"ranks": here.world, "images_per_s": args.batch * args.steps / seconds, "step_s": seconds / args.steps}
+    if here.main:
+        print(json.dumps(result))
+    end(here)
+    return result
+
+
+def throughput(ranks: int, args: list[str], timeout: float = 900) -> dict[str, float]:
+    """:func:`measure` under ``torchrun --nproc-per-node ranks`` (one thread per rank), from a new process."""
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
+    done = subprocess.run(
+        [sys.executable, *launcher, "-m", "experiments.data_parallel", *args],
+        capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise RuntimeError(f"the {ranks}-rank measurement failed:\n{done.stderr[-6000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def bench_ddp(args: list[str], rounds: int, world: int = 2) -> dict[str, Any]:
+    """Images/s on 1 rank and on ``world`` ranks, ``rounds`` interleaved rounds; the medians and their ratio."""
+    figures: dict[int, list[float]] = {1: [], world: []}
+    for _ in range(rounds):
+        for n in figures:
+            figures[n].append(throughput(n, args)["images_per_s"])
+    median = {n: statistics.median(v) for n, v in figures.items()}
+    return {
+        "one_rank_images_per_s": median[1],
+        f"{world}_ranks_images_per_s": median[world],
+        "speedup": median[world] / median[1],
+        "rounds": rounds,
+        "all": {str(n): v for n, v in figures.items()},
+    }
+
+
+if __name__ == "__main__":
+    measure()

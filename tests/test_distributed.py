@@ -1,0 +1,165 @@
+"""Data-parallel training (backbones.distributed): on two CPU processes with gloo, the base trainer
+and joint SP end where one process ends on the whole batches; a resumed two-rank run ends where an
+uninterrupted one does; a rank that dies ends the job. The jobs run tests/distributed_worker.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from backbones.batching import batches, data_loader
+from backbones.data import FolderImages, ImageTensors
+from backbones.distributed import Ranks, synced_batchnorm
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER = ROOT / "tests" / "distributed_worker.py"
+
+
+def job(case: str, out: Path, ranks: int, timeout: float = 300) -> subprocess.CompletedProcess:
+    """The worker's ``case`` on ``ranks`` processes (torchrun), or alone (``ranks == 0``)."""
+    out.mkdir(parents=True, exist_ok=True)
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"] if ranks else []
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "SKIPNET_DIST_TIMEOUT": "60"}
+    return subprocess.run(
+        [sys.executable, *launcher, str(WORKER), case, str(out)],
+        capture_output=True, text=True, env=env, timeout=timeout,
+    )  # fmt: skip
+
+
+def weights(out: Path) -> dict[str, dict[str, torch.Tensor]]:
+    return torch.load(out / "weights.pt", weights_only=True)
+
+
+def tiny_images(n: int = 23) -> ImageTensors:
+    images = torch.arange(n * 16, dtype=torch.int64).remainder(256).to(torch.uint8).reshape(n, 1, 4, 4)
+    return ImageTensors(images, torch.arange(n) % 3, 3, (0.5,), (0.25,), "tiny")
+
+
+def test_each_rank_takes_its_part_of_every_global_batch():
+    data = tiny_images()
+    alone = list(batches(data, 8, torch.device("cpu"), train=True, generator=torch.Generator().manual_seed(0)))
+    parts = [
+        list(batches(data, 8, torch.device("cpu"), train=True, generator=torch.Generator().manual_seed(0), ranks=r))
+        for r in (Ranks(0, 2), Ranks(1, 2))
+    ]
+    assert len(parts[0]) == len(parts[1]) == len(alone) == 3
+    for (x, y), (x0, y0), (x1, y1) in zip(alone, *parts):
+        assert torch.equal(torch.cat([x0, x1]), x) and torch.equal(torch.cat([y0, y1]), y)
+    assert [len(y) for _, y in parts[0]] == [4, 4, 4] and [len(y) for _, y in parts[1]] == [4, 4, 3]
+
+
+def test_image_folders_are_sharded_by_a_sampler_in_training_and_split_in_evaluation():
+    data = FolderImages(
+        torch.utils.data.TensorDataset(torch.zeros(10, 1, 2, 2), torch.arange(10)), 10, (1, 2, 2), "f", ""
+    )
+    seen = [
+        [int(i) for _, y in data_loader(data, 4, torch.device("cpu"), shuffle=False, ranks=Ranks(r, 2)) for i in y]
+        for r in (0, 1)
+    ]
+    assert sorted(seen[0] + seen[1]) == list(range(10))  # evaluation: every image once
+    g = [torch.Generator().manual_seed(0) for _ in range(2)]
+    train = [
+        [
+            int(i)
+            for _, y in data_loader(data, 4, torch.device("cpu"), shuffle=True, generator=g[r], ranks=Ranks(r, 2))
+            for i in y
+        ]
+        for r in (0, 1)
+    ]
+    assert len(train[0]) == len(train[1]) == 5 and set(train[0] + train[1]) == set(range(10))
+    with pytest.raises(ValueError, match="does not split over 2 ranks"):
+        data_loader(data, 5, torch.device("cpu"), shuffle=True, ranks=Ranks(0, 2))
+
+
+def test_a_single_process_is_left_as_it_is():
+    here, net, loss = Ranks(), torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1), torch.nn.BatchNorm2d(2)), torch.ones(())
+    assert not here.distributed and here.main and here.wrap(net, torch.device("cpu")) is net
+    assert here.global_mean(loss, 5) is loss and here.gather(3) == [3]
+    assert here.mean(torch.tensor([1.0, 2.0, 6.0])) == 3.0
+    with synced_batchnorm(net, torch.device("cpu"), here) as same:
+        assert same is net and type(net[1]) is torch.nn.BatchNorm2d
+
+
+@pytest.mark.slow
+def test_two_ranks_train_the_base_network_and_joint_sp_as_one_process_does(tmp_path):
+    alone, ranked = job("train", tmp_path / "alone", 0), job("train", tmp_path / "ranked", 2)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    assert ranked.returncode == 0, ranked.stderr[-3000:]
+    assert "data-parallel job: 2 ranks (gloo)" in ranked.stderr
+    one, two = weights(tmp_path / "alone"), weights(tmp_path / "ranked")
+    for part in ("base", "joint", "gates"):
+        for name, value in one[part].items():
+            torch.testing.assert_close(two[part][name], value, rtol=1e-4, atol=1e-5, msg=f"{part} {name}")
+    # the stages trained: joint SP moved the base network's weights
+    assert not torch.allclose(one["base"]["blocks.3.conv1.weight"], one["joint"]["blocks.3.conv1.weight"])
+
+
+@pytest.mark.slow
+def test_a_resumed_two_rank_run_ends_where_an_uninterrupted_one_does(tmp_path):
+    whole = job("resume", tmp_path / "whole", 2)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    stopped = job("interrupt", tmp_path / "parts", 2)
+    assert stopped.returncode != 0
+    state = torch.load(tmp_path / "parts" / "base.pt", weights_only=True)
+    assert state["epoch"] == 1 and state["world"] == 2 and len(state["rank_rngs"]) == 2
+    alone = job("resume", tmp_path / "parts", 0)  # on another number of ranks: refused, with the reason
+    assert alone.returncode != 0 and "resume it on 2 rank(s)" in alone.stderr
+    resumed = job("resume", tmp_path / "parts", 2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming" in resumed.stderr and "from epoch 1" in resumed.stderr
+    one, two = weights(tmp_path / "whole")["base"], weights(tmp_path / "parts")["base"]
+    assert all(torch.equal(one[k], two[k]) for k in one)  # bit for bit: every rank's random streams resumed
+
+
+@pytest.mark.slow
+def test_a_rank_that_dies_ends_the_job_naming_it(tmp_path):
+    t0 = time.monotonic()
+    dead = job("die", tmp_path / "die", 2, timeout=120)
+    assert dead.returncode != 0
+    assert time.monotonic() - t0 < 100
+    root_cause = dead.stderr.split("Root Cause")[-1]
+    assert "rank      : 1" in root_cause and "exitcode  : 1" in root_cause
+
+
+@pytest.mark.parametrize("script", ["compare.py", "reproduce.py", "sweep.py"])
+def test_entry_points_that_do_not_train_on_ranks_refuse_torchrun(script, monkeypatch):
+    from conftest import call_entry_point
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    proc = call_entry_point(script, [])
+    assert proc.returncode == 2 and "does not run on several ranks" in proc.stderr, proc.stderr
+
+
+@pytest.mark.slow
+def test_run_trains_the_recipe_on_two_ranks_and_reports_once(tmp_path):
+    """``torchrun ... experiments/run.py``: the base network and joint SP on both ranks, the rest on
+    rank 0; one results folder, one report."""
+    args = ["--agent", "hybrid_rnn", "--dataset", "digits", "--backbone", "cifar_resnet20", "--width", "0.25"]
+    args += ["--backbone-epochs", "1", "--joint-epochs", "1", "--recipe-hrl-iterations", "2", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "SKIPNET_CACHE": str(tmp_path / "cache")}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    done = subprocess.run(
+        [*launcher, str(ROOT / "experiments" / "run.py"), *args, "--run-dir", str(tmp_path / "runs")],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "data-parallel job: 2 ranks (gloo)" in done.stderr and "joint SP epoch 1/1" in done.stderr
+    assert done.stdout.count("test accuracy") == 1 and len(list((tmp_path / "runs").iterdir())) == 1
+
+
+@pytest.mark.slow
+def test_bench_measures_data_parallel_training(tmp_path):
+    from conftest import call_entry_point
+
+    args = ["--backbone", "cifar_resnet20", "--width", "0.25", "--in-channels", "1", "--image-size", "16"]
+    proc = call_entry_point("bench.py", [*args, "--parts", "ddp", "--rounds", "1", "--out", str(tmp_path / "b.json")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads((tmp_path / "b.json").read_text())["ddp"]
+    assert r["one_rank_images_per_s"] > 0 and r["2_ranks_images_per_s"] > 0 and "speed-up" in proc.stdout
