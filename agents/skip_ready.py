@@ -46,7 +46,7 @@ from backbones.cache import building, cache_dir, content_key, file_name
 from backbones.checkpoint import atomic_save, backbone_metadata, fingerprint, load_backbone, safe_load
 from backbones.data import Dataset, ImageTensors
 from backbones.device import seed_everything
-from backbones.distributed import ranks, synced_batchnorm
+from backbones.distributed import ranks, synced_batchnorm, syncs_batchnorm
 from backbones.options import COUNT, FLOPS_FRACTION, NON_NEGATIVE, POSITIVE, POSITIVE_INT, UNIT, check_options, option
 from backbones.progress import progress_bar
 from backbones.train import full_accuracy
@@ -174,6 +174,11 @@ class JointTrainer:
         streams = self.ranks.gather((torch.get_rng_state(), self.noise.get_state()))  # every rank's
         if not self.ranks.main:
             return
+        if self.ranks.distributed:  # how it was trained: the ranks, and whose BatchNorm statistics
+            extra["data_parallel"] = {
+                "ranks": self.ranks.world,
+                "sync_bn": syncs_batchnorm(self.ranks, self.cfg.batch_size),
+            }
         meta = backbone_metadata(
             self.backbone,
             self.dataset,
@@ -224,8 +229,10 @@ class JointTrainer:
         log.info("resuming joint SP %s at epoch %d", self.checkpoint, self.epoch)
 
     def train(self, val_data: Dataset | None = None) -> tuple[Backbone, GatePolicy]:
-        with synced_batchnorm(self.backbone, self.device, self.ranks):  # the global batch's statistics
+        with synced_batchnorm(self.backbone, self.device, self.ranks, self.cfg.batch_size):
             self._train_epochs(val_data)
+        self.ranks.share(self.backbone)  # every rank hands on rank 0's network, the one written
+        self.ranks.share(self.gates)
         self.ranks.barrier()  # rank 0 has written the last checkpoint
         self.backbone.eval().requires_grad_(False)
         self.gates.eval()

@@ -7,10 +7,11 @@ Every rank holds the whole model; each global batch (the configuration's ``batch
 across the ranks, each computes the gradient of its part, and DDP averages them. A rank's mean loss
 is weighted by ``world x its share of the global batch`` (:meth:`Ranks.global_mean`), so that the average
 of the ranks' gradients is the gradient of the global batch's mean loss: K steps on N ranks end
-where K steps of one process on the whole batches end (tests/test_distributed.py checks it).
-BatchNorm statistics are those of the global batch (:func:`sync_batchnorm`: torch's
-``SyncBatchNorm`` on GPUs; on the CPU, where it does not run, the same statistics through the
-``all_reduce`` in an autograd function). Rank 0 alone writes checkpoints, logs
+where K steps of one process on the whole batches end where BatchNorm is synchronised
+(tests/test_distributed.py checks it). BatchNorm statistics are the global batch's where each
+rank has fewer than 32 images (:func:`synced_batchnorm`: torch's ``SyncBatchNorm`` on GPUs; on the
+CPU, where it does not run, the same statistics through ``all_reduce`` in an autograd function),
+each rank's own above (:func:`syncs_batchnorm`). Rank 0 alone writes checkpoints, logs
 and TensorBoard.
 
 Outside ``torchrun`` (no ``WORLD_SIZE`` above 1) nothing here does anything: one process runs as it
@@ -36,6 +37,8 @@ log = logging.getLogger(__name__)
 # seconds a collective waits for the other ranks before the job fails (a rank that died or hangs):
 # SKIPNET_DIST_TIMEOUT overrides it
 DEFAULT_TIMEOUT_S = 600
+# images per rank from which BatchNorm's statistics stay each rank's own (syncs_batchnorm)
+LOCAL_BN_MIN = 32
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,15 @@ class Ranks:
         out: list[Any] = [None] * self.world
         dist.all_gather_object(out, obj)
         return out
+
+    def share(self, module: nn.Module) -> None:
+        """Rank 0's parameters and buffers on every rank (a no-op alone): where BatchNorm's
+        statistics are each rank's own, the running statistics differ between ranks; the network
+        that is evaluated, written and handed on is rank 0's."""
+        if self.distributed:
+            with torch.no_grad():
+                for tensor in [*module.parameters(), *module.buffers()]:
+                    dist.broadcast(tensor, 0)
 
     def barrier(self) -> None:
         if self.distributed:
@@ -244,15 +256,32 @@ def _swap_batchnorm(module: nn.Module, to: type[nn.modules.batchnorm._BatchNorm]
     return swapped
 
 
-@contextmanager
-def synced_batchnorm(module: nn.Module, device: torch.device, here: Ranks) -> Iterator[nn.Module]:
-    """``module`` with its ``BatchNorm2d`` layers computing the global batch's statistics while the
-    block runs (torch's ``SyncBatchNorm`` on GPUs, :class:`CPUSyncBatchNorm` elsewhere), plain
-    ``BatchNorm2d`` again after it (what the engine folds and checkpoints hold). A single process:
-    ``module`` as it is."""
+def syncs_batchnorm(here: Ranks, batch: int) -> bool:
+    """Whether a job on ``here`` synchronises BatchNorm over global batches of ``batch`` images:
+    ``SKIPNET_SYNC_BN`` 1 or 0, or by default (``auto``) where each rank's part is under
+    :data:`LOCAL_BN_MIN` images. Per-rank statistics over enough images are what data-parallel
+    ImageNet training uses (Goyal et al. 2017 normalise over each worker's 32 images; torchvision's
+    reference scripts leave ``--sync-bn`` off): they cost no communication, where synchronised
+    ones cost two collectives per BatchNorm layer and step (on two CPU processes with gloo, more
+    than the second process gains: BENCHMARKS.md section 15)."""
     if not here.distributed:
+        return False
+    wanted = os.environ.get("SKIPNET_SYNC_BN", "auto").lower()
+    if wanted not in ("auto", "1", "0"):
+        raise ValueError(f"SKIPNET_SYNC_BN is auto, 1 or 0, got {wanted!r}")
+    return batch < LOCAL_BN_MIN * here.world if wanted == "auto" else wanted == "1"
+
+
+@contextmanager
+def synced_batchnorm(module: nn.Module, device: torch.device, here: Ranks, batch: int) -> Iterator[nn.Module]:
+    """``module`` with its ``BatchNorm2d`` layers computing the global batch's statistics while the
+    block runs, where :func:`syncs_batchnorm` says so for global batches of ``batch`` (torch's
+    ``SyncBatchNorm`` on GPUs, :class:`CPUSyncBatchNorm` elsewhere), plain ``BatchNorm2d`` again after
+    it (what the engine folds and checkpoints hold); else ``module`` as it is."""
+    if not syncs_batchnorm(here, batch):
         yield module
         return
+    log.info("BatchNorm synchronised over the ranks (global batch %d)", batch)
     sync: type[nn.modules.batchnorm._BatchNorm] = nn.SyncBatchNorm if device.type == "cuda" else CPUSyncBatchNorm
     _swap_batchnorm(module, sync, (nn.BatchNorm2d,))
     try:

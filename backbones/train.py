@@ -24,7 +24,7 @@ from backbones.batching import batches
 from backbones.checkpoint import atomic_save, backbone_metadata, check_metadata, load_backbone, safe_load
 from backbones.data import Dataset, data_fingerprint, load_splits, with_flip
 from backbones.device import resolve_device, seed_everything
-from backbones.distributed import Ranks, ranks, synced_batchnorm
+from backbones.distributed import Ranks, ranks, synced_batchnorm, syncs_batchnorm
 from backbones.progress import progress_bar
 from backbones.registry import create, options
 from backbones.splits import SPLITS
@@ -160,7 +160,10 @@ def train_step(
 def full_accuracy(
     backbone: Backbone, data: Dataset, device: torch.device, batch_size: int = 512, ranks: Ranks | None = None
 ) -> float:
-    """Top-1 accuracy of the full network on ``data`` (on ``ranks``: each rank counts its part)."""
+    """Top-1 accuracy of the full network on ``data`` (on ``ranks``: rank 0's network, each rank
+    counting its part of the images)."""
+    if ranks is not None:
+        ranks.share(backbone)
     was_training = backbone.training
     backbone.eval()
     counts = torch.zeros(2, dtype=torch.int64, device=device)  # correct, total
@@ -231,9 +234,10 @@ def train(cfg: TrainConfig, splits: dict[str, Dataset] | None = None) -> tuple[B
         start_epoch, run_name = state["epoch"], state["run_name"]
         log.info("resuming %s from epoch %d", path, start_epoch)
 
-    with synced_batchnorm(backbone, device, here):
+    with synced_batchnorm(backbone, device, here, cfg.batch_size):
         _train_epochs(cfg, backbone, (train_data, val_data, test_data), here, device, start_epoch, run_name,
                       (optimizer, scheduler, generator), expected["data_fingerprint"])  # fmt: skip
+    here.share(backbone)  # every rank hands on rank 0's network, the one written
     here.barrier()  # rank 0 has written the last checkpoint
     backbone.eval()
     meta = safe_load(path)["metadata"]
@@ -315,6 +319,8 @@ def _train_epochs(
             "train_config": config_dict,
             "data_fingerprint": data_fingerprint,
         }
+        if here.distributed:  # how it was trained: the ranks, and whose BatchNorm statistics
+            extra["data_parallel"] = {"ranks": here.world, "sync_bn": syncs_batchnorm(here, cfg.batch_size)}
         if done:
             extra["test_accuracy"] = scalars["charts/test_accuracy"] = full_accuracy(
                 backbone, test_data, device, ranks=here

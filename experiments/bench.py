@@ -431,10 +431,10 @@ def main(argv: list[str] | None = None) -> dict:
         shape += ["--image-size", str(args.image_size), "--device", str(device)]
         r = result["ddp"] = bench_ddp(shape, args.rounds)
         print("## Data-parallel training (the base trainer's step, global batch 128, one thread per rank)\n")
-        print(
-            f"1 rank: {r['one_rank_images_per_s']:.0f} images/s; 2 ranks: {r['2_ranks_images_per_s']:.0f} images/s; "
-            f"speed-up {r['speedup']:.2f}x (medians of {r['rounds']} interleaved rounds)\n"
-        )
+        print(f"| ranks | images/s (median of {r['rounds']} interleaved rounds) | speed-up |\n|---|---:|---:|")
+        for name, v in r["images_per_s"].items():
+            print(f"| {name} | {v:.0f} | {r['speedup'][name]:.2f}x |")
+        print()
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2))

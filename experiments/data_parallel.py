@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from backbones.distributed import end, start, stop, synced_batchnorm
+from backbones.distributed import end, start, stop, synced_batchnorm, syncs_batchnorm
 from backbones.train import train_step
 
 
@@ -47,7 +47,7 @@ def measure(argv: list[str] | None = None) -> dict[str, float]:
     index = here.part(torch.arange(args.batch))
     x = data.normalize(data.images[index].to(device)).float()
     y = data.labels[index].to(device)
-    with synced_batchnorm(net, device, here):
+    with synced_batchnorm(net, device, here, args.batch):
         ddp = here.wrap(net, device)
         seconds = 0.0
         for step in range(args.warmup + args.steps):
@@ -62,19 +62,26 @@ def measure(argv: list[str] | None = None) -> dict[str, float]:
     seconds = float(here.sum(torch.tensor(seconds)).item()) / here.world  # the ranks' mean
     here.barrier()  # every rank done before any leaves the group
     stop()
-    result = {"ranks": here.world, "images_per_s": args.batch * args.steps / seconds, "step_s": seconds / args.steps}
+    result = {
+        "ranks": here.world,
+        "sync_bn": syncs_batchnorm(here, args.batch),
+        "images_per_s": args.batch * args.steps / seconds,
+        "step_s": seconds / args.steps,
+    }
     if here.main:
         print(json.dumps(result))
     end(here)
     return result
 
 
-def throughput(ranks: int, args: list[str], timeout: float = 900) -> dict[str, float]:
-    """:func:`measure` under ``torchrun --nproc-per-node ranks`` (one thread per rank), from a new process."""
+def throughput(ranks: int, args: list[str], sync_bn: str = "auto", timeout: float = 900) -> dict[str, float]:
+    """:func:`measure` under ``torchrun --nproc-per-node ranks`` (one thread per rank), from a new
+    process; ``sync_bn``: ``SKIPNET_SYNC_BN``."""
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SKIPNET_SYNC_BN": sync_bn}
     done = subprocess.run(
         [sys.executable, *launcher, "-m", "experiments.data_parallel", *args],
-        capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, timeout=timeout, env=env,
     )  # fmt: skip
     if done.returncode != 0:
         raise RuntimeError(f"the {ranks}-rank measurement failed:\n{done.stderr[-6000:]}")
@@ -82,18 +89,23 @@ def throughput(ranks: int, args: list[str], timeout: float = 900) -> dict[str, f
 
 
 def bench_ddp(args: list[str], rounds: int, world: int = 2) -> dict[str, Any]:
-    """Images/s on 1 rank and on ``world`` ranks, ``rounds`` interleaved rounds; the medians and their ratio."""
-    figures: dict[int, list[float]] = {1: [], world: []}
+    """Images/s on 1 rank, on ``world`` ranks (BatchNorm as by default) and on ``world`` ranks with
+    BatchNorm synchronised, ``rounds`` interleaved rounds; the medians and their ratios to 1 rank."""
+    variants = {
+        "1 rank": (1, "auto"),
+        f"{world} ranks": (world, "auto"),
+        f"{world} ranks, BatchNorm synced": (world, "1"),
+    }
+    figures: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(rounds):
-        for n in figures:
-            figures[n].append(throughput(n, args)["images_per_s"])
-    median = {n: statistics.median(v) for n, v in figures.items()}
+        for name, (n, sync) in variants.items():
+            figures[name].append(throughput(n, args, sync)["images_per_s"])
+    median = {name: statistics.median(v) for name, v in figures.items()}
     return {
-        "one_rank_images_per_s": median[1],
-        f"{world}_ranks_images_per_s": median[world],
-        "speedup": median[world] / median[1],
+        "images_per_s": median,
+        "speedup": {name: v / median["1 rank"] for name, v in median.items()},
         "rounds": rounds,
-        "all": {str(n): v for n, v in figures.items()},
+        "all": figures,
     }
 
 

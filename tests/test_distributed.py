@@ -16,7 +16,7 @@ import torch
 
 from backbones.batching import batches, data_loader
 from backbones.data import FolderImages, ImageTensors
-from backbones.distributed import Ranks, synced_batchnorm
+from backbones.distributed import Ranks, synced_batchnorm, syncs_batchnorm
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = ROOT / "tests" / "distributed_worker.py"
@@ -78,12 +78,24 @@ def test_image_folders_are_sharded_by_a_sampler_in_training_and_split_in_evaluat
         data_loader(data, 5, torch.device("cpu"), shuffle=True, ranks=Ranks(0, 2))
 
 
+def test_batchnorm_is_synchronised_where_each_rank_has_few_images(monkeypatch):
+    two = Ranks(0, 2)
+    assert syncs_batchnorm(two, 32) and not syncs_batchnorm(two, 64) and not syncs_batchnorm(Ranks(), 8)
+    monkeypatch.setenv("SKIPNET_SYNC_BN", "1")
+    assert syncs_batchnorm(two, 128)
+    monkeypatch.setenv("SKIPNET_SYNC_BN", "0")
+    assert not syncs_batchnorm(two, 8)
+    monkeypatch.setenv("SKIPNET_SYNC_BN", "yes")
+    with pytest.raises(ValueError, match="SKIPNET_SYNC_BN is auto, 1 or 0"):
+        syncs_batchnorm(two, 8)
+
+
 def test_a_single_process_is_left_as_it_is():
     here, net, loss = Ranks(), torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1), torch.nn.BatchNorm2d(2)), torch.ones(())
     assert not here.distributed and here.main and here.wrap(net, torch.device("cpu")) is net
     assert here.global_mean(loss, 5) is loss and here.gather(3) == [3]
     assert here.mean(torch.tensor([1.0, 2.0, 6.0])) == 3.0
-    with synced_batchnorm(net, torch.device("cpu"), here) as same:
+    with synced_batchnorm(net, torch.device("cpu"), here, 8) as same:
         assert same is net and type(net[1]) is torch.nn.BatchNorm2d
 
 
@@ -162,4 +174,5 @@ def test_bench_measures_data_parallel_training(tmp_path):
     proc = call_entry_point("bench.py", [*args, "--parts", "ddp", "--rounds", "1", "--out", str(tmp_path / "b.json")])
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads((tmp_path / "b.json").read_text())["ddp"]
-    assert r["one_rank_images_per_s"] > 0 and r["2_ranks_images_per_s"] > 0 and "speed-up" in proc.stdout
+    assert set(r["images_per_s"]) == {"1 rank", "2 ranks", "2 ranks, BatchNorm synced"}
+    assert all(v > 0 for v in r["images_per_s"].values()) and "speed-up" in proc.stdout
