@@ -161,6 +161,7 @@ class JointTrainer:
         )
         self.gate_opt = torch.optim.Adam(self.gates.parameters(), lr=cfg.gate_lr)
         self.ranks = here = ranks()  # under torchrun: each rank its part of every batch, rank 0 writes
+        here.check_same("the training images' fingerprint", data.fingerprint)
         self.generator = torch.Generator().manual_seed(seed)  # data order (the same on every rank)
         # the gates' samples and the augmentation: each rank its own stream
         self.noise = torch.Generator(device=device).manual_seed(seed + 1 + 1_000_003 * here.rank)

@@ -104,6 +104,17 @@ class Ranks:
                 for tensor in [*module.parameters(), *module.buffers()]:
                     dist.broadcast(tensor, 0)
 
+    def check_same(self, what: str, value: str) -> None:
+        """Refuse a job whose ranks hold different ``value`` s (a data fingerprint: another data root
+        on one machine): a ``ValueError`` on every rank naming those that differ from rank 0."""
+        values = self.gather(value)
+        odd = [r for r, v in enumerate(values) if v != values[0]]
+        if odd:
+            raise ValueError(
+                f"the ranks disagree on {what}: rank(s) {', '.join(map(str, odd))} have {values[odd[0]]!r}, rank 0 "
+                f"{values[0]!r}; give every rank the same data (--data-root on a shared file system)"
+            )
+
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()

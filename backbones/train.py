@@ -197,6 +197,7 @@ def train(cfg: TrainConfig, splits: dict[str, Dataset] | None = None) -> tuple[B
         "arch_kwargs": arch_kwargs,
         "data_fingerprint": data_fingerprint(splits.values()),
     }
+    here.check_same("the data's fingerprint", expected["data_fingerprint"])
     state = None
     if cfg.resume and path.is_file():
         state = safe_load(path, map_location=device)

@@ -5,6 +5,7 @@ ranks (``torchrun --nproc-per-node 2 tests/distributed_worker.py CASE OUT``), on
 - ``interrupt``: the base trainer with augmentation and stochastic depth, stopped on every rank
   after its first epoch (what a killed job leaves); ``resume``: the same, run to the end.
 - ``die``: rank 1 exits at its first training step.
+- ``otherdata``: rank 1 is given other training images than rank 0.
 """
 
 from __future__ import annotations
@@ -43,8 +44,9 @@ def config(out: Path, augment: bool, epochs: int) -> base_trainer.TrainConfig:
 def main(case: str, out: Path) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     here, _ = start("cpu")
-    # 101 training images: the last batch of 5 splits 3 / 2, unevenly
-    splits = {"train": data(101, 0), "val": data(40, 1), "test": data(40, 2)}
+    # 101 training images: the last batch of 5 splits 3 / 2, unevenly; "otherdata": rank 1 reads other images
+    other = case == "otherdata" and here.rank == 1
+    splits = {"train": data(101, 5 if other else 0), "val": data(40, 1), "test": data(40, 2)}
     if case == "die":
         real = base_trainer.batches
 

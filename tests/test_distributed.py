@@ -131,6 +131,24 @@ def test_a_resumed_two_rank_run_ends_where_an_uninterrupted_one_does(tmp_path):
 
 
 @pytest.mark.slow
+def test_ranks_given_different_data_are_refused(tmp_path):
+    done = job("otherdata", tmp_path / "other", 2)
+    assert done.returncode != 0 and "the ranks disagree on the data's fingerprint: rank(s) 1 have" in done.stderr
+
+
+def test_more_ranks_than_gpus_are_refused_before_any_work(monkeypatch):
+    from backbones import distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    for k, v in {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "LOCAL_RANK": "1", "RANK": "1"}.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ValueError, match="started 2 ranks on this node but it has 1 GPU"):
+        distributed.start("cuda")
+    assert not torch.distributed.is_initialized()
+
+
+@pytest.mark.slow
 def test_a_rank_that_dies_ends_the_job_naming_it(tmp_path):
     t0 = time.monotonic()
     dead = job("die", tmp_path / "die", 2, timeout=120)
