@@ -26,7 +26,7 @@ WEIGHT_FIELDS = (
 )  # fmt: skip
 # options that change the weights too but came later: named only when they differ from their default, so that
 # the caches made before them keep their names
-NAMED_WHEN_CHANGED = ("momentum", "optimizer", "model_args")
+NAMED_WHEN_CHANGED = ("momentum", "optimizer", "model_args", "accumulate")
 
 
 def _named(value: Any) -> str:

@@ -8,6 +8,7 @@ an interruption: rerun the same command and it continues from the last finished 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -62,6 +63,9 @@ class TrainConfig:
     """training epochs (default: 10 on cluttered_digits, 30 elsewhere)"""
     batch_size: int = 128
     """images per step"""
+    accumulate: int = 1
+    """split each step's images (this rank's part of the batch) into this many micro-batches whose gradients add up
+    to the step's: for a batch that does not fit in memory (BatchNorm then normalises over each micro-batch)"""
     optimizer: Literal["auto", "sgd", "adamw"] = "auto"
     """auto: SGD with Nesterov momentum for CNNs, AdamW for vision transformers"""
     lr: float | None = None
@@ -97,6 +101,8 @@ class TrainConfig:
     """show a progress bar"""
 
     def __post_init__(self) -> None:
+        if self.accumulate < 1:
+            raise ValueError(f"--accumulate must be an integer >= 1, got {self.accumulate}")
         if self.epochs is None:
             self.epochs = DEFAULT_EPOCHS.get(self.dataset, 30)
         if self.optimizer == "auto":
@@ -142,18 +148,29 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     here: Ranks,
+    accumulate: int = 1,
 ) -> torch.Tensor:
     """One step of the base trainer on this rank's images ``x`` and labels ``y`` (``net``: the
-    backbone, or its DDP wrapper); returns the loss. A non-finite loss raises ``FloatingPointError``
-    before the weights change."""
-    loss = F.cross_entropy(net(x), y)
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"loss is {loss.item()}")
+    backbone, or its DDP wrapper), in ``accumulate`` micro-batches whose gradients add up to the
+    step's (DDP averages over the ranks once, after the last); returns the mean loss. A non-finite
+    loss raises ``FloatingPointError`` before the weights change."""
     optimizer.zero_grad(set_to_none=True)
-    here.global_mean(loss, len(y)).backward()
+    parts = list(zip(x.tensor_split(accumulate), y.tensor_split(accumulate)))
+    total = x.new_zeros(())
+    for i, (xi, yi) in enumerate(parts):
+        last = i == len(parts) - 1
+        ddp = net if isinstance(net, torch.nn.parallel.DistributedDataParallel) else None
+        with ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext():
+            loss = F.cross_entropy(net(xi), yi)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss.item()}")
+            if len(parts) > 1:  # the micro-batch's share of this rank's mean
+                loss = loss * (len(yi) / len(y))
+            here.global_mean(loss, len(y)).backward()
+        total = total + loss.detach()
     optimizer.step()
     scheduler.step()
-    return loss
+    return total
 
 
 @torch.no_grad()
@@ -289,7 +306,7 @@ def _train_epochs(
             ranks=here,
         ):
             try:
-                loss = train_step(net, x, y, optimizer, scheduler, here)
+                loss = train_step(net, x, y, optimizer, scheduler, here, cfg.accumulate)
             except FloatingPointError as err:
                 raise FloatingPointError(
                     f"{err} at epoch {epoch}: lower --lr; the last good checkpoint ({path}) is kept"

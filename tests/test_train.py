@@ -110,3 +110,27 @@ def test_two_data_roots_of_one_format_never_share_a_backbone(tmp_path, caplog):
     train(TrainConfig(arch="cifar_resnet20", dataset="npz", data_root=str(tmp_path / "A"), out=str(out_a), **tiny))
     with pytest.raises(CheckpointMismatchError, match="data_fingerprint"):  # resuming or reusing A's run on B
         train(dataclasses.replace(cfg_b, out=str(out_a)))
+
+
+def test_accumulated_micro_batches_take_the_steps_of_whole_batches(tmp_path):
+    """--accumulate K: K micro-batches whose gradients add up to the batch's (a ViT: LayerNorm, no
+    BatchNorm statistics to differ), so the weights are the whole batches' to float rounding."""
+    from backbones.data import ImageTensors
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (70, 1, 12, 12), dtype=torch.uint8, generator=g)
+    data = ImageTensors(images, torch.randint(0, 10, (70,), generator=g), 10, (0.5,), (0.25,), "tiny")
+    splits = {"train": data, "val": data, "test": data}
+    weights = {}
+    for k in (1, 3):
+        cfg = TrainConfig(
+            arch="timm:vit_tiny_patch16_224", dataset="tiny", epochs=2, batch_size=32, shift=0, flip=False,
+            drop_rate=0.0, accumulate=k, model_args=("depth=2", "embed_dim=16", "num_heads=2"),
+            out=str(tmp_path / f"{k}.pt"), log_dir=str(tmp_path / "tb"), progress=False, device="cpu",
+        )  # fmt: skip
+        net, _ = train(cfg, splits)
+        weights[k] = net.state_dict()
+    for name, value in weights[1].items():
+        torch.testing.assert_close(weights[3][name], value, rtol=1e-4, atol=1e-6, msg=name)
+    with pytest.raises(ValueError, match="--accumulate must be an integer >= 1"):
+        TrainConfig(accumulate=0)
