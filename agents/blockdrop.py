@@ -99,7 +99,9 @@ class BlockDropConfig:
 class BlockDropTrainer(Trainer):
     """REINFORCE with a self-critical baseline on the batched one-shot env; checkpoints atomically
     every ``checkpoint_every`` iterations and resumes exactly (the sampler, the action generator
-    and the optimizer are saved with the network: :class:`agents.trainer.Trainer`)."""
+    and the optimizer are saved with the network: :class:`agents.trainer.Trainer`). On several
+    ranks (``torchrun``) each rank plays ``num_envs`` images of its own (its own streams of images
+    and masks) and DDP averages the ranks' gradients."""
 
     def __init__(
         self,
@@ -116,6 +118,9 @@ class BlockDropTrainer(Trainer):
     ) -> None:
         super().__init__(cfg, device, checkpoint, metadata, writer, progress, **run)
         self.net = net.to(device)
+        here = self.ranks
+        here.check_same("the training images' fingerprint", data.fingerprint)
+        self.policy = here.wrap(self.net, device)  # DDP on ranks: one forward and one backward per step
         self.env = SkipNetOneShotVectorEnv(
             self.num_envs,
             backbone,
@@ -127,19 +132,17 @@ class BlockDropTrainer(Trainer):
             precision=self.precision,
         )
         self.opt = torch.optim.Adam(self.net.parameters(), lr=cfg.lr)
-        self.generator = torch.Generator(device=device).manual_seed(self.seed + 1)
-        self.env.reset(seed=self.seed)
+        self.generator = torch.Generator(device=device).manual_seed(here.seed(self.seed + 1))
+        self.env.reset(seed=here.seed(self.seed))
 
     def trained_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         return list(self.net.named_parameters())
 
     def training_state(self) -> dict[str, Any]:
-        return {
-            "net": self.net.state_dict(),
-            "optimizer": self.opt.state_dict(),
-            "generator": self.generator.get_state(),
-            "sampler": self.env.sampler.state_before_last_draw(),
-        }
+        return {"net": self.net.state_dict(), "optimizer": self.opt.state_dict(), **self.rank_state()}
+
+    def rank_state(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state(), "sampler": self.env.sampler.state_before_last_draw()}
 
     def load_training_state(self, state: dict[str, Any]) -> None:
         self.net.load_state_dict(state["net"])
@@ -152,7 +155,7 @@ class BlockDropTrainer(Trainer):
         """One REINFORCE update on the current batch; returns detached statistics."""
         env, core = self.env, self.env.core
         x, y = env.batch
-        logits = self.net(x)  # (B, N)
+        logits = self.policy(x)  # (B, N)
         p = torch.sigmoid(logits)
         p = self.cfg.explore * p + (1.0 - self.cfg.explore) * (1.0 - p)  # BlockDrop keeps sampling both ways
         sampled = torch.rand(p.shape, device=p.device, generator=self.generator) < p.detach()
@@ -197,6 +200,7 @@ class BlockDropTrainer(Trainer):
         if self.cfg.iterations == 0:
             self.stage = "done"
             self.save()
+        self.ranks.share(self.net)  # rank 0's, the one written (the ranks' are equal: one averaged gradient)
         return OneShotPolicy(self.net)
 
 
@@ -228,7 +232,7 @@ def _load_blockdrop(ctx: AgentContext, state: dict) -> RoutingPolicy:
 register_agent(
     "blockdrop",
     AgentSpec(
-        _train_blockdrop, _load_blockdrop, env="SkipNetOneShot-v0", options=BlockDropConfig,
+        _train_blockdrop, _load_blockdrop, env="SkipNetOneShot-v0", options=BlockDropConfig, data_parallel=True,
         smoke=("--blockdrop-iterations", "4", "--blockdrop-width", "4", "--num-envs", "32", "--checkpoint-every", "2"),
     ),
 )  # fmt: skip

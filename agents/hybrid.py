@@ -24,6 +24,13 @@ cross-entropy of the routed prediction (the "supervised term").
 BatchNorm: the backbone stays in eval mode in both stages, so its running statistics are the base
 network's and sampled routes cannot shift them (the reference code's known accuracy drop); when
 fine-tuning, the convolutions and BatchNorm affine parameters still train.
+
+On several ranks (``torchrun``), ``DistributedDataParallel`` averages the ranks' gradients. SP splits
+each global batch over the ranks, as the base trainer does. In HRL every rank plays ``num_envs``
+episodes of its own per iteration (its images and routes drawn from its own streams,
+``Ranks.seed``), so an iteration learns from ``world x num_envs`` episodes: the update is the mean
+of the ranks' own REINFORCE gradients. A fine-tuned backbone's blocks that no route on a rank ran
+get no gradient there: DDP looks for such parameters (``find_unused_parameters``) in that case.
 """
 
 from __future__ import annotations
@@ -44,7 +51,7 @@ from agents.compute_price import BUDGET_STEP_HRL, ComputePrice, SpendingMeter
 from agents.gates import GatePolicy
 from agents.trainer import RunValues, Trainer
 from backbones.base import Backbone, skip
-from backbones.batching import batches
+from backbones.batching import batches, global_batch_sizes
 from backbones.data import Dataset
 from backbones.options import COUNT, NON_NEGATIVE, POSITIVE, POSITIVE_INT, UNIT, check_options, option
 from backbones.progress import progress_bar
@@ -160,6 +167,20 @@ def sp_forward(
     return backbone.head(h).float(), torch.stack(executed, dim=1), torch.stack(greedy, dim=1)
 
 
+class Episodes(nn.Module):
+    """HRL's forward as one module: ``play(env)`` (the sampled episodes, and the greedy replay the
+    loss needs) over the parameters it trains, ``gates`` and, when fine-tuned, ``backbone``. What
+    ``DistributedDataParallel`` wraps: its forward is called once per iteration, so every gradient
+    of the iteration's loss goes through one reduction."""
+
+    def __init__(self, gates: GatePolicy, backbone: Backbone | None, play: Any) -> None:
+        super().__init__()
+        self.gates, self.backbone, self.play = gates, backbone, play
+
+    def forward(self, env: SkipNetVectorEnv) -> dict[str, Tensor]:
+        return self.play(env)
+
+
 class SPNetwork(nn.Module):
     """A backbone and its gates as one module whose forward is :func:`sp_forward`: what SP trains
     and what ``DistributedDataParallel`` wraps to train it on several ranks."""
@@ -266,13 +287,15 @@ class HybridTrainer(Trainer):
         self.backbone.requires_grad_(self.finetune)
         self.sp_opt = torch.optim.Adam(self._param_groups(), lr=cfg.sp_lr)
         self.hrl_opt = torch.optim.Adam(self._param_groups(), lr=cfg.hrl_lr)
-        self.generator = torch.Generator().manual_seed(self.seed)  # SP's data order
-        # HRL's action sampling draws from its own generator, saved and restored with the run
-        self.action_generator = torch.Generator(device=device).manual_seed(self.seed + 1)
+        here = self.ranks
+        here.check_same("the training images' fingerprint", train_data.fingerprint)
+        self.generator = torch.Generator().manual_seed(self.seed)  # SP's data order (every rank the same)
+        # HRL's action sampling draws from its own generator (each rank's own), saved and restored with the run
+        self.action_generator = torch.Generator(device=device).manual_seed(here.seed(self.seed + 1))
         self.stage = "sp"  # done_units: epochs in SP, iterations in HRL
         # SP's compute weight: sp_alpha, or with a budget the multiplier that meets it (HRL then prices
         # compute at the multiplier SP ended with)
-        self.price = ComputePrice(self.sp_alpha, budget, device)
+        self.price = ComputePrice(self.sp_alpha, budget, device, ranks=here)
         self.env: SkipNetVectorEnv | None = None
         self.resume_sampler: dict[str, Any] | None = None
         self.resume_alpha: float | None = None  # the reward's price of compute where the run stopped
@@ -309,14 +332,20 @@ class HybridTrainer(Trainer):
             "sp_opt": self.sp_opt.state_dict(),
             "hrl_opt": self.hrl_opt.state_dict(),
             "generator": self.generator.get_state(),
-            "action_generator": self.action_generator.get_state(),
             "price": self.price.state_dict(),
+            **self.rank_state(),
         }
-        if self.env is not None:  # where the environment's batches stand and the reward's price, for an exact resume
-            state["sampler"] = self.env.sampler.state_before_last_draw()
+        if self.env is not None:  # the reward's price, for an exact resume
             state["reward_alpha"] = self.env.alpha
         if self.finetune:
             state["backbone"] = self.backbone.state_dict()
+        return state
+
+    def rank_state(self) -> dict[str, Any]:
+        """This rank's sampled routes' stream and where its environment's batches stand."""
+        state: dict[str, Any] = {"action_generator": self.action_generator.get_state()}
+        if self.env is not None:
+            state["sampler"] = self.env.sampler.state_before_last_draw()
         return state
 
     def load_training_state(self, state: dict[str, Any]) -> None:
@@ -339,25 +368,30 @@ class HybridTrainer(Trainer):
 
     # -- stage 1 ----------------------------------------------------------------------------
     def train_sp(self) -> None:
-        cfg = self.cfg
+        cfg, here = self.cfg, self.ranks
         steps = math.ceil(len(self.data) / cfg.sp_batch)
         bar = progress_bar(
-            self.sp_epochs * steps, "SP (straight-through)", self.progress, initial=self.done_units * steps
+            self.sp_epochs * steps,
+            "SP (straight-through)",
+            self.progress,
+            initial=self.done_units * steps,
         )
         # the compute cost of executing gated block k rather than skipping it, a share of the full network
         meter = SpendingMeter(self.backbone, self.gates, self.device)
         # a frozen backbone runs on the execution engine (BN folded; bf16, channels_last on CUDA):
         # the gradient reaches the gates through its activations, not its weights
         routed = self.backbone if self.finetune else freeze(self.backbone, precision=self.precision)
-        sp_net = SPNetwork(routed, self.gates)
+        sp_net = here.wrap(SPNetwork(routed, self.gates), self.device)
         for epoch in range(self.done_units, self.sp_epochs):
             ramp = self.price.warmup(epoch, cfg.sp_alpha_warmup)
             losses, spent = [], []
-            for x, y in batches(self.data, cfg.sp_batch, self.device, train=True, generator=self.generator):
+            sizes = global_batch_sizes(self.data, cfg.sp_batch, here)
+            stream = batches(self.data, cfg.sp_batch, self.device, train=True, generator=self.generator, ranks=here)
+            for (x, y), total in zip(stream, sizes, strict=True):
                 noise = self.action_generator if cfg.sp_sample else None
                 loss, executed, spending = sp_loss(sp_net, x, y, noise, meter, self.price, ramp)
                 self.sp_opt.zero_grad(set_to_none=True)
-                loss.backward()
+                here.global_mean(loss, len(y), total).backward()
                 self.sp_opt.step()
                 spent.append(spending.mean())
                 losses.append(loss.detach())
@@ -373,7 +407,7 @@ class HybridTrainer(Trainer):
                 100 * flops,
                 price,
             )
-            if self.writer:
+            if self.writer and here.main:
                 self.writer.add_scalar("losses/sp_cross_entropy", loss.item(), epoch)
                 self.writer.add_scalar("charts/sp_execute_rate", executed.mean().item(), epoch)
                 self.writer.add_scalar("charts/sp_flops_fraction", flops, epoch)
@@ -428,6 +462,15 @@ class HybridTrainer(Trainer):
             **{key: final[key] for key in ("label", "logits", "correct", "flops_fraction")},
         }
 
+    def play(self, env: SkipNetVectorEnv) -> dict[str, Tensor]:
+        """One iteration's episodes (:meth:`rollout`) and, where the loss needs it, the greedy route
+        replayed on the same images (:meth:`greedy_route`): ``greedy_returns``, ``greedy_logits``."""
+        ep = self.rollout(env)
+        greedy_ce = self.finetune and self.cfg.ce_route == "greedy"
+        if self.cfg.baseline == "self_critical" or greedy_ce:
+            ep["greedy_returns"], ep["greedy_logits"] = self.greedy_route(ep["start"], ep["label"], grad=greedy_ce)
+        return ep
+
     def greedy_route(self, start: Tensor, labels: Tensor, grad: bool = False) -> tuple[Tensor, Tensor]:
         """Returns-to-go ``(N, B)`` of the greedy route (execute where p >= 0.5) replayed on the
         same images, from the activation ``start`` they began at (the self-critical baseline), and
@@ -453,17 +496,21 @@ class HybridTrainer(Trainer):
         self.replay.reward = self.env.reward
 
     def train_hrl(self) -> None:
-        cfg = self.cfg
+        cfg, here = self.cfg, self.ranks
         if self.done_units >= self.hrl_iterations:  # nothing to do (--hrl-iterations 0): no environment to build
             self.stage = "done"
             self.save()
             return
+        # DDP first: its start broadcasts rank 0's weights in place, which must come before the
+        # environment's first activation is computed from them (with a graph, when fine-tuned)
+        episodes = Episodes(self.gates, self.backbone if self.finetune else None, self.play)
+        play = here.wrap(episodes, self.device, find_unused=self.finetune)
         env = self.env = self.make_env()
         if self.resume_sampler is not None:  # replay the batch the interrupted run was about to play
             env.sampler.restore(self.resume_sampler)
             env.reset()
         else:
-            env.reset(seed=self.seed)
+            env.reset(seed=here.seed(self.seed))  # each rank its own images
         # a fine-tuned backbone changes every iteration: the replay runs on it (under no_grad), not on a frozen copy
         self.replay = BatchedRouting(
             self.backbone, env.reward, self.gates.first_gated == 0, self.finetune, self.precision
@@ -477,20 +524,18 @@ class HybridTrainer(Trainer):
             self.hrl_opt, lambda it: 1.0 - (start + it) / max(self.hrl_iterations, 1)
         )
         bar = progress_bar(self.hrl_iterations, "HRL (REINFORCE)", self.progress, initial=self.done_units)
+        if here.distributed:
+            log.info("HRL on %d ranks: %d episodes per iteration", here.world, here.world * env.num_envs)
         last: dict[str, float] = {}
         for it in range(self.done_units, self.hrl_iterations):
             if self.finetune and it > 0:
                 # the autoreset computed the next batch's first activation with the weights of before the
                 # last update; start it again so the graph holds the current weights
                 env.reset()
-            ep = self.rollout(env)
+            ep = play(env)
             returns = discounted_returns(ep["reward"], cfg.gamma)
             greedy_ce = self.finetune and cfg.ce_route == "greedy"
-            greedy, greedy_logits = (
-                self.greedy_route(ep["start"], ep["label"], grad=greedy_ce)
-                if cfg.baseline == "self_critical" or greedy_ce
-                else (None, None)
-            )
+            greedy, greedy_logits = ep.get("greedy_returns"), ep.get("greedy_logits")
             # what the gates spend: the greedy route's where it was replayed (the evaluation's decisions)
             spent = gate_share + (
                 self.replay.spent_flops / self.replay.full_flops if greedy is not None else ep["flops_fraction"]
@@ -524,7 +569,8 @@ class HybridTrainer(Trainer):
                 # means over log_every iterations: one host sync per log_every, not per iteration
                 means = self.flush(self.done_units, "losses/total", "HRL")
                 if self.budget is not None:  # the reward prices compute at the budget's price (one sync per log)
-                    self.set_alpha(float(self.price.weight(torch.tensor(means["charts/greedy_flops_fraction"]))))
+                    spent_mean = torch.tensor([means["charts/greedy_flops_fraction"]], device=self.device)
+                    self.set_alpha(float(self.price.weight(here.mean(spent_mean).cpu())))  # every rank's mean
                     self.write({"charts/compute_weight": env.alpha}, self.done_units)
                 last = means
                 bar.set_postfix(
@@ -551,5 +597,8 @@ class HybridTrainer(Trainer):
             self.train_sp()
         if self.stage == "hrl":
             self.train_hrl()
+        self.ranks.share(self.gates)  # rank 0's, the ones written (the ranks' are equal: one averaged gradient)
+        if self.finetune:
+            self.ranks.share(self.backbone)
         self.gates.eval()
         return self.gates

@@ -37,6 +37,7 @@ from backbones.base import Backbone
 from backbones.cache import building, cache_dir, content_key, file_name
 from backbones.checkpoint import atomic_save, backbone_metadata, fingerprint, load_backbone, safe_load
 from backbones.data import Dataset
+from backbones.distributed import ranks
 from backbones.options import COUNT, NON_NEGATIVE, POSITIVE, POSITIVE_INT, check_options, option
 from backbones.train import full_accuracy
 from skipnet_env.core import DEFAULT_ALPHA
@@ -197,6 +198,9 @@ def get_recipe_hrl(
             **identity_of_data,
             **extra,
         )
-        atomic_save({"metadata": meta, "model": backbone.state_dict(), "gates": gates.state_dict()}, path)
+        here = ranks()  # under torchrun: every rank trained, rank 0 writes
+        if here.main:
+            atomic_save({"metadata": meta, "model": backbone.state_dict(), "gates": gates.state_dict()}, path)
+        here.barrier()
         training.unlink(missing_ok=True)
         return backbone, {**safe_load(path)["metadata"], "checkpoint": str(path)}

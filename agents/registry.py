@@ -93,6 +93,9 @@ class AgentSpec:
     """``--budget`` means something to this agent (static, random; the hybrid gates meet it by training)"""
     env: EnvId = "SkipNet-v0"
     """the environment the agent decides in: block by block, or one mask per image (runs are named by it)"""
+    data_parallel: bool = False
+    """under ``torchrun`` the agent trains on every rank (its trainer is data-parallel); otherwise the
+    ranks other than 0 end before it trains, and it trains on rank 0 alone"""
     options: type | None = None
     """the agent's own configuration: a dataclass of :func:`backbones.options.option` fields (its
     ``flag_prefix``, if any, goes before their flags); the run's configuration holds it as

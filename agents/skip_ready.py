@@ -41,7 +41,7 @@ from agents.gates import GatePolicy, create_gates
 from agents.hybrid import SPNetwork, sp_loss
 from agents.trainer import check_losses, check_weights
 from backbones.base import FIRST_GATED, Backbone
-from backbones.batching import batches
+from backbones.batching import batches, global_batch_sizes
 from backbones.cache import building, cache_dir, content_key, file_name
 from backbones.checkpoint import atomic_save, backbone_metadata, fingerprint, load_backbone, safe_load
 from backbones.data import Dataset, ImageTensors
@@ -164,9 +164,9 @@ class JointTrainer:
         here.check_same("the training images' fingerprint", data.fingerprint)
         self.generator = torch.Generator().manual_seed(seed)  # data order (the same on every rank)
         # the gates' samples and the augmentation: each rank its own stream
-        self.noise = torch.Generator(device=device).manual_seed(seed + 1 + 1_000_003 * here.rank)
+        self.noise = torch.Generator(device=device).manual_seed(here.seed(seed + 1))
         if here.distributed:
-            torch.manual_seed(seed + 1_000_003 * here.rank)
+            torch.manual_seed(here.seed(seed))
         self.price = ComputePrice(cfg.alpha, cfg.budget, device, ranks=here)
         self.epoch = 0
         self.history: list[dict[str, float]] = []
@@ -255,21 +255,26 @@ class JointTrainer:
             self.gates.train()
             ramp = self.price.warmup(epoch, cfg.alpha_warmup)
             losses, rates, spent = [], [], []
-            for x, y in batches(
-                self.data,
-                cfg.batch_size,
-                self.device,
-                train=True,
-                shift=cfg.shift,
-                generator=self.generator,
-                ranks=here,
+            sizes = global_batch_sizes(self.data, cfg.batch_size, here)
+            for (x, y), total in zip(
+                batches(
+                    self.data,
+                    cfg.batch_size,
+                    self.device,
+                    train=True,
+                    shift=cfg.shift,
+                    generator=self.generator,
+                    ranks=here,
+                ),
+                sizes,
+                strict=True,
             ):
                 noise = self.noise if cfg.sample else None
                 loss, executed, spending = sp_loss(net, x, y, noise, meter, self.price, ramp)
                 spent.append(spending.mean())
                 self.backbone_opt.zero_grad(set_to_none=True)
                 self.gate_opt.zero_grad(set_to_none=True)
-                here.global_mean(loss, len(y)).backward()
+                here.global_mean(loss, len(y), total).backward()
                 self.backbone_opt.step()
                 self.gate_opt.step()
                 self.schedule.step()

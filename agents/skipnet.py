@@ -80,7 +80,7 @@ def _hybrid(kind: str) -> AgentSpec:
         return GateRoutingPolicy(gates.eval(), f"hybrid_{kind}", float(state.get("threshold", 0.0)))
 
     # their options are the recipe's own parts of the run's configuration (hybrid, gates), not an agent's
-    return AgentSpec(train, load, takes_budget=True, smoke=SMOKE)
+    return AgentSpec(train, load, takes_budget=True, data_parallel=True, smoke=SMOKE)
 
 
 for _agent, _kind in HYBRID_GATES.items():

@@ -9,7 +9,9 @@ A subclass says what it trains and what its state is; :class:`Trainer` gives it 
 - **one divergence guard**: losses and weights checked against :data:`LOSS_LIMIT` and
   :data:`WEIGHT_LIMIT`, with a message that names the last good checkpoint;
 - **logging**: scalars :meth:`record`\\ ed per step and written as means every few steps
-  (:meth:`flush`): one host sync per log, none per step.
+  (:meth:`flush`): one host sync per log, none per step;
+- **ranks** (under ``torchrun``): rank 0 writes the checkpoint and TensorBoard; each rank's own
+  random streams (:meth:`rank_state`) go into the checkpoint, so a resume on as many ranks is exact.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from torch import Tensor
 from typing_extensions import Required, TypedDict, Unpack
 
 from backbones.checkpoint import atomic_save, safe_load
+from backbones.distributed import ranks
 from skipnet_env.core import DEFAULT_ALPHA
 
 log = logging.getLogger(__name__)
@@ -97,8 +100,9 @@ class Trainer:
             subclass's own options are its ``cfg``.
 
     A subclass implements :meth:`trained_parameters`, :meth:`training_state` and
-    :meth:`load_training_state`, and moves ``stage`` (a name of its own; ``"done"`` at the end) and
-    ``done_units`` (epochs, iterations) as it trains.
+    :meth:`load_training_state` (and, if it trains on ranks, :meth:`rank_state`), and moves
+    ``stage`` (a name of its own; ``"done"`` at the end) and ``done_units`` (epochs, iterations)
+    as it trains.
     """
 
     def __init__(
@@ -112,7 +116,8 @@ class Trainer:
         **run: Unpack[RunValues],
     ) -> None:
         self.cfg, self.device, self.checkpoint, self.metadata = cfg, device, Path(checkpoint), metadata
-        self.writer, self.progress = writer, progress
+        self.ranks = ranks()  # under torchrun: this process's place; rank 0 writes and shows progress
+        self.writer, self.progress = writer, progress and self.ranks.main
         self.num_envs = run["num_envs"]
         self.alpha = run.get("alpha", DEFAULT_ALPHA)
         self.entropy_coef = run.get("entropy_coef", 0.0)
@@ -134,21 +139,40 @@ class Trainer:
     def load_training_state(self, state: dict[str, Any]) -> None:
         raise NotImplementedError
 
+    def rank_state(self) -> dict[str, Any]:
+        """The entries of :meth:`training_state` that differ between the ranks of a data-parallel
+        run (their own random streams, their environments' places in the data): saved for every
+        rank, and given back to each rank's :meth:`load_training_state` in place of rank 0's."""
+        return {}
+
     def config_metadata(self) -> dict[str, Any]:
         """Entries of the checkpoint's metadata that describe the trainer's settings."""
         return {"trainer_config": {**dataclasses.asdict(self.cfg), "seed": self.seed, "precision": self.precision}}
 
     # -- checkpoints ------------------------------------------------------------------------
     def save(self) -> None:
-        """Write the checkpoint atomically, after checking the trained weights."""
+        """Write the checkpoint atomically, after checking the trained weights (on ranks: rank 0
+        writes, with every rank's :meth:`rank_state`)."""
         self.check_weights()
-        metadata = {**self.metadata, "stage": self.stage, "done_units": self.done_units, **self.config_metadata()}
-        atomic_save({"metadata": metadata, **self.training_state()}, self.checkpoint)
+        streams = self.ranks.gather(self.rank_state()) if self.ranks.distributed else []
+        if self.ranks.main:
+            metadata = {**self.metadata, "stage": self.stage, "done_units": self.done_units, **self.config_metadata()}
+            ranked = {"world": self.ranks.world, "rank_states": streams} if streams else {}
+            atomic_save({"metadata": metadata, **self.training_state(), **ranked}, self.checkpoint)
+        self.ranks.barrier()  # no rank goes on (or ends) before the checkpoint is written
 
     def resume(self, state: dict[str, Any] | None = None) -> None:
-        """Continue from ``state`` (default: the checkpoint file) where the run stood."""
+        """Continue from ``state`` (default: the checkpoint file) where the run stood (on as many
+        ranks as wrote it: each rank's random streams are its own)."""
         if state is None:
             state = safe_load(self.checkpoint, map_location=self.device)
+        if state.get("world", 1) != self.ranks.world:
+            raise ValueError(
+                f"{self.checkpoint} was written by a run on {state.get('world', 1)} rank(s), resumed on "
+                f"{self.ranks.world}: resume it on {state.get('world', 1)} (each rank's random streams are in it)"
+            )
+        if self.ranks.distributed:
+            state = {**state, **state["rank_states"][self.ranks.rank]}
         self.load_training_state(state)
         self.stage, self.done_units = state["metadata"]["stage"], int(state["metadata"]["done_units"])
         log.info("resuming %s at stage %s, %d done", self.checkpoint, self.stage, self.done_units)
@@ -176,6 +200,6 @@ class Trainer:
         return means
 
     def write(self, scalars: dict[str, float], step: int) -> None:
-        if self.writer:
+        if self.writer and self.ranks.main:
             for name, value in scalars.items():
                 self.writer.add_scalar(name, value, step)

@@ -61,6 +61,17 @@ def data_loader(
     )
 
 
+def global_batch_sizes(data: Dataset, batch_size: int, ranks: Ranks | None = None) -> list[int]:
+    """The number of images in each global batch of one epoch of :func:`batches` (training order):
+    on ``ranks``, the sum of the ranks' parts, known to every rank without a collective. A
+    streamed folder's ``DistributedSampler`` pads the epoch to a multiple of ``world`` (every rank
+    the same count); an in-memory set's last batch is split as it falls."""
+    n = len(data)
+    if ranks is not None and ranks.distributed and not isinstance(data, ImageTensors):
+        n = -(-n // ranks.world) * ranks.world
+    return [min(batch_size, n - start) for start in range(0, n, batch_size)]
+
+
 def random_shift(images: Tensor, max_shift: int, generator: torch.Generator | None = None) -> Tensor:
     """Translate each image ``(B, C, H, W)`` by its own random offset in ``[-max_shift, max_shift]``,
     zero-filled: the pad-and-crop augmentation, batched, with no loop over images."""

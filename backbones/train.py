@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from backbones.base import Backbone
-from backbones.batching import batches
+from backbones.batching import batches, global_batch_sizes
 from backbones.checkpoint import atomic_save, backbone_metadata, check_metadata, load_backbone, safe_load
 from backbones.data import Dataset, data_fingerprint, load_splits, with_flip
 from backbones.device import resolve_device, seed_everything
@@ -148,15 +148,17 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     here: Ranks,
+    total: int,
     accumulate: int = 1,
 ) -> torch.Tensor:
-    """One step of the base trainer on this rank's images ``x`` and labels ``y`` (``net``: the
-    backbone, or its DDP wrapper), in ``accumulate`` micro-batches whose gradients add up to the
-    step's (DDP averages over the ranks once, after the last); returns the mean loss. A non-finite
-    loss raises ``FloatingPointError`` before the weights change."""
+    """One step of the base trainer on this rank's images ``x`` and labels ``y`` of a global batch
+    of ``total`` images (``net``: the backbone, or its DDP wrapper), in ``accumulate`` micro-batches
+    whose gradients add up to the step's (DDP averages over the ranks once, after the last);
+    returns this rank's mean loss. A non-finite loss raises ``FloatingPointError`` before the
+    weights change."""
     optimizer.zero_grad(set_to_none=True)
     parts = list(zip(x.tensor_split(accumulate), y.tensor_split(accumulate)))
-    total = x.new_zeros(())
+    mean_loss = x.new_zeros(())
     for i, (xi, yi) in enumerate(parts):
         last = i == len(parts) - 1
         ddp = net if isinstance(net, torch.nn.parallel.DistributedDataParallel) else None
@@ -166,11 +168,11 @@ def train_step(
                 raise FloatingPointError(f"loss is {loss.item()}")
             if len(parts) > 1:  # the micro-batch's share of this rank's mean
                 loss = loss * (len(yi) / len(y))
-            here.global_mean(loss, len(y)).backward()
-        total = total + loss.detach()
+            here.global_mean(loss, len(y), total).backward()
+        mean_loss = mean_loss + loss.detach()
     optimizer.step()
     scheduler.step()
-    return total
+    return mean_loss
 
 
 @torch.no_grad()
@@ -234,7 +236,7 @@ def train(cfg: TrainConfig, splits: dict[str, Dataset] | None = None) -> tuple[B
     if cfg.drop_rate > 0:
         backbone.set_stochastic_depth(cfg.drop_rate, schedule=cfg.drop_schedule)
     if here.distributed:  # the same initial weights, then each rank its own augmentation and drops
-        torch.manual_seed(cfg.seed + 1_000_003 * here.rank)
+        torch.manual_seed(here.seed(cfg.seed))
 
     epochs = cfg.total_epochs
     steps_per_epoch = math.ceil(len(train_data) / cfg.batch_size)
@@ -295,18 +297,23 @@ def _train_epochs(
     backbone.train()
     for epoch in range(start_epoch, epochs):
         t0 = time.perf_counter()
-        for x, y in batches(
-            train_data,
-            cfg.batch_size,
-            device,
-            train=True,
-            shift=cfg.shift,
-            num_workers=cfg.num_workers,
-            generator=generator,
-            ranks=here,
+        sizes = global_batch_sizes(train_data, cfg.batch_size, here)
+        for (x, y), total in zip(
+            batches(
+                train_data,
+                cfg.batch_size,
+                device,
+                train=True,
+                shift=cfg.shift,
+                num_workers=cfg.num_workers,
+                generator=generator,
+                ranks=here,
+            ),
+            sizes,
+            strict=True,
         ):
             try:
-                loss = train_step(net, x, y, optimizer, scheduler, here, cfg.accumulate)
+                loss = train_step(net, x, y, optimizer, scheduler, here, total, cfg.accumulate)
             except FloatingPointError as err:
                 raise FloatingPointError(
                     f"{err} at epoch {epoch}: lower --lr; the last good checkpoint ({path}) is kept"

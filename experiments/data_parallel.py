@@ -53,7 +53,7 @@ def measure(argv: list[str] | None = None) -> dict[str, float]:
         for step in range(args.warmup + args.steps):
             here.barrier()
             t0 = time.perf_counter()
-            train_step(ddp, x, y, optimizer, scheduler, here)
+            train_step(ddp, x, y, optimizer, scheduler, here, args.batch)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             if step >= args.warmup:

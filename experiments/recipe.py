@@ -15,7 +15,6 @@ from agents.recipe_hrl import get_recipe_hrl
 from agents.skip_ready import JOINT_GATE_KIND, get_skip_ready, load_gates
 from backbones.checkpoint import load_backbone
 from backbones.data import Dataset, data_fingerprint, load_splits, with_flip
-from backbones.distributed import leave
 from backbones.options import replace
 from backbones.pretrained import get_trained
 from backbones.registry import options
@@ -38,19 +37,17 @@ def load_backbone_for(cfg: RunConfig, device: torch.device, splits: dict[str, Da
     and the metadata holds ``base``, the base network; a checkpoint that is skip-ready already is used
     as it is.
 
-    Under ``torchrun`` the base network and joint SP train on every rank (data-parallel); then the
-    ranks other than 0 end, and the recipe's HRL, the agent and the evaluation run on rank 0.
+    Under ``torchrun`` every stage trains on every rank (data-parallel); ``run.py`` decides where the
+    ranks other than 0 end (before an agent that trains in one process, else after it).
     """
     base, meta = load_base_backbone(cfg, device, splits)
     if cfg.backbone_recipe == "base" or "skip_ready" in meta:
-        leave()
         return base, meta
     if cfg.max_drop is not None:
         net, ready_meta = search_budget(cfg, device, splits, base, meta)
         cfg = replace(cfg, joint_budget=ready_meta["max_drop"]["chosen_budget"])
     else:
         net, ready_meta = skip_ready(cfg, device, splits, base, meta)
-    leave()  # under torchrun, the stages from here on run on rank 0 alone
     net, hrl_meta = recipe_hrl(cfg, device, splits, net, ready_meta)
     return net, {**hrl_meta, **{k: ready_meta[k] for k in ("max_drop",) if k in ready_meta}, "base": base}
 

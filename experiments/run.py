@@ -31,7 +31,7 @@ from agents.statistics import bootstrap_ci, paired_difference
 from backbones.checkpoint import CheckpointMismatchError, atomic_save, fingerprint, mismatches, safe_load
 from backbones.data import Dataset, data_fingerprint, groups_of
 from backbones.device import resolve_device, seed_everything
-from backbones.distributed import end, start, stop
+from backbones.distributed import end, leave, ranks, start, stop
 from backbones.options import build, current_names, flag, flatten, option_fields, replace
 from backbones.registry import options as backbone_options
 from experiments.cli import given_fields, one_line_errors, parse
@@ -263,6 +263,9 @@ def run(
             f"--num-envs {num_envs} is more than the {len(split['train'])} training images of {cfg.dataset}"
         )
     backbone, backbone_meta = load_backbone_for(cfg, device, split)
+    if not spec.data_parallel or cfg.eval_only:
+        leave()  # under torchrun, the stages from here on run on rank 0 alone
+    here = ranks()  # under torchrun, with a data-parallel agent: until it has trained
     if "max_drop" in backbone_meta:  # the run goes on at the joint budget the search chose
         cfg = replace(cfg, joint_budget=backbone_meta["max_drop"]["chosen_budget"])
     # the stages' lengths depend on whether the agent's gates start from the backbone's joint ones
@@ -282,9 +285,9 @@ def run(
             cfg.checkpoint,
             stage,
         )
-    run_dir = run_folder(cfg, spec.env)
+    run_dir = Path(here.from_main(str(run_folder(cfg, spec.env)) if here.main else None))  # rank 0's alone
     checkpoint = Path(cfg.checkpoint) if cfg.checkpoint else run_dir / "agent.pt"
-    writer = open_writer(run_dir, cfg, report)
+    writer = open_writer(run_dir, cfg, report) if here.main else None
     own = cfg.agent_options.get(part_of(cfg.agent, spec)) if spec.options is not None else None
     ctx = AgentContext(cfg, backbone, split["train"], device, checkpoint, metadata, writer, backbone_meta, own)
 
@@ -304,6 +307,7 @@ def run(
     log.info("full backbone: test accuracy %.4f", full.accuracy)
     t_train = time.perf_counter()
     policy = spec.load(ctx, state) if cfg.eval_only and state is not None else spec.train(ctx, state)
+    leave()  # a data-parallel agent trained on every rank; rank 0 evaluates and writes
     train_seconds = time.perf_counter() - t_train
     log.info("%s trained in %.1f s", cfg.agent, train_seconds)
     target = cfg.calibration_budget(joint_gates)
@@ -383,7 +387,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         finally:
             stop()
     print(format_table(result))
-    end(here)  # under torchrun: rank 0, alone since joint SP, ends here
+    end(here)  # under torchrun: rank 0, alone since the agent trained, ends here
     return result
 
 

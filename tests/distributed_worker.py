@@ -6,6 +6,10 @@ ranks (``torchrun --nproc-per-node 2 tests/distributed_worker.py CASE OUT``), on
   after its first epoch (what a killed job leaves); ``resume``: the same, run to the end.
 - ``die``: rank 1 exits at its first training step.
 - ``otherdata``: rank 1 is given other training images than rank 0.
+- ``hrl:SEED`` (``hrlft:SEED``: the backbone fine-tuned; ``blockdrop:SEED``: BlockDrop's policy):
+  one REINFORCE iteration on an untrained network; ``OUT/grads.pt`` holds the gradients of its
+  update (on ranks: DDP's).
+  ``hrlstop``: four iterations stopped after the second's checkpoint; ``hrlrun``: resumed or whole.
 """
 
 from __future__ import annotations
@@ -14,16 +18,20 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from agents.blockdrop import BlockDropConfig, BlockDropNet, BlockDropTrainer
 from agents.gates import create_gates
+from agents.hybrid import HybridConfig, HybridTrainer
 from agents.skip_ready import JointConfig, JointTrainer
 from backbones import train as base_trainer
 from backbones.base import FIRST_GATED
 from backbones.data import ImageTensors
 from backbones.device import seed_everything
 from backbones.distributed import end, ranks, start, stop
+from backbones.registry import create
 
 
 def data(n: int, seed: int) -> ImageTensors:
@@ -44,6 +52,11 @@ def config(out: Path, augment: bool, epochs: int) -> base_trainer.TrainConfig:
 def main(case: str, out: Path) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     here, _ = start("cpu")
+    if case.startswith(("hrl", "blockdrop")):
+        reinforce(case, out)
+        stop()
+        end(here)
+        return
     # 101 training images: the last batch of 5 splits 3 / 2, unevenly; "otherdata": rank 1 reads other images
     other = case == "otherdata" and here.rank == 1
     splits = {"train": data(101, 5 if other else 0), "val": data(40, 1), "test": data(40, 2)}
@@ -83,6 +96,52 @@ def main(case: str, out: Path) -> None:
         torch.save(weights, out / "weights.pt")
     stop()
     end(here)
+
+
+def reinforce(case: str, out: Path) -> None:
+    """REINFORCE on an untrained network: ``hrl`` / ``hrlft`` / ``blockdrop`` one iteration of the
+    hybrid trainer's HRL (gates; gates and backbone) or BlockDrop's, whose gradients go to
+    ``out/grads.pt``; ``hrlrun`` four HRL iterations with the backbone fine-tuned (a checkpoint
+    every two; resumed from ``out/agent.pt`` where it is there), ``hrlstop`` the same stopped after
+    the second; the weights go to ``out/weights.pt``. Rank 0 writes."""
+    name, _, seed = case.partition(":")
+    seed_everything(0)  # the same untrained network and gates in every process
+    backbone = create("cifar_resnet20", num_classes=10, width=0.25, in_channels=1, image_size=12)
+    gates = create_gates("rnn", backbone, FIRST_GATED)
+    run = {"num_envs": 16, "seed": int(seed or 0), "checkpoint_every": 2}
+    trainer: Any
+    if name == "blockdrop":
+        net = BlockDropNet(1, backbone.num_blocks - FIRST_GATED, width=4)
+        cfg = BlockDropConfig(iterations=1)
+        trainer = BlockDropTrainer(backbone, net, data(101, 0), cfg, torch.device("cpu"), out / "agent.pt", {}, **run)
+        optimizer = trainer.opt
+    else:
+        one = name in ("hrl", "hrlft")
+        cfg = HybridConfig(sp_epochs=0, hrl_iterations=1 if one else 4, finetune_backbone=name != "hrl", hrl_lr=1e-2)
+        trainer = HybridTrainer(backbone, gates, data(101, 0), cfg, torch.device("cpu"), out / "agent.pt", {}, **run)
+        optimizer = trainer.hrl_opt
+    grads = {}
+
+    def keep_gradients(*_):
+        for n, p in trainer.trained_parameters():
+            grads[n] = torch.zeros_like(p) if p.grad is None else p.grad.clone()
+
+    optimizer.register_step_pre_hook(keep_gradients)
+    if name == "hrlstop":
+        save = trainer.save
+
+        def save_then_stop():
+            save()
+            if trainer.stage == "hrl" and trainer.done_units == 2:
+                raise SystemExit(3)
+
+        trainer.save = save_then_stop
+    if (out / "agent.pt").is_file():
+        trainer.resume()
+    trainer.train()
+    if ranks().main:
+        torch.save(grads, out / "grads.pt")
+        torch.save({"gates": gates.state_dict(), "backbone": backbone.state_dict()}, out / "weights.pt")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from backbones.batching import batches, data_loader
+from backbones.batching import batches, data_loader, global_batch_sizes
 from backbones.data import FolderImages, ImageTensors
 from backbones.distributed import Ranks, synced_batchnorm, syncs_batchnorm
 
@@ -53,6 +53,8 @@ def test_each_rank_takes_its_part_of_every_global_batch():
     for (x, y), (x0, y0), (x1, y1) in zip(alone, *parts):
         assert torch.equal(torch.cat([x0, x1]), x) and torch.equal(torch.cat([y0, y1]), y)
     assert [len(y) for _, y in parts[0]] == [4, 4, 4] and [len(y) for _, y in parts[1]] == [4, 4, 3]
+    # every rank knows each global batch's size without a collective
+    assert global_batch_sizes(data, 8, Ranks(1, 2)) == global_batch_sizes(data, 8) == [len(y) for _, y in alone]
 
 
 def test_image_folders_are_sharded_by_a_sampler_in_training_and_split_in_evaluation():
@@ -74,6 +76,10 @@ def test_image_folders_are_sharded_by_a_sampler_in_training_and_split_in_evaluat
         for r in (0, 1)
     ]
     assert len(train[0]) == len(train[1]) == 5 and set(train[0] + train[1]) == set(range(10))
+    per_rank = [len(y) for _, y in data_loader(data, 4, torch.device("cpu"), shuffle=True, ranks=Ranks(0, 2))]
+    assert global_batch_sizes(data, 4, Ranks(0, 2)) == [2 * n for n in per_rank] == [4, 4, 2]
+    odd = FolderImages(torch.utils.data.TensorDataset(torch.zeros(7, 1, 2, 2), torch.arange(7)), 10, (1, 2, 2), "f", "")
+    assert global_batch_sizes(odd, 4, Ranks(1, 2)) == [4, 4]  # the sampler pads 7 images to 8
     with pytest.raises(ValueError, match="does not split over 2 ranks"):
         data_loader(data, 5, torch.device("cpu"), shuffle=True, ranks=Ranks(0, 2))
 
@@ -93,7 +99,8 @@ def test_batchnorm_is_synchronised_where_each_rank_has_few_images(monkeypatch):
 def test_a_single_process_is_left_as_it_is():
     here, net, loss = Ranks(), torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1), torch.nn.BatchNorm2d(2)), torch.ones(())
     assert not here.distributed and here.main and here.wrap(net, torch.device("cpu")) is net
-    assert here.global_mean(loss, 5) is loss and here.gather(3) == [3]
+    assert here.global_mean(loss, 5, 9) is loss and here.gather(3) == [3]
+    assert float(Ranks(1, 2).global_mean(torch.tensor(1.0), 4, 9)) == pytest.approx(2 * 4 / 9)
     assert here.mean(torch.tensor([1.0, 2.0, 6.0])) == 3.0
     with synced_batchnorm(net, torch.device("cpu"), here, 8) as same:
         assert same is net and type(net[1]) is torch.nn.BatchNorm2d
@@ -111,6 +118,44 @@ def test_two_ranks_train_the_base_network_and_joint_sp_as_one_process_does(tmp_p
             torch.testing.assert_close(two[part][name], value, rtol=1e-4, atol=1e-5, msg=f"{part} {name}")
     # the stages trained: joint SP moved the base network's weights
     assert not torch.allclose(one["base"]["blocks.3.conv1.weight"], one["joint"]["blocks.3.conv1.weight"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["hrl", "hrlft", "blockdrop"])
+def test_reinforce_on_two_ranks_steps_with_the_mean_of_the_ranks_own_gradients(tmp_path, case):
+    """HRL (gates; gates and backbone) and BlockDrop's policy: each rank samples its own episodes
+    (its images and routes from its own streams, those of one process seeded ``Ranks(r, 2).seed(0)``);
+    DDP's update is the mean of their gradients. With the backbone fine-tuned, blocks no route ran
+    on a rank count as a zero gradient there."""
+    ranked = job(case, tmp_path / "ranked", 2)
+    assert ranked.returncode == 0, ranked.stderr[-3000:]
+    assert case == "blockdrop" or "HRL on 2 ranks: 32 episodes per iteration" in ranked.stderr
+    alone = [job(f"{case}:{Ranks(r, 2).seed(0)}", tmp_path / f"rank{r}", 0) for r in (0, 1)]
+    assert all(a.returncode == 0 for a in alone), alone[1].stderr[-3000:]
+    both = torch.load(tmp_path / "ranked" / "grads.pt", weights_only=True)
+    own = [torch.load(tmp_path / f"rank{r}" / "grads.pt", weights_only=True) for r in (0, 1)]
+    assert set(both) == set(own[0]) and any(n.startswith("backbone.") for n in both) == (case == "hrlft")
+    assert any(not torch.allclose(own[0][n], own[1][n]) for n in both)  # the ranks' episodes differ
+    for name, grad in both.items():
+        torch.testing.assert_close(grad, (own[0][name] + own[1][name]) / 2, rtol=1e-4, atol=1e-7, msg=name)
+
+
+@pytest.mark.slow
+def test_a_resumed_two_rank_hrl_run_ends_where_an_uninterrupted_one_does(tmp_path):
+    """Each rank's environment position and sampled routes' stream are in rank 0's checkpoint."""
+    whole = job("hrlrun", tmp_path / "whole", 2)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    stopped = job("hrlstop", tmp_path / "resumed", 2)
+    assert stopped.returncode != 0 and (tmp_path / "resumed" / "agent.pt").is_file()
+    assert torch.load(tmp_path / "resumed" / "agent.pt", weights_only=True)["world"] == 2
+    resumed = job("hrlrun", tmp_path / "resumed", 2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    one, two = weights(tmp_path / "whole"), weights(tmp_path / "resumed")
+    for part in ("gates", "backbone"):
+        for name, value in one[part].items():
+            assert torch.equal(value, two[part][name]), f"{part}.{name}"
+    alone = job("hrlrun", tmp_path / "resumed", 0)  # the same checkpoint, one process
+    assert alone.returncode != 0 and "written by a run on 2 rank(s), resumed on 1" in alone.stderr
 
 
 @pytest.mark.slow
@@ -169,10 +214,11 @@ def test_entry_points_that_do_not_train_on_ranks_refuse_torchrun(script, monkeyp
 
 @pytest.mark.slow
 def test_run_trains_the_recipe_on_two_ranks_and_reports_once(tmp_path):
-    """``torchrun ... experiments/run.py``: the base network and joint SP on both ranks, the rest on
-    rank 0; one results folder, one report."""
+    """``torchrun ... experiments/run.py``: the base network, joint SP, the recipe's HRL and the hybrid
+    agent's HRL on both ranks, the evaluation on rank 0; one results folder, one report."""
     args = ["--agent", "hybrid_rnn", "--dataset", "digits", "--backbone", "cifar_resnet20", "--width", "0.25"]
     args += ["--backbone-epochs", "1", "--joint-epochs", "1", "--recipe-hrl-iterations", "2", "--no-progress"]
+    args += ["--hrl-iterations", "2", "--num-envs", "32"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "SKIPNET_CACHE": str(tmp_path / "cache")}
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
     done = subprocess.run(
@@ -181,6 +227,7 @@ def test_run_trains_the_recipe_on_two_ranks_and_reports_once(tmp_path):
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert "data-parallel job: 2 ranks (gloo)" in done.stderr and "joint SP epoch 1/1" in done.stderr
+    assert done.stderr.count("HRL on 2 ranks") == 2 and "HRL on 2 ranks: 64 episodes" in done.stderr  # recipe, agent
     assert done.stdout.count("test accuracy") == 1 and len(list((tmp_path / "runs").iterdir())) == 1
 
 
