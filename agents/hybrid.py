@@ -39,6 +39,7 @@ import logging
 import math
 import typing
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -206,11 +207,11 @@ def sp_loss(
     trainer's SP and joint SP alike: cross-entropy through
     hard gates plus the compute the executed blocks add, priced by ``price`` (scaled by ``ramp``)
     from what the greedy gates spend; the straight-through gradient reaches the gates through both.
-    Moves a budget's price by that spending. Returns ``(loss, executed (B, N), spending (B,))``."""
+    Returns ``(loss, executed (B, N), spending (B,))``; the caller moves a budget's price by the
+    step's spending (``price.update``), once a step."""
     logits, executed, greedy = net(x, noise)
     spending = meter.spent(greedy)  # (B,) what the gates would spend at evaluation
     cost = price.loss(executed @ meter.cost, spending, ramp)
-    price.update(spending)  # the cost above holds the price it was computed with
     return F.cross_entropy(logits, y) + cost, executed, spending
 
 
@@ -389,12 +390,14 @@ class HybridTrainer(Trainer):
             stream = batches(self.data, cfg.sp_batch, self.device, train=True, generator=self.generator, ranks=here)
             for (x, y), total in zip(stream, sizes, strict=True):
                 noise = self.action_generator if cfg.sp_sample else None
-                loss, executed, spending = sp_loss(sp_net, x, y, noise, meter, self.price, ramp)
                 self.sp_opt.zero_grad(set_to_none=True)
-                here.global_mean(loss, len(y), total).backward()
+                loss, [(executed, spending)] = here.backward(
+                    sp_net, x, y, total, partial(sp_loss, sp_net, noise=noise, meter=meter, price=self.price, ramp=ramp)
+                )
+                self.price.update(spending)  # the loss above holds the price it was computed with
                 self.sp_opt.step()
                 spent.append(spending.mean())
-                losses.append(loss.detach())
+                losses.append(loss)
                 bar.update(1)
             self.check_losses(losses, "SP")  # once an epoch: no host sync per step
             self.done_units = epoch + 1

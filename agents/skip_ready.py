@@ -31,6 +31,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -96,6 +97,10 @@ class JointConfig:
     """skip_ready: pad-and-crop augmentation in pixels in joint SP (the base training's)"""
     batch_size: int = option(128, POSITIVE_INT)
     """skip_ready: images per joint SP step, on every device"""
+    accumulate: int = option(1, POSITIVE_INT)
+    """skip_ready: split each joint SP step's images (this rank's part) into this many micro-batches whose gradients
+    add up to the step's: for a batch that does not fit (BatchNorm and a budget's proportional term then see each
+    micro-batch)"""
 
     def __post_init__(self) -> None:
         check_options(self)
@@ -270,15 +275,23 @@ class JointTrainer:
                 strict=True,
             ):
                 noise = self.noise if cfg.sample else None
-                loss, executed, spending = sp_loss(net, x, y, noise, meter, self.price, ramp)
-                spent.append(spending.mean())
                 self.backbone_opt.zero_grad(set_to_none=True)
                 self.gate_opt.zero_grad(set_to_none=True)
-                here.global_mean(loss, len(y), total).backward()
+                loss, parts = here.backward(
+                    net,
+                    x,
+                    y,
+                    total,
+                    partial(sp_loss, net, noise=noise, meter=meter, price=self.price, ramp=ramp),
+                    cfg.accumulate,
+                )
+                executed, spending = (torch.cat(kept) for kept in zip(*parts))
+                self.price.update(spending)  # once a step, from the whole step's spending
+                spent.append(spending.mean())
                 self.backbone_opt.step()
                 self.gate_opt.step()
                 self.schedule.step()
-                losses.append(loss.detach())
+                losses.append(loss)
                 rates.append(executed.detach().mean())
                 bar.update(1)
             # the trainers' one divergence guard (agents.trainer): a runaway loss or weight stops the stage
@@ -327,8 +340,11 @@ def gate_identity(kind: str, options: dict[str, Any], first_gated: int = FIRST_G
 
 
 def joint_identity(cfg: JointConfig, seed: int) -> dict[str, Any]:
-    """What names a joint SP stage in a skip-ready checkpoint and its cache key: its options and seed."""
-    return {**dataclasses.asdict(cfg), "seed": seed}
+    """What names a joint SP stage in a skip-ready checkpoint and its cache key: its options and seed
+    (``accumulate`` only where it is not 1, so that the stages cached before it existed keep their
+    names)."""
+    options = {k: v for k, v in dataclasses.asdict(cfg).items() if not (k == "accumulate" and v == 1)}
+    return {**options, "seed": seed}
 
 
 def skip_ready_path(

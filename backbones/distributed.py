@@ -20,10 +20,11 @@ always has, bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -79,6 +80,29 @@ class Ranks:
         if not self.distributed:
             return loss
         return loss * (self.world * local / total)
+
+    def backward(
+        self, net: nn.Module, x: Tensor, y: Tensor, total: int, loss_of: Callable[..., tuple], parts: int = 1
+    ) -> tuple[Tensor, list[tuple]]:
+        """Backward of the global batch's mean loss from this rank's images ``x`` and labels ``y``
+        (``total``: the global batch's size), in ``parts`` micro-batches whose gradients add up to
+        the step's (a batch that does not fit): ``loss_of(x_part, y_part)`` returns the part's mean
+        loss and anything else the caller keeps. ``net`` (the module, or its DDP wrapper) averages
+        the ranks' gradients once, after the last part. Returns this rank's mean loss (detached)
+        and each part's other outputs."""
+        ddp = net if isinstance(net, nn.parallel.DistributedDataParallel) else None
+        chunks = [(xi, yi) for xi, yi in zip(x.tensor_split(parts), y.tensor_split(parts)) if len(yi)]
+        mean_loss, kept = x.new_zeros(()), []
+        for i, (xi, yi) in enumerate(chunks):
+            last = i == len(chunks) - 1
+            with ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext():
+                loss, *rest = loss_of(xi, yi)
+                if len(chunks) > 1:  # the part's share of this rank's mean
+                    loss = loss * (len(yi) / len(y))
+                self.global_mean(loss, len(y), total).backward()
+            mean_loss = mean_loss + loss.detach()
+            kept.append(tuple(rest))
+        return mean_loss, kept
 
     def sum(self, value: Tensor) -> Tensor:
         """``value`` summed over the ranks (itself alone)."""

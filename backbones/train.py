@@ -8,7 +8,6 @@ an interruption: rerun the same command and it continues from the last finished 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
@@ -153,23 +152,17 @@ def train_step(
 ) -> torch.Tensor:
     """One step of the base trainer on this rank's images ``x`` and labels ``y`` of a global batch
     of ``total`` images (``net``: the backbone, or its DDP wrapper), in ``accumulate`` micro-batches
-    whose gradients add up to the step's (DDP averages over the ranks once, after the last);
-    returns this rank's mean loss. A non-finite loss raises ``FloatingPointError`` before the
-    weights change."""
+    (:meth:`Ranks.backward`); returns this rank's mean loss. A non-finite loss raises
+    ``FloatingPointError`` before the weights change."""
+
+    def loss_of(xi: torch.Tensor, yi: torch.Tensor) -> tuple[torch.Tensor]:
+        loss = F.cross_entropy(net(xi), yi)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()}")
+        return (loss,)
+
     optimizer.zero_grad(set_to_none=True)
-    parts = list(zip(x.tensor_split(accumulate), y.tensor_split(accumulate)))
-    mean_loss = x.new_zeros(())
-    for i, (xi, yi) in enumerate(parts):
-        last = i == len(parts) - 1
-        ddp = net if isinstance(net, torch.nn.parallel.DistributedDataParallel) else None
-        with ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext():
-            loss = F.cross_entropy(net(xi), yi)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()}")
-            if len(parts) > 1:  # the micro-batch's share of this rank's mean
-                loss = loss * (len(yi) / len(y))
-            here.global_mean(loss, len(y), total).backward()
-        mean_loss = mean_loss + loss.detach()
+    mean_loss, _ = here.backward(net, x, y, total, loss_of, accumulate)
     optimizer.step()
     scheduler.step()
     return mean_loss

@@ -100,6 +100,9 @@ class RunConfig:
     backbone_flip: bool | None = None
     """horizontal flips when the backbone is trained (default: the data set's own: on for CIFAR and your own images,
     off for digits and SVHN)"""
+    backbone_accumulate: int = option(1, POSITIVE_INT)
+    """micro-batches per step when the backbone is trained (a batch that does not fit; see train_backbone
+    --accumulate)"""
     backbone_seed: int | None = option(None, COUNT)
     """seed of the base network's training (default: --seed: every seed trains its own base network, so seeds
     resample everything a result depends on)"""

@@ -138,6 +138,7 @@ def load_base_backbone(cfg: RunConfig, device: torch.device, splits: dict[str, D
         "epochs": cfg.backbone_epochs,
         "drop_rate": cfg.backbone_drop_rate,
         "drop_schedule": cfg.backbone_drop_schedule,
+        "accumulate": cfg.backbone_accumulate,
         "flip": cfg.backbone_flip,
         "seed": cfg.seed if cfg.backbone_seed is None else cfg.backbone_seed,
         "device": str(device),

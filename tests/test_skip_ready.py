@@ -1,5 +1,7 @@
 """Joint SP: the skip-ready backbone, its checkpoint, its cache and its exact resume."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -56,6 +58,28 @@ def test_frozen_batchnorm_keeps_the_base_statistics(digits_train, tmp_path):
     means = {k: v.clone() for k, v in net.state_dict().items() if "running_mean" in k}
     trained, _ = _trainer(net, digits_train, tmp_path / "ready.pt", epochs=1, bn="frozen").train()
     assert all(torch.equal(trained.state_dict()[k], v) for k, v in means.items())
+
+
+def test_accumulated_joint_sp_takes_the_steps_of_whole_batches(digits_train, tmp_path):
+    """--joint-accumulate K: the weights of whole batches to float rounding, where nothing sees the
+    micro-batches (BatchNorm frozen, compute priced by a fixed alpha), over 3 steps (over many, a
+    hard gate near its threshold may flip on float rounding); with a budget the price still moves
+    once a step, from the whole step's spending."""
+    few = dataclasses.replace(digits_train, images=digits_train.images[:192], labels=digits_train.labels[:192],
+                              groups=None, _fingerprint=None)  # fmt: skip
+    weights = {}
+    for k in (1, 3):
+        trained, gates = _trainer(tiny_backbone(20), few, tmp_path / f"{k}.pt", 1, bn="frozen", budget=None,
+                                  accumulate=k).train()  # fmt: skip
+        weights[k] = {**_params(trained), **{f"gates.{n}": v for n, v in _params(gates).items()}}
+    for name, value in weights[1].items():
+        torch.testing.assert_close(weights[3][name], value, rtol=1e-4, atol=1e-6, msg=name)
+    assert any(not torch.equal(weights[3][n], v) for n, v in weights[1].items())  # micro-batches did run
+    trainer = _trainer(tiny_backbone(20), few, tmp_path / "budget.pt", 1, accumulate=3)
+    trainer.train()
+    assert len(trainer.history) == 1 and float(trainer.price.value) != 2.0  # the price moved
+    with pytest.raises(ValueError, match="--joint-accumulate must be an integer >= 1"):
+        JointConfig(accumulate=0)
 
 
 @pytest.mark.slow
