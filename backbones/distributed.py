@@ -173,9 +173,20 @@ class Ranks:
         )
 
 
+# keep_ranks: leave() keeps the group, and rank 0 goes on alone inside it (_alone) until join()
+_keep = False
+_alone = False
+
+
+class RankIdle(Exception):
+    """Raised by :func:`leave` on the ranks other than 0 under :func:`keep_ranks`: the run goes on
+    on rank 0 alone, and this rank waits for the next (:func:`join`)."""
+
+
 def ranks() -> Ranks:
-    """This process's :class:`Ranks`: from the process group :func:`start` made, else a single process."""
-    if dist.is_available() and dist.is_initialized():
+    """This process's :class:`Ranks`: from the process group :func:`start` made, else (and on rank
+    0 while it goes on alone under :func:`keep_ranks`) a single process."""
+    if dist.is_available() and dist.is_initialized() and not _alone:
         return Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
     return Ranks()
 
@@ -213,14 +224,44 @@ def start(device: str | torch.device = "auto") -> tuple[Ranks, str | torch.devic
 
 def leave() -> None:
     """End a job's data-parallel part: every rank leaves the process group, the ranks other than 0
-    end here (exit status 0), and rank 0 goes on alone as a single process (a no-op alone)."""
+    end here (exit status 0), and rank 0 goes on alone as a single process (a no-op alone). Under
+    :func:`keep_ranks` the group stays: rank 0 goes on alone inside it and the others raise
+    :class:`RankIdle`."""
+    global _alone
     here = ranks()
     if not here.distributed:
         return
     here.barrier()
+    if _keep:
+        if not here.main:
+            raise RankIdle
+        _alone = True
+        return
     stop()
     if not here.main:
         end(here)
+
+
+@contextmanager
+def keep_ranks() -> Iterator[None]:
+    """Several runs one after the other on one job's ranks (``reproduce.py``): where a run goes on
+    on rank 0 alone (:func:`leave`: its evaluation, an agent that trains in one process), the other
+    ranks wait for the next run at :func:`join`. That wait is a collective: a run's part on rank 0
+    alone must end within ``SKIPNET_DIST_TIMEOUT`` seconds."""
+    global _keep
+    _keep = True
+    try:
+        yield
+    finally:
+        _keep = False
+
+
+def join() -> None:
+    """Under :func:`keep_ranks`, after a run: rank 0, alone since it left, joins the ranks waiting
+    for it (a barrier; a no-op for a single process)."""
+    global _alone
+    _alone = False
+    ranks().barrier()
 
 
 def stop() -> None:

@@ -174,7 +174,8 @@ def parse(
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not data_parallel:
         raise ValueError(
             f"{Path(sys.argv[0]).name} does not run on several ranks: run it as one process (python, not torchrun); "
-            "experiments/run.py and experiments.train_backbone train on several (README: More than one GPU)"
+            "experiments/run.py, experiments/reproduce.py and experiments.train_backbone train on several "
+            "(README: More than one GPU)"
         )
     for source in agents_from(argv):
         import_agents(source)

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from agents.statistics import bootstrap_ci, paired_difference
+from backbones.distributed import RankIdle, end, join, keep_ranks, ranks, start, stop
 from backbones.options import replace
 from experiments.cli import given_fields, one_line_errors, parse
 from experiments.config import RunConfig
@@ -123,16 +124,28 @@ def reproduce(cfg: ReproduceConfig, given: set[str] | None = None) -> list[dict[
             run_cfg = replace(
                 cfg.run, **shared, backbone=arch, agent="hybrid_rnn", backbone_recipe="skip_ready", seed=seed
             )
-            runs.append(run(run_cfg))
+            runs.append(run_on_ranks(run_cfg))
             log.info(
                 "%s seed %d: accuracy %.4f at %.3f FLOPs", arch, seed, runs[-1]["accuracy"], runs[-1]["flops_fraction"]
             )
             if cfg.control and runs[-1]["training_epochs"]:
                 epochs = math.ceil(sum(runs[-1]["training_epochs"].values()))
-                controls.append(run(replace(run_cfg, agent="full", backbone_recipe="base", backbone_epochs=epochs)))
+                control_cfg = replace(run_cfg, agent="full", backbone_recipe="base", backbone_epochs=epochs)
+                controls.append(run_on_ranks(control_cfg))
                 log.info("%s seed %d: control (%d epochs) %.4f", arch, seed, epochs, controls[-1]["accuracy"])
         rows.append(summarize(arch, paper, runs, cfg.seeds[0], controls))
     return rows
+
+
+def run_on_ranks(cfg: RunConfig) -> dict[str, Any]:
+    """:func:`experiments.run.run` on every rank of a ``torchrun`` job (its training stages
+    data-parallel, the rest on rank 0), every rank then holding rank 0's results; ``run`` alone."""
+    try:
+        result = run(cfg)
+    except RankIdle:  # the run went on on rank 0 alone
+        result = None
+    join()
+    return ranks().from_main(result)
 
 
 def _verdict(d: dict[str, Any], tolerance: float) -> str:
@@ -243,14 +256,25 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     argv = sys.argv[1:] if argv is None else argv
     with one_line_errors(argv):
-        cfg = parse(ReproduceConfig, argv, description=__doc__.strip().splitlines()[0])
-        rows = reproduce(cfg, given_fields(ReproduceConfig, argv))
+        cfg = parse(ReproduceConfig, argv, description=__doc__.strip().splitlines()[0], data_parallel=True)
+        here, device = start(cfg.run.device)  # under torchrun: every run's training stages on every rank
+        if here.distributed:
+            cfg = dataclasses.replace(cfg, run=replace(cfg.run, device=str(device)))
+        try:
+            with keep_ranks():
+                rows = reproduce(cfg, given_fields(ReproduceConfig, argv))
+        finally:
+            stop()
+    if not here.main:
+        end(here)
+        return rows
     out = Path(cfg.out_dir) / cfg.preset
     out.mkdir(parents=True, exist_ok=True)
     table = format_markdown(cfg.preset, rows)
     (out / "reproduce.md").write_text(table + "\n")
     (out / "reproduce.json").write_text(json.dumps(rows, indent=2))
     print(table)
+    end(here)
     return rows
 
 

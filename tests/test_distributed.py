@@ -203,7 +203,7 @@ def test_a_rank_that_dies_ends_the_job_naming_it(tmp_path):
     assert "rank      : 1" in root_cause and "exitcode  : 1" in root_cause
 
 
-@pytest.mark.parametrize("script", ["compare.py", "reproduce.py", "sweep.py"])
+@pytest.mark.parametrize("script", ["compare.py", "sweep.py"])
 def test_entry_points_that_do_not_train_on_ranks_refuse_torchrun(script, monkeypatch):
     from conftest import call_entry_point
 
@@ -229,6 +229,25 @@ def test_run_trains_the_recipe_on_two_ranks_and_reports_once(tmp_path):
     assert "data-parallel job: 2 ranks (gloo)" in done.stderr and "joint SP epoch 1/1" in done.stderr
     assert done.stderr.count("HRL on 2 ranks") == 2 and "HRL on 2 ranks: 64 episodes" in done.stderr  # recipe, agent
     assert done.stdout.count("test accuracy") == 1 and len(list((tmp_path / "runs").iterdir())) == 1
+
+
+@pytest.mark.slow
+def test_reproduce_runs_every_seed_on_two_ranks_and_writes_once(tmp_path):
+    """``torchrun ... reproduce.py``: each seed's and control's training stages on both ranks, the
+    rest on rank 0 while rank 1 waits for the next run; one table."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "SKIPNET_CACHE": str(tmp_path / "cache")}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    args = ["--preset", "tiny", "--seeds", "0", "1", "--out-dir", str(tmp_path / "out"), "--run-dir", str(tmp_path)]
+    done = subprocess.run(
+        [*launcher, str(ROOT / "experiments" / "reproduce.py"), *args],
+        capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.count("data-parallel job: 2 ranks (gloo)") == 1
+    assert done.stderr.count("HRL on 2 ranks") == 2  # the recipe's HRL, at each seed
+    assert done.stderr.count("control (") == 2  # the same-epochs controls, trained on both ranks too
+    rows = json.loads((tmp_path / "out" / "tiny" / "reproduce.json").read_text())
+    assert len(rows) == 1 and rows[0]["seeds"] == 2 and done.stdout.count("| ResNet-20") == 1
 
 
 @pytest.mark.slow
