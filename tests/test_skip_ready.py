@@ -73,7 +73,8 @@ def test_accumulated_joint_sp_takes_the_steps_of_whole_batches(digits_train, tmp
                                   accumulate=k).train()  # fmt: skip
         weights[k] = {**_params(trained), **{f"gates.{n}": v for n, v in _params(gates).items()}}
     for name, value in weights[1].items():
-        torch.testing.assert_close(weights[3][name], value, rtol=1e-4, atol=1e-6, msg=name)
+        # up to 1e-5 apart on one thread (float order), where the 3 steps move the weights by up to 3
+        torch.testing.assert_close(weights[3][name], value, rtol=1e-4, atol=5e-5, msg=name)
     assert any(not torch.equal(weights[3][n], v) for n, v in weights[1].items())  # micro-batches did run
     trainer = _trainer(tiny_backbone(20), few, tmp_path / "budget.pt", 1, accumulate=3)
     trainer.train()
