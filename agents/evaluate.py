@@ -13,8 +13,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from agents.policies import RoutingPolicy, ThresholdPolicy
 from backbones.base import Backbone
-from backbones.batching import batches
+from backbones.batching import batches, evaluation_positions
 from backbones.data import Dataset
+from backbones.distributed import ranks
 from skipnet_env.core import BatchedRouting, RewardConfig
 
 
@@ -87,13 +88,18 @@ def evaluate(
     precision: str = "auto",
 ) -> EvalResult:
     """Route every image of ``data`` with ``policy`` (deterministic decisions) and measure, on the
-    frozen execution engine at ``precision``."""
+    frozen execution engine at ``precision``. Under ``torchrun`` (while the job's ranks are together)
+    each rank routes its part of every batch and the per-image outcomes are gathered back into
+    data-set order: the figures are one process's."""
     t0 = time.perf_counter()
+    here = ranks()
     core = BatchedRouting(backbone.to(device).eval(), RewardConfig(alpha=0.0), gate_first_block, precision=precision)
     correct, cross_entropy, executed, labels = [], [], [], []
     spent = 0.0
     policy_flops = None
-    for x, y in batches(data, batch_size, device, train=False, num_workers=2):
+    for x, y in batches(data, batch_size, device, train=False, num_workers=2, ranks=here):
+        if len(y) == 0:  # a last batch smaller than the number of ranks
+            continue
         if policy_flops is None:
             policy_flops = policy_flops_per_image(policy, core, x, y)
         obs = core.start(x, y)
@@ -116,6 +122,13 @@ def evaluate(
             ("label", labels),
         )
     }
+    if here.distributed:  # every rank's outcomes, back in data-set order
+        positions = evaluation_positions(data, batch_size, here).numpy()
+        parts = here.gather((positions, per_image, spent, policy_flops))
+        order = np.argsort(np.concatenate([p[0] for p in parts]), kind="stable")
+        per_image = {name: np.concatenate([p[1][name] for p in parts])[order] for name in per_image}
+        spent = sum(p[2] for p in parts)
+        policy_flops = next(p[3] for p in parts if p[3] is not None)
     n = len(per_image["label"])
     rate = per_image["executed"].mean(axis=0, dtype=np.float64).tolist()
     backbone_frac = spent / n / core.full_flops

@@ -72,6 +72,18 @@ def global_batch_sizes(data: Dataset, batch_size: int, ranks: Ranks | None = Non
     return [min(batch_size, n - start) for start in range(0, n, batch_size)]
 
 
+def evaluation_positions(data: Dataset, batch_size: int, ranks: Ranks) -> Tensor:
+    """Where in ``data`` the images :func:`batches` gives this rank in evaluation (``train=False``)
+    come from, in the order it gives them: each global batch's part (in-memory sets), every
+    ``world``-th image (streamed folders). What puts the ranks' per-image outcomes back in order."""
+    n = len(data)
+    if not ranks.distributed:
+        return torch.arange(n)
+    if not isinstance(data, ImageTensors):
+        return torch.arange(ranks.rank, n, ranks.world)
+    return torch.cat([ranks.part(torch.arange(s, min(s + batch_size, n))) for s in range(0, n, batch_size)])
+
+
 def random_shift(images: Tensor, max_shift: int, generator: torch.Generator | None = None) -> Tensor:
     """Translate each image ``(B, C, H, W)`` by its own random offset in ``[-max_shift, max_shift]``,
     zero-filled: the pad-and-crop augmentation, batched, with no loop over images."""

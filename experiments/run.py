@@ -201,8 +201,8 @@ def calibrate(
     (``threshold``: what an evaluation of the checkpoint uses); returns what it did."""
     before = evaluate(policy, backbone, val, device, batch, precision=precision)
     threshold, result = calibrate_threshold(policy, backbone, val, budget, device, batch, precision)
-    state = safe_load(checkpoint)
-    atomic_save({**state, "threshold": threshold}, checkpoint)
+    if ranks().main:  # under torchrun the ranks calibrate together (each evaluating its part); rank 0 writes
+        atomic_save({**safe_load(checkpoint), "threshold": threshold}, checkpoint)
     log.info(
         "calibrated the gates to --budget %.3f on validation: threshold %+.3f, %.1f%% -> %.1f%% of the FLOPs",
         budget, threshold, 100 * before.flops_fraction, 100 * result.flops_fraction,
@@ -307,7 +307,6 @@ def run(
     log.info("full backbone: test accuracy %.4f", full.accuracy)
     t_train = time.perf_counter()
     policy = spec.load(ctx, state) if cfg.eval_only and state is not None else spec.train(ctx, state)
-    leave()  # a data-parallel agent trained on every rank; rank 0 evaluates and writes
     train_seconds = time.perf_counter() - t_train
     log.info("%s trained in %.1f s", cfg.agent, train_seconds)
     target = cfg.calibration_budget(joint_gates)
@@ -318,6 +317,7 @@ def run(
         calibration = calibrate(policy, backbone, split["val"], target, device, eval_batch, cfg.precision, checkpoint)
     # validation figures, what any choice between runs (a sweep, a front, a budget) is made on; test is reported
     val, result = test(policy, backbone, "val"), test(policy, backbone)
+    leave()  # a data-parallel agent trained and was evaluated on every rank (each its part); rank 0 writes
     if calibration is not None:
         stages.append(
             {"stage": f"{cfg.agent} as trained", "val_accuracy": calibration["val_accuracy_before"],
@@ -387,7 +387,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         finally:
             stop()
     print(format_table(result))
-    end(here)  # under torchrun: rank 0, alone since the agent trained, ends here
+    end(here)  # under torchrun: rank 0, alone since the agent was evaluated, ends here
     return result
 
 

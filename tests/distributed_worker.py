@@ -6,6 +6,7 @@ ranks (``torchrun --nproc-per-node 2 tests/distributed_worker.py CASE OUT``), on
   after its first epoch (what a killed job leaves); ``resume``: the same, run to the end.
 - ``die``: rank 1 exits at its first training step.
 - ``otherdata``: rank 1 is given other training images than rank 0.
+- ``evaluate``: a routed evaluation; ``OUT/eval.pt`` holds its figures and per-image outcomes.
 - ``hrl:SEED`` (``hrlft:SEED``: the backbone fine-tuned; ``blockdrop:SEED``: BlockDrop's policy):
   one REINFORCE iteration on an untrained network; ``OUT/grads.pt`` holds the gradients of its
   update (on ranks: DDP's).
@@ -23,8 +24,10 @@ from typing import Any
 import torch
 
 from agents.blockdrop import BlockDropConfig, BlockDropNet, BlockDropTrainer
+from agents.evaluate import evaluate
 from agents.gates import create_gates
 from agents.hybrid import HybridConfig, HybridTrainer
+from agents.policies import GateRoutingPolicy
 from agents.skip_ready import JointConfig, JointTrainer
 from backbones import train as base_trainer
 from backbones.base import FIRST_GATED
@@ -52,6 +55,11 @@ def config(out: Path, augment: bool, epochs: int) -> base_trainer.TrainConfig:
 def main(case: str, out: Path) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     here, _ = start("cpu")
+    if case == "evaluate":
+        routed_evaluation(out)
+        stop()
+        end(here)
+        return
     if case.startswith(("hrl", "blockdrop")):
         reinforce(case, out)
         stop()
@@ -96,6 +104,21 @@ def main(case: str, out: Path) -> None:
         torch.save(weights, out / "weights.pt")
     stop()
     end(here)
+
+
+def routed_evaluation(out: Path) -> None:
+    """The gates' routes evaluated on 101 images in batches of 32 (the last, 5 images, split 3 / 2
+    on two ranks); rank 0 writes the result's figures and per-image outcomes to ``out/eval.pt``."""
+    seed_everything(0)
+    backbone = create("cifar_resnet20", num_classes=10, width=0.25, in_channels=1, image_size=12)
+    gates = create_gates("rnn", backbone, FIRST_GATED)
+    with torch.no_grad():  # routes that differ from image to image
+        gates.out.bias.zero_()
+        gates.out.weight.mul_(50.0)
+    result = evaluate(GateRoutingPolicy(gates.eval(), "rnn"), backbone, data(101, 3), torch.device("cpu"), 32)
+    if ranks().main:
+        figures = {k: torch.tensor(v) for k, v in result.as_dict().items() if isinstance(v, float | int)}
+        torch.save({**figures, **{k: torch.from_numpy(v) for k, v in result.per_image.items()}}, out / "eval.pt")
 
 
 def reinforce(case: str, out: Path) -> None:

@@ -159,6 +159,19 @@ def test_a_resumed_two_rank_hrl_run_ends_where_an_uninterrupted_one_does(tmp_pat
 
 
 @pytest.mark.slow
+def test_a_routed_evaluation_on_two_ranks_gives_one_processs_figures_and_per_image_outcomes(tmp_path):
+    """Each rank routes its part of every batch; the outcomes are gathered back in data-set order."""
+    alone, ranked = job("evaluate", tmp_path / "alone", 0), job("evaluate", tmp_path / "ranked", 2)
+    assert alone.returncode == 0 and ranked.returncode == 0, ranked.stderr[-3000:]
+    one = torch.load(tmp_path / "alone" / "eval.pt", weights_only=True)
+    two = torch.load(tmp_path / "ranked" / "eval.pt", weights_only=True)
+    assert set(one) == set(two) and len(one["label"]) == 101 and 0.1 < one["executed"].float().mean() < 0.9
+    for name, value in one.items():
+        if name != "seconds":
+            torch.testing.assert_close(two[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
 def test_a_resumed_two_rank_run_ends_where_an_uninterrupted_one_does(tmp_path):
     whole = job("resume", tmp_path / "whole", 2)
     assert whole.returncode == 0, whole.stderr[-3000:]
