@@ -572,8 +572,9 @@ class HybridTrainer(Trainer):
                 # means over log_every iterations: one host sync per log_every, not per iteration
                 means = self.flush(self.done_units, "losses/total", "HRL")
                 if self.budget is not None:  # the reward prices compute at the budget's price (one sync per log)
+                    # the price's weight takes the mean over the ranks (on the device: NCCL reduces no host tensor)
                     spent_mean = torch.tensor([means["charts/greedy_flops_fraction"]], device=self.device)
-                    self.set_alpha(float(self.price.weight(here.mean(spent_mean).cpu())))  # every rank's mean
+                    self.set_alpha(float(self.price.weight(spent_mean)))
                     self.write({"charts/compute_weight": env.alpha}, self.done_units)
                 last = means
                 bar.set_postfix(

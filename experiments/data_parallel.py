@@ -59,7 +59,8 @@ def measure(argv: list[str] | None = None) -> dict[str, float]:
             if step >= args.warmup:
                 seconds += time.perf_counter() - t0
         del ddp  # DDP's reducer goes before the process group does (else its threads abort the process)
-    seconds = float(here.sum(torch.tensor(seconds)).item()) / here.world  # the ranks' mean
+    # the ranks' mean (the sum on the device: NCCL reduces no host tensor)
+    seconds = float(here.sum(torch.tensor(seconds, device=device)).item()) / here.world
     here.barrier()  # every rank done before any leaves the group
     stop()
     result = {
