@@ -1,9 +1,11 @@
-"""What tests/test_distributed.py runs, alone (``python tests/distributed_worker.py CASE OUT``) or on
-ranks (``torchrun --nproc-per-node 2 tests/distributed_worker.py CASE OUT``), on small random data:
+"""What tests/test_distributed.py runs, alone (``python tests/distributed_worker.py CASE OUT [CASE OUT
+...]``) or on ranks (``torchrun --nproc-per-node 2 tests/distributed_worker.py CASE OUT ...``), on
+small random data; several cases run one after the other in one job (one start of the processes):
 
 - ``train``: the base trainer, then joint SP on its result; rank 0 writes both weights to ``OUT``.
 - ``interrupt``: the base trainer with augmentation and stochastic depth, stopped on every rank
-  after its first epoch (what a killed job leaves); ``resume``: the same, run to the end.
+  after its first epoch (what a killed job leaves: the job goes on to its next case); ``resume``:
+  the same, run to the end (resumed where ``OUT`` holds a stopped run).
 - ``die``: rank 1 exits at its first training step.
 - ``otherdata``: rank 1 is given other training images than rank 0.
 - ``evaluate``: a routed evaluation; ``OUT/eval.pt`` holds its figures and per-image outcomes.
@@ -52,19 +54,30 @@ def config(out: Path, augment: bool, epochs: int) -> base_trainer.TrainConfig:
     )  # fmt: skip
 
 
-def main(case: str, out: Path) -> None:
+class Stopped(Exception):
+    """A run stopped on every rank at the same point, its checkpoint as a killed job leaves it."""
+
+
+def main(jobs: list[tuple[str, Path]]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     here, _ = start("cpu")
-    if case == "evaluate":
-        routed_evaluation(out)
-        stop()
-        end(here)
-        return
-    if case.startswith(("hrl", "blockdrop")):
-        reinforce(case, out)
-        stop()
-        end(here)
-        return
+    for case, out in jobs:
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            if case == "evaluate":
+                routed_evaluation(out)
+            elif case.startswith(("hrl", "blockdrop")):
+                reinforce(case, out)
+            else:
+                train(case, out)
+        except Stopped:
+            logging.info("%s: stopped", case)
+    stop()
+    end(here)
+
+
+def train(case: str, out: Path) -> None:
+    here = ranks()
     # 101 training images: the last batch of 5 splits 3 / 2, unevenly; "otherdata": rank 1 reads other images
     other = case == "otherdata" and here.rank == 1
     splits = {"train": data(101, 5 if other else 0), "val": data(40, 1), "test": data(40, 2)}
@@ -77,18 +90,21 @@ def main(case: str, out: Path) -> None:
             return real(*args, **kwargs)
 
         base_trainer.batches = dying
+    real_accuracy, calls = base_trainer.full_accuracy, []
+
+    def stop_after_first_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the second epoch's validation, before its checkpoint
+            raise Stopped
+        return real_accuracy(*args, **kwargs)
+
     if case == "interrupt":
-        real_accuracy, calls = base_trainer.full_accuracy, []
-
-        def stop_after_first_epoch(*args, **kwargs):
-            calls.append(1)
-            if len(calls) == 2:  # the second epoch's validation, before its checkpoint
-                raise SystemExit(3)
-            return real_accuracy(*args, **kwargs)
-
         base_trainer.full_accuracy = stop_after_first_epoch
     augmented = case in ("interrupt", "resume", "die")
-    backbone, _ = base_trainer.train(config(out, augmented, 3 if augmented else 2), splits)
+    try:
+        backbone, _ = base_trainer.train(config(out, augmented, 3 if augmented else 2), splits)
+    finally:
+        base_trainer.full_accuracy = real_accuracy
     weights = {"base": {k: v.clone() for k, v in backbone.state_dict().items()}}
     if case == "train":
         seed_everything(0)
@@ -102,8 +118,6 @@ def main(case: str, out: Path) -> None:
         weights["gates"] = gates.state_dict()
     if ranks().main:
         torch.save(weights, out / "weights.pt")
-    stop()
-    end(here)
 
 
 def routed_evaluation(out: Path) -> None:
@@ -156,7 +170,7 @@ def reinforce(case: str, out: Path) -> None:
         def save_then_stop():
             save()
             if trainer.stage == "hrl" and trainer.done_units == 2:
-                raise SystemExit(3)
+                raise Stopped
 
         trainer.save = save_then_stop
     if (out / "agent.pt").is_file():
@@ -168,4 +182,5 @@ def reinforce(case: str, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], Path(sys.argv[2]))
+    args = sys.argv[1:]
+    main([(case, Path(out)) for case, out in zip(args[::2], args[1::2])])

@@ -1,11 +1,23 @@
 import hashlib
 
 import numpy as np
+import pytest
 import torch
 
 import backbones
 from backbones.cache import cache_dir
 from backbones.cluttered import SPLIT_SEEDS, SPLIT_SIZES, ClutterConfig, _source_digits, cluttered_sources, render
+
+
+@pytest.fixture(scope="module")
+def rendered_once(tmp_path_factory):
+    return tmp_path_factory.mktemp("cluttered-cache")
+
+
+@pytest.fixture(autouse=True)
+def _one_cache_for_the_module(rendered_once, monkeypatch):
+    """The registered splits rendered once for the module (each test's own cache would render them again)."""
+    monkeypatch.setenv("SKIPNET_CACHE", str(rendered_once))
 
 
 def _digest(t: torch.Tensor) -> str:

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import distributed_worker
 import pytest
 import torch
 
@@ -24,13 +26,50 @@ WORKER = ROOT / "tests" / "distributed_worker.py"
 
 def job(case: str, out: Path, ranks: int, timeout: float = 300) -> subprocess.CompletedProcess:
     """The worker's ``case`` on ``ranks`` processes (torchrun), or alone (``ranks == 0``)."""
-    out.mkdir(parents=True, exist_ok=True)
+    return jobs([(case, out)], ranks, timeout)
+
+
+def jobs(cases: list[tuple[str, Path]], ranks: int, timeout: float = 300) -> subprocess.CompletedProcess:
+    """The worker's ``cases`` (each with its output folder) one after the other in one job: the
+    processes start once (a start costs seconds of imports)."""
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"] if ranks else []
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "SKIPNET_DIST_TIMEOUT": "60"}
     return subprocess.run(
-        [sys.executable, *launcher, str(WORKER), case, str(out)],
+        [sys.executable, *launcher, str(WORKER), *[str(x) for pair in cases for x in pair]],
         capture_output=True, text=True, env=env, timeout=timeout,
     )  # fmt: skip
+
+
+REINFORCE_CASES = ("hrl", "hrlft", "blockdrop")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """Every case of the worker that ends well, in three jobs (a start costs seconds of imports). On
+    two ranks: ``train``, ``evaluate``, the REINFORCE cases, and the base trainer's and HRL's runs
+    whole (``ranked/CASE``) and stopped after a checkpoint (``stopped/base``, ``stopped/hrl``; the
+    checkpoints copied to ``stopped/*.pt`` as the stop left them). Then, in new processes, the
+    stopped runs resumed. Alone: ``train``, ``evaluate`` and the REINFORCE cases once per rank's
+    seed (``alone/CASE[/rankR]``). Gives the folder and each job's log."""
+    root = tmp_path_factory.mktemp("distributed")
+    whole = [(c, root / "ranked" / c) for c in ("train", "evaluate", *REINFORCE_CASES, "resume", "hrlrun")]
+    stopped = [("interrupt", root / "stopped" / "base"), ("hrlstop", root / "stopped" / "hrl")]
+    own_seeds = [
+        (f"{c}:{Ranks(r, 2).seed(0)}", root / "alone" / c / f"rank{r}") for c in REINFORCE_CASES for r in (0, 1)
+    ]
+    logs = {}
+    for name, cases, ranks in [
+        ("ranked", whole + stopped, 2),
+        ("resumed", [("resume", root / "stopped" / "base"), ("hrlrun", root / "stopped" / "hrl")], 2),
+        ("alone", [("train", root / "alone" / "train"), ("evaluate", root / "alone" / "evaluate"), *own_seeds], 0),
+    ]:
+        if name == "resumed":
+            shutil.copy(root / "stopped" / "base" / "base.pt", root / "stopped" / "base.pt")
+            shutil.copy(root / "stopped" / "hrl" / "agent.pt", root / "stopped" / "agent.pt")
+        done = jobs(cases, ranks)
+        assert done.returncode == 0, done.stderr[-3000:]
+        logs[name] = done.stderr
+    return root, logs
 
 
 def weights(out: Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -107,12 +146,10 @@ def test_a_single_process_is_left_as_it_is():
 
 
 @pytest.mark.slow
-def test_two_ranks_train_the_base_network_and_joint_sp_as_one_process_does(tmp_path):
-    alone, ranked = job("train", tmp_path / "alone", 0), job("train", tmp_path / "ranked", 2)
-    assert alone.returncode == 0, alone.stderr[-3000:]
-    assert ranked.returncode == 0, ranked.stderr[-3000:]
-    assert "data-parallel job: 2 ranks (gloo)" in ranked.stderr
-    one, two = weights(tmp_path / "alone"), weights(tmp_path / "ranked")
+def test_two_ranks_train_the_base_network_and_joint_sp_as_one_process_does(runs):
+    root, logs = runs
+    assert "data-parallel job: 2 ranks (gloo)" in logs["ranked"]
+    one, two = weights(root / "alone" / "train"), weights(root / "ranked" / "train")
     for part in ("base", "joint", "gates"):
         for name, value in one[part].items():
             torch.testing.assert_close(two[part][name], value, rtol=1e-4, atol=1e-5, msg=f"{part} {name}")
@@ -121,19 +158,16 @@ def test_two_ranks_train_the_base_network_and_joint_sp_as_one_process_does(tmp_p
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["hrl", "hrlft", "blockdrop"])
-def test_reinforce_on_two_ranks_steps_with_the_mean_of_the_ranks_own_gradients(tmp_path, case):
+@pytest.mark.parametrize("case", REINFORCE_CASES)
+def test_reinforce_on_two_ranks_steps_with_the_mean_of_the_ranks_own_gradients(runs, case):
     """HRL (gates; gates and backbone) and BlockDrop's policy: each rank samples its own episodes
     (its images and routes from its own streams, those of one process seeded ``Ranks(r, 2).seed(0)``);
     DDP's update is the mean of their gradients. With the backbone fine-tuned, blocks no route ran
     on a rank count as a zero gradient there."""
-    ranked = job(case, tmp_path / "ranked", 2)
-    assert ranked.returncode == 0, ranked.stderr[-3000:]
-    assert case == "blockdrop" or "HRL on 2 ranks: 32 episodes per iteration" in ranked.stderr
-    alone = [job(f"{case}:{Ranks(r, 2).seed(0)}", tmp_path / f"rank{r}", 0) for r in (0, 1)]
-    assert all(a.returncode == 0 for a in alone), alone[1].stderr[-3000:]
-    both = torch.load(tmp_path / "ranked" / "grads.pt", weights_only=True)
-    own = [torch.load(tmp_path / f"rank{r}" / "grads.pt", weights_only=True) for r in (0, 1)]
+    root, logs = runs
+    assert "HRL on 2 ranks: 32 episodes per iteration" in logs["ranked"]
+    both = torch.load(root / "ranked" / case / "grads.pt", weights_only=True)
+    own = [torch.load(root / "alone" / case / f"rank{r}" / "grads.pt", weights_only=True) for r in (0, 1)]
     assert set(both) == set(own[0]) and any(n.startswith("backbone.") for n in both) == (case == "hrlft")
     assert any(not torch.allclose(own[0][n], own[1][n]) for n in both)  # the ranks' episodes differ
     for name, grad in both.items():
@@ -141,30 +175,26 @@ def test_reinforce_on_two_ranks_steps_with_the_mean_of_the_ranks_own_gradients(t
 
 
 @pytest.mark.slow
-def test_a_resumed_two_rank_hrl_run_ends_where_an_uninterrupted_one_does(tmp_path):
+def test_a_resumed_two_rank_hrl_run_ends_where_an_uninterrupted_one_does(runs, tmp_path):
     """Each rank's environment position and sampled routes' stream are in rank 0's checkpoint."""
-    whole = job("hrlrun", tmp_path / "whole", 2)
-    assert whole.returncode == 0, whole.stderr[-3000:]
-    stopped = job("hrlstop", tmp_path / "resumed", 2)
-    assert stopped.returncode != 0 and (tmp_path / "resumed" / "agent.pt").is_file()
-    assert torch.load(tmp_path / "resumed" / "agent.pt", weights_only=True)["world"] == 2
-    resumed = job("hrlrun", tmp_path / "resumed", 2)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    one, two = weights(tmp_path / "whole"), weights(tmp_path / "resumed")
+    root, logs = runs
+    assert "hrlstop: stopped" in logs["ranked"]
+    assert torch.load(root / "stopped" / "agent.pt", weights_only=True)["world"] == 2
+    one, two = weights(root / "ranked" / "hrlrun"), weights(root / "stopped" / "hrl")
     for part in ("gates", "backbone"):
         for name, value in one[part].items():
             assert torch.equal(value, two[part][name]), f"{part}.{name}"
-    alone = job("hrlrun", tmp_path / "resumed", 0)  # the same checkpoint, one process
-    assert alone.returncode != 0 and "written by a run on 2 rank(s), resumed on 1" in alone.stderr
+    shutil.copy(root / "stopped" / "agent.pt", tmp_path / "agent.pt")  # the stopped run's checkpoint, one process
+    with pytest.raises(ValueError, match=r"written by a run on 2 rank\(s\), resumed on 1"):
+        distributed_worker.reinforce("hrlrun", tmp_path)
 
 
 @pytest.mark.slow
-def test_a_routed_evaluation_on_two_ranks_gives_one_processs_figures_and_per_image_outcomes(tmp_path):
+def test_a_routed_evaluation_on_two_ranks_gives_one_processs_figures_and_per_image_outcomes(runs):
     """Each rank routes its part of every batch; the outcomes are gathered back in data-set order."""
-    alone, ranked = job("evaluate", tmp_path / "alone", 0), job("evaluate", tmp_path / "ranked", 2)
-    assert alone.returncode == 0 and ranked.returncode == 0, ranked.stderr[-3000:]
-    one = torch.load(tmp_path / "alone" / "eval.pt", weights_only=True)
-    two = torch.load(tmp_path / "ranked" / "eval.pt", weights_only=True)
+    root, _ = runs
+    one = torch.load(root / "alone" / "evaluate" / "eval.pt", weights_only=True)
+    two = torch.load(root / "ranked" / "evaluate" / "eval.pt", weights_only=True)
     assert set(one) == set(two) and len(one["label"]) == 101 and 0.1 < one["executed"].float().mean() < 0.9
     for name, value in one.items():
         if name != "seconds":
@@ -172,20 +202,16 @@ def test_a_routed_evaluation_on_two_ranks_gives_one_processs_figures_and_per_ima
 
 
 @pytest.mark.slow
-def test_a_resumed_two_rank_run_ends_where_an_uninterrupted_one_does(tmp_path):
-    whole = job("resume", tmp_path / "whole", 2)
-    assert whole.returncode == 0, whole.stderr[-3000:]
-    stopped = job("interrupt", tmp_path / "parts", 2)
-    assert stopped.returncode != 0
-    state = torch.load(tmp_path / "parts" / "base.pt", weights_only=True)
+def test_a_resumed_two_rank_run_ends_where_an_uninterrupted_one_does(runs, tmp_path):
+    root, logs = runs
+    state = torch.load(root / "stopped" / "base.pt", weights_only=True)
     assert state["epoch"] == 1 and state["world"] == 2 and len(state["rank_rngs"]) == 2
-    alone = job("resume", tmp_path / "parts", 0)  # on another number of ranks: refused, with the reason
-    assert alone.returncode != 0 and "resume it on 2 rank(s)" in alone.stderr
-    resumed = job("resume", tmp_path / "parts", 2)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming" in resumed.stderr and "from epoch 1" in resumed.stderr
-    one, two = weights(tmp_path / "whole")["base"], weights(tmp_path / "parts")["base"]
+    assert "resuming" in logs["resumed"] and "from epoch 1" in logs["resumed"]
+    one, two = weights(root / "ranked" / "resume")["base"], weights(root / "stopped" / "base")["base"]
     assert all(torch.equal(one[k], two[k]) for k in one)  # bit for bit: every rank's random streams resumed
+    shutil.copy(root / "stopped" / "base.pt", tmp_path / "base.pt")
+    with pytest.raises(ValueError, match=r"resume it on 2 rank\(s\)"):  # on another number of ranks: refused
+        distributed_worker.train("resume", tmp_path)
 
 
 @pytest.mark.slow
@@ -246,21 +272,21 @@ def test_run_trains_the_recipe_on_two_ranks_and_reports_once(tmp_path):
 
 @pytest.mark.slow
 def test_reproduce_runs_every_seed_on_two_ranks_and_writes_once(tmp_path):
-    """``torchrun ... reproduce.py``: each seed's and control's training stages on both ranks, the
+    """``torchrun ... reproduce.py``: the seed's and its control's training stages on both ranks, the
     rest on rank 0 while rank 1 waits for the next run; one table."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "SKIPNET_CACHE": str(tmp_path / "cache")}
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-    args = ["--preset", "tiny", "--seeds", "0", "1", "--out-dir", str(tmp_path / "out"), "--run-dir", str(tmp_path)]
+    args = ["--preset", "tiny", "--seeds", "0", "--out-dir", str(tmp_path / "out"), "--run-dir", str(tmp_path)]
     done = subprocess.run(
         [*launcher, str(ROOT / "experiments" / "reproduce.py"), *args],
         capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stderr.count("data-parallel job: 2 ranks (gloo)") == 1
-    assert done.stderr.count("HRL on 2 ranks") == 2  # the recipe's HRL, at each seed
-    assert done.stderr.count("control (") == 2  # the same-epochs controls, trained on both ranks too
+    assert done.stderr.count("HRL on 2 ranks") == 1  # the recipe's HRL
+    assert done.stderr.count("control (") == 1  # the same-epochs control, trained on both ranks too
     rows = json.loads((tmp_path / "out" / "tiny" / "reproduce.json").read_text())
-    assert len(rows) == 1 and rows[0]["seeds"] == 2 and done.stdout.count("| ResNet-20") == 1
+    assert len(rows) == 1 and rows[0]["seeds"] == 1 and done.stdout.count("| ResNet-20") == 1
 
 
 @pytest.mark.slow

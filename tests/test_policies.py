@@ -11,6 +11,9 @@ from tests.conftest import tiny_backbone
 CPU = torch.device("cpu")
 
 
+ONE_BATCH = 256
+
+
 @pytest.fixture(scope="module")
 def setup():
     return tiny_backbone(20), backbones.load_dataset("digits", "val")
@@ -111,21 +114,25 @@ def test_a_calibrated_threshold_spends_the_budget_on_the_images_it_was_calibrate
     they spend it (a bisection over the logit threshold), and a gate that already does keeps its own."""
     from agents.evaluate import CALIBRATION_TOLERANCE, calibrate_threshold
 
-    net, data = setup
+    net, data = setup  # each evaluation one batch of the 180 images
     torch.manual_seed(0)
     gates = create_gates("rnn", net)
     with torch.no_grad():
         gates.out.weight.normal_(0, 2.0)  # per-image decisions, not all-or-nothing
     policy = GateRoutingPolicy(gates.eval(), "hybrid_rnn")
-    start = evaluate(policy, net, data, CPU, 64).flops_fraction
+    start = evaluate(policy, net, data, CPU, ONE_BATCH).flops_fraction
     for budget in (0.5, 0.75):
-        threshold, result = calibrate_threshold(policy, net, data, budget, CPU, 64)
+        threshold, result = calibrate_threshold(policy, net, data, budget, CPU, ONE_BATCH)
         assert abs(result.flops_fraction - budget) <= CALIBRATION_TOLERANCE, (start, threshold, result.flops_fraction)
         assert policy.threshold == threshold
-        assert evaluate(policy, net, data, CPU, 64).flops_fraction == result.flops_fraction  # what evaluation uses
+        assert (
+            evaluate(policy, net, data, CPU, ONE_BATCH).flops_fraction == result.flops_fraction
+        )  # what evaluation uses
     policy.threshold = 0.0
-    threshold, _ = calibrate_threshold(policy, net, data, start, CPU, 64)
+    threshold, _ = calibrate_threshold(policy, net, data, start, CPU, ONE_BATCH)
     assert threshold == 0.0  # within the tolerance already: p >= 0.5 stays
-    _, result = calibrate_threshold(policy, net, data, 0.01, CPU, 64)  # below what skipping every gated block costs
-    floor = evaluate(GateRoutingPolicy(gates, "hybrid_rnn", 12.0), net, data, CPU, 64).flops_fraction
+    _, result = calibrate_threshold(
+        policy, net, data, 0.01, CPU, ONE_BATCH
+    )  # below what skipping every gated block costs
+    floor = evaluate(GateRoutingPolicy(gates, "hybrid_rnn", 12.0), net, data, CPU, ONE_BATCH).flops_fraction
     assert 0.01 < result.flops_fraction <= floor + 1e-9  # the closest it can get

@@ -1,18 +1,29 @@
 """The Ray Tune sweep: its search space, the Pareto front, and a 2-trial local sweep end to end."""
 
 import csv
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import call_entry_point
 
 from experiments.sweep import SweepConfig, option_value, pareto_front
 
 pytestmark = pytest.mark.slow  # entry points end to end
 
-ROOT = Path(__file__).resolve().parents[1]
+# the tiny recipe every trial runs: the backbone is trained once (by the first sweep) in the shared cache
+TINY_RUN = [
+    "--dataset", "digits", "--backbone", "cifar_resnet20", "--width", "0.25", "--backbone-epochs", "1",
+    "--joint-epochs", "1", "--recipe-hrl-iterations", "2", "--sp-epochs", "1", "--hrl-iterations", "4",
+    "--num-envs", "32",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def ray_once():
+    """One Ray instance for the module's sweeps (started by the first, in this process), shut down after."""
+    ray = pytest.importorskip("ray")
+    yield
+    ray.shutdown()
 
 
 def test_pareto_front_keeps_exactly_the_undominated_points():
@@ -37,16 +48,11 @@ def test_values_take_the_run_options_types_and_unknown_options_are_named():
         SweepConfig(search="random")
 
 
-def test_a_two_trial_sweep_writes_every_run_and_the_front(tmp_path):
+def test_a_two_trial_sweep_writes_every_run_and_the_front(tmp_path, shared_cache, ray_once):
     pytest.importorskip("ray.tune")
-    env = {**os.environ, "SKIPNET_CACHE": str(tmp_path / "cache")}
-    args = [
-        sys.executable, str(ROOT / "experiments/sweep.py"), "--grid", "alpha=0.5,4", "--out", str(tmp_path / "sweeps"),
-        "--name", "t", "--max-concurrent", "2", "--dataset", "digits", "--backbone", "cifar_resnet20", "--width",
-        "0.25", "--backbone-epochs", "1", "--joint-epochs", "1", "--recipe-hrl-iterations", "2", "--sp-epochs", "1",
-        "--hrl-iterations", "4", "--num-envs", "32", "--log-every", "2",
-    ]  # fmt: skip
-    proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
+    args = ["--grid", "alpha=0.5,4", "--out", str(tmp_path / "sweeps"), "--name", "t", "--max-concurrent", "2"]
+    args += [*TINY_RUN, "--log-every", "2"]
+    proc = call_entry_point("sweep.py", args, shared_cache)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "2 trials; Pareto front" in proc.stdout
     rows = list(csv.DictReader(open(tmp_path / "sweeps" / "t" / "pareto.csv")))
@@ -59,7 +65,7 @@ def test_a_two_trial_sweep_writes_every_run_and_the_front(tmp_path):
         assert (run_dir / "results.json").is_file() and (run_dir / "per_image.npz").is_file()
         assert any(run_dir.glob("events.out.tfevents.*"))
     assert (tmp_path / "sweeps" / "t" / "pareto.png").stat().st_size > 0
-    again = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    again = call_entry_point("sweep.py", args, shared_cache)
     assert again.returncode == 2 and "--restore" in again.stderr  # a finished sweep is never overwritten
 
 
@@ -71,18 +77,12 @@ def test_list_flags_may_repeat_and_the_default_applies_only_when_absent():
     assert parse(SweepConfig, []).grid == SweepConfig().grid
 
 
-def test_optuna_search_reads_the_objectives_reported_at_the_end(tmp_path):
+def test_optuna_search_reads_the_objectives_reported_at_the_end(tmp_path, shared_cache, ray_once):
     """Trials report training scalars first and the objectives last: the multi-objective search
     must take them (it refused the first report before)."""
     pytest.importorskip("optuna")
-    env = {**os.environ, "SKIPNET_CACHE": str(tmp_path / "cache")}
-    args = [
-        sys.executable, str(ROOT / "experiments/sweep.py"), "--search", "optuna", "--samples", "2", "--space",
-        "alpha=loguniform:0.2:4", "--out", str(tmp_path / "sweeps"), "--name", "o", "--dataset", "digits",
-        "--backbone", "cifar_resnet20", "--width", "0.25", "--backbone-epochs", "1", "--joint-epochs", "1",
-        "--recipe-hrl-iterations", "2", "--sp-epochs", "1", "--hrl-iterations", "4", "--num-envs", "32",
-    ]  # fmt: skip
-    proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
+    args = ["--search", "optuna", "--samples", "2", "--space", "alpha=loguniform:0.2:4", "--out", str(tmp_path / "s")]
+    proc = call_entry_point("sweep.py", [*args, "--name", "o", *TINY_RUN], shared_cache)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    rows = list(csv.DictReader(open(tmp_path / "sweeps" / "o" / "pareto.csv")))
+    rows = list(csv.DictReader(open(tmp_path / "s" / "o" / "pareto.csv")))
     assert len(rows) == 2 and all(0.2 <= float(r["alpha"]) <= 4 for r in rows)
