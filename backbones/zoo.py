@@ -10,13 +10,16 @@ constructor as they are) and split without copying its code, in one of two shape
 * **residual stages** (ResNet, ResNeXt, Wide ResNet; timm's and torchvision's): stem = the first
   convolution, its norm, activation and pooling; blocks = every block of ``layer1..layer4``, a
   downsampling block's shortcut its ``downsample`` projection; head = pooling and classifier.
-* **flat transformer blocks** (timm's ViT and DeiT): stem = patch embedding + position embedding;
-  blocks = the transformer blocks, a skipped block the identity on the token sequence; head = final
-  norm, mean over tokens, classifier. Between blocks the patch tokens travel as a ``(B, D, H', W')``
-  grid (a token's features as channels, its patch position as pixels), so the environment, the
-  engine, the gates and the observation route a ViT as they route a CNN: a block reads
-  ``(B, N, D)`` tokens and writes them back. The model is built without a class token and with mean
-  pooling (``class_token=False, global_pool="avg"``), which a grid of patches needs.
+* **flat transformer blocks** (timm's ViT and DeiT): stem = patch embedding + position embedding
+  (and the class and register tokens where the model has them); blocks = the transformer blocks, a
+  skipped block the identity on the token sequence; head = final norm, the model's own pooling
+  (mean over patches, class token, attention pool), classifier. Between blocks the tokens travel as
+  a ``(B, D, H', W')`` grid (a token's features as channels, its patch position as pixels), so the
+  environment, the engine, the gates and the observation route a ViT as they route a CNN: a block
+  reads ``(B, N, D)`` tokens and writes them back. On small images the model is built without a
+  class token and with mean pooling (``class_token=False, global_pool="avg"``: what was measured);
+  a model with class or register tokens (``class_token=True global_pool=token reg_tokens=4``)
+  carries its N tokens as a ``(B, D, N, 1)`` column instead, prefix tokens first.
 
 Weights are never downloaded unless asked for (``model_args={"pretrained": True}``); a model whose
 parts are not found gets an error naming what was looked for.
@@ -27,6 +30,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Literal
 
+import torch
 from torch import Tensor, nn
 
 from backbones.base import Backbone
@@ -51,20 +55,33 @@ def _grid(tokens: Tensor, size: tuple[int, int]) -> Tensor:
 
 
 class PatchStem(nn.Module):
-    """A ViT's patch embedding and position embedding, out as the grid of patch tokens."""
+    """A ViT's patch embedding and position embedding (timm's ``_pos_embed``: the class and register
+    tokens first, where the model has them), out as the grid of patch tokens, or with prefix tokens
+    as the ``(B, D, N, 1)`` column of every token."""
 
     def __init__(self, vit: Any) -> None:
         super().__init__()
-        self.patch_embed, self.pos_embed, self.norm_pre = vit.patch_embed, vit.pos_embed, vit.norm_pre
-        self.grid_size: tuple[int, int] = tuple(vit.patch_embed.grid_size)
+        self.patch_embed, self.pos_embed, self.pos_drop, self.norm_pre = (
+            vit.patch_embed, vit.pos_embed, vit.pos_drop, vit.norm_pre
+        )  # fmt: skip
+        self.cls_token, self.reg_token, self.no_embed_class = vit.cls_token, vit.reg_token, vit.no_embed_class
+        grid = tuple(vit.patch_embed.grid_size)
+        prefix = vit.num_prefix_tokens
+        self.layout: tuple[int, int] = (prefix + grid[0] * grid[1], 1) if prefix else grid
 
     def forward(self, x: Tensor) -> Tensor:
         tokens = self.patch_embed(x)  # (B, N, D)
-        return _grid(self.norm_pre(tokens + self.pos_embed), self.grid_size)
+        prefix = [t.expand(tokens.shape[0], -1, -1) for t in (self.cls_token, self.reg_token) if t is not None]
+        if self.pos_embed is not None and self.no_embed_class:  # the position embedding leaves the prefix out
+            tokens = tokens + self.pos_embed
+        tokens = torch.cat([*prefix, tokens], dim=1) if prefix else tokens
+        if self.pos_embed is not None and not self.no_embed_class:
+            tokens = tokens + self.pos_embed
+        return _grid(self.norm_pre(self.pos_drop(tokens)), self.layout)
 
 
 class TokenBlock(nn.Module):
-    """A transformer block on the grid of patch tokens; skipped, the identity."""
+    """A transformer block on the grid of tokens; skipped, the identity."""
 
     def __init__(self, block: nn.Module) -> None:
         super().__init__()
@@ -76,14 +93,29 @@ class TokenBlock(nn.Module):
 
 
 class TokenHead(nn.Module):
-    """A ViT's final norm, the mean over tokens and its classifier."""
+    """A ViT's final norm, its pooling of the tokens (timm's: mean over patches, the class token, an
+    attention pool) and its classifier."""
 
     def __init__(self, vit: Any) -> None:
         super().__init__()
-        self.norm, self.fc_norm, self.head = vit.norm, vit.fc_norm, vit.head
+        self.norm, self.attn_pool, self.fc_norm, self.head_drop, self.head = (
+            vit.norm, vit.attn_pool, vit.fc_norm, vit.head_drop, vit.head
+        )  # fmt: skip
+        self.global_pool, self.num_prefix_tokens = vit.global_pool, vit.num_prefix_tokens
+        self.pool_include_prefix = getattr(vit, "pool_include_prefix", False)
 
     def forward(self, h: Tensor) -> Tensor:
-        return self.head(self.fc_norm(self.norm(_tokens(h)).mean(dim=1)))
+        from timm.layers import global_pool_nlc
+
+        tokens = self.norm(_tokens(h))
+        if self.attn_pool is not None:
+            pooled = self.attn_pool(tokens if self.pool_include_prefix else tokens[:, self.num_prefix_tokens :])
+        else:
+            pooled = global_pool_nlc(
+                tokens, pool_type=self.global_pool, num_prefix_tokens=self.num_prefix_tokens,
+                reduce_include_prefix=self.pool_include_prefix,
+            )  # fmt: skip
+        return self.head(self.head_drop(self.fc_norm(pooled)))
 
 
 def _timm_model(model: str, num_classes: int, in_channels: int, image_size: int, args: dict[str, Any]) -> Any:
@@ -143,11 +175,6 @@ def split(net: Any, name: str) -> tuple[nn.Module, list[nn.Module], nn.Module]:
         head = nn.Sequential(pool, net.fc) if pool is not None else nn.Sequential(net.avgpool, nn.Flatten(), net.fc)
         return stem, blocks, head
     if hasattr(net, "patch_embed") and hasattr(net, "blocks"):  # flat transformer blocks
-        if getattr(net, "num_prefix_tokens", 0) or getattr(net, "global_pool", "avg") != "avg":
-            raise ValueError(
-                f"{name}: a routed ViT carries its patch tokens as a grid, without class or register tokens: build it "
-                "with class_token=False, global_pool='avg' (the default here) and no reg_tokens"
-            )
         if getattr(net, "dynamic_img_size", False) or not isinstance(net.patch_drop, nn.Identity):
             raise ValueError(f"{name}: dynamic_img_size and patch_drop_rate change the token grid: leave them out")
         return PatchStem(net), [TokenBlock(b) for b in net.blocks], TokenHead(net)

@@ -40,17 +40,43 @@ def _model(name, **args):
     return _torchvision_model(model, 10, 1, dict(args))
 
 
+# a ViT with a class token read by the head and register tokens, and one whose head pools by attention
+PREFIXED_VIT = {**SMALL_VIT, "class_token": True, "global_pool": "token", "reg_tokens": 2}
+ATTENTION_POOLED_VIT = {**SMALL_VIT, "class_token": True, "global_pool": "map", "no_embed_class": True}
+
+
 @pytest.mark.parametrize(
-    "name,args", [("timm:vit_tiny_patch16_224", SMALL_VIT), ("timm:resnet18", {}), ("torchvision:resnet18", {})]
+    "name,args",
+    [
+        ("timm:vit_tiny_patch16_224", SMALL_VIT),
+        ("timm:vit_tiny_patch16_224", PREFIXED_VIT),
+        ("timm:vit_tiny_patch16_224", ATTENTION_POOLED_VIT),
+        ("timm:resnet18", {}),
+        ("torchvision:resnet18", {}),
+    ],
 )
 def test_a_zoo_model_split_into_stem_blocks_head_computes_what_the_model_does(name, args):
     backbone, model = _zoo(name, **args), _model(name, **args).eval()
+    with torch.no_grad():  # class and register tokens that differ from what an initialisation gives, in both
+        for token in ("cls_token", "reg_token"):
+            if getattr(model, token, None) is not None:
+                getattr(model, token).normal_()
+                getattr(backbone.stem, token).copy_(getattr(model, token))
     x = torch.randn(4, 1, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(backbone(x), model(x), rtol=1e-4, atol=1e-5)
         execute = torch.rand(4, backbone.num_blocks) < 0.5  # and routes row by row as the masked forward
         torch.testing.assert_close(routed_forward(backbone, x, execute), masked_forward(backbone, x, execute))
     assert name in list_backbones()
+
+
+@pytest.mark.filterwarnings("ignore:.*Box observation space m.* value is .*infinity")
+def test_class_and_register_tokens_travel_as_a_column_and_the_env_checker_passes():
+    vit = _zoo("timm:vit_tiny_patch16_224", **PREFIXED_VIT)
+    assert vit.activation_shapes[0] == (32, 1 + 2 + 64, 1)  # class, 2 registers, an 8x8 grid of patches
+    data = backbones.load_dataset("digits", "val")
+    check_env(SkipNetEnv(vit, data, device="cpu"), skip_render_check=True)
+    assert 0.3 < evaluate(RandomPolicy(0.5), vit, data, CPU).flops_fraction < 0.8
 
 
 def test_a_vit_block_reads_tokens_and_is_the_identity_when_skipped(vit):
@@ -86,8 +112,8 @@ def test_a_model_the_adapters_cannot_split_is_named_with_what_was_looked_for():
         _zoo("torchvision:mobilenet_v2")
     with pytest.raises(ValueError, match="timm has no model 'no_such_net'"):
         _zoo("timm:no_such_net")
-    with pytest.raises(ValueError, match="class_token=False"):
-        _zoo("timm:vit_tiny_patch16_224", class_token=True, global_pool="token", **SMALL_VIT)
+    with pytest.raises(ValueError, match="dynamic_img_size and patch_drop_rate change the token grid"):
+        _zoo("timm:vit_tiny_patch16_224", dynamic_img_size=True, **SMALL_VIT)
 
 
 def test_model_args_are_python_literals_or_strings():
