@@ -67,9 +67,13 @@ class BatchedRouting:
         precision: the engine's compute precision when not ``differentiable``: ``"auto"`` (bf16
             on CUDA, fp32 elsewhere), ``"fp32"`` or ``"bf16"``.
         buckets, graphs: the engine's routing (:class:`skipnet_env.engine.BlockExecutor`); default by device.
+        early_exit: an episode may stop at a block (:meth:`advance`'s ``exit``): that block and every
+            later one are skipped (their shortcuts run: the identity in a ViT, a downsampling
+            block's projection in a CNN) and the head classifies what the last executed block left.
 
     The observation of each episode is ``[pooled activation (zero-padded to the widest block),
-    one-hot position of the next gated block, fraction of the full network's FLOPs spent]``.
+    one-hot position of the next gated block, (with early_exit: 1 once the episode has exited),
+    fraction of the full network's FLOPs spent]``.
     """
 
     def __init__(
@@ -81,8 +85,10 @@ class BatchedRouting:
         precision: str = "auto",
         buckets: int | None = None,
         graphs: bool | None = None,
+        early_exit: bool = False,
     ) -> None:
         self.backbone = backbone.eval()
+        self.early_exit = early_exit
         self.differentiable = differentiable
         # what runs: the backbone itself when gradients flow through it, else its frozen copy
         self.net = backbone if differentiable else freeze(backbone, precision=precision)
@@ -103,7 +109,7 @@ class BatchedRouting:
         self.prefix_flops = float(flops.stem + sum(flops.block_executed[: self.first_gated]))
         self.head_flops = float(flops.head)
         self.max_channels = max(c for c, _, _ in backbone.activation_shapes)
-        self.obs_dim = self.max_channels + self.num_gates + 1
+        self.obs_dim = self.max_channels + self.num_gates + int(early_exit) + 1
         self.step_index = 0
         self.h: Tensor | None = None
 
@@ -141,6 +147,7 @@ class BatchedRouting:
         self.step_index = 0
         self.spent_flops = torch.full((b,), self.prefix_flops, dtype=torch.float64, device=self.device)  # (B,)
         self.executed = torch.zeros(b, self.num_gates, dtype=torch.bool, device=self.device)  # (B, N)
+        self.exited = torch.zeros(b, dtype=torch.bool, device=self.device)  # (B,): stopped early (early_exit)
         self.logits: Tensor | None = None
         return self.observe()
 
@@ -152,23 +159,37 @@ class BatchedRouting:
         obs[:, :c] = self.h.detach().mean(dim=(2, 3), dtype=torch.float32)
         if not self.done:
             obs[:, self.max_channels + self.step_index] = 1.0
+        if self.early_exit:
+            obs[:, self.max_channels + self.num_gates] = self.exited.float()
         obs[:, -1] = (self.spent_flops / self.full_flops).float()
         return obs
 
-    def advance(self, execute: Tensor, num_execute: int | None = None) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    def advance(
+        self, execute: Tensor, num_execute: int | None = None, exit: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """Run (or skip) the next gated block for every episode.
 
         Args:
             execute: ``(B,)`` bool on the device, true where the block runs.
-            num_execute: ``execute.sum()`` if already known on the host.
+            num_execute: how many of them run (``execute.sum()``, less the exited ones), if already
+                known on the host.
+            exit: with ``early_exit``, ``(B,)`` bool on the device: the episodes that stop here (this
+                block and every later one skipped, whatever ``execute`` says).
 
         Returns:
             observation ``(B, obs_dim)``, reward ``(B,)`` float32, info of ``(B, ...)`` tensors:
-            ``label``, ``flops`` (spent so far), ``flops_fraction``, ``executed`` ``(B, N)``; after
-            the last step also ``prediction``, ``correct`` and ``logits``.
+            ``label``, ``flops`` (spent so far), ``flops_fraction``, ``executed`` ``(B, N)``
+            (``exited`` ``(B,)`` with early_exit); after the last step also ``prediction``,
+            ``correct`` and ``logits``.
         """
         if self.h is None or self.done:
             raise RuntimeError("the episode is over: call reset() before step()")
+        if exit is not None and not self.early_exit:
+            raise ValueError("exit needs early_exit=True (the env option early_exit)")
+        if self.early_exit:
+            if exit is not None:
+                self.exited |= exit
+            execute = execute & ~self.exited
         with torch.set_grad_enabled(self.differentiable):
             return self._advance(execute, num_execute)
 
@@ -188,6 +209,8 @@ class BatchedRouting:
         self.executed[:, k] = execute
         self.step_index += 1
         info: dict[str, Tensor] = {"label": self.labels, "executed": self.executed.clone()}
+        if self.early_exit:
+            info["exited"] = self.exited.clone()
         if self.done:
             self.logits = self.net.head(self.h).float()  # (B, num_classes)
             self.spent_flops += self.head_flops

@@ -59,6 +59,14 @@ def run_mask(core: BatchedRouting, images: Tensor, labels: Tensor, execute: Tens
     return stem, total, info
 
 
+def refuse_early_exit(options: Any) -> None:
+    if options.get("early_exit"):
+        raise ValueError(
+            "early_exit is an option of SkipNet-v0 (block by block); in SkipNetOneShot-v0 a mask that skips every "
+            "block after block k is an exit at k"
+        )
+
+
 class SkipNetOneShotEnv(gym.Env[np.ndarray, np.ndarray]):
     """One image per episode, one step. Arguments as :class:`skipnet_env.env.SkipNetEnv`, plus
     ``observation`` (``"image"`` or ``"stem"``)."""
@@ -72,6 +80,7 @@ class SkipNetOneShotEnv(gym.Env[np.ndarray, np.ndarray]):
         observation: Observation = "image",
         **options: Unpack[EnvOptions],
     ) -> None:
+        refuse_early_exit(options)
         sources = build_sources(backbone, dataset, **options)
         self.device, self.backbone, self.core = sources.device, sources.backbone, sources.core
         self.data = sources.data.to(self.device) if isinstance(sources.data, ImageTensors) else sources.data
@@ -137,6 +146,7 @@ class SkipNetOneShotVectorEnv(RoutingVectorEnv):
         **options: Unpack[EnvOptions],
     ) -> None:
         self.observation = observation
+        refuse_early_exit(options)
         super().__init__(num_envs, backbone, dataset, return_tensors=return_tensors, num_workers=num_workers, **options)
         self._batch: tuple[Tensor, Tensor] | None = None
 
@@ -167,7 +177,7 @@ class SkipNetOneShotVectorEnv(RoutingVectorEnv):
 
     def step(self, actions: Any) -> tuple[Any, Any, Any, Any, dict]:
         x, y = self.batch
-        execute, counts = self._check_actions(actions)
+        execute, _, counts = self._check_actions(actions)
         stem, reward, info = run_mask(self.core, x, y, execute, counts)
         out_info = self._autoreset_info(x.float() if self.observation == "image" else stem, info)
         obs = self._draw()

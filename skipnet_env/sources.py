@@ -41,6 +41,7 @@ class EnvOptions(TypedDict, total=False):
     image_size: int | None
     backbone_train: dict[str, Any] | None
     precision: str
+    early_exit: bool
 
 
 @dataclass
@@ -74,7 +75,9 @@ def build_sources(
             ``"cpu"``, ``"cuda"``, ...); ``data_root``, ``download``, ``image_size`` (passed to
             ``backbones.load_dataset``); ``backbone_train`` (overrides of
             ``backbones.train.TrainConfig`` when a named backbone is trained); ``precision`` of the
-            frozen backbone (``"auto"``: bf16 on CUDA, fp32 elsewhere; ``"fp32"``; ``"bf16"``).
+            frozen backbone (``"auto"``: bf16 on CUDA, fp32 elsewhere; ``"fp32"``; ``"bf16"``);
+            ``early_exit`` (a third action, 2: stop the episode at this block, every later block
+            skipped and the head classifying from there; the observation gains an "exited" flag).
     """
     unknown = set(options) - set(EnvOptions.__annotations__)
     if unknown:
@@ -95,8 +98,9 @@ def build_sources(
     )
     net = resolve_backbone(backbone, data, device, options.get("backbone_train"))
     core = BatchedRouting(
-        net, reward, options.get("gate_first_block", False), differentiable, options.get("precision", "auto")
-    )
+        net, reward, options.get("gate_first_block", False), differentiable, options.get("precision", "auto"),
+        early_exit=options.get("early_exit", False),
+    )  # fmt: skip
     return EnvSources(device, data, net, core)
 
 

@@ -6,7 +6,9 @@ Registered as the ``vector_entry_point`` of ``SkipNet-v0``::
 
 All B episodes have the same length (one step per gated block), so they end together and are
 reset together on the same step (``AutoresetMode.SAME_STEP``) with the next batch of the data set;
-the last observation and info are in ``info["final_obs"]`` and ``info["final_info"]``.
+the last observation and info are in ``info["final_obs"]`` and ``info["final_info"]``. With
+``early_exit=True`` (action 2: exit) an image that exits has every later block skipped and its later
+actions ignored until the batch ends; its observation and ``info["exited"]`` say so.
 
 With ``return_tensors=True`` observations, rewards, flags and infos are torch tensors on the
 device (no copy); otherwise numpy arrays. ``env.activation`` is the current activation map
@@ -27,7 +29,7 @@ from torch import Tensor
 from typing_extensions import Unpack
 
 from skipnet_env.core import RewardConfig
-from skipnet_env.env import observation_space
+from skipnet_env.env import action_names, observation_space
 from skipnet_env.sources import (
     DEFAULT_BACKBONE,
     DEFAULT_DATASET,
@@ -39,23 +41,27 @@ from skipnet_env.sources import (
 )
 
 
-def as_mask(actions: Any, shape: tuple[int, ...], floats: bool) -> np.ndarray:
-    """A bool execute mask of ``shape`` from a 0/1 array, else a ``ValueError`` saying what arrived.
-    ``floats``: exact 0.0 / 1.0 floats count too (what SB3 samples from a ``MultiBinary`` space)."""
+def as_actions(actions: Any, shape: tuple[int, ...], floats: bool, n: int = 2) -> np.ndarray:
+    """An int array of ``shape`` from actions of ``Discrete(n)`` (0 skip, 1 execute, 2 exit), else a
+    ``ValueError`` saying what arrived. ``floats``: exact 0.0 / 1.0 floats count too (what SB3 samples
+    from a ``MultiBinary`` space)."""
     arr = np.asarray(actions)
     kinds = "integers or bools" + (", or floats 0.0 / 1.0" if floats else "")
     numeric = np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_
     if arr.shape != shape or not (numeric or (floats and np.issubdtype(arr.dtype, np.floating))):
         raise ValueError(
-            f"actions must be an array of shape {shape} holding 0 (skip) / 1 (execute) as {kinds}, got shape "
+            f"actions must be an array of shape {shape} holding {action_names(n)} as {kinds}, got shape "
             f"{arr.shape} dtype {arr.dtype}"
         )
-    execute = arr == 1
-    if not np.all(execute | (arr == 0)):
-        raise ValueError(
-            f"actions must be 0 (skip) or 1 (execute), got values {np.unique(arr[~(execute | (arr == 0))]).tolist()}"
-        )
-    return execute
+    valid = np.isin(arr, np.arange(n))
+    if not np.all(valid):
+        raise ValueError(f"actions must be {action_names(n)}, got values {np.unique(arr[~valid]).tolist()}")
+    return arr.astype(np.int64)
+
+
+def as_mask(actions: Any, shape: tuple[int, ...], floats: bool) -> np.ndarray:
+    """A bool execute mask of ``shape`` from a 0/1 array (:func:`as_actions`)."""
+    return as_actions(actions, shape, floats) == 1
 
 
 class RoutingVectorEnv(VectorEnv):
@@ -126,24 +132,28 @@ class RoutingVectorEnv(VectorEnv):
         """One env's observation and action spaces."""
         raise NotImplementedError
 
-    def _check_actions(self, actions: Any) -> tuple[Tensor, list[int]]:
-        """The execute mask ``(B, *action shape)`` bool on the device, and how many images execute
-        each gated block it decides (a list on the host: the one sync)."""
-        shape = (self.num_envs, *(self.single_action_space.shape or ()))
+    def _check_actions(self, actions: Any, exited: Tensor | None = None) -> tuple[Tensor, Tensor | None, list[int]]:
+        """The execute mask ``(B, *action shape)`` bool on the device; with ``exited`` (early exit: the
+        episodes stopped already, which execute nothing) the exit mask (action 2), else ``None``; and
+        how many images execute each gated block it decides (a list on the host: the one sync)."""
+        shape, n = (self.num_envs, *(self.single_action_space.shape or ())), 2 if exited is None else 3
         if isinstance(actions, Tensor):
             if tuple(actions.shape) != shape or actions.is_floating_point() or actions.is_complex():
                 raise ValueError(
-                    f"actions must be a {shape} integer or bool tensor of 0 (skip) / 1 (execute), got "
+                    f"actions must be a {shape} integer or bool tensor of {action_names(n)}, got "
                     f"{tuple(actions.shape)} {actions.dtype}"
                 )
-            a = actions.to(self.device)
-            execute = a == 1
-            stats = torch.cat([execute.sum(0).reshape(-1), ((a != 0) & ~execute).sum().reshape(1)]).tolist()
-            if stats[-1]:
-                raise ValueError(f"actions must be 0 (skip) or 1 (execute); {stats[-1]} of {a.numel()} were neither")
-            return execute, stats[:-1]
-        mask = as_mask(actions, shape, floats=isinstance(self.single_action_space, spaces.MultiBinary))
-        return torch.from_numpy(mask).to(self.device), mask.sum(0).reshape(-1).tolist()
+            a = actions.to(self.device).long()
+        else:
+            floats = isinstance(self.single_action_space, spaces.MultiBinary)
+            a = torch.from_numpy(as_actions(actions, shape, floats, n)).to(self.device)
+        execute, exit = a == 1, (a == 2) if exited is not None else None
+        if exited is not None:
+            execute &= ~exited
+        stats = torch.cat([execute.sum(0).reshape(-1), ((a < 0) | (a >= n)).sum().reshape(1)]).tolist()
+        if stats[-1]:
+            raise ValueError(f"actions must be {action_names(n)}; {stats[-1]} of {a.numel()} were none of these")
+        return execute, exit, stats[:-1]
 
     def _out(self, x: Tensor) -> Any:
         return x if self.return_tensors else x.cpu().numpy()
@@ -180,7 +190,7 @@ class SkipNetVectorEnv(RoutingVectorEnv):
     """
 
     def spaces(self) -> tuple[spaces.Space, spaces.Space]:
-        return observation_space(self.core.obs_dim), spaces.Discrete(2)
+        return observation_space(self.core.obs_dim), spaces.Discrete(3 if self.core.early_exit else 2)
 
     @property
     def activation(self) -> Tensor:
@@ -206,8 +216,9 @@ class SkipNetVectorEnv(RoutingVectorEnv):
     def step(self, actions: Any) -> tuple[Any, Any, Any, Any, dict]:
         if self.core.h is None:
             raise RuntimeError("step() called before reset(): call reset() first")
-        execute, (num_execute,) = self._check_actions(actions)
-        obs, reward, info = self.core.advance(execute, num_execute)
+        exited = self.core.exited if self.core.early_exit else None
+        execute, exit, (num_execute,) = self._check_actions(actions, exited)
+        obs, reward, info = self.core.advance(execute, num_execute, exit)
         done = self.core.done
         out_info: dict[str, Any] = {}
         if done:  # same-step autoreset: every episode ends on this step

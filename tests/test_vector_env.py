@@ -108,7 +108,7 @@ def test_seeded_reset_is_reproducible(parts):
         (np.ones((B, 1), dtype=np.int64), "shape"),
         (np.full(B, 2), "0 \\(skip\\) or 1"),
         (np.ones(B, dtype=np.float32), "integer"),
-        (torch.full((B,), 3), "neither"),
+        (torch.full((B,), 3), "none of these"),
         (torch.ones(B), "integer or bool tensor"),
         (torch.ones(B, 2, dtype=torch.long), "tensor"),
     ],
@@ -166,3 +166,48 @@ def test_the_compute_weight_is_set_through_the_env(parts):
     assert envs.alpha == envs.reward.alpha == 2.0 and (free == 0).all() and (priced < 0).all()
     with pytest.raises(ValueError, match="alpha must be >= 0"):
         envs.alpha = -1.0
+
+
+def test_an_exit_skips_every_later_block_whatever_is_asked_after(parts):
+    """``early_exit``: action 2 stops an image at a block. Its later actions are ignored (the blocks
+    are skipped: a downsampling block's projection still runs), the observation says it exited, and
+    the head classifies what the route left: the masked forward of that route, at its FLOPs."""
+    net, _ = parts
+    envs = make(parts, early_exit=True, return_tensors=True)
+    assert envs.single_action_space.n == 3 and envs.single_observation_space.shape == (26,)
+    obs, _ = envs.reset(seed=0)
+    images, labels = envs.core.h.clone(), envs.core.labels.clone()  # entering the first gated block
+    exit_at = torch.arange(B) % (envs.num_gates + 1)  # image i exits before gated block i % 9 (8: never)
+    for k in range(envs.num_gates):
+        actions = torch.where(exit_at == k, 2, 1)  # execute, but exit at the image's block; after it, ask 1 again
+        obs, reward, terminated, _, info = envs.step(actions)
+        if not terminated.all():
+            assert torch.equal(obs[:, 16 + 8] == 1, exit_at <= k)  # the exited flag
+    final = info["final_info"]
+    route = torch.arange(envs.num_gates)[None, :] < exit_at[:, None]  # blocks before the exit run
+    assert torch.equal(final["executed"], route) and torch.equal(final["exited"], exit_at < envs.num_gates)
+    h = images
+    with torch.no_grad():  # the route from the activation entering the first gated block
+        for k, block in enumerate(net.blocks[envs.core.first_gated :]):
+            h = torch.where(route[:, k, None, None, None], block(h), block.shortcut(h))
+        logits = net.head(h)
+    torch.testing.assert_close(final["logits"], logits, rtol=1e-4, atol=1e-4)
+    assert torch.equal(final["label"], labels)
+    full = envs.core.full_flops
+    spent = envs.core.prefix_flops + envs.core.head_flops
+    expected = spent + torch.where(route, envs.core.exec_flops.float(), envs.core.skip_flops.float()).sum(1)
+    torch.testing.assert_close(final["flops"].float() / full, expected / full)
+    with pytest.raises(ValueError, match=r"0 \(skip\), 1 \(execute\) or 2 \(exit\)"):
+        envs.step(torch.full((B,), 3))
+
+
+def test_exit_is_an_option_of_the_block_by_block_env_only(parts):
+    from skipnet_env.oneshot import SkipNetOneShotVectorEnv
+
+    net, data = parts
+    with pytest.raises(ValueError, match="early_exit is an option of SkipNet-v0"):
+        SkipNetOneShotVectorEnv(B, net, data, device="cpu", early_exit=True)
+    with pytest.raises(ValueError, match="exit needs early_exit=True"):
+        envs = make(parts)
+        envs.reset(seed=0)
+        envs.core.advance(torch.ones(B, dtype=torch.bool), exit=torch.zeros(B, dtype=torch.bool))

@@ -140,3 +140,27 @@ def test_confidence_exit_skips_every_block_after_a_confident_prediction(vit):
         assert not policy.act(None, torch.randn(3, 32, 8, 8), 0)[1]
     with pytest.raises(ValueError, match="head reads any depth"):
         check_head_reads_any_depth(tiny_backbone(20))  # a ResNet's activations change shape
+
+
+@pytest.mark.filterwarnings("ignore:.*Box observation space m.* value is .*infinity")
+def test_an_exit_ends_a_vit_episode_and_its_head_classifies_from_there(vit):
+    """``SkipNet-v0`` with ``early_exit``: action 2 ends the episode at a block; the reward, the
+    prediction and the FLOPs are those of the route that ran (every later block skipped)."""
+    data = backbones.load_dataset("digits", "val")
+    env = SkipNetEnv(vit, data, device="cpu", early_exit=True, alpha=0.5)
+    check_env(env, skip_render_check=True)
+    assert env.action_space.n == 3
+    env.reset(options={"index": 5})
+    _, first, terminated, _, _ = env.step(1)  # the first gated block runs
+    assert not terminated and first == 0.0
+    obs, reward, terminated, _, info = env.step(2)  # exits before the second (the last of this ViT)
+    assert terminated and info["exited"] and info["executed"].tolist() == [True, False]
+    assert obs[-2] == 1.0  # the exited flag
+    x, y = data.batch(torch.tensor([5]))
+    with torch.no_grad():
+        logits = masked_forward(vit, x, torch.tensor([[True, True, False]]))
+    assert info["prediction"] == int(logits.argmax(1)) and info["correct"] == (info["prediction"] == int(y))
+    flops = vit.flops
+    spent = flops.stem + flops.block_executed[0] + flops.block_executed[1] + flops.head  # the last block: identity
+    assert info["flops"] == pytest.approx(spent)
+    assert reward == pytest.approx(float(info["correct"]) - 0.5 * spent / flops.full)
