@@ -1,4 +1,5 @@
-"""Early exit by confidence (DeeBERT, CALM): the baseline of exit policies, beside static and random.
+"""Early exit: by confidence (DeeBERT, CALM: the baseline of exit policies, beside static and random),
+and learned (BERxiT's learning to exit).
 
 On a network whose head reads any depth (every gated block's activation has the final one's shape:
 a vision transformer, an isotropic network), the head classifies the activation entering each gated
@@ -7,21 +8,35 @@ block is skipped, which on such a network (identity shortcuts) is classifying th
 at every block is the policy's own FLOPs. ``--agent confidence_exit --budget B`` sets the threshold
 on training images so that it spends ``B`` of the FLOPs (the calibration's bisection, as the gates'
 budgets are met).
+
+``--agent learned_exit --budget B`` learns where to exit instead: a small network scores, at each gated
+block, whether the head's prediction there is right (from the activation pooled over tokens, the
+prediction's top probability, margin and entropy, and the block's position), trained by
+cross-entropy on the training images with every block run; an image exits at the first block whose
+score reaches the threshold, set on training images to spend ``B`` as the confidence's is. The head's
+and the scorer's cost at every block are the policy's FLOPs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from agents.evaluate import calibrate_threshold
 from agents.fixed import FIXED_POLICY_BUDGET, default_search_images
-from agents.policies import ConfidenceExitPolicy, RoutingPolicy
+from agents.policies import ConfidenceExitPolicy, ExitPolicy, RoutingPolicy
 from agents.registry import AgentContext, AgentSpec, register_agent
 from backbones.base import FIRST_GATED, Backbone
+from backbones.batching import batches
 from backbones.checkpoint import atomic_save
 from backbones.data import Dataset, ImageTensors
+from backbones.options import POSITIVE, POSITIVE_INT, check_options, option
 
 
 def check_head_reads_any_depth(backbone: Backbone, first_gated: int = FIRST_GATED) -> None:
@@ -44,20 +59,141 @@ def calibration_images(data: Dataset, device: torch.device) -> Dataset:
     return dataclasses.replace(data, images=data.images[:n], labels=data.labels[:n], groups=groups, _fingerprint=None)
 
 
-def _train(ctx: AgentContext, state: dict | None) -> RoutingPolicy:
+def calibrate_exit(ctx: AgentContext, policy: ExitPolicy, state: dict) -> ExitPolicy:
+    """``policy``'s threshold set on training images to spend ``--budget`` (0.6 by default), written
+    with ``state`` to the agent's checkpoint."""
     check_head_reads_any_depth(ctx.backbone)
     budget = FIXED_POLICY_BUDGET if ctx.cfg.budget is None else ctx.cfg.budget
-    policy = ConfidenceExitPolicy(ctx.backbone.head)
     data = calibration_images(ctx.train_data, ctx.device)
     threshold, _ = calibrate_threshold(
         policy, ctx.backbone, data, budget, ctx.device, ctx.cfg.batch_sizes()[1], ctx.cfg.precision
     )
-    atomic_save({"metadata": {**ctx.metadata, "stage": "done"}, "threshold": threshold}, ctx.checkpoint)
+    atomic_save({"metadata": {**ctx.metadata, "stage": "done"}, "threshold": threshold, **state}, ctx.checkpoint)
     return policy
+
+
+def _train(ctx: AgentContext, state: dict | None) -> RoutingPolicy:
+    check_head_reads_any_depth(ctx.backbone)
+    return calibrate_exit(ctx, ConfidenceExitPolicy(ctx.backbone.head), {})
 
 
 def _load(ctx: AgentContext, state: dict) -> RoutingPolicy:
     return ConfidenceExitPolicy(ctx.backbone.head, float(state["threshold"]))
+
+
+def exit_features(head: nn.Module, activation: Tensor, k: int, num_gates: int) -> Tensor:
+    """What the learned exit reads at gated block ``k`` ``(B, D + 3 + num_gates)``: the activation
+    pooled over tokens, the head's prediction there (top probability, margin to the second, entropy
+    over log C) and the block's one-hot position."""
+    h = activation.float()
+    probs = head(h).float().softmax(dim=1)
+    top2 = probs.topk(2, dim=1).values
+    entropy = -(probs * probs.clamp_min(1e-12).log()).sum(1) / math.log(probs.shape[1])
+    position = F.one_hot(torch.full((h.shape[0],), k, device=h.device), num_gates).float()
+    stats = torch.stack([top2[:, 0], top2[:, 0] - top2[:, 1], entropy], dim=1)
+    return torch.cat([h.mean(dim=(2, 3)), stats, position], dim=1)
+
+
+class ExitScorer(nn.Module):
+    """The log-odds that the head's prediction at a block is right, from :func:`exit_features`
+    (standardised by the training features' mean and deviation)."""
+
+    mean: Tensor
+    std: Tensor
+
+    def __init__(self, features: int, hidden: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(features))
+        self.register_buffer("std", torch.ones(features))
+        self.net = nn.Sequential(nn.Linear(features, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.net((features - self.mean) / self.std).squeeze(1)
+
+
+class LearnedExitPolicy(ExitPolicy):
+    """Exit where the scorer's log-odds that the head is right reaches ``-threshold``."""
+
+    name = "learned_exit"
+
+    def __init__(self, head: nn.Module, scorer: ExitScorer, num_gates: int, threshold: float = 0.0) -> None:
+        super().__init__(head, threshold)
+        self.scorer, self.num_gates = scorer.eval(), num_gates
+
+    @torch.no_grad()
+    def act(self, obs: Tensor, activation: Tensor, k: int) -> Tensor:
+        self.exited |= self.scorer(exit_features(self.head, activation, k, self.num_gates)) + self.threshold >= 0
+        return ~self.exited
+
+
+@dataclass
+class LearnedExitConfig:
+    """learned_exit: a small network scores, at each gated block, whether the head's prediction there is
+    right; an image exits at the first block whose score reaches the threshold (set on training images to
+    spend --budget)."""
+
+    flag_prefix: ClassVar[str] = "exit_"
+
+    hidden: int = option(32, POSITIVE_INT)
+    """learned_exit: hidden units of the scorer"""
+    epochs: int = option(10, POSITIVE_INT)
+    """learned_exit: passes over the training images' features (one per gated block and image)"""
+    lr: float = option(1e-3, POSITIVE)
+    """learned_exit: Adam's learning rate"""
+
+    def __post_init__(self) -> None:
+        check_options(self)
+
+
+@torch.no_grad()
+def depth_outcomes(backbone: Backbone, data: Dataset, device: torch.device, batch: int) -> tuple[Tensor, Tensor]:
+    """For every image of ``data`` and gated block (every block run): :func:`exit_features` there and
+    whether the head's prediction there is right, ``(n, N, F)`` and ``(n, N)``."""
+    num_gates = backbone.num_blocks - FIRST_GATED
+    features, right = [], []
+    for x, y in batches(data, batch, device, train=False):
+        h, here, correct = backbone.enter(x, FIRST_GATED), [], []
+        for k, block in enumerate(backbone.blocks[FIRST_GATED:]):
+            here.append(exit_features(backbone.head, h, k, num_gates))
+            correct.append((backbone.head(h).argmax(1) == y).float())
+            h = block(h)
+        features.append(torch.stack(here, dim=1))
+        right.append(torch.stack(correct, dim=1))
+    return torch.cat(features), torch.cat(right)
+
+
+def fit_scorer(features: Tensor, right: Tensor, cfg: LearnedExitConfig, seed: int) -> ExitScorer:
+    """The scorer trained by binary cross-entropy on ``features`` ``(..., F)`` -> ``right`` ``(...)``."""
+    features, right = features.flatten(0, -2), right.flatten()
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    scorer = ExitScorer(features.shape[1], cfg.hidden).to(features.device)
+    scorer.mean.copy_(features.mean(0))
+    scorer.std.copy_(features.std(0).clamp_min(1e-6))
+    optimizer = torch.optim.Adam(scorer.parameters(), lr=cfg.lr)
+    for _ in range(cfg.epochs):
+        for index in torch.randperm(len(right), generator=generator).split(256):
+            index = index.to(features.device)
+            loss = F.binary_cross_entropy_with_logits(scorer(features[index]), right[index])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    return scorer.eval()
+
+
+def _train_learned(ctx: AgentContext, state: dict | None) -> RoutingPolicy:
+    check_head_reads_any_depth(ctx.backbone)
+    features, right = depth_outcomes(ctx.backbone.eval(), ctx.train_data, ctx.device, ctx.cfg.batch_sizes()[1])
+    scorer = fit_scorer(features, right, ctx.options, ctx.cfg.seed)
+    policy = LearnedExitPolicy(ctx.backbone.head, scorer, ctx.backbone.num_blocks - FIRST_GATED)
+    return calibrate_exit(ctx, policy, {"scorer": scorer.state_dict(), "hidden": ctx.options.hidden})
+
+
+def _load_learned(ctx: AgentContext, state: dict) -> RoutingPolicy:
+    num_gates = ctx.backbone.num_blocks - FIRST_GATED
+    scorer = ExitScorer(state["scorer"]["mean"].shape[0], int(state["hidden"])).to(ctx.device)
+    scorer.load_state_dict(state["scorer"])
+    return LearnedExitPolicy(ctx.backbone.head, scorer, num_gates, float(state["threshold"]))
 
 
 # the smoke run's network: a small ViT (its head reads any depth), with the tiny ResNet-20's 8 gated blocks
@@ -66,3 +202,10 @@ register_agent(
     "confidence_exit",
     AgentSpec(_train, _load, role="matched", takes_budget=True, smoke=("--budget", "0.6", *VIT_SMOKE)),
 )
+register_agent(
+    "learned_exit",
+    AgentSpec(
+        _train_learned, _load_learned, role="matched", takes_budget=True, options=LearnedExitConfig,
+        smoke=("--budget", "0.6", "--exit-epochs", "1", *VIT_SMOKE),
+    ),
+)  # fmt: skip

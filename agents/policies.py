@@ -166,22 +166,28 @@ class SB3OneShotPolicy(RoutingPolicy):
         return self._mask[:, k]
 
 
-class ConfidenceExitPolicy(RoutingPolicy):
-    """Exit where the head's top probability reaches ``confidence``; ``threshold`` is its log-odds
-    turned round (``confidence = sigmoid(-threshold)``: a higher threshold exits sooner and spends
-    less, as a gate's does), what a budget's calibration moves."""
-
-    name = "confidence_exit"
+class ExitPolicy(RoutingPolicy):
+    """Early exit on a network whose head reads any depth: at each gated block an image exits where
+    its exit score reaches the ``threshold``'s level (a higher threshold exits sooner and spends
+    less, as a gate's does: what a budget's calibration moves); once out it stays out, every later
+    block skipped. ``head`` is the backbone's."""
 
     def __init__(self, head: nn.Module, threshold: float = 0.0) -> None:
         self.head, self.threshold = head, threshold
 
+    def reset(self, batch_size: int, device: torch.device) -> None:
+        self.exited = torch.zeros(batch_size, dtype=torch.bool, device=device)
+
+
+class ConfidenceExitPolicy(ExitPolicy):
+    """Exit where the head's top probability reaches ``confidence``; ``threshold`` is its log-odds
+    turned round (``confidence = sigmoid(-threshold)``)."""
+
+    name = "confidence_exit"
+
     @property
     def confidence(self) -> float:
         return 1.0 / (1.0 + math.exp(self.threshold))
-
-    def reset(self, batch_size: int, device: torch.device) -> None:
-        self.exited = torch.zeros(batch_size, dtype=torch.bool, device=device)
 
     @torch.no_grad()
     def act(self, obs: Tensor, activation: Tensor, k: int) -> Tensor:
@@ -191,4 +197,4 @@ class ConfidenceExitPolicy(RoutingPolicy):
 
 
 # the policies a budget's calibration can move (a threshold: higher, fewer blocks)
-ThresholdPolicy = GateRoutingPolicy | SB3RoutingPolicy | ConfidenceExitPolicy
+ThresholdPolicy = GateRoutingPolicy | SB3RoutingPolicy | ExitPolicy

@@ -164,3 +164,25 @@ def test_an_exit_ends_a_vit_episode_and_its_head_classifies_from_there(vit):
     spent = flops.stem + flops.block_executed[0] + flops.block_executed[1] + flops.head  # the last block: identity
     assert info["flops"] == pytest.approx(spent)
     assert reward == pytest.approx(float(info["correct"]) - 0.5 * spent / flops.full)
+
+
+def test_learned_exit_scores_where_the_head_is_right_and_its_threshold_moves_the_exits(vit):
+    from agents.early_exit import LearnedExitConfig, LearnedExitPolicy, depth_outcomes, fit_scorer
+
+    data = backbones.load_dataset("digits", "val")
+    features, right = depth_outcomes(vit, data, CPU, 64)
+    assert features.shape == (len(data), 2, 32 + 3 + 2) and right.shape == (len(data), 2)
+    x, y = data.batch(torch.arange(len(data)))
+    with torch.no_grad():  # the second gated block's target: the head on the activation entering it
+        entering = vit.blocks[1](vit.enter(x, 1))
+        assert torch.equal(right[:, 1].bool(), vit.head(entering).argmax(1) == y)
+    scorer = fit_scorer(features, right, LearnedExitConfig(epochs=2), seed=0)
+    # the fit learns what a feature says: a rule of the first feature, on features of that shape
+    g = torch.Generator().manual_seed(0)
+    made = torch.randn(2000, features.shape[-1], generator=g)
+    fitted = fit_scorer(made, (made[:, 0] > 0.3).float(), LearnedExitConfig(epochs=10, lr=1e-2), seed=0)
+    with torch.no_grad():
+        assert ((fitted(made) > 0) == (made[:, 0] > 0.3)).float().mean() > 0.95
+    stay, leave = LearnedExitPolicy(vit.head, scorer, 2, -30.0), LearnedExitPolicy(vit.head, scorer, 2, 30.0)
+    assert evaluate(stay, vit, data, CPU).execute_rate == [1.0, 1.0]
+    assert evaluate(leave, vit, data, CPU).execute_rate == [0.0, 0.0]
