@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from agents.evaluate import evaluate
+from agents.evaluate import calibrate_threshold, evaluate
 from agents.policies import GateRoutingPolicy, RoutingPolicy
 from agents.recipe_hrl import get_recipe_hrl
 from agents.skip_ready import JOINT_GATE_KIND, get_skip_ready, load_gates
@@ -81,10 +81,12 @@ def search_budget(
     cfg: RunConfig, device: torch.device, splits: dict[str, Dataset], base: Any, meta: dict
 ) -> tuple[Any, dict]:
     """``--max-drop``: the skip-ready backbone of the cheapest of ``--max-drop-budgets`` whose joint
-    gates' validation accuracy is within ``--max-drop`` points of the base network's (tried from the
-    cheapest up; each a cached joint SP; the recipe's HRL then runs on the choice alone). Where none is,
-    the most accurate one, with a warning. The metadata's ``max_drop`` holds the search (every budget
-    tried, its validation figures) and the choice. Only validation images are seen."""
+    gates, calibrated to spend the budget on validation images (as the run's gates will be), keep the
+    validation accuracy within ``--max-drop`` points of the base network's (tried from the cheapest up;
+    each a cached joint SP; the recipe's HRL then runs on the choice alone, and keeps its own gates only
+    where they score at least these). Where none is, the most accurate one, with a warning. The
+    metadata's ``max_drop`` holds the search (every budget tried, its validation figures) and the
+    choice. Only validation images are seen."""
     batch, max_drop = cfg.for_device(device).batch_sizes()[1], cfg.max_drop
     assert max_drop is not None
 
@@ -96,10 +98,11 @@ def search_budget(
     best: tuple[Any, dict, dict] | None = None  # the most accurate so far, the choice where none is within reach
     for budget in sorted(cfg.max_drop_budgets):
         net, ready_meta = skip_ready(replace(cfg, joint_budget=budget), device, splits, base, meta)
-        val = on_val(GateRoutingPolicy(load_gates(ready_meta["checkpoint"], net, device), JOINT_GATES_AGENT), net)
+        gates = GateRoutingPolicy(load_gates(ready_meta["checkpoint"], net, device), JOINT_GATES_AGENT)
+        _, val = calibrate_threshold(gates, net, splits["val"], budget, device, batch, cfg.precision)
         tried.append({"budget": budget, "val_accuracy": val.accuracy, "val_flops_fraction": val.flops_fraction})
         log.info(
-            "--max-drop: joint budget %.2f: validation %.2f%% at %.1f%% of the FLOPs (base %.2f%%)",
+            "--max-drop: joint budget %.2f, calibrated: validation %.2f%% at %.1f%% of the FLOPs (base %.2f%%)",
             budget, 100 * val.accuracy, 100 * val.flops_fraction, 100 * base_val,
         )  # fmt: skip
         if best is None or val.accuracy > best[2]["val_accuracy"]:

@@ -66,7 +66,8 @@ def test_training_epochs_count_every_stage_that_trains_the_network():
 
 def test_max_drop_takes_the_cheapest_budget_within_reach_on_validation(monkeypatch):
     """--max-drop tries the joint budgets from the cheapest up and stops at the first whose joint gates'
-    validation accuracy is within the drop of the base network's; where none is, the most accurate."""
+    validation accuracy, calibrated to the budget, is within the drop of the base network's; where none
+    is, the most accurate."""
     from types import SimpleNamespace
 
     import experiments.recipe as run_module
@@ -82,8 +83,13 @@ def test_max_drop_takes_the_cheapest_budget_within_reach_on_validation(monkeypat
         assert data == "val data"  # only validation images are seen
         return SimpleNamespace(accuracy=val_accuracy[getattr(net, "budget", None)], flops_fraction=0.5)
 
+    def calibrate_threshold(policy, net, data, budget, device, batch, precision):
+        assert budget == net.budget  # the gates judged as the run will use them: spending the budget
+        return 0.0, evaluate(policy, net, data, device, batch, precision)
+
     monkeypatch.setattr(run_module, "skip_ready", skip_ready)
     monkeypatch.setattr(run_module, "evaluate", evaluate)
+    monkeypatch.setattr(run_module, "calibrate_threshold", calibrate_threshold)
     monkeypatch.setattr(run_module, "load_gates", lambda *a: None)
     splits = {"train": "train data", "val": "val data", "test": "test data"}
     cfg = replace(RunConfig(), max_drop=0.5, max_drop_budgets=(0.85, 0.35, 0.5, 0.7))
