@@ -11,7 +11,7 @@ from agents.gates import create_gates
 from agents.hybrid import HybridConfig, HybridTrainer
 from agents.policies import RandomPolicy
 from backbones.registry import create, list_backbones
-from backbones.zoo import parse_model_args
+from backbones.zoo import TESTED, parse_model_args
 from skipnet_env.env import SkipNetEnv
 from skipnet_env.routing import masked_forward, routed_forward
 
@@ -186,3 +186,18 @@ def test_learned_exit_scores_where_the_head_is_right_and_its_threshold_moves_the
     stay, leave = LearnedExitPolicy(vit.head, scorer, 2, -30.0), LearnedExitPolicy(vit.head, scorer, 2, 30.0)
     assert evaluate(stay, vit, data, CPU).execute_rate == [1.0, 1.0]
     assert evaluate(leave, vit, data, CPU).execute_rate == [0.0, 0.0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", TESTED)
+@pytest.mark.parametrize("side", [16, 24])  # the embedded data sets: digits, cluttered_digits
+def test_every_listed_zoo_backbone_routes_with_its_defaults_on_the_embedded_data(name, side):
+    """What ``backbones.list_backbones()`` names works with no model arguments at the embedded data
+    sets' sizes (16 px digits, 24 px cluttered digits; one channel, ten classes): routed as masked."""
+    torch.manual_seed(0)
+    net = create(name, num_classes=10, in_channels=1, image_size=side)
+    x, n = torch.randn(3, 1, side, side), net.num_blocks
+    execute = torch.tensor([[True] * n, [i % 2 == 0 for i in range(n)], [i == 0 for i in range(n)]])
+    with torch.no_grad():
+        assert net(x).shape == (3, 10)
+        torch.testing.assert_close(routed_forward(net, x, execute), masked_forward(net, x, execute))
