@@ -93,7 +93,10 @@ def evaluate(
     data-set order: the figures are one process's."""
     t0 = time.perf_counter()
     here = ranks()
-    core = BatchedRouting(backbone.to(device).eval(), RewardConfig(alpha=0.0), gate_first_block, precision=precision)
+    core = BatchedRouting(
+        backbone.to(device).eval(), RewardConfig(alpha=0.0), gate_first_block, precision=precision,
+        early_exit=policy.early_exit,
+    )  # fmt: skip
     correct, cross_entropy, executed, labels = [], [], [], []
     spent = 0.0
     policy_flops = None
@@ -107,7 +110,8 @@ def evaluate(
         policy.begin(x)
         info: dict = {}
         for k in range(core.num_gates):
-            obs, _, info = core.advance(policy.act(obs, core.activation, k).to(device))
+            execute = policy.act(obs, core.activation, k).to(device)
+            obs, _, info = core.advance(execute, exit=policy.exited if policy.early_exit else None)
         correct.append(info["correct"])
         cross_entropy.append(F.cross_entropy(info["logits"], y, reduction="none"))
         executed.append(info["executed"])

@@ -39,10 +39,14 @@ class RoutingPolicy:
 
     A policy with a ``threshold`` (a log-odds of *execute*) can be calibrated to a budget on
     validation images (:func:`agents.evaluate.calibrate_threshold`); ``calibrate_to`` names the
-    FLOPs fraction a run calibrates it to where the agent asks for it (``None``: the run decides)."""
+    FLOPs fraction a run calibrates it to where the agent asks for it (``None``: the run decides).
+    A policy that decides in the environment with ``early_exit`` (its observations carry the exited
+    flag) says so in ``early_exit`` and marks the episodes it stopped in ``exited`` ``(B,)``."""
 
     name = "full"
     calibrate_to: float | None = None
+    early_exit = False
+    exited: Tensor
 
     def reset(self, batch_size: int, device: torch.device) -> None:
         """Start ``batch_size`` new episodes (stateless policies need nothing)."""
@@ -126,13 +130,16 @@ class SB3RoutingPolicy(RoutingPolicy):
     likelier action; for a feedforward policy, *execute* where its log-odds is above ``threshold``,
     0 being the likelier action, which a budget's calibration moves)."""
 
-    def __init__(self, model: Any, name: str, threshold: float = 0.0, calibrate_to: float | None = None) -> None:
+    def __init__(
+        self, model: Any, name: str, threshold: float = 0.0, calibrate_to: float | None = None, early_exit: bool = False
+    ) -> None:
         self.model, self.name, self.threshold, self.calibrate_to = model, name, threshold, calibrate_to
-        self.recurrent = hasattr(model.policy, "lstm_actor")
+        self.recurrent, self.early_exit = hasattr(model.policy, "lstm_actor"), early_exit
 
     def reset(self, batch_size: int, device: torch.device) -> None:
         self.state = None
         self.episode_start = np.ones(batch_size, dtype=bool)
+        self.exited = torch.zeros(batch_size, dtype=torch.bool, device=device)
 
     def act(self, obs: Tensor, activation: Tensor, k: int) -> Tensor:
         if self.recurrent:
@@ -140,12 +147,17 @@ class SB3RoutingPolicy(RoutingPolicy):
                 obs.cpu().numpy(), state=self.state, episode_start=self.episode_start, deterministic=True
             )
             self.episode_start = np.zeros_like(self.episode_start)
-            return torch.as_tensor(actions, device=obs.device) == 1
-        from agents.sb3_agents import action_logits  # SB3 is imported where it is used
+            action = torch.as_tensor(actions, device=obs.device)
+        else:
+            from agents.sb3_agents import action_logits  # SB3 is imported where it is used
 
-        with torch.no_grad():
-            logits = action_logits(self.model.policy, obs.to(self.model.device))
-        return (logits[:, 1] - logits[:, 0] > self.threshold).to(obs.device)
+            with torch.no_grad():
+                logits = action_logits(self.model.policy, obs.to(self.model.device)).to(obs.device)
+            execute = logits[:, 1] - logits[:, 0] > self.threshold
+            # with the exit action (a third logit): exit where it is the likeliest of the three
+            action = torch.where(logits.argmax(1) == 2, 2, execute.long())
+        self.exited |= action == 2
+        return (action == 1) & ~self.exited
 
 
 class SB3OneShotPolicy(RoutingPolicy):

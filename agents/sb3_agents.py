@@ -213,7 +213,8 @@ def distill_from_gates(
 
 
 def action_logits(policy: ActorCriticPolicy, obs: torch.Tensor) -> torch.Tensor:
-    """``(B, 2)`` logits of skip / execute of a policy on ``SkipNet-v0``'s ``Discrete(2)`` actions."""
+    """``(B, 2)`` logits of skip / execute of a policy on ``SkipNet-v0``'s ``Discrete(2)`` actions
+    (``(B, 3)`` with exit, under ``early_exit``)."""
     distribution = policy.get_distribution(obs).distribution
     assert isinstance(distribution, torch.distributions.Categorical)
     return distribution.logits
@@ -250,9 +251,14 @@ class SB3Config:
     distill_epochs: int = option(0, COUNT)
     """ppo, a2c on a skip-ready backbone: epochs of behaviour cloning of the recipe's gates before RL (the policy
     starts from the gates' decisions; its threshold is then calibrated to --joint-budget on validation); 0: new"""
+    early_exit: bool = False
+    """ppo, a2c, recurrent_ppo: decide in SkipNet-v0 with its exit action (2: this block and every later one skipped,
+    the head classifies from there; for a network whose head reads any depth, a ViT); compute is priced by --alpha"""
 
     def __post_init__(self) -> None:
         check_options(self)
+        if self.early_exit and self.distill_epochs:
+            raise ValueError("--distill-epochs clones the recipe's gates, which never exit: leave out --early-exit")
         if self.timesteps == 0 and self.distill_epochs == 0:
             raise ValueError("--timesteps 0 would evaluate an untrained policy: give --distill-epochs too (the policy "
                              "cloned from the recipe's gates, as it is) or --timesteps N")  # fmt: skip
@@ -274,6 +280,7 @@ def _sb3(algo: str, env_id: EnvId = "SkipNet-v0") -> AgentSpec:
             **({} if oneshot else SKIPNET_REWARD),
             device=ctx.device,
             precision=ctx.cfg.precision,
+            **({"early_exit": True} if ctx.options.early_exit else {}),
         )
         env.seed(ctx.cfg.seed)
         episode_length = 1 if oneshot else env.get_attr("num_gates")[0]
@@ -286,7 +293,7 @@ def _sb3(algo: str, env_id: EnvId = "SkipNet-v0") -> AgentSpec:
         budget = ctx.backbone_meta.get("skip_ready", {}).get("joint_config", {}).get("budget")
         distilled = ctx.options.distill_epochs > 0 and algo in DISTILLABLE
         threshold = float((state or {}).get("threshold", 0.0))  # a calibration's, written beside the model
-        return SB3RoutingPolicy(model, algo, threshold, budget if distilled else None)
+        return SB3RoutingPolicy(model, algo, threshold, budget if distilled else None, ctx.options.early_exit)
 
     def train(ctx: AgentContext, state: dict | None) -> RoutingPolicy:
         model = make(ctx)

@@ -86,6 +86,23 @@ def test_every_agent_trains_evaluates_and_reloads(agent, cache, tmp_path):
         assert reloaded["accuracy"] == r["accuracy"] and reloaded["flops_fraction"] == r["flops_fraction"]
 
 
+def test_ppo_decides_with_the_exit_action_and_its_exits_are_evaluated_as_they_were_taken(cache, tmp_path):
+    """``--early-exit``: PPO in ``SkipNet-v0`` with the exit action (on a ViT, whose head reads any
+    depth); the evaluation routes the exits it takes (every later block skipped), and reloads them."""
+    from agents.early_exit import VIT_SMOKE
+
+    args = ["--agent", "ppo", *TINY_BACKBONE, *TINY_BUDGETS["ppo"], *VIT_SMOKE, "--early-exit", "--alpha", "4"]
+    args += ["--no-progress", "--run-dir", str(tmp_path / "runs")]
+    run(args, cache, tmp_path)
+    (results,) = (tmp_path / "runs").glob("*__ppo__*/results.json")
+    r = json.loads(results.read_text())
+    assert np.load(results.parent / "per_image.npz")["executed"].shape[1] == 8 and 0 < r["flops_fraction"] <= 1
+    proc = run([*args[:-3], "--eval-only", "--checkpoint", r["checkpoint"], "--no-progress"], cache, tmp_path)
+    assert "accuracy" in proc.stdout
+    (evaluation,) = (tmp_path / "runs").glob("*__ppo__eval__*/results.json")
+    assert json.loads(evaluation.read_text())["flops_fraction"] == r["flops_fraction"]  # deterministic: the same
+
+
 def test_finetune_backbone_run_reports_the_frozen_backbone_beside_it(cache, tmp_path):
     args = [
         "--agent",

@@ -136,3 +136,28 @@ def test_a_calibrated_threshold_spends_the_budget_on_the_images_it_was_calibrate
     )  # below what skipping every gated block costs
     floor = evaluate(GateRoutingPolicy(gates, "hybrid_rnn", 12.0), net, data, CPU, ONE_BATCH).flops_fraction
     assert 0.01 < result.flops_fraction <= floor + 1e-9  # the closest it can get
+
+
+def test_a_policy_that_exits_is_evaluated_in_the_env_with_the_exit_action(setup):
+    """``early_exit`` policies: the evaluation gives them the exited flag in the observation and
+    skips every block after an image's exit, whatever the policy asks for later."""
+    net, data = setup
+    n = len(data)
+    at = torch.arange(n) % 9  # image i exits before gated block i % 9 (8: never)
+
+    class ExitAt(RoutingPolicy):
+        early_exit = True
+
+        def reset(self, batch_size, device):
+            self.exited, self.flags = torch.zeros(batch_size, dtype=torch.bool), []
+
+        def act(self, obs, activation, k):
+            self.flags.append(obs[:, -2].clone())
+            self.exited |= at[: obs.shape[0]] == k
+            return torch.ones(obs.shape[0], dtype=torch.bool)  # asks for every block: the exits must win
+
+    policy = ExitAt()
+    result = evaluate(policy, net, data, CPU, ONE_BATCH)
+    assert torch.equal(torch.from_numpy(result.per_image["executed"]), torch.arange(8)[None, :] < at[:, None])
+    for k, flag in enumerate(policy.flags):  # what the policy saw: the exits before block k
+        assert torch.equal(flag, (at < k).float())
