@@ -29,17 +29,28 @@ def routing_statistics(
 
 
 def write_per_image(
-    path: Path, result: EvalResult, full: EvalResult, base: EvalResult | None = None, groups: np.ndarray | None = None
+    path: Path,
+    result: EvalResult,
+    full: EvalResult,
+    base: EvalResult | None = None,
+    groups: np.ndarray | None = None,
+    val: EvalResult | None = None,
+    val_groups: np.ndarray | None = None,
 ) -> None:
     """Per-test-image outcomes of the policy, of the full backbone and (a skip-ready backbone's) of the
     base network it was made from, and each image's independent unit (``group``, where the data has
-    one) (a plain ``.npz``, read with ``allow_pickle=False``): what paired comparisons between runs
-    are computed from."""
+    one); the policy's per-validation-image correctness and executed blocks (``val_correct``,
+    ``val_executed``, ``val_group``) (a plain ``.npz``, read with ``allow_pickle=False``): what paired
+    comparisons between runs are computed from, on validation (to choose) and on test (to report)."""
     arrays: dict[str, Any] = dict(result.per_image)
     if base is not None:
         arrays["base_correct"] = base.per_image["correct"]
     if groups is not None:
         arrays["group"] = groups
+    if val is not None:
+        arrays |= {"val_correct": val.per_image["correct"], "val_executed": val.per_image["executed"]}
+        if val_groups is not None:
+            arrays["val_group"] = val_groups
     np.savez_compressed(
         path,
         **arrays,
@@ -98,7 +109,7 @@ def write_evaluation(
     }
     for name, value in scalars.items():
         writer.add_scalar(f"eval/{name}", value, 0)
-    write_per_image(run_dir / "per_image.npz", result, full, base, groups)
+    write_per_image(run_dir / "per_image.npz", result, full, base, groups, val, groups_of(splits["val"]))
     write_figures(run_dir, writer, result, test_data)
     writer.close()
     return {

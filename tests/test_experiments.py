@@ -365,6 +365,8 @@ def test_the_recipe_reports_against_the_base_network(skip_ready_checkpoint):
     assert 0 <= r["base_backbone_accuracy"] <= 1 and "ci95" in r["accuracy_vs_base"]
     with np.load(Path(r["run_dir"]) / "per_image.npz") as f:
         assert f["base_correct"].shape == f["correct"].shape
+        # the validation images' outcomes too, what paired choices between runs are made on
+        assert f["val_correct"].shape == (180,) and f["val_correct"].mean() == pytest.approx(r["val_accuracy"])
 
 
 @pytest.mark.parametrize("agent", ["hybrid_rnn", "hybrid_ff", "ppo", "blockdrop", "static", "random", "full"])
