@@ -138,9 +138,12 @@ def trial(config: dict[str, Any], base: dict[str, Any]) -> None:
     import torch
     from ray import tune
 
+    from agents.registry import import_agents
     from experiments.run import run
 
     base = dict(base)  # a worker may run several trials on the same object
+    for source in (*base.get("agents_from", ()), *config.get("agents_from", ())):
+        import_agents(source)  # the user's agents, whose options the run's configuration holds
     trial_dir = Path(base.pop("trials_dir")) / tune.get_context().get_trial_id()
     torch.set_num_threads(int(base.pop("threads")))
     cfg = build(RunConfig, {**base, **config, "run_dir": str(trial_dir), "progress": False})

@@ -499,7 +499,16 @@ def readme_agent() -> str:
     return text[start : text.index("```", start)]
 
 
-def test_an_agent_is_one_file_outside_the_package(cache, tmp_path):
+@pytest.fixture
+def registry_restored():
+    """The agent registry as it was before the test (a test's toy agent does not outlive it)."""
+    before = dict(AGENTS)
+    yield
+    AGENTS.clear()
+    AGENTS.update(before)
+
+
+def test_an_agent_is_one_file_outside_the_package(cache, tmp_path, registry_restored):
     """The README's toy agent, with two options, in a file of its own: --agents-from registers it, its
     flags parse, it trains, evaluates and reloads, and --help lists it with its options."""
     toy = tmp_path / "my_agent.py"

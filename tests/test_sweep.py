@@ -79,10 +79,21 @@ def test_list_flags_may_repeat_and_the_default_applies_only_when_absent():
 
 def test_optuna_search_reads_the_objectives_reported_at_the_end(tmp_path, shared_cache, ray_once):
     """Trials report training scalars first and the objectives last: the multi-objective search
-    must take them (it refused the first report before)."""
+    must take them (it refused the first report before). ``--agents-from``: the trials import the
+    user's agents too (their options are in the run's configuration the trials build)."""
     pytest.importorskip("optuna")
+    from agents.registry import AGENTS
+    from test_experiments import readme_agent
+
+    toy = tmp_path / "my_agent.py"
+    toy.write_text(readme_agent())
     args = ["--search", "optuna", "--samples", "2", "--space", "alpha=loguniform:0.2:4", "--out", str(tmp_path / "s")]
-    proc = call_entry_point("sweep.py", [*args, "--name", "o", *TINY_RUN], shared_cache)
+    before = dict(AGENTS)
+    try:
+        proc = call_entry_point("sweep.py", [*args, "--name", "o", "--agents-from", str(toy), *TINY_RUN], shared_cache)
+    finally:
+        AGENTS.clear()
+        AGENTS.update(before)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = list(csv.DictReader(open(tmp_path / "s" / "o" / "pareto.csv")))
     assert len(rows) == 2 and all(0.2 <= float(r["alpha"]) <= 4 for r in rows)
