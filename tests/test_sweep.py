@@ -82,8 +82,9 @@ def test_optuna_search_reads_the_objectives_reported_at_the_end(tmp_path, shared
     must take them (it refused the first report before). ``--agents-from``: the trials import the
     user's agents too (their options are in the run's configuration the trials build)."""
     pytest.importorskip("optuna")
-    from agents.registry import AGENTS
     from test_experiments import readme_agent
+
+    from agents.registry import AGENTS
 
     toy = tmp_path / "my_agent.py"
     toy.write_text(readme_agent())
