@@ -141,12 +141,27 @@ def checked(cfg: RunConfig, given: set[str] | None) -> tuple[RunConfig, dict | N
         raise ValueError(
             f"--backbone-args applies to zoo backbones (timm:<model>, torchvision:<model>), not {cfg.backbone}"
         )
+    foreign = options_of_other_agents(cfg.agent, given or set())
+    if foreign:
+        raise ValueError(f"{foreign} (leave them out, or choose one of those agents)")
     if cfg.budget is not None and not get_agent(cfg.agent).takes_budget:  # a resumed run's agent: its own
         raise ValueError(
             f"--budget does not apply to --agent {cfg.agent}: price compute with --alpha (agents that take a budget: "
             f"{', '.join(agents_taking_budget())})"
         )
     return cfg, state
+
+
+def options_of_other_agents(agent: str, given: set[str]) -> str:
+    """What is wrong where ``given`` (flat option names) holds options of other agents' parts than
+    ``agent``'s, which it would ignore; "" where nothing is."""
+    mine = part_of(agent, get_agent(agent))
+    owners: dict[str, list[str]] = {}
+    for name in sorted(given):
+        path = option_fields(RunConfig)[name].path
+        if path[0] == "agent_options" and path[1] != mine:
+            owners[flag(name)] = [n for n, spec in AGENTS.items() if part_of(n, spec) == path[1]]
+    return "; ".join(f"{f} is an option of {', '.join(a)}, not of --agent {agent}" for f, a in owners.items())
 
 
 def run_identity(cfg: RunConfig, backbone: Any, split: dict[str, Dataset]) -> dict[str, Any]:

@@ -138,6 +138,11 @@ def test_bad_input_is_explained(cache, tmp_path):
     assert proc.returncode != 0 and "valid names" in proc.stderr
     proc = run(["--eval-only"], cache, tmp_path, check=False)
     assert proc.returncode != 0 and "--checkpoint" in proc.stderr
+    # another agent's options would be ignored: refused, naming whose they are
+    proc = run(["--agent", "hybrid_rnn", "--early-exit", "--blockdrop-width", "4"], empty, tmp_path, check=False)
+    assert proc.returncode == 2 and "--early-exit is an option of ppo, a2c, recurrent_ppo" in proc.stderr
+    assert "--blockdrop-width is an option of blockdrop, not of --agent hybrid_rnn" in proc.stderr
+    assert not empty.exists()
 
 
 @pytest.mark.parametrize(
