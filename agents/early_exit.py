@@ -95,20 +95,21 @@ def exit_features(head: nn.Module, activation: Tensor, k: int, num_gates: int) -
 
 
 class ExitScorer(nn.Module):
-    """The log-odds that the head's prediction at a block is right, from :func:`exit_features`
-    (standardised by the training features' mean and deviation)."""
+    """The log-odds that the head's prediction at a block is right, from :func:`exit_features` from
+    index ``first`` on (standardised by the training features' mean and deviation)."""
 
     mean: Tensor
     std: Tensor
 
-    def __init__(self, features: int, hidden: int) -> None:
+    def __init__(self, features: int, hidden: int, first: int = 0) -> None:
         super().__init__()
-        self.register_buffer("mean", torch.zeros(features))
-        self.register_buffer("std", torch.ones(features))
-        self.net = nn.Sequential(nn.Linear(features, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+        self.first = first
+        self.register_buffer("mean", torch.zeros(features - first))
+        self.register_buffer("std", torch.ones(features - first))
+        self.net = nn.Sequential(nn.Linear(features - first, hidden), nn.ReLU(), nn.Linear(hidden, 1))
 
     def forward(self, features: Tensor) -> Tensor:
-        return self.net((features - self.mean) / self.std).squeeze(1)
+        return self.net((features[:, self.first :] - self.mean) / self.std).squeeze(1)
 
 
 class LearnedExitPolicy(ExitPolicy):
@@ -140,6 +141,9 @@ class LearnedExitConfig:
     """learned_exit: passes over the training images' features (one per gated block and image)"""
     lr: float = option(1e-3, POSITIVE)
     """learned_exit: Adam's learning rate"""
+    tokens: bool = True
+    """learned_exit: the activation pooled over tokens among the scorer's inputs (off: the head's top probability,
+    margin and entropy and the block's position alone)"""
 
     def __post_init__(self) -> None:
         check_options(self)
@@ -163,13 +167,15 @@ def depth_outcomes(backbone: Backbone, data: Dataset, device: torch.device, batc
 
 
 def fit_scorer(features: Tensor, right: Tensor, cfg: LearnedExitConfig, seed: int) -> ExitScorer:
-    """The scorer trained by binary cross-entropy on ``features`` ``(..., F)`` -> ``right`` ``(...)``."""
+    """The scorer trained by binary cross-entropy on ``features`` ``(n, N, F)`` -> ``right`` ``(n, N)``
+    (:func:`depth_outcomes`)."""
+    first = 0 if cfg.tokens else features.shape[-1] - 3 - right.shape[-1]  # the pooled tokens come first
     features, right = features.flatten(0, -2), right.flatten()
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    scorer = ExitScorer(features.shape[1], cfg.hidden).to(features.device)
-    scorer.mean.copy_(features.mean(0))
-    scorer.std.copy_(features.std(0).clamp_min(1e-6))
+    scorer = ExitScorer(features.shape[1], cfg.hidden, first).to(features.device)
+    scorer.mean.copy_(features[:, first:].mean(0))
+    scorer.std.copy_(features[:, first:].std(0).clamp_min(1e-6))
     optimizer = torch.optim.Adam(scorer.parameters(), lr=cfg.lr)
     for _ in range(cfg.epochs):
         for index in torch.randperm(len(right), generator=generator).split(256):
@@ -186,12 +192,14 @@ def _train_learned(ctx: AgentContext, state: dict | None) -> RoutingPolicy:
     features, right = depth_outcomes(ctx.backbone.eval(), ctx.train_data, ctx.device, ctx.cfg.batch_sizes()[1])
     scorer = fit_scorer(features, right, ctx.options, ctx.cfg.seed)
     policy = LearnedExitPolicy(ctx.backbone.head, scorer, ctx.backbone.num_blocks - FIRST_GATED)
-    return calibrate_exit(ctx, policy, {"scorer": scorer.state_dict(), "hidden": ctx.options.hidden})
+    state = {"scorer": scorer.state_dict(), "hidden": ctx.options.hidden, "first": scorer.first}
+    return calibrate_exit(ctx, policy, state)
 
 
 def _load_learned(ctx: AgentContext, state: dict) -> RoutingPolicy:
     num_gates = ctx.backbone.num_blocks - FIRST_GATED
-    scorer = ExitScorer(state["scorer"]["mean"].shape[0], int(state["hidden"])).to(ctx.device)
+    first = int(state.get("first", 0))
+    scorer = ExitScorer(first + state["scorer"]["mean"].shape[0], int(state["hidden"]), first).to(ctx.device)
     scorer.load_state_dict(state["scorer"])
     return LearnedExitPolicy(ctx.backbone.head, scorer, num_gates, float(state["threshold"]))
 
