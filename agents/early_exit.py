@@ -10,8 +10,8 @@ on training images so that it spends ``B`` of the FLOPs (the calibration's bisec
 budgets are met).
 
 ``--agent learned_exit --budget B`` learns where to exit instead: a small network scores, at each gated
-block, whether the head's prediction there is right (from the activation pooled over tokens, the
-prediction's top probability, margin and entropy, and the block's position), trained by
+block, whether the head's prediction there is right (from the prediction's top probability, margin
+and entropy and the block's position; ``--exit-tokens``: the activation pooled over tokens too), trained by
 cross-entropy on the training images with every block run; an image exits at the first block whose
 score reaches the threshold, set on training images to spend ``B`` as the confidence's is. The head's
 and the scorer's cost at every block are the policy's FLOPs.
@@ -141,9 +141,9 @@ class LearnedExitConfig:
     """learned_exit: passes over the training images' features (one per gated block and image)"""
     lr: float = option(1e-3, POSITIVE)
     """learned_exit: Adam's learning rate"""
-    tokens: bool = True
-    """learned_exit: the activation pooled over tokens among the scorer's inputs (off: the head's top probability,
-    margin and entropy and the block's position alone)"""
+    tokens: bool = False
+    """learned_exit: the activation pooled over tokens among the scorer's inputs, beside the head's top probability,
+    margin and entropy and the block's position (validation tied the two, BENCHMARKS.md section 16: off, the simpler)"""
 
     def __post_init__(self) -> None:
         check_options(self)

@@ -177,11 +177,12 @@ def test_learned_exit_scores_where_the_head_is_right_and_its_threshold_moves_the
         entering = vit.blocks[1](vit.enter(x, 1))
         assert torch.equal(right[:, 1].bool(), vit.head(entering).argmax(1) == y)
     scorer = fit_scorer(features, right, LearnedExitConfig(epochs=2), seed=0)
-    assert fit_scorer(features, right, LearnedExitConfig(epochs=1, tokens=False), seed=0).first == 32  # past the tokens
+    assert scorer.first == 32 and fit_scorer(features, right, LearnedExitConfig(epochs=1, tokens=True), 0).first == 0
     # the fit learns what a feature says: a rule of the first feature, on features of that shape
     g = torch.Generator().manual_seed(0)
     made = torch.randn(2000, features.shape[-1], generator=g)
-    fitted = fit_scorer(made[:, None], (made[:, :1] > 0.3).float(), LearnedExitConfig(epochs=10, lr=1e-2), seed=0)
+    every_input = LearnedExitConfig(epochs=10, lr=1e-2, tokens=True)
+    fitted = fit_scorer(made[:, None], (made[:, :1] > 0.3).float(), every_input, seed=0)
     with torch.no_grad():
         assert ((fitted(made) > 0) == (made[:, 0] > 0.3)).float().mean() > 0.95
     stay, leave = LearnedExitPolicy(vit.head, scorer, 2, -30.0), LearnedExitPolicy(vit.head, scorer, 2, 30.0)
