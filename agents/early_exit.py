@@ -1,20 +1,20 @@
 """Early exit: by confidence (DeeBERT, CALM: the baseline of exit policies, beside static and random),
 and learned (BERxiT's learning to exit).
 
-On a network whose head reads any depth (every gated block's activation has the final one's shape:
-a vision transformer, an isotropic network), the head classifies the activation entering each gated
-block; once the prediction's top probability reaches the threshold, the image exits: every later
-block is skipped, which on such a network (identity shortcuts) is classifying there. The head's cost
-at every block is the policy's own FLOPs. ``--agent confidence_exit --budget B`` sets the threshold
-on training images so that it spends ``B`` of the FLOPs (the calibration's bisection, as the gates'
-budgets are met).
+At each gated block a classifier reads the activation entering it (:func:`backbones.exits.exit_classifier`:
+the network's own head where it reads any depth, a vision transformer; on a CNN, exit heads fitted
+beside the trained backbone, on its training images); once the prediction's top probability there
+reaches the threshold, the image exits: every later block is skipped and the image is classified
+where it stopped. The classifier's cost at every block is the policy's own FLOPs.
+``--agent confidence_exit --budget B`` sets the threshold on training images so that it spends ``B``
+of the FLOPs (the calibration's bisection, as the gates' budgets are met).
 
 ``--agent learned_exit --budget B`` learns where to exit instead: a small network scores, at each gated
-block, whether the head's prediction there is right (from the prediction's top probability, margin
+block, whether the classifier's prediction there is right (from the prediction's top probability, margin
 and entropy and the block's position; ``--exit-tokens``: the activation pooled over tokens too), trained by
 cross-entropy on the training images with every block run; an image exits at the first block whose
-score reaches the threshold, set on training images to spend ``B`` as the confidence's is. The head's
-and the scorer's cost at every block are the policy's FLOPs.
+score reaches the threshold, set on training images to spend ``B`` as the confidence's is. The
+classifier's and the scorer's cost at every block are the policy's FLOPs.
 """
 
 from __future__ import annotations
@@ -36,18 +36,8 @@ from backbones.base import FIRST_GATED, Backbone
 from backbones.batching import batches
 from backbones.checkpoint import atomic_save
 from backbones.data import Dataset, ImageTensors
+from backbones.exits import ExitHeads, exit_classifier, exit_shapes
 from backbones.options import POSITIVE, POSITIVE_INT, check_options, option
-
-
-def check_head_reads_any_depth(backbone: Backbone, first_gated: int = FIRST_GATED) -> None:
-    """Refuse a network whose head cannot classify the activation entering every gated block."""
-    shapes = backbone.activation_shapes[first_gated:]
-    changed = [first_gated + i for i, shape in enumerate(shapes) if shape != shapes[-1]]
-    if changed:
-        raise ValueError(
-            f"confidence_exit needs a network whose head reads any depth (a vision transformer); {backbone.arch}'s "
-            f"activations entering blocks {changed} have another shape than the head's input"
-        )
 
 
 def calibration_images(data: Dataset, device: torch.device) -> Dataset:
@@ -59,34 +49,45 @@ def calibration_images(data: Dataset, device: torch.device) -> Dataset:
     return dataclasses.replace(data, images=data.images[:n], labels=data.labels[:n], groups=groups, _fingerprint=None)
 
 
+def exit_classifier_for(ctx: AgentContext, state: dict | None = None) -> nn.Module:
+    """What classifies ``ctx.backbone``'s activations where images exit: the exit heads of the agent's
+    checkpoint ``state`` where it has them; else the backbone's head where it reads any depth, else
+    exit heads fitted on the training images (:func:`backbones.exits.exit_classifier`)."""
+    if state is not None and "exit_heads" in state:
+        heads = ExitHeads(exit_shapes(ctx.backbone), ctx.backbone.num_classes).to(ctx.device)
+        heads.load_state_dict(state["exit_heads"])
+        return heads.eval().requires_grad_(False)
+    return exit_classifier(ctx.backbone.eval(), ctx.train_data, ctx.device, ctx.cfg.batch_sizes()[1], ctx.cfg.seed)
+
+
 def calibrate_exit(ctx: AgentContext, policy: ExitPolicy, state: dict) -> ExitPolicy:
     """``policy``'s threshold set on training images to spend ``--budget`` (0.6 by default), written
-    with ``state`` to the agent's checkpoint."""
-    check_head_reads_any_depth(ctx.backbone)
+    with ``state`` (and the exit heads, where it has them) to the agent's checkpoint."""
     budget = FIXED_POLICY_BUDGET if ctx.cfg.budget is None else ctx.cfg.budget
     data = calibration_images(ctx.train_data, ctx.device)
     threshold, _ = calibrate_threshold(
         policy, ctx.backbone, data, budget, ctx.device, ctx.cfg.batch_sizes()[1], ctx.cfg.precision
     )
+    if policy.exit_heads is not None:
+        state = {**state, "exit_heads": policy.exit_heads.state_dict()}
     atomic_save({"metadata": {**ctx.metadata, "stage": "done"}, "threshold": threshold, **state}, ctx.checkpoint)
     return policy
 
 
 def _train(ctx: AgentContext, state: dict | None) -> RoutingPolicy:
-    check_head_reads_any_depth(ctx.backbone)
-    return calibrate_exit(ctx, ConfidenceExitPolicy(ctx.backbone.head), {})
+    return calibrate_exit(ctx, ConfidenceExitPolicy(exit_classifier_for(ctx)), {})
 
 
 def _load(ctx: AgentContext, state: dict) -> RoutingPolicy:
-    return ConfidenceExitPolicy(ctx.backbone.head, float(state["threshold"]))
+    return ConfidenceExitPolicy(exit_classifier_for(ctx, state), float(state["threshold"]))
 
 
-def exit_features(head: nn.Module, activation: Tensor, k: int, num_gates: int) -> Tensor:
+def exit_features(classifier: nn.Module, activation: Tensor, k: int, num_gates: int) -> Tensor:
     """What the learned exit reads at gated block ``k`` ``(B, D + 3 + num_gates)``: the activation
-    pooled over tokens, the head's prediction there (top probability, margin to the second, entropy
-    over log C) and the block's one-hot position."""
+    pooled over tokens, the classifier's prediction there (top probability, margin to the second,
+    entropy over log C) and the block's one-hot position."""
     h = activation.float()
-    probs = head(h).float().softmax(dim=1)
+    probs = classifier(h, k).float().softmax(dim=1)
     top2 = probs.topk(2, dim=1).values
     entropy = -(probs * probs.clamp_min(1e-12).log()).sum(1) / math.log(probs.shape[1])
     position = F.one_hot(torch.full((h.shape[0],), k, device=h.device), num_gates).float()
@@ -113,17 +114,17 @@ class ExitScorer(nn.Module):
 
 
 class LearnedExitPolicy(ExitPolicy):
-    """Exit where the scorer's log-odds that the head is right reaches ``-threshold``."""
+    """Exit where the scorer's log-odds that the classifier is right reaches ``-threshold``."""
 
     name = "learned_exit"
 
-    def __init__(self, head: nn.Module, scorer: ExitScorer, num_gates: int, threshold: float = 0.0) -> None:
-        super().__init__(head, threshold)
+    def __init__(self, classifier: nn.Module, scorer: ExitScorer, num_gates: int, threshold: float = 0.0) -> None:
+        super().__init__(classifier, threshold)
         self.scorer, self.num_gates = scorer.eval(), num_gates
 
     @torch.no_grad()
     def act(self, obs: Tensor, activation: Tensor, k: int) -> Tensor:
-        self.exited |= self.scorer(exit_features(self.head, activation, k, self.num_gates)) + self.threshold >= 0
+        self.exited |= self.scorer(exit_features(self.classifier, activation, k, self.num_gates)) + self.threshold >= 0
         return ~self.exited
 
 
@@ -150,16 +151,18 @@ class LearnedExitConfig:
 
 
 @torch.no_grad()
-def depth_outcomes(backbone: Backbone, data: Dataset, device: torch.device, batch: int) -> tuple[Tensor, Tensor]:
+def depth_outcomes(
+    backbone: Backbone, classifier: nn.Module, data: Dataset, device: torch.device, batch: int
+) -> tuple[Tensor, Tensor]:
     """For every image of ``data`` and gated block (every block run): :func:`exit_features` there and
-    whether the head's prediction there is right, ``(n, N, F)`` and ``(n, N)``."""
+    whether ``classifier``'s prediction there is right, ``(n, N, F)`` and ``(n, N)``."""
     num_gates = backbone.num_blocks - FIRST_GATED
     features, right = [], []
     for x, y in batches(data, batch, device, train=False):
         h, here, correct = backbone.enter(x, FIRST_GATED), [], []
         for k, block in enumerate(backbone.blocks[FIRST_GATED:]):
-            here.append(exit_features(backbone.head, h, k, num_gates))
-            correct.append((backbone.head(h).argmax(1) == y).float())
+            here.append(exit_features(classifier, h, k, num_gates))
+            correct.append((classifier(h, k).argmax(1) == y).float())
             h = block(h)
         features.append(torch.stack(here, dim=1))
         right.append(torch.stack(correct, dim=1))
@@ -188,10 +191,10 @@ def fit_scorer(features: Tensor, right: Tensor, cfg: LearnedExitConfig, seed: in
 
 
 def _train_learned(ctx: AgentContext, state: dict | None) -> RoutingPolicy:
-    check_head_reads_any_depth(ctx.backbone)
-    features, right = depth_outcomes(ctx.backbone.eval(), ctx.train_data, ctx.device, ctx.cfg.batch_sizes()[1])
+    classifier = exit_classifier_for(ctx)
+    features, right = depth_outcomes(ctx.backbone, classifier, ctx.train_data, ctx.device, ctx.cfg.batch_sizes()[1])
     scorer = fit_scorer(features, right, ctx.options, ctx.cfg.seed)
-    policy = LearnedExitPolicy(ctx.backbone.head, scorer, ctx.backbone.num_blocks - FIRST_GATED)
+    policy = LearnedExitPolicy(classifier, scorer, ctx.backbone.num_blocks - FIRST_GATED)
     state = {"scorer": scorer.state_dict(), "hidden": ctx.options.hidden, "first": scorer.first}
     return calibrate_exit(ctx, policy, state)
 
@@ -201,14 +204,14 @@ def _load_learned(ctx: AgentContext, state: dict) -> RoutingPolicy:
     first = int(state.get("first", 0))
     scorer = ExitScorer(first + state["scorer"]["mean"].shape[0], int(state["hidden"]), first).to(ctx.device)
     scorer.load_state_dict(state["scorer"])
-    return LearnedExitPolicy(ctx.backbone.head, scorer, num_gates, float(state["threshold"]))
+    return LearnedExitPolicy(exit_classifier_for(ctx, state), scorer, num_gates, float(state["threshold"]))
 
 
 # the smoke run's network: a small ViT (its head reads any depth), with the tiny ResNet-20's 8 gated blocks
 VIT_SMOKE = ("--backbone", "timm:vit_tiny_patch16_224", "--backbone-args", "depth=9", "embed_dim=16", "num_heads=2")
 register_agent(
     "confidence_exit",
-    AgentSpec(_train, _load, role="matched", takes_budget=True, smoke=("--budget", "0.6", *VIT_SMOKE)),
+    AgentSpec(_train, _load, role="matched", takes_budget=True, smoke=("--budget", "0.6")),  # on a CNN: exit heads
 )
 register_agent(
     "learned_exit",

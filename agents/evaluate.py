@@ -95,7 +95,7 @@ def evaluate(
     here = ranks()
     core = BatchedRouting(
         backbone.to(device).eval(), RewardConfig(alpha=0.0), gate_first_block, precision=precision,
-        early_exit=policy.early_exit,
+        early_exit=policy.early_exit, exit_heads=policy.exit_heads,
     )  # fmt: skip
     correct, cross_entropy, executed, labels = [], [], [], []
     spent = 0.0

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from agents.gates import GatePolicy
+from backbones.exits import ExitHeads
 
 
 class SeededDraws:
@@ -47,6 +48,7 @@ class RoutingPolicy:
     calibrate_to: float | None = None
     early_exit = False
     exited: Tensor
+    exit_heads: ExitHeads | None = None  # where its exited episodes are classified, if not by the head
 
     def reset(self, batch_size: int, device: torch.device) -> None:
         """Start ``batch_size`` new episodes (stateless policies need nothing)."""
@@ -131,10 +133,16 @@ class SB3RoutingPolicy(RoutingPolicy):
     0 being the likelier action, which a budget's calibration moves)."""
 
     def __init__(
-        self, model: Any, name: str, threshold: float = 0.0, calibrate_to: float | None = None, early_exit: bool = False
+        self,
+        model: Any,
+        name: str,
+        threshold: float = 0.0,
+        calibrate_to: float | None = None,
+        early_exit: bool = False,
+        exit_heads: ExitHeads | None = None,
     ) -> None:
         self.model, self.name, self.threshold, self.calibrate_to = model, name, threshold, calibrate_to
-        self.recurrent, self.early_exit = hasattr(model.policy, "lstm_actor"), early_exit
+        self.recurrent, self.early_exit, self.exit_heads = hasattr(model.policy, "lstm_actor"), early_exit, exit_heads
 
     def reset(self, batch_size: int, device: torch.device) -> None:
         self.state = None
@@ -179,13 +187,18 @@ class SB3OneShotPolicy(RoutingPolicy):
 
 
 class ExitPolicy(RoutingPolicy):
-    """Early exit on a network whose head reads any depth: at each gated block an image exits where
-    its exit score reaches the ``threshold``'s level (a higher threshold exits sooner and spends
-    less, as a gate's does: what a budget's calibration moves); once out it stays out, every later
-    block skipped. ``head`` is the backbone's."""
+    """Early exit: at each gated block an image exits where its exit score reaches the
+    ``threshold``'s level (a higher threshold exits sooner and spends less, as a gate's does: what a
+    budget's calibration moves); once out it stays out, every later block skipped. ``classifier``
+    (called ``(h, k)``, :func:`backbones.exits.exit_classifier`) classifies the activation entering
+    gated block ``k``: the network's own head where it reads any depth, else exit heads, which then
+    classify the exited images in the environment too."""
 
-    def __init__(self, head: nn.Module, threshold: float = 0.0) -> None:
-        self.head, self.threshold = head, threshold
+    early_exit = True
+
+    def __init__(self, classifier: nn.Module, threshold: float = 0.0) -> None:
+        self.classifier, self.threshold = classifier, threshold
+        self.exit_heads = classifier if isinstance(classifier, ExitHeads) else None
 
     def reset(self, batch_size: int, device: torch.device) -> None:
         self.exited = torch.zeros(batch_size, dtype=torch.bool, device=device)
@@ -203,7 +216,7 @@ class ConfidenceExitPolicy(ExitPolicy):
 
     @torch.no_grad()
     def act(self, obs: Tensor, activation: Tensor, k: int) -> Tensor:
-        top = self.head(activation.float()).float().softmax(dim=1).amax(dim=1)  # (B,) the prediction's probability
+        top = self.classifier(activation.float(), k).float().softmax(dim=1).amax(dim=1)  # (B,) the top probability
         self.exited |= top >= self.confidence
         return ~self.exited
 

@@ -27,6 +27,7 @@ from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.vec_env import VecEnv
 
+from agents.early_exit import exit_classifier_for
 from agents.gates import GatePolicy
 from agents.hybrid import discounted_returns
 from agents.policies import RoutingPolicy, SB3OneShotPolicy, SB3RoutingPolicy
@@ -36,6 +37,7 @@ from agents.trainer import check_weights
 from backbones.batching import batches
 from backbones.checkpoint import atomic_save
 from backbones.data import Dataset
+from backbones.exits import ExitHeads
 from backbones.options import COUNT, POSITIVE, check_options, option
 from backbones.progress import progress_bar
 from skipnet_env.core import SKIPNET_REWARD, BatchedRouting, RewardConfig
@@ -123,9 +125,12 @@ class CheckpointCallback(BaseCallback):
     """Saves the policy atomically after every ``every`` rollouts; stops on diverging weights
     (:func:`agents.trainer.check_weights`: the last good checkpoint stays in place)."""
 
-    def __init__(self, path: Path, metadata: dict[str, Any], every: int = 10, bar: Any = None) -> None:
+    def __init__(
+        self, path: Path, metadata: dict[str, Any], every: int = 10, bar: Any = None, extra: dict | None = None
+    ) -> None:
         super().__init__()
         self.path, self.metadata, self.every, self.bar, self.rollouts = path, metadata, every, bar, 0
+        self.extra = extra or {}  # saved beside the model (a CNN's exit heads)
 
     def _on_step(self) -> bool:
         if self.bar is not None:
@@ -140,7 +145,11 @@ class CheckpointCallback(BaseCallback):
 
     def save(self) -> None:
         atomic_save(
-            {"metadata": {**self.metadata, "num_timesteps": self.model.num_timesteps}, **model_state(self.model)},
+            {
+                "metadata": {**self.metadata, "num_timesteps": self.model.num_timesteps},
+                **model_state(self.model),
+                **self.extra,
+            },  # fmt: skip
             self.path,
         )
 
@@ -253,7 +262,8 @@ class SB3Config:
     starts from the gates' decisions; its threshold is then calibrated to --joint-budget on validation); 0: new"""
     early_exit: bool = False
     """ppo, a2c, recurrent_ppo: decide in SkipNet-v0 with its exit action (2: this block and every later one skipped,
-    the head classifies from there; for a network whose head reads any depth, a ViT); compute is priced by --alpha"""
+    the image classified from there: by the head where it reads any depth, a ViT; on a CNN by exit heads fitted beside
+    the backbone on the training images); compute is priced by --alpha"""
 
     def __post_init__(self) -> None:
         check_options(self)
@@ -268,9 +278,13 @@ def _sb3(algo: str, env_id: EnvId = "SkipNet-v0") -> AgentSpec:
     """An SB3 algorithm on ``SkipNet-v0`` (block by block) or ``SkipNetOneShot-v0`` (one mask per image)."""
     oneshot = env_id == "SkipNetOneShot-v0"
 
-    def make(ctx: AgentContext):
+    def make(ctx: AgentContext, state: dict | None = None) -> tuple[BaseAlgorithm, ExitHeads | None]:
         from skipnet_env.sb3_bridge import make_sb3_env
 
+        heads = None  # with the exit action on a CNN: where the exited images are classified
+        if ctx.options.early_exit:
+            classifier = exit_classifier_for(ctx, state)
+            heads = classifier if isinstance(classifier, ExitHeads) else None
         env = make_sb3_env(
             ctx.cfg.batch_sizes()[0],
             env_id,
@@ -280,23 +294,25 @@ def _sb3(algo: str, env_id: EnvId = "SkipNet-v0") -> AgentSpec:
             **({} if oneshot else SKIPNET_REWARD),
             device=ctx.device,
             precision=ctx.cfg.precision,
-            **({"early_exit": True} if ctx.options.early_exit else {}),
+            **({"early_exit": True, "exit_heads": heads} if ctx.options.early_exit else {}),
         )
         env.seed(ctx.cfg.seed)
         episode_length = 1 if oneshot else env.get_attr("num_gates")[0]
-        return build_model(algo, env, ctx.cfg.seed, ctx.device, episode_length, ctx.options.learning_rate)
+        return build_model(algo, env, ctx.cfg.seed, ctx.device, episode_length, ctx.options.learning_rate), heads
 
-    def policy(model: BaseAlgorithm, ctx: AgentContext, state: dict | None = None) -> RoutingPolicy:
+    def policy(
+        model: BaseAlgorithm, ctx: AgentContext, state: dict | None = None, heads: ExitHeads | None = None
+    ) -> RoutingPolicy:
         if oneshot:
             return SB3OneShotPolicy(model, f"{algo}_oneshot")
         # a policy cloned from the recipe's gates is calibrated to their budget, as they are
         budget = ctx.backbone_meta.get("skip_ready", {}).get("joint_config", {}).get("budget")
         distilled = ctx.options.distill_epochs > 0 and algo in DISTILLABLE
         threshold = float((state or {}).get("threshold", 0.0))  # a calibration's, written beside the model
-        return SB3RoutingPolicy(model, algo, threshold, budget if distilled else None, ctx.options.early_exit)
+        return SB3RoutingPolicy(model, algo, threshold, budget if distilled else None, ctx.options.early_exit, heads)
 
     def train(ctx: AgentContext, state: dict | None) -> RoutingPolicy:
-        model = make(ctx)
+        model, heads = make(ctx, state)
         if state is not None:
             load_model_state(model, state)
         elif ctx.options.distill_epochs:
@@ -313,7 +329,8 @@ def _sb3(algo: str, env_id: EnvId = "SkipNet-v0") -> AgentSpec:
         timesteps = ctx.options.timesteps
         remaining = timesteps - model.num_timesteps
         bar = progress_bar(timesteps, f"{algo} (SB3)", ctx.cfg.progress, initial=model.num_timesteps)
-        callback = CheckpointCallback(ctx.checkpoint, {**ctx.metadata, "stage": "train"}, bar=bar)
+        extra = {} if heads is None else {"exit_heads": heads.state_dict()}
+        callback = CheckpointCallback(ctx.checkpoint, {**ctx.metadata, "stage": "train"}, bar=bar, extra=extra)
         if remaining > 0:
             model.learn(total_timesteps=remaining, callback=callback, reset_num_timesteps=state is None)
         else:  # a finished run resumed: nothing to train, the model is only saved again
@@ -321,12 +338,12 @@ def _sb3(algo: str, env_id: EnvId = "SkipNet-v0") -> AgentSpec:
         bar.close()
         callback.metadata["stage"] = "done"
         callback.save()
-        return policy(model, ctx)
+        return policy(model, ctx, heads=heads)
 
     def load(ctx: AgentContext, state: dict) -> RoutingPolicy:
-        model = make(ctx)
+        model, heads = make(ctx, state)
         load_model_state(model, state)
-        return policy(model, ctx, state)
+        return policy(model, ctx, state, heads)
 
     return AgentSpec(train, load, env=env_id, options=SB3Config, part="sb3", smoke=SMOKE[env_id])
 

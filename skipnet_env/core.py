@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from backbones.base import FIRST_GATED, Backbone
+from backbones.exits import ExitHeads, exit_shapes
 from skipnet_env.engine import BlockExecutor, freeze
 from skipnet_env.routing import route_block
 
@@ -70,6 +71,9 @@ class BatchedRouting:
         early_exit: an episode may stop at a block (:meth:`advance`'s ``exit``): that block and every
             later one are skipped (their shortcuts run: the identity in a ViT, a downsampling
             block's projection in a CNN) and the head classifies what the last executed block left.
+        exit_heads: with ``early_exit``, what classifies an episode where it exits, called ``(h, k)``
+            on the activation entering gated block ``k`` (:class:`backbones.exits.ExitHeads`, fitted
+            beside a CNN): the exited episode is charged that head's FLOPs and nothing after it.
 
     The observation of each episode is ``[pooled activation (zero-padded to the widest block),
     one-hot position of the next gated block, (with early_exit: 1 once the episode has exited),
@@ -86,7 +90,10 @@ class BatchedRouting:
         buckets: int | None = None,
         graphs: bool | None = None,
         early_exit: bool = False,
+        exit_heads: ExitHeads | None = None,
     ) -> None:
+        if exit_heads is not None and not early_exit:
+            raise ValueError("exit_heads classify where episodes exit: they need early_exit=True")
         self.backbone = backbone.eval()
         self.early_exit = early_exit
         self.differentiable = differentiable
@@ -108,6 +115,10 @@ class BatchedRouting:
         self.skip_flops = torch.tensor([flops.block_skipped[i] for i in gated], dtype=torch.float64, device=self.device)
         self.prefix_flops = float(flops.stem + sum(flops.block_executed[: self.first_gated]))
         self.head_flops = float(flops.head)
+        self.exit_heads = None if exit_heads is None else exit_heads.to(self.device)
+        if exit_heads is not None:
+            shapes = exit_shapes(backbone, self.first_gated)
+            self.exit_flops = torch.tensor(exit_heads.flops(shapes), dtype=torch.float64, device=self.device)
         self.max_channels = max(c for c, _, _ in backbone.activation_shapes)
         self.obs_dim = self.max_channels + self.num_gates + int(early_exit) + 1
         self.step_index = 0
@@ -148,6 +159,7 @@ class BatchedRouting:
         self.spent_flops = torch.full((b,), self.prefix_flops, dtype=torch.float64, device=self.device)  # (B,)
         self.executed = torch.zeros(b, self.num_gates, dtype=torch.bool, device=self.device)  # (B, N)
         self.exited = torch.zeros(b, dtype=torch.bool, device=self.device)  # (B,): stopped early (early_exit)
+        self.exit_logits: Tensor | None = None  # (B, classes): where they stopped (exit_heads)
         self.logits: Tensor | None = None
         return self.observe()
 
@@ -186,14 +198,29 @@ class BatchedRouting:
             raise RuntimeError("the episode is over: call reset() before step()")
         if exit is not None and not self.early_exit:
             raise ValueError("exit needs early_exit=True (the env option early_exit)")
+        exit_flops = None
         if self.early_exit:
             if exit is not None:
+                if self.exit_heads is not None:
+                    exit_flops = self._classify_exits(exit & ~self.exited)
                 self.exited |= exit
             execute = execute & ~self.exited
         with torch.set_grad_enabled(self.differentiable):
-            return self._advance(execute, num_execute)
+            return self._advance(execute, num_execute, exit_flops)
 
-    def _advance(self, execute: Tensor, num_execute: int | None) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    def _classify_exits(self, new: Tensor) -> Tensor:
+        """The exit heads' logits for the episodes that exit at this block ``new`` ``(B,)`` (kept
+        until the last step); returns what that costs each episode ``(B,)``."""
+        assert self.exit_heads is not None
+        k = self.step_index
+        with torch.no_grad():
+            logits = self.exit_heads(self.activation, k).float()  # (B, classes)
+        self.exit_logits = logits if self.exit_logits is None else torch.where(new[:, None], logits, self.exit_logits)
+        return torch.where(new, self.exit_flops[k], 0.0)
+
+    def _advance(
+        self, execute: Tensor, num_execute: int | None, exit_flops: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         k = self.step_index
         index = self.first_gated + k
         if self.executor is None:
@@ -203,6 +230,10 @@ class BatchedRouting:
                 num_execute = int(execute.sum())  # the one device sync: the executed row count sets the shapes
             self.h = self.executor.route(index, self.activation, execute, num_execute)
         step_flops = torch.where(execute, self.exec_flops[k], self.skip_flops[k])  # (B,)
+        if self.exit_heads is not None:  # an exited episode stopped at its exit head: nothing after it runs
+            step_flops = torch.where(self.exited, 0.0, step_flops)
+            if exit_flops is not None:
+                step_flops = step_flops + exit_flops
         self.spent_flops += step_flops
         if k == 0:  # the per-step charge of the first step includes the stem and always-run blocks
             step_flops = step_flops + self.prefix_flops
@@ -213,8 +244,12 @@ class BatchedRouting:
             info["exited"] = self.exited.clone()
         if self.done:
             self.logits = self.net.head(self.h).float()  # (B, num_classes)
-            self.spent_flops += self.head_flops
-            step_flops = step_flops + self.head_flops
+            head_flops = torch.full_like(step_flops, self.head_flops)
+            if self.exit_logits is not None:  # the exited episodes were classified where they stopped
+                self.logits = torch.where(self.exited[:, None], self.exit_logits, self.logits)
+                head_flops = torch.where(self.exited, 0.0, head_flops)
+            self.spent_flops += head_flops
+            step_flops = step_flops + head_flops
             prediction = self.logits.argmax(dim=1)
             correct = prediction == self.labels
             info.update(prediction=prediction, correct=correct, logits=self.logits)

@@ -18,6 +18,7 @@ from backbones.batching import data_loader
 from backbones.checkpoint import load_backbone
 from backbones.data import Dataset, FolderImages, ImageTensors, load_dataset
 from backbones.device import resolve_device
+from backbones.exits import ExitHeads
 from backbones.registry import list_backbones
 from skipnet_env.core import DEFAULT_ALPHA, AccuracyReward, BatchedRouting, CostTiming, RewardConfig
 
@@ -42,6 +43,7 @@ class EnvOptions(TypedDict, total=False):
     backbone_train: dict[str, Any] | None
     precision: str
     early_exit: bool
+    exit_heads: ExitHeads | None
 
 
 @dataclass
@@ -77,7 +79,9 @@ def build_sources(
             ``backbones.train.TrainConfig`` when a named backbone is trained); ``precision`` of the
             frozen backbone (``"auto"``: bf16 on CUDA, fp32 elsewhere; ``"fp32"``; ``"bf16"``);
             ``early_exit`` (a third action, 2: stop the episode at this block, every later block
-            skipped and the head classifying from there; the observation gains an "exited" flag).
+            skipped and the head classifying from there; the observation gains an "exited" flag);
+            ``exit_heads`` (with ``early_exit`` on a CNN, whose head reads only the last block's
+            activation: the classifiers where an episode exits, :func:`backbones.exits.fit_exit_heads`).
     """
     unknown = set(options) - set(EnvOptions.__annotations__)
     if unknown:
@@ -99,7 +103,7 @@ def build_sources(
     net = resolve_backbone(backbone, data, device, options.get("backbone_train"))
     core = BatchedRouting(
         net, reward, options.get("gate_first_block", False), differentiable, options.get("precision", "auto"),
-        early_exit=options.get("early_exit", False),
+        early_exit=options.get("early_exit", False), exit_heads=options.get("exit_heads"),
     )  # fmt: skip
     return EnvSources(device, data, net, core)
 

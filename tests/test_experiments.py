@@ -86,12 +86,16 @@ def test_every_agent_trains_evaluates_and_reloads(agent, cache, tmp_path):
         assert reloaded["accuracy"] == r["accuracy"] and reloaded["flops_fraction"] == r["flops_fraction"]
 
 
-def test_ppo_decides_with_the_exit_action_and_its_exits_are_evaluated_as_they_were_taken(cache, tmp_path):
+@pytest.mark.parametrize("network", ["vit", "cnn"])
+def test_ppo_decides_with_the_exit_action_and_its_exits_are_evaluated_as_they_were_taken(network, cache, tmp_path):
     """``--early-exit``: PPO in ``SkipNet-v0`` with the exit action (on a ViT, whose head reads any
-    depth); the evaluation routes the exits it takes (every later block skipped), and reloads them."""
+    depth; on a CNN, with exit heads fitted beside it, kept in the agent's checkpoint); the
+    evaluation routes the exits it takes (every later block skipped), and reloads them."""
     from agents.early_exit import VIT_SMOKE
+    from backbones.checkpoint import safe_load
 
-    args = ["--agent", "ppo", *TINY_BACKBONE, *TINY_BUDGETS["ppo"], *VIT_SMOKE, "--early-exit", "--alpha", "4"]
+    vit = list(VIT_SMOKE) if network == "vit" else []
+    args = ["--agent", "ppo", *TINY_BACKBONE, *TINY_BUDGETS["ppo"], *vit, "--early-exit", "--alpha", "4"]
     args += ["--no-progress", "--run-dir", str(tmp_path / "runs")]
     run(args, cache, tmp_path)
     (results,) = (tmp_path / "runs").glob("*__ppo__*/results.json")
@@ -100,7 +104,9 @@ def test_ppo_decides_with_the_exit_action_and_its_exits_are_evaluated_as_they_we
     proc = run([*args[:-3], "--eval-only", "--checkpoint", r["checkpoint"], "--no-progress"], cache, tmp_path)
     assert "accuracy" in proc.stdout
     (evaluation,) = (tmp_path / "runs").glob("*__ppo__eval__*/results.json")
-    assert json.loads(evaluation.read_text())["flops_fraction"] == r["flops_fraction"]  # deterministic: the same
+    reloaded = json.loads(evaluation.read_text())  # deterministic: the same
+    assert reloaded["flops_fraction"] == r["flops_fraction"] and reloaded["accuracy"] == r["accuracy"]
+    assert ("exit_heads" in safe_load(r["checkpoint"])) == (network == "cnn")
 
 
 def test_finetune_backbone_run_reports_the_frozen_backbone_beside_it(cache, tmp_path):

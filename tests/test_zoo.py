@@ -125,21 +125,20 @@ def test_model_args_are_python_literals_or_strings():
 
 
 def test_confidence_exit_skips_every_block_after_a_confident_prediction(vit):
-    from agents.early_exit import check_head_reads_any_depth
     from agents.policies import ConfidenceExitPolicy
-    from tests.conftest import tiny_backbone
+    from backbones.exits import SharedHead, exit_classifier
 
     data = backbones.load_dataset("digits", "val")
-    never, always = ConfidenceExitPolicy(vit.head, -30.0), ConfidenceExitPolicy(vit.head, 30.0)  # confidence 1, ~0
+    head = exit_classifier(vit)  # a ViT's head reads any depth: its own head at every block
+    assert isinstance(head, SharedHead) and head.head is vit.head
+    never, always = ConfidenceExitPolicy(head, -30.0), ConfidenceExitPolicy(head, 30.0)  # confidence 1, ~0
     assert evaluate(never, vit, data, CPU).execute_rate == [1.0, 1.0]
     assert evaluate(always, vit, data, CPU).execute_rate == [0.0, 0.0]
     with torch.no_grad():  # an image exits once, and stays out
-        policy = ConfidenceExitPolicy(vit.head, 0.0)
+        policy = ConfidenceExitPolicy(head, 0.0)
         policy.reset(3, CPU)
         policy.exited[1] = True
         assert not policy.act(None, torch.randn(3, 32, 8, 8), 0)[1]
-    with pytest.raises(ValueError, match="head reads any depth"):
-        check_head_reads_any_depth(tiny_backbone(20))  # a ResNet's activations change shape
 
 
 @pytest.mark.filterwarnings("ignore:.*Box observation space m.* value is .*infinity")
@@ -168,9 +167,11 @@ def test_an_exit_ends_a_vit_episode_and_its_head_classifies_from_there(vit):
 
 def test_learned_exit_scores_where_the_head_is_right_and_its_threshold_moves_the_exits(vit):
     from agents.early_exit import LearnedExitConfig, LearnedExitPolicy, depth_outcomes, fit_scorer
+    from backbones.exits import SharedHead
 
     data = backbones.load_dataset("digits", "val")
-    features, right = depth_outcomes(vit, data, CPU, 64)
+    head = SharedHead(vit.head)
+    features, right = depth_outcomes(vit, head, data, CPU, 64)
     assert features.shape == (len(data), 2, 32 + 3 + 2) and right.shape == (len(data), 2)
     x, y = data.batch(torch.arange(len(data)))
     with torch.no_grad():  # the second gated block's target: the head on the activation entering it
@@ -185,7 +186,7 @@ def test_learned_exit_scores_where_the_head_is_right_and_its_threshold_moves_the
     fitted = fit_scorer(made[:, None], (made[:, :1] > 0.3).float(), every_input, seed=0)
     with torch.no_grad():
         assert ((fitted(made) > 0) == (made[:, 0] > 0.3)).float().mean() > 0.95
-    stay, leave = LearnedExitPolicy(vit.head, scorer, 2, -30.0), LearnedExitPolicy(vit.head, scorer, 2, 30.0)
+    stay, leave = LearnedExitPolicy(head, scorer, 2, -30.0), LearnedExitPolicy(head, scorer, 2, 30.0)
     assert evaluate(stay, vit, data, CPU).execute_rate == [1.0, 1.0]
     assert evaluate(leave, vit, data, CPU).execute_rate == [0.0, 0.0]
 
