@@ -172,27 +172,51 @@ def calibrate_threshold(
 
     Gates trained for a budget spend it on their training images; on other images they land a few
     points off (on the embedded set 47.7-53.0% for 0.5). A higher threshold executes fewer blocks, so
-    a bisection over it (at most :data:`CALIBRATION_STEPS` evaluations, starting at the trained
-    threshold, kept when it is within the tolerance) meets the budget. Where the budget is out of the
-    gates' reach, the closest end is returned. ``policy.threshold`` is left at the result."""
-
-    def spend(threshold: float) -> EvalResult:
-        policy.threshold = threshold
-        return evaluate(policy, backbone, data, device, batch_size, precision=precision)
-
-    low, high = -12.0, 12.0  # logits: every gate executes / skips (p = 6e-6 .. 1 - 6e-6)
-    best_t, best = policy.threshold, spend(policy.threshold)
-    t = best_t
+    the FLOPs fall as it rises, and a root search over it (:class:`ThresholdSearch`: at most
+    :data:`CALIBRATION_STEPS` evaluations, starting at the trained threshold, kept when it is within
+    the tolerance) meets the budget. Where the budget is out of the gates' reach, the closest end is
+    returned. ``policy.threshold`` is left at the result."""
+    search = ThresholdSearch(budget)
+    tried: list[tuple[float, EvalResult]] = []
+    t = policy.threshold
     for _ in range(CALIBRATION_STEPS):
-        result = best if t == best_t else spend(t)
-        if abs(result.flops_fraction - budget) < abs(best.flops_fraction - budget):
-            best_t, best = t, result
+        policy.threshold = t
+        result = evaluate(policy, backbone, data, device, batch_size, precision=precision)
+        tried.append((t, result))
         if abs(result.flops_fraction - budget) <= CALIBRATION_TOLERANCE:
             break
-        if result.flops_fraction > budget:
-            low = t  # spends too much: raise the threshold
-        else:
-            high = t
-        t = (low + high) / 2
+        t = search.next(t, result.flops_fraction)
+    best_t, best = min(tried, key=lambda tr: abs(tr[1].flops_fraction - budget))  # the first of equals
     policy.threshold = best_t
     return best_t, best
+
+
+class ThresholdSearch:
+    """Where to evaluate the threshold next, for FLOPs that fall as it rises, to meet ``budget``:
+    outward in doubling steps (1, 2, 4, ... logits) from the start until the budget is bracketed,
+    then the Illinois method (regula falsi whose end kept twice in a row counts half) inside the
+    bracket, within the logits [-12, 12] (every gate executes / skips: p = 6e-6 .. 1 - 6e-6)."""
+
+    LIMIT = 12.0
+
+    def __init__(self, budget: float) -> None:
+        self.budget = budget
+        self.above: tuple[float, float] | None = None  # (threshold, FLOPs - budget > 0): spends too much
+        self.below: tuple[float, float] | None = None  # (threshold, FLOPs - budget < 0)
+        self.step, self.kept = 1.0, ""
+
+    def next(self, t: float, flops: float) -> float:
+        gap = flops - self.budget
+        side = "above" if gap > 0 else "below"
+        other = "below" if side == "above" else "above"
+        end = getattr(self, other)
+        if self.kept == side and end is not None:  # the other end was kept again: halve its weight (Illinois)
+            setattr(self, other, (end[0], end[1] / 2))
+        setattr(self, side, (t, gap))
+        self.kept = side
+        if self.above is None or self.below is None:  # not yet bracketed: step outward, doubling
+            t = t + self.step if gap > 0 else t - self.step
+            self.step *= 2
+            return min(max(t, -self.LIMIT), self.LIMIT)
+        (ta, ga), (tb, gb) = self.above, self.below
+        return (ta * gb - tb * ga) / (gb - ga)

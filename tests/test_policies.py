@@ -109,10 +109,15 @@ def test_elimination_scores_each_removal_exactly(setup):
         elimination_path(net, data, CPU, rerank=0.0)
 
 
-def test_a_calibrated_threshold_spends_the_budget_on_the_images_it_was_calibrated_on(setup):
+def test_a_calibrated_threshold_spends_the_budget_on_the_images_it_was_calibrated_on(setup, monkeypatch):
     """Gates trained for a budget land a few points off it on other images; the threshold moves until
-    they spend it (a bisection over the logit threshold), and a gate that already does keeps its own."""
-    from agents.evaluate import CALIBRATION_TOLERANCE, calibrate_threshold
+    they spend it (a secant search over the logit threshold, in a few evaluations), and a gate that
+    already does keeps its own."""
+    import sys
+
+    from agents.evaluate import CALIBRATION_TOLERANCE, ThresholdSearch, calibrate_threshold
+
+    module = sys.modules["agents.evaluate"]  # the package's name `evaluate` is the function
 
     net, data = setup  # each evaluation one batch of the 180 images
     torch.manual_seed(0)
@@ -121,9 +126,13 @@ def test_a_calibrated_threshold_spends_the_budget_on_the_images_it_was_calibrate
         gates.out.weight.normal_(0, 2.0)  # per-image decisions, not all-or-nothing
     policy = GateRoutingPolicy(gates.eval(), "hybrid_rnn")
     start = evaluate(policy, net, data, CPU, ONE_BATCH).flops_fraction
+    calls = []
+    monkeypatch.setattr(module, "evaluate", lambda *a, **k: calls.append(1) or evaluate(*a, **k))
     for budget in (0.5, 0.75):
+        calls.clear()
         threshold, result = calibrate_threshold(policy, net, data, budget, CPU, ONE_BATCH)
         assert abs(result.flops_fraction - budget) <= CALIBRATION_TOLERANCE, (start, threshold, result.flops_fraction)
+        assert len(calls) <= 8  # a bisection over [-12, 12] took 11 for each here
         assert policy.threshold == threshold
         assert (
             evaluate(policy, net, data, CPU, ONE_BATCH).flops_fraction == result.flops_fraction
@@ -136,6 +145,12 @@ def test_a_calibrated_threshold_spends_the_budget_on_the_images_it_was_calibrate
     )  # below what skipping every gated block costs
     floor = evaluate(GateRoutingPolicy(gates, "hybrid_rnn", 12.0), net, data, CPU, ONE_BATCH).flops_fraction
     assert 0.01 < result.flops_fraction <= floor + 1e-9  # the closest it can get
+    # the search: outward in doubling steps until the budget is bracketed, then the Illinois method inside
+    search = ThresholdSearch(0.5)
+    assert search.next(0.0, 0.9) == 1.0 and search.next(1.0, 0.8) == 3.0 and search.next(3.0, 0.7) == 7.0
+    assert search.next(7.0, 0.1) == pytest.approx(3.0 + 4.0 * 0.2 / 0.6)  # between 3 (+0.2) and 7 (-0.4)
+    assert search.next(4.4, 0.3) == pytest.approx(3.0 + 1.4 * 0.1 / 0.3)  # below kept twice: the +0.2 end halved
+    assert ThresholdSearch(0.5).next(-11.5, 0.1) == -12.0  # within the logits' range
 
 
 def test_a_policy_that_exits_is_evaluated_in_the_env_with_the_exit_action(setup):
