@@ -44,8 +44,10 @@ def tiny() -> Backbone:
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
-    """Never touch the user's backbone cache or ./runs from a test."""
+    """Never touch the user's backbone cache or ./runs from a test (nor leave SB3's empty log folders
+    in the system's temporary one: a model the tests build with SB3's own logger makes one per learn)."""
     monkeypatch.setenv("SKIPNET_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("SB3_LOGDIR", str(tmp_path / "sb3"))
     monkeypatch.chdir(tmp_path)
 
 

@@ -29,11 +29,16 @@ def job(case: str, out: Path, ranks: int, timeout: float = 300) -> subprocess.Co
     return jobs([(case, out)], ranks, timeout)
 
 
-def jobs(cases: list[tuple[str, Path]], ranks: int, timeout: float = 300) -> subprocess.CompletedProcess:
+def jobs(
+    cases: list[tuple[str, Path]], ranks: int, timeout: float = 300, cache: Path | None = None
+) -> subprocess.CompletedProcess:
     """The worker's ``cases`` (each with its output folder) one after the other in one job: the
-    processes start once (a start costs seconds of imports)."""
+    processes start once (a start costs seconds of imports). The backbone cache: ``cache``, else a
+    folder in the first case's (a module's fixture runs before the tests' own isolated cache is set:
+    never the user's)."""
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"] if ranks else []
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "SKIPNET_DIST_TIMEOUT": "60"}
+    env["SKIPNET_CACHE"] = str(cache or cases[0][1] / "cache")
     return subprocess.run(
         [sys.executable, *launcher, str(WORKER), *[str(x) for pair in cases for x in pair]],
         capture_output=True, text=True, env=env, timeout=timeout,
@@ -66,7 +71,7 @@ def runs(tmp_path_factory) -> tuple[Path, dict[str, str]]:
         if name == "resumed":
             shutil.copy(root / "stopped" / "base" / "base.pt", root / "stopped" / "base.pt")
             shutil.copy(root / "stopped" / "hrl" / "agent.pt", root / "stopped" / "agent.pt")
-        done = jobs(cases, ranks)
+        done = jobs(cases, ranks, cache=root / "cache")
         assert done.returncode == 0, done.stderr[-3000:]
         logs[name] = done.stderr
     return root, logs
