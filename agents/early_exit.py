@@ -82,17 +82,19 @@ def _load(ctx: AgentContext, state: dict) -> RoutingPolicy:
     return ConfidenceExitPolicy(exit_classifier_for(ctx, state), float(state["threshold"]))
 
 
-def exit_features(classifier: nn.Module, activation: Tensor, k: int, num_gates: int) -> Tensor:
-    """What the learned exit reads at gated block ``k`` ``(B, D + 3 + num_gates)``: the activation
-    pooled over tokens, the classifier's prediction there (top probability, margin to the second,
-    entropy over log C) and the block's one-hot position."""
+def exit_features(classifier: nn.Module, activation: Tensor, k: int, num_gates: int, width: int) -> Tensor:
+    """What the learned exit reads at gated block ``k`` ``(B, width + 3 + num_gates)``: the activation
+    pooled over tokens (zero-padded to ``width``, the widest block's: a CNN's blocks differ), the
+    classifier's prediction there (top probability, margin to the second, entropy over log C) and the
+    block's one-hot position."""
     h = activation.float()
     probs = classifier(h, k).float().softmax(dim=1)
     top2 = probs.topk(2, dim=1).values
     entropy = -(probs * probs.clamp_min(1e-12).log()).sum(1) / math.log(probs.shape[1])
     position = F.one_hot(torch.full((h.shape[0],), k, device=h.device), num_gates).float()
     stats = torch.stack([top2[:, 0], top2[:, 0] - top2[:, 1], entropy], dim=1)
-    return torch.cat([h.mean(dim=(2, 3)), stats, position], dim=1)
+    pooled = h.mean(dim=(2, 3))
+    return torch.cat([F.pad(pooled, (0, width - pooled.shape[1])), stats, position], dim=1)
 
 
 class ExitScorer(nn.Module):
@@ -121,10 +123,12 @@ class LearnedExitPolicy(ExitPolicy):
     def __init__(self, classifier: nn.Module, scorer: ExitScorer, num_gates: int, threshold: float = 0.0) -> None:
         super().__init__(classifier, threshold)
         self.scorer, self.num_gates = scorer.eval(), num_gates
+        self.width = scorer.first + scorer.mean.shape[0] - 3 - num_gates  # the pooled activation's, padded
 
     @torch.no_grad()
     def act(self, obs: Tensor, activation: Tensor, k: int) -> Tensor:
-        self.exited |= self.scorer(exit_features(self.classifier, activation, k, self.num_gates)) + self.threshold >= 0
+        features = exit_features(self.classifier, activation, k, self.num_gates, self.width)
+        self.exited |= self.scorer(features) + self.threshold >= 0
         return ~self.exited
 
 
@@ -157,11 +161,12 @@ def depth_outcomes(
     """For every image of ``data`` and gated block (every block run): :func:`exit_features` there and
     whether ``classifier``'s prediction there is right, ``(n, N, F)`` and ``(n, N)``."""
     num_gates = backbone.num_blocks - FIRST_GATED
+    width = max(c for c, _, _ in exit_shapes(backbone))
     features, right = [], []
     for x, y in batches(data, batch, device, train=False):
         h, here, correct = backbone.enter(x, FIRST_GATED), [], []
         for k, block in enumerate(backbone.blocks[FIRST_GATED:]):
-            here.append(exit_features(classifier, h, k, num_gates))
+            here.append(exit_features(classifier, h, k, num_gates, width))
             correct.append((classifier(h, k).argmax(1) == y).float())
             h = block(h)
         features.append(torch.stack(here, dim=1))

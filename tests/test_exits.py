@@ -85,3 +85,17 @@ def test_confidence_exit_routes_a_cnn_through_its_exit_heads(fitted):
     spent = net.flops.stem + net.flops.block_executed[0] + heads.flops(exit_shapes(net))[0]
     assert first.backbone_flops_fraction == pytest.approx(spent / net.flops.full)
     assert isinstance(ConfidenceExitPolicy(heads).exit_heads, ExitHeads)
+
+
+def test_learned_exit_reads_a_cnns_blocks_of_every_width(fitted):
+    """The scorer's input pads each block's pooled activation to the widest block's (a CNN's widen)."""
+    from agents.early_exit import LearnedExitConfig, LearnedExitPolicy, depth_outcomes, fit_scorer
+
+    net, data, heads = fitted
+    features, right = depth_outcomes(net, heads, data, CPU, 100)
+    assert features.shape == (len(data), 8, 16 + 3 + 8) and right.shape == (len(data), 8)
+    assert (features[:, 0, 4:16] == 0).all() and (features[:, -1, 4:16] != 0).any()  # 4 channels first, 16 last
+    scorer = fit_scorer(features, right, LearnedExitConfig(epochs=1, tokens=True), seed=0)
+    stay, leave = LearnedExitPolicy(heads, scorer, 8, -30.0), LearnedExitPolicy(heads, scorer, 8, 30.0)
+    assert evaluate(stay, net, data, CPU).execute_rate == [1.0] * 8
+    assert evaluate(leave, net, data, CPU).execute_rate == [0.0] * 8
