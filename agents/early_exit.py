@@ -7,7 +7,7 @@ beside the trained backbone, on its training images); once the prediction's top 
 reaches the threshold, the image exits: every later block is skipped and the image is classified
 where it stopped. The classifier's cost at every block is the policy's own FLOPs.
 ``--agent confidence_exit --budget B`` sets the threshold on training images so that it spends ``B``
-of the FLOPs (the calibration's bisection, as the gates' budgets are met).
+of the FLOPs (the calibration's root search, as the gates' budgets are met).
 
 ``--agent learned_exit --budget B`` learns where to exit instead: a small network scores, at each gated
 block, whether the classifier's prediction there is right (from the prediction's top probability, margin
