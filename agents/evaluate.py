@@ -3,6 +3,7 @@ environment's own state machine, with hard decisions and real sparse execution."
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -153,9 +154,10 @@ def evaluate(
     )
 
 
-# how close to a budget a calibrated threshold lands (a FLOPs fraction), and the most evaluations it may take
+# how close to a budget a calibrated threshold lands (a FLOPs fraction), and the most evaluations it may take (5-8
+# on trained gates and the embedded validation images; more where the FLOPs jump at a threshold, as untrained gates')
 CALIBRATION_TOLERANCE = 0.005
-CALIBRATION_STEPS = 16
+CALIBRATION_STEPS = 24
 
 
 def calibrate_threshold(
@@ -195,7 +197,9 @@ class ThresholdSearch:
     """Where to evaluate the threshold next, for FLOPs that fall as it rises, to meet ``budget``:
     outward in doubling steps (1, 2, 4, ... logits) from the start until the budget is bracketed,
     then the Illinois method (regula falsi whose end kept twice in a row counts half) inside the
-    bracket, within the logits [-12, 12] (every gate executes / skips: p = 6e-6 .. 1 - 6e-6)."""
+    bracket, with a bisection wherever the last step did not halve the bracket (gates whose FLOPs
+    jump at a threshold: the interpolation alone crawls there); within the logits [-12, 12] (every
+    gate executes / skips: p = 6e-6 .. 1 - 6e-6)."""
 
     LIMIT = 12.0
 
@@ -203,7 +207,7 @@ class ThresholdSearch:
         self.budget = budget
         self.above: tuple[float, float] | None = None  # (threshold, FLOPs - budget > 0): spends too much
         self.below: tuple[float, float] | None = None  # (threshold, FLOPs - budget < 0)
-        self.step, self.kept = 1.0, ""
+        self.step, self.kept, self.width = 1.0, "", math.inf
 
     def next(self, t: float, flops: float) -> float:
         gap = flops - self.budget
@@ -219,4 +223,6 @@ class ThresholdSearch:
             self.step *= 2
             return min(max(t, -self.LIMIT), self.LIMIT)
         (ta, ga), (tb, gb) = self.above, self.below
-        return (ta * gb - tb * ga) / (gb - ga)
+        width, halved = abs(tb - ta), abs(tb - ta) <= self.width / 2
+        self.width = width
+        return (ta * gb - tb * ga) / (gb - ga) if halved else (ta + tb) / 2

@@ -132,7 +132,7 @@ def test_a_calibrated_threshold_spends_the_budget_on_the_images_it_was_calibrate
         calls.clear()
         threshold, result = calibrate_threshold(policy, net, data, budget, CPU, ONE_BATCH)
         assert abs(result.flops_fraction - budget) <= CALIBRATION_TOLERANCE, (start, threshold, result.flops_fraction)
-        assert len(calls) <= 8  # a bisection over [-12, 12] took 11 for each here
+        assert len(calls) <= 9  # a bisection over [-12, 12] took 11 for each here
         assert policy.threshold == threshold
         assert (
             evaluate(policy, net, data, CPU, ONE_BATCH).flops_fraction == result.flops_fraction
@@ -151,6 +151,9 @@ def test_a_calibrated_threshold_spends_the_budget_on_the_images_it_was_calibrate
     assert search.next(7.0, 0.1) == pytest.approx(3.0 + 4.0 * 0.2 / 0.6)  # between 3 (+0.2) and 7 (-0.4)
     assert search.next(4.4, 0.3) == pytest.approx(3.0 + 1.4 * 0.1 / 0.3)  # below kept twice: the +0.2 end halved
     assert ThresholdSearch(0.5).next(-11.5, 0.1) == -12.0  # within the logits' range
+    search = ThresholdSearch(0.5)  # where an interpolation does not halve the bracket, the next step bisects it
+    assert search.next(0.0, 0.9) == 1.0 and search.next(1.0, 0.1) == pytest.approx(0.5)
+    assert search.next(0.9, 0.45) == pytest.approx(0.45)  # the bracket [0, 0.9] is more than half of [0, 1]
 
 
 def test_a_policy_that_exits_is_evaluated_in_the_env_with_the_exit_action(setup):
