@@ -168,9 +168,11 @@ def calibrate_threshold(
     device: torch.device,
     batch_size: int = 512,
     precision: str = "auto",
+    start: EvalResult | None = None,
 ) -> tuple[float, EvalResult]:
     """The gates' threshold (a logit) at which ``policy`` spends ``budget`` of the FLOPs on ``data``
-    (validation images), within :data:`CALIBRATION_TOLERANCE`, and the evaluation there.
+    (validation images), within :data:`CALIBRATION_TOLERANCE`, and the evaluation there. ``start``:
+    the evaluation at ``policy.threshold`` on ``data``, where the caller made it already.
 
     Gates trained for a budget spend it on their training images; on other images they land a few
     points off (on the embedded set 47.7-53.0% for 0.5). A higher threshold executes fewer blocks, so
@@ -183,7 +185,11 @@ def calibrate_threshold(
     t = policy.threshold
     for _ in range(CALIBRATION_STEPS):
         policy.threshold = t
-        result = evaluate(policy, backbone, data, device, batch_size, precision=precision)
+        result = (
+            start
+            if start is not None and not tried
+            else evaluate(policy, backbone, data, device, batch_size, precision=precision)
+        )
         tried.append((t, result))
         if abs(result.flops_fraction - budget) <= CALIBRATION_TOLERANCE:
             break

@@ -173,7 +173,9 @@ def get_recipe_hrl(
                 result = evaluate(policy, net, val_data, device, eval_batch, precision=precision)
                 record[f"val_accuracy_{name}"], record[f"val_flops_{name}"] = result.accuracy, result.flops_fraction
                 if budget is not None and cfg.keep == "validation":  # the two compared at the same compute
-                    _, at_budget = calibrate_threshold(policy, net, val_data, budget, device, eval_batch, precision)
+                    _, at_budget = calibrate_threshold(
+                        policy, net, val_data, budget, device, eval_batch, precision, start=result
+                    )
                     record[f"val_accuracy_{name}_at_budget"] = at_budget.accuracy
             log.info(
                 "the recipe's HRL (%d iterations): validation %.2f%% at %.1f%% of the FLOPs -> %.2f%% at %.1f%%",

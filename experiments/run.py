@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from agents.evaluate import calibrate_threshold, evaluate
+from agents.evaluate import EvalResult, calibrate_threshold, evaluate
 from agents.policies import RoutingPolicy, ThresholdPolicy
 from agents.registry import AGENTS, AgentContext, agents_taking_budget, get_agent, part_of
 from agents.skipnet import starts_from_joint_gates
@@ -210,25 +210,27 @@ def calibrate(
     batch: int,
     precision: Precision,
     checkpoint: Path,
-) -> dict[str, float]:
+) -> tuple[dict[str, float], EvalResult]:
     """``--calibrate``: the gates' threshold moved until the validation images spend ``budget``
     (:func:`agents.evaluate.calibrate_threshold`), written into the agent checkpoint beside the gates
-    (``threshold``: what an evaluation of the checkpoint uses); returns what it did."""
+    (``threshold``: what an evaluation of the checkpoint uses); returns what it did, and the
+    validation images' evaluation at the threshold."""
     before = evaluate(policy, backbone, val, device, batch, precision=precision)
-    threshold, result = calibrate_threshold(policy, backbone, val, budget, device, batch, precision)
+    threshold, result = calibrate_threshold(policy, backbone, val, budget, device, batch, precision, start=before)
     if ranks().main:  # under torchrun the ranks calibrate together (each evaluating its part); rank 0 writes
         atomic_save({**safe_load(checkpoint), "threshold": threshold}, checkpoint)
     log.info(
         "calibrated the gates to --budget %.3f on validation: threshold %+.3f, %.1f%% -> %.1f%% of the FLOPs",
         budget, threshold, 100 * before.flops_fraction, 100 * result.flops_fraction,
     )  # fmt: skip
-    return {
+    record = {
         "budget": budget,
         "threshold": threshold,
         "val_accuracy_before": before.accuracy,
         "val_flops_before": before.flops_fraction,
         "val_flops": result.flops_fraction,
     }
+    return record, result
 
 
 def recipe_hrl_stages(backbone_meta: dict[str, Any]) -> list[dict[str, Any]]:
@@ -327,11 +329,13 @@ def run(
     target = cfg.calibration_budget(joint_gates)
     if target is None:  # an agent that asks for a calibration (PPO cloned from the recipe's gates: their budget)
         target = policy.calibrate_to
-    calibration = None
+    calibration, val = None, None
     if target is not None and isinstance(policy, ThresholdPolicy) and not cfg.eval_only:
-        calibration = calibrate(policy, backbone, split["val"], target, device, eval_batch, cfg.precision, checkpoint)
+        calibration, val = calibrate(
+            policy, backbone, split["val"], target, device, eval_batch, cfg.precision, checkpoint
+        )
     # validation figures, what any choice between runs (a sweep, a front, a budget) is made on; test is reported
-    val, result = test(policy, backbone, "val"), test(policy, backbone)
+    val, result = val if val is not None else test(policy, backbone, "val"), test(policy, backbone)
     leave()  # a data-parallel agent trained and was evaluated on every rank (each its part); rank 0 writes
     if calibration is not None:
         stages.append(

@@ -83,7 +83,7 @@ def test_max_drop_takes_the_cheapest_budget_within_reach_on_validation(monkeypat
         assert data == "val data"  # only validation images are seen
         return SimpleNamespace(accuracy=val_accuracy[getattr(net, "budget", None)], flops_fraction=0.5)
 
-    def calibrate_threshold(policy, net, data, budget, device, batch, precision):
+    def calibrate_threshold(policy, net, data, budget, device, batch, precision, **_):
         assert budget == net.budget  # the gates judged as the run will use them: spending the budget
         return 0.0, evaluate(policy, net, data, device, batch, precision)
 
