@@ -99,3 +99,26 @@ def test_learned_exit_reads_a_cnns_blocks_of_every_width(fitted):
     stay, leave = LearnedExitPolicy(heads, scorer, 8, -30.0), LearnedExitPolicy(heads, scorer, 8, 30.0)
     assert evaluate(stay, net, data, CPU).execute_rate == [1.0] * 8
     assert evaluate(leave, net, data, CPU).execute_rate == [0.0] * 8
+
+
+@pytest.mark.filterwarnings("ignore:.*Box observation space m.* value is .*infinity")
+def test_the_single_env_ends_an_exited_cnn_episode_at_its_exit_head(fitted):
+    from gymnasium.utils.env_checker import check_env
+
+    from skipnet_env.env import SkipNetEnv
+
+    net, data, heads = fitted
+    env = SkipNetEnv(net, data, device="cpu", early_exit=True, exit_heads=heads, alpha=0.5)
+    check_env(env, skip_render_check=True)
+    env.reset(options={"index": 3})
+    env.step(1)
+    _, reward, terminated, _, info = env.step(2)  # exits before the second gated block
+    assert terminated and info["exited"]
+    x, y = data.batch(torch.tensor([3]))
+    with torch.no_grad():
+        logits = heads(net.blocks[1](net.enter(x, 1)), 1)
+    spent = (
+        net.flops.stem + net.flops.block_executed[0] + net.flops.block_executed[1] + heads.flops(exit_shapes(net))[1]
+    )
+    assert info["prediction"] == int(logits.argmax(1)) and info["flops"] == pytest.approx(spent)
+    assert reward == pytest.approx(float(info["correct"]) - 0.5 * spent / net.flops.full)
