@@ -49,12 +49,9 @@ def _tokens(h: Tensor) -> Tensor:
 
 
 def _grid(tokens: Tensor, size: tuple[int, int]) -> Tensor:
-    """A ``(B, N, D)`` sequence of patch tokens as their ``(B, D, H, W)`` grid: a view of the
-    sequence made contiguous (channels_last, as the grid reads it), so that every block's
-    :func:`_tokens` is a contiguous view again and no block copies its input (a patch embedding's
-    tokens come transposed: one copy here, in the stem, instead of one per block)."""
+    """A ``(B, N, D)`` sequence of patch tokens as their ``(B, D, H, W)`` grid."""
     b, _, d = tokens.shape
-    return tokens.contiguous().transpose(1, 2).reshape(b, d, *size)
+    return tokens.transpose(1, 2).reshape(b, d, *size)
 
 
 class PatchStem(nn.Module):
