@@ -130,7 +130,9 @@ def reproduce(cfg: ReproduceConfig, given: set[str] | None = None) -> list[dict[
             )
             if cfg.control and runs[-1]["training_epochs"]:
                 epochs = math.ceil(sum(runs[-1]["training_epochs"].values()))
-                control_cfg = replace(run_cfg, agent="full", backbone_recipe="base", backbone_epochs=epochs)
+                control_cfg = replace(  # the full network: no budget, nothing to search
+                    run_cfg, agent="full", backbone_recipe="base", backbone_epochs=epochs, budget=None, max_drop=None
+                )
                 controls.append(run_on_ranks(control_cfg))
                 log.info("%s seed %d: control (%d epochs) %.4f", arch, seed, epochs, controls[-1]["accuracy"])
         rows.append(summarize(arch, paper, runs, cfg.seeds[0], controls))

@@ -417,8 +417,10 @@ def test_budget_is_refused_by_agents_that_cannot_meet_it(cache, tmp_path):
 
 
 def test_reproduce_runs_the_recipe_end_to_end_on_the_tiny_preset(cache, tmp_path):
+    """With a --budget (the control, the full network, takes none: it was refused there)."""
+    args = ["--preset", "tiny", "--seeds", "0", "1", "--budget", "0.7"]
     proc = run(
-        ["--preset", "tiny", "--seeds", "0", "1", "--out-dir", str(tmp_path / "out"), "--run-dir", str(tmp_path)],
+        [*args, "--out-dir", str(tmp_path / "out"), "--run-dir", str(tmp_path)],
         cache,
         tmp_path,
         script="experiments/reproduce.py",
