@@ -52,10 +52,10 @@ def test_hrl_trains_backbone_and_gates_into_a_cached_skip_ready_backbone(joint, 
     new_gates, joint_gates = load_gates(meta["checkpoint"], net), load_gates(joint_meta["checkpoint"], joint_net)
     assert not torch.equal(new_gates.out.weight, joint_gates.out.weight)
     # cached: the second call trains nothing; another setting is another backbone; 0 iterations: no stage
-    monkeypatch.setattr(HybridTrainer, "train", lambda self: pytest.fail("retrained a cached stage"))
-    again, again_meta = _hrl(joint, digits)
+    with monkeypatch.context() as patch:  # undo() would undo the test's own cache too: the user's would fill
+        patch.setattr(HybridTrainer, "train", lambda self: pytest.fail("retrained a cached stage"))
+        again, again_meta = _hrl(joint, digits)
     assert again_meta["checkpoint"] == meta["checkpoint"] and fingerprint(again) == fingerprint(net)
-    monkeypatch.undo()
     other = _hrl(joint, digits, iterations=3)[1]
     assert other["checkpoint"] != meta["checkpoint"]
     assert _hrl(joint, digits, iterations=0) == joint
@@ -70,11 +70,10 @@ def test_an_interrupted_hrl_stage_resumes_bit_for_bit(joint, digits, tmp_path, m
             raise KeyboardInterrupt
         record(self, values)
 
-    monkeypatch.setattr(HybridTrainer, "record", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(HybridTrainer, "record", interrupted)
         _hrl(joint, digits, path=tmp_path / "split.pt", checkpoint_every=1)
     assert (tmp_path / "split.training.pt").is_file() and not (tmp_path / "split.pt").exists()
-    monkeypatch.undo()
     resumed, _ = _hrl(joint, digits, path=tmp_path / "split.pt", checkpoint_every=1)
     assert fingerprint(resumed) == fingerprint(whole)
     assert not (tmp_path / "split.training.pt").exists()  # the trainer's checkpoint goes once the stage is done
