@@ -42,6 +42,22 @@ def tiny() -> Backbone:
     return tiny_backbone()
 
 
+def _files(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()} if folder.is_dir() else set()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _user_cache_untouched():
+    """The guard of :func:`_isolated_cache`: the suite ends with an error naming what it wrote into the
+    user's cache (a test that undid its own isolation, a fixture that ran before it, a subprocess
+    that lost it: each happened)."""
+    user = Path(os.environ.get("SKIPNET_CACHE", Path.home() / ".cache" / "skipnet_gym"))
+    before = _files(user)
+    yield
+    added = sorted(_files(user) - before)
+    assert not added, f"the tests wrote into the user's cache {user}: {added[:5]}"
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     """Never touch the user's backbone cache or ./runs from a test (nor leave SB3's empty log folders
