@@ -70,6 +70,9 @@ class RecipeHRLConfig:
     """skip_ready: weight of the REINFORCE term beside the cross-entropy in the recipe's HRL (paper: 0.01)"""
     batch: int = option(128, POSITIVE_INT)
     """skip_ready: episodes (images) per iteration of the recipe's HRL, on every device"""
+    baseline: Literal["self_critical", "batch_mean", "none"] = "self_critical"
+    """skip_ready: REINFORCE's baseline in the recipe's HRL: self_critical (the greedy route's return on the same
+    image: a second forward of every batch, about a third of an iteration), batch_mean (none), none"""
     keep: Literal["validation", "always"] = "validation"
     """skip_ready: validation: HRL's network and gates are kept only where, both calibrated to the budget, they score
     at least joint SP's on validation images (else the stage hands joint SP's on: BENCHMARKS.md section 12, a harder
@@ -82,7 +85,7 @@ class RecipeHRLConfig:
         """The hybrid trainer's settings for this stage: no SP, HRL with the backbone trained, no calibration."""
         return HybridConfig(
             sp_epochs=0, hrl_iterations=self.iterations, hrl_lr=self.lr, finetune_backbone=True,
-            finetune_lr=self.finetune_lr, rl_weight=self.rl_weight, calibrate=False,
+            finetune_lr=self.finetune_lr, rl_weight=self.rl_weight, calibrate=False, baseline=self.baseline,
         )  # fmt: skip
 
     def epochs(self, train_size: int) -> float:
@@ -92,7 +95,10 @@ class RecipeHRLConfig:
 
 def recipe_hrl_identity(cfg: RecipeHRLConfig, budget: float | None, seed: int, precision: str) -> dict[str, Any]:
     """What names the stage in a checkpoint's metadata and its cache key (with the joint backbone's)."""
-    return {**dataclasses.asdict(cfg), "budget": budget, "seed": seed, "precision": precision}
+    named = dataclasses.asdict(cfg)
+    if cfg.baseline == "self_critical":  # named only when changed: the stages cached before it keep their keys
+        del named["baseline"]
+    return {**named, "budget": budget, "seed": seed, "precision": precision}
 
 
 def recipe_hrl_path(joint_meta: dict[str, Any], joint_fingerprint: str, identity: dict[str, Any], data: str) -> Path:

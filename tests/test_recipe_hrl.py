@@ -106,3 +106,15 @@ def test_validation_keeps_hrl_only_where_it_scores_at_least_joint_sps_at_the_bud
     epochs = training_epochs(RunConfig(num_envs=32, eval_batch=64), {**meta, "skip_ready": {**meta["skip_ready"],
                              "base_train_config": {"epochs": 1}}}, len(digits[0]))  # fmt: skip
     assert ("hrl" in epochs) == hrl_wins  # a control trains as long as the network handed on was trained
+
+
+def test_the_baseline_names_the_stage_only_when_changed():
+    """--recipe-hrl-baseline: the stages cached before the option keep their keys; another baseline is
+    another stage, and the trainer gets it."""
+    from agents.recipe_hrl import RecipeHRLConfig, recipe_hrl_identity
+
+    default = recipe_hrl_identity(RecipeHRLConfig(), 0.5, 0, "fp32")
+    assert "baseline" not in default and RecipeHRLConfig().hybrid().baseline == "self_critical"
+    batch_mean = RecipeHRLConfig(baseline="batch_mean")
+    assert recipe_hrl_identity(batch_mean, 0.5, 0, "fp32") == {**default, "baseline": "batch_mean"}
+    assert batch_mean.hybrid().baseline == "batch_mean"
