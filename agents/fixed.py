@@ -18,9 +18,10 @@ from backbones.base import FIRST_GATED, Backbone, skip
 from backbones.batching import batches
 from backbones.checkpoint import atomic_save
 from backbones.data import Dataset
+from backbones.device import resolve_precision
 from backbones.options import UNIT, check_options, option
 from backbones.progress import progress_bar
-from skipnet_env.engine import freeze, resolve_precision
+from skipnet_env.engine import freeze
 
 log = logging.getLogger(__name__)
 

@@ -44,6 +44,12 @@ class GatePolicy(nn.Module):
         """Logit of *execute* ``(B,)`` for gated block ``k`` given its input ``h``, and the new state."""
         raise NotImplementedError
 
+    def __call__(self, h: Tensor, k: int, state: Any = None) -> tuple[Tensor, Any]:
+        # the gates compute in their own precision (fp32), under a trainer's bf16 autocast too: their
+        # thresholds and probabilities are what the routes and REINFORCE's log-probabilities read
+        with torch.autocast(h.device.type, enabled=False):
+            return super().__call__(h, k, state)
+
     @cached_property
     def flops(self) -> list[int]:
         """FLOPs per image of each gate, counted by the framework."""

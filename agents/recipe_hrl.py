@@ -37,11 +37,11 @@ from backbones.base import Backbone
 from backbones.cache import building, cache_dir, content_key, file_name
 from backbones.checkpoint import atomic_save, backbone_metadata, fingerprint, load_backbone, safe_load
 from backbones.data import Dataset
+from backbones.device import resolve_precision
 from backbones.distributed import ranks
 from backbones.options import COUNT, NON_NEGATIVE, POSITIVE, POSITIVE_INT, check_options, option
 from backbones.train import full_accuracy
 from skipnet_env.core import DEFAULT_ALPHA
-from skipnet_env.engine import resolve_precision
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ if TYPE_CHECKING:  # the registry imports no agent: the agents' modules import i
     from agents.trainer import RunValues
     from backbones.base import Backbone
     from backbones.data import Dataset
-    from skipnet_env.engine import Precision
+    from backbones.device import Precision
 
 
 class RunOptions(Protocol):

@@ -46,7 +46,7 @@ from backbones.batching import batches, global_batch_sizes
 from backbones.cache import building, cache_dir, content_key, file_name
 from backbones.checkpoint import atomic_save, backbone_metadata, fingerprint, load_backbone, safe_load
 from backbones.data import Dataset, ImageTensors
-from backbones.device import seed_everything
+from backbones.device import precision_name, seed_everything, training_dtype
 from backbones.distributed import ranks, synced_batchnorm, syncs_batchnorm
 from backbones.options import COUNT, FLOPS_FRACTION, NON_NEGATIVE, POSITIVE, POSITIVE_INT, UNIT, check_options, option
 from backbones.progress import progress_bar
@@ -127,6 +127,7 @@ class JointTrainer:
         dataset: the data set's name, for the checkpoint's metadata.
         metadata: more metadata for the checkpoint (the base network's identity, the gates' kind).
         progress: show a progress bar (on a terminal only).
+        autocast: the forward's autocast dtype (:func:`backbones.device.training_dtype`; ``None``: fp32).
     """
 
     def __init__(
@@ -142,9 +143,10 @@ class JointTrainer:
         progress: bool = True,
         data_fingerprint: str | None = None,
         seed: int = 0,
+        autocast: torch.dtype | None = None,
     ) -> None:
         self.backbone, self.gates, self.data, self.cfg = backbone.to(device), gates.to(device), data, cfg
-        self.seed = seed
+        self.seed, self.autocast = seed, autocast
         # the data's identity, where every backbone checkpoint has it (load_backbone checks it there)
         self.identity = {} if data_fingerprint is None else {"data_fingerprint": data_fingerprint}
         self.device, self.checkpoint, self.dataset = device, Path(checkpoint), dataset
@@ -284,6 +286,7 @@ class JointTrainer:
                     total,
                     partial(sp_loss, net, noise=noise, meter=meter, price=self.price, ramp=ramp),
                     cfg.accumulate,
+                    self.autocast,
                 )
                 executed, spending = (torch.cat(kept) for kept in zip(*parts))
                 self.price.update(spending)  # once a step, from the whole step's spending
@@ -354,10 +357,12 @@ def skip_ready_path(
     gates: dict[str, Any],
     data: str = "",
     seed: int = 0,
+    autocast: torch.dtype | None = None,
 ) -> Path:
     """Where the cache keeps the skip-ready backbone made from the base network ``base_fingerprint``
     with ``cfg`` and gates ``gates`` (kind and options) on the training images of fingerprint
-    ``data``: keyed by everything that changes it."""
+    ``data``, its forward autocast to ``autocast``: keyed by everything that changes it (the
+    precision only where it is not fp32, so that the stages cached before it keep their names)."""
     key = content_key(
         {
             "version": JOINT_SP_VERSION,
@@ -365,6 +370,7 @@ def skip_ready_path(
             "joint": joint_identity(cfg, seed),
             "gates": gates,
             "data": data,
+            **({"precision": precision_name(autocast)} if autocast is not None else {}),
         }
     )
     return (
@@ -387,8 +393,10 @@ def get_skip_ready(
     path: Path | None = None,
     progress: bool = True,
     seed: int = 0,
+    precision: str = "auto",
 ) -> tuple[Backbone, dict[str, Any]]:
     """The skip-ready backbone made from ``base`` by joint SP: trained on first use, then cached.
+    ``precision``: of its training (:func:`backbones.device.training_dtype`).
 
     ``base`` itself is not modified (the stage trains a copy). Returns the skip-ready backbone (eval
     mode, frozen) and its checkpoint's metadata, with ``metadata["checkpoint"]`` its path (its gates
@@ -398,7 +406,9 @@ def get_skip_ready(
     cfg = cfg.resolved(len(train_data))  # the key names the epochs it trains, given or not
     gates_id = gate_identity(gate_kind, gate_options)
     flip = isinstance(train_data, ImageTensors) and train_data.flip  # the augmentation changes the weights too
-    path = path or skip_ready_path(base_meta, base_fp, cfg, gates_id, f"{train_data.fingerprint}-flip{flip}", seed)
+    autocast = training_dtype(precision, device)
+    data_id = f"{train_data.fingerprint}-flip{flip}"
+    path = path or skip_ready_path(base_meta, base_fp, cfg, gates_id, data_id, seed, autocast)
     with building(path):  # a second process wanting this backbone waits, then reuses it
         state = safe_load(path, map_location=device) if path.is_file() else None
         if state is not None and state["metadata"].get("complete"):
@@ -414,10 +424,11 @@ def get_skip_ready(
             "base_test_accuracy": base_meta.get("test_accuracy"),
             "base_train_config": base_meta.get("train_config"),
             "gates": gates_id,
+            "precision": precision_name(autocast),
         }
         trainer = JointTrainer(
             backbone, gates, train_data, cfg, device, path, base_meta["dataset"], metadata, progress,
-            data_fingerprint=base_meta.get("data_fingerprint"), seed=seed,
+            data_fingerprint=base_meta.get("data_fingerprint"), seed=seed, autocast=autocast,
         )  # fmt: skip
         if state is not None:
             trainer.resume(state)

@@ -1,8 +1,15 @@
-"""Device selection and seeding, shared by every entry point."""
+"""Device selection, compute precision and seeding, shared by every entry point."""
 
 from __future__ import annotations
 
+import contextlib
+from typing import Literal
+
 import torch
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+Precision = Literal["auto", "fp32", "bf16"]
+"""``"auto"``: bf16 where the device computes it natively (:func:`resolve_precision`), fp32 elsewhere"""
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -36,3 +43,56 @@ def seed_everything(seed: int, deterministic: bool | None = None) -> None:
     if deterministic is not None:
         torch.backends.cudnn.deterministic = deterministic
         torch.backends.cudnn.benchmark = not deterministic
+
+
+def cuda_bf16_native(device: torch.device) -> bool:
+    """``device`` is a CUDA GPU that computes in bf16 natively (Ampere or newer); ``is_bf16_supported()``
+    alone also counts the emulation V100 and T4 offer, which is slower than fp32."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    with torch.cuda.device(device):
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def cpu_bf16_native() -> bool:
+    """This CPU has bf16 instructions (AVX512-BF16 or AMX): oneDNN's bf16 convolutions and matrix
+    products then run faster than fp32 (without them bf16 is emulated, and slower)."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def resolve_precision(precision: str, device: torch.device, cpu_auto: bool = False) -> torch.dtype:
+    """The compute dtype of ``precision``. ``"auto"``: bf16 on a CUDA GPU that computes it natively,
+    and with ``cpu_auto`` on a CPU that does (:func:`cpu_bf16_native`); fp32 elsewhere."""
+    if precision == "auto":
+        native = cuda_bf16_native(device) or (cpu_auto and device.type == "cpu" and cpu_bf16_native())
+        return torch.bfloat16 if native else torch.float32
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}: use auto, {', '.join(PRECISIONS)}")
+    if precision == "bf16" and device.type == "cuda" and not cuda_bf16_native(device):
+        raise ValueError(
+            f"bf16 was asked for but {torch.cuda.get_device_name(device)} has no native bf16 (it would be emulated, "
+            "slower than fp32); use fp32"
+        )
+    if precision == "bf16" and device.type not in ("cpu", "cuda"):
+        raise ValueError(f"bf16 is supported on cpu and cuda here, not on {device.type}; use fp32")
+    return PRECISIONS[precision]
+
+
+def training_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of a stage that trains weights with ``precision`` (``"auto"``: bf16 where
+    the device computes it natively, the CPU included), ``None`` for fp32 (no autocast)."""
+    dtype = resolve_precision(precision, device, cpu_auto=True)
+    return None if dtype == torch.float32 else dtype
+
+
+def mixed_precision(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Mixed precision for a training forward: ``torch.autocast`` to ``dtype`` (``None``: as is, fp32).
+    The weights, their gradients and the optimizer stay fp32; the backward runs outside it."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    """``"bf16"`` for ``torch.bfloat16``, ``"fp32"`` for fp32 or ``None`` (the names ``--precision`` takes)."""
+    return next((name for name, d in PRECISIONS.items() if d == dtype), "fp32")

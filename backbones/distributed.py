@@ -33,6 +33,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from backbones.device import mixed_precision
+
 log = logging.getLogger(__name__)
 
 # seconds a collective waits for the other ranks before the job fails (a rank that died or hangs):
@@ -82,21 +84,30 @@ class Ranks:
         return loss * (self.world * local / total)
 
     def backward(
-        self, net: nn.Module, x: Tensor, y: Tensor, total: int, loss_of: Callable[..., tuple], parts: int = 1
+        self,
+        net: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        total: int,
+        loss_of: Callable[..., tuple],
+        parts: int = 1,
+        autocast: torch.dtype | None = None,
     ) -> tuple[Tensor, list[tuple]]:
         """Backward of the global batch's mean loss from this rank's images ``x`` and labels ``y``
         (``total``: the global batch's size), in ``parts`` micro-batches whose gradients add up to
         the step's (a batch that does not fit): ``loss_of(x_part, y_part)`` returns the part's mean
-        loss and anything else the caller keeps. ``net`` (the module, or its DDP wrapper) averages
-        the ranks' gradients once, after the last part. Returns this rank's mean loss (detached)
-        and each part's other outputs."""
+        loss and anything else the caller keeps; it runs under ``torch.autocast`` to ``autocast``
+        where given (:func:`backbones.device.training_dtype`). ``net`` (the module, or its DDP
+        wrapper) averages the ranks' gradients once, after the last part. Returns this rank's mean
+        loss (detached) and each part's other outputs."""
         ddp = net if isinstance(net, nn.parallel.DistributedDataParallel) else None
         chunks = [(xi, yi) for xi, yi in zip(x.tensor_split(parts), y.tensor_split(parts)) if len(yi)]
         mean_loss, kept = x.new_zeros(()), []
         for i, (xi, yi) in enumerate(chunks):
             last = i == len(chunks) - 1
             with ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext():
-                loss, *rest = loss_of(xi, yi)
+                with mixed_precision(x.device, autocast):
+                    loss, *rest = loss_of(xi, yi)
                 if len(chunks) > 1:  # the part's share of this rank's mean
                     loss = loss * (len(yi) / len(y))
                 self.global_mean(loss, len(y), total).backward()

@@ -14,6 +14,7 @@ from typing import Any
 from backbones.base import Backbone
 from backbones.cache import building, cache_dir, file_name
 from backbones.data import data_fingerprint, load_splits
+from backbones.device import precision_name, resolve_device, training_dtype
 from backbones.train import TrainConfig, train
 
 __all__ = ["cache_dir", "get_trained"]
@@ -39,12 +40,15 @@ def _named(value: Any) -> str:
 
 def weights_key(cfg: TrainConfig) -> str:
     """The part of a cached backbone's name that says how it was trained: every option that changes
-    its weights (the data's fingerprint is added beside it)."""
+    its weights (the data's fingerprint is added beside it). The precision as it resolves on this
+    device, named where it is not fp32 (bf16 training makes other weights)."""
     key = "-".join(f"{f}{getattr(cfg, f)}" for f in WEIGHT_FIELDS)
     defaults = TrainConfig(arch=cfg.arch, dataset=cfg.dataset)
-    return key + "".join(
+    key += "".join(
         f"-{f}{_named(getattr(cfg, f))}" for f in NAMED_WHEN_CHANGED if getattr(cfg, f) != getattr(defaults, f)
     )
+    autocast = training_dtype(cfg.precision, resolve_device(cfg.device))
+    return key + (f"-{precision_name(autocast)}" if autocast is not None else "")
 
 
 def get_trained(arch: str, dataset: str, **train_overrides: Any) -> tuple[Backbone, dict[str, Any]]:

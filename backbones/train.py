@@ -23,7 +23,7 @@ from backbones.base import Backbone
 from backbones.batching import batches, global_batch_sizes
 from backbones.checkpoint import atomic_save, backbone_metadata, check_metadata, load_backbone, safe_load
 from backbones.data import Dataset, data_fingerprint, load_splits, with_flip
-from backbones.device import resolve_device, seed_everything
+from backbones.device import PRECISIONS, Precision, precision_name, resolve_device, seed_everything, training_dtype
 from backbones.distributed import Ranks, ranks, synced_batchnorm, syncs_batchnorm
 from backbones.progress import progress_bar
 from backbones.registry import create, options
@@ -88,6 +88,9 @@ class TrainConfig:
     """seed for python, numpy and torch"""
     device: str = "auto"
     """torch device: auto, cpu, cuda, cuda:1, ..."""
+    precision: Precision = "auto"
+    """training precision: auto (bf16 autocast where the device computes bf16 natively: a CUDA GPU of the Ampere
+    generation or newer, a CPU with AVX512-BF16 or AMX; fp32 elsewhere), fp32 or bf16 (the weights stay fp32)"""
     out: str | None = None
     """checkpoint path (default: checkpoints/{arch}-{dataset}.pt)"""
     resume: bool = True
@@ -100,6 +103,8 @@ class TrainConfig:
     """show a progress bar"""
 
     def __post_init__(self) -> None:
+        if self.precision not in ("auto", *PRECISIONS):
+            raise ValueError(f"unknown --precision {self.precision!r}: use auto, {', '.join(PRECISIONS)}")
         if self.accumulate < 1:
             raise ValueError(f"--accumulate must be an integer >= 1, got {self.accumulate}")
         if self.epochs is None:
@@ -149,10 +154,12 @@ def train_step(
     here: Ranks,
     total: int,
     accumulate: int = 1,
+    autocast: torch.dtype | None = None,
 ) -> torch.Tensor:
     """One step of the base trainer on this rank's images ``x`` and labels ``y`` of a global batch
     of ``total`` images (``net``: the backbone, or its DDP wrapper), in ``accumulate`` micro-batches
-    (:meth:`Ranks.backward`); returns this rank's mean loss. A non-finite loss raises
+    (:meth:`Ranks.backward`), the forward under ``torch.autocast`` to ``autocast`` where given;
+    returns this rank's mean loss. A non-finite loss raises
     ``FloatingPointError`` before the weights change."""
 
     def loss_of(xi: torch.Tensor, yi: torch.Tensor) -> tuple[torch.Tensor]:
@@ -162,7 +169,7 @@ def train_step(
         return (loss,)
 
     optimizer.zero_grad(set_to_none=True)
-    mean_loss, _ = here.backward(net, x, y, total, loss_of, accumulate)
+    mean_loss, _ = here.backward(net, x, y, total, loss_of, accumulate, autocast)
     optimizer.step()
     scheduler.step()
     return mean_loss
@@ -276,6 +283,8 @@ def _train_epochs(
     optimizer, scheduler, generator = state
     path, config_dict, epochs = cfg.checkpoint_path, dataclasses.asdict(cfg), cfg.total_epochs
     steps_per_epoch = math.ceil(len(train_data) / cfg.batch_size)
+    autocast = training_dtype(cfg.precision, device)
+    config_dict["precision"] = precision_name(autocast)  # what "auto" resolved to on this device
     net = here.wrap(backbone, device)
     writer = SummaryWriter(str(Path(cfg.log_dir) / run_name)) if here.main else None
     if writer is not None:
@@ -306,7 +315,7 @@ def _train_epochs(
             strict=True,
         ):
             try:
-                loss = train_step(net, x, y, optimizer, scheduler, here, total, cfg.accumulate)
+                loss = train_step(net, x, y, optimizer, scheduler, here, total, cfg.accumulate, autocast)
             except FloatingPointError as err:
                 raise FloatingPointError(
                     f"{err} at epoch {epoch}: lower --lr; the last good checkpoint ({path}) is kept"

@@ -23,6 +23,7 @@ from agents.recipe_hrl import RecipeHRLConfig
 from agents.registry import agent_parts
 from agents.skip_ready import JOINT_GATE_KIND, JointConfig
 from agents.trainer import CHECKPOINT_EVERY, RunValues
+from backbones.device import Precision
 from backbones.options import (
     COUNT,
     FLOPS_FRACTION,
@@ -39,7 +40,6 @@ from backbones.options import (
     resumable_options,
 )
 from skipnet_env.core import DEFAULT_ALPHA
-from skipnet_env.engine import Precision
 
 BackboneRecipe = Literal["base", "skip_ready"]
 
@@ -130,6 +130,10 @@ class RunConfig:
     """torch device: auto, cpu, cuda, ..."""
     precision: Precision = "auto"
     """compute precision of the frozen backbone: auto (bf16 on CUDA, fp32 elsewhere), fp32 or bf16"""
+    train_precision: Precision = "auto"
+    """precision of the recipe's stages that train the backbone (the base network, joint SP): auto (bf16 autocast
+    where the device computes bf16 natively: a CUDA GPU of the Ampere generation or newer, a CPU with AVX512-BF16 or
+    AMX; fp32 elsewhere), fp32 or bf16 (the weights stay fp32; bf16 is named in the cached networks' keys)"""
     num_envs: int | None = option(None, POSITIVE_INT)
     """images per batch in the environment (B; default 128 on the CPU, 1024 on CUDA)"""
     eval_batch: int | None = option(None, POSITIVE_INT, resumable=True)

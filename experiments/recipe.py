@@ -57,7 +57,7 @@ def skip_ready(cfg: RunConfig, device: torch.device, splits: dict[str, Dataset],
     train = with_flip(splits["train"], cfg.backbone_flip)  # joint SP augments as the base training did
     return get_skip_ready(
         base, meta, train, cfg.joint, JOINT_GATE_KIND, cfg.gates.options(), device,
-        val_data=splits["val"], progress=cfg.progress, seed=cfg.seed,
+        val_data=splits["val"], progress=cfg.progress, seed=cfg.seed, precision=cfg.train_precision,
     )  # fmt: skip
 
 
@@ -145,6 +145,7 @@ def load_base_backbone(cfg: RunConfig, device: torch.device, splits: dict[str, D
         "flip": cfg.backbone_flip,
         "seed": cfg.seed if cfg.backbone_seed is None else cfg.backbone_seed,
         "device": str(device),
+        "precision": cfg.train_precision,
         "progress": cfg.progress,
         "data_root": cfg.data_root,
         "download": cfg.download,

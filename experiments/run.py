@@ -30,7 +30,7 @@ from agents.skipnet import starts_from_joint_gates
 from agents.statistics import bootstrap_ci, paired_difference
 from backbones.checkpoint import CheckpointMismatchError, atomic_save, fingerprint, mismatches, safe_load
 from backbones.data import Dataset, data_fingerprint, groups_of
-from backbones.device import resolve_device, seed_everything
+from backbones.device import Precision, resolve_device, seed_everything
 from backbones.distributed import end, leave, ranks, start, stop
 from backbones.options import build, current_names, flag, flatten, option_fields, replace
 from backbones.registry import options as backbone_options
@@ -38,7 +38,6 @@ from experiments.cli import given_fields, one_line_errors, parse
 from experiments.config import JOINT_GATES_AGENT, SAFE_ON_RESUME, RunConfig
 from experiments.recipe import load_backbone_for, run_splits, training_epochs
 from experiments.report import format_table, write_evaluation
-from skipnet_env.engine import Precision
 
 log = logging.getLogger("skipnet_gym.run")
 

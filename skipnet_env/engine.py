@@ -23,45 +23,17 @@ import math
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from backbones.base import Backbone, skip
+from backbones.device import resolve_precision
 from skipnet_env.routing import gather_rows, identity_shortcut, route_block
 
 log = logging.getLogger(__name__)
-
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
-Precision = Literal["auto", "fp32", "bf16"]
-"""``"auto"``: bf16 on CUDA where supported, fp32 elsewhere"""
-
-
-def cuda_bf16_native(device: torch.device) -> bool:
-    """``device`` is a CUDA GPU that computes in bf16 natively (Ampere or newer); ``is_bf16_supported()``
-    alone also counts the emulation V100 and T4 offer, which is slower than fp32."""
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return False
-    with torch.cuda.device(device):
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
-    """The compute dtype of ``precision`` (``"auto"``: bf16 on CUDA where supported, else fp32)."""
-    if precision == "auto":
-        return torch.bfloat16 if cuda_bf16_native(device) else torch.float32
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}: use auto, {', '.join(PRECISIONS)}")
-    if precision == "bf16" and device.type == "cuda" and not cuda_bf16_native(device):
-        raise ValueError(
-            f"bf16 was asked for but {torch.cuda.get_device_name(device)} has no native bf16 (it would be emulated, "
-            "slower than fp32); use fp32"
-        )
-    if precision == "bf16" and device.type not in ("cpu", "cuda"):
-        raise ValueError(f"bf16 is supported on cpu and cuda here, not on {device.type}; use fp32")
-    return PRECISIONS[precision]
 
 
 def fold_batchnorm(module: nn.Module) -> int:

@@ -115,10 +115,12 @@ def test_a_cached_backbone_is_named_by_every_option_that_changes_its_weights():
     from backbones.train import TrainConfig
 
     named_otherwise = {"arch", "dataset", "data_root", "download"}  # in the file name or the data's fingerprint
+    named_resolved = {"precision"}  # as "auto" resolves on this device, where it is not fp32
     no_effect = {"device", "out", "resume", "log_dir", "num_workers", "progress"}
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    assert fields == set(WEIGHT_FIELDS) | set(NAMED_WHEN_CHANGED) | named_otherwise | no_effect
-    base = TrainConfig(image_size=16)
+    assert fields == set(WEIGHT_FIELDS) | set(NAMED_WHEN_CHANGED) | named_otherwise | named_resolved | no_effect
+    base = TrainConfig(image_size=16, precision="fp32")
+    assert weights_key(dataclasses.replace(base, precision="bf16")) == weights_key(base) + "-bf16"
     # the caches made before momentum was named keep their names
     assert weights_key(base) == (
         "width0.5-image_size16-epochs10-batch_size128-lr0.1-weight_decay0.0005-drop_rate0.5-drop_schedulelinear"

@@ -8,9 +8,10 @@ from torch import nn
 import backbones
 from agents.gates import create_gates
 from agents.hybrid import sp_forward
+from backbones.device import resolve_precision
 from experiments.config import RunConfig
 from skipnet_env.core import BatchedRouting, RewardConfig
-from skipnet_env.engine import BlockExecutor, bucket_sizes, fold_batchnorm, freeze, resolve_precision
+from skipnet_env.engine import BlockExecutor, bucket_sizes, fold_batchnorm, freeze
 from skipnet_env.routing import route_block
 from tests.conftest import randomize, tiny_backbone
 

@@ -126,7 +126,7 @@ def test_accumulated_micro_batches_take_the_steps_of_whole_batches(tmp_path):
         cfg = TrainConfig(
             arch="timm:vit_tiny_patch16_224", dataset="tiny", epochs=2, batch_size=32, shift=0, flip=False,
             drop_rate=0.0, accumulate=k, model_args=("depth=2", "embed_dim=16", "num_heads=2"),
-            out=str(tmp_path / f"{k}.pt"), log_dir=str(tmp_path / "tb"), progress=False, device="cpu",
+            out=str(tmp_path / f"{k}.pt"), log_dir=str(tmp_path / "tb"), progress=False, device="cpu", precision="fp32",
         )  # fmt: skip
         net, _ = train(cfg, splits)
         weights[k] = net.state_dict()
