@@ -393,7 +393,7 @@ def get_skip_ready(
     path: Path | None = None,
     progress: bool = True,
     seed: int = 0,
-    precision: str = "auto",
+    precision: str = "fp32",
 ) -> tuple[Backbone, dict[str, Any]]:
     """The skip-ready backbone made from ``base`` by joint SP: trained on first use, then cached.
     ``precision``: of its training (:func:`backbones.device.training_dtype`).

@@ -9,7 +9,7 @@ import torch
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 Precision = Literal["auto", "fp32", "bf16"]
-"""``"auto"``: bf16 where the device computes it natively (:func:`resolve_precision`), fp32 elsewhere"""
+"""``"auto"``: bf16 on a CUDA GPU that computes it natively, fp32 elsewhere"""
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -54,18 +54,10 @@ def cuda_bf16_native(device: torch.device) -> bool:
         return torch.cuda.is_bf16_supported(including_emulation=False)
 
 
-def cpu_bf16_native() -> bool:
-    """This CPU has bf16 instructions (AVX512-BF16 or AMX): oneDNN's bf16 convolutions and matrix
-    products then run faster than fp32 (without them bf16 is emulated, and slower)."""
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-
-
-def resolve_precision(precision: str, device: torch.device, cpu_auto: bool = False) -> torch.dtype:
-    """The compute dtype of ``precision``. ``"auto"``: bf16 on a CUDA GPU that computes it natively,
-    and with ``cpu_auto`` on a CPU that does (:func:`cpu_bf16_native`); fp32 elsewhere."""
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
+    """The compute dtype of ``precision`` (``"auto"``: bf16 on CUDA where supported, else fp32)."""
     if precision == "auto":
-        native = cuda_bf16_native(device) or (cpu_auto and device.type == "cpu" and cpu_bf16_native())
-        return torch.bfloat16 if native else torch.float32
+        return torch.bfloat16 if cuda_bf16_native(device) else torch.float32
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}: use auto, {', '.join(PRECISIONS)}")
     if precision == "bf16" and device.type == "cuda" and not cuda_bf16_native(device):
@@ -79,9 +71,9 @@ def resolve_precision(precision: str, device: torch.device, cpu_auto: bool = Fal
 
 
 def training_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of a stage that trains weights with ``precision`` (``"auto"``: bf16 where
-    the device computes it natively, the CPU included), ``None`` for fp32 (no autocast)."""
-    dtype = resolve_precision(precision, device, cpu_auto=True)
+    """The autocast dtype of a stage that trains weights with ``precision`` (:func:`resolve_precision`),
+    ``None`` for fp32 (no autocast)."""
+    dtype = resolve_precision(precision, device)
     return None if dtype == torch.float32 else dtype
 
 

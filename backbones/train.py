@@ -88,9 +88,9 @@ class TrainConfig:
     """seed for python, numpy and torch"""
     device: str = "auto"
     """torch device: auto, cpu, cuda, cuda:1, ..."""
-    precision: Precision = "auto"
-    """training precision: auto (bf16 autocast where the device computes bf16 natively: a CUDA GPU of the Ampere
-    generation or newer, a CPU with AVX512-BF16 or AMX; fp32 elsewhere), fp32 or bf16 (the weights stay fp32)"""
+    precision: Precision = "fp32"
+    """training precision: fp32, bf16 (autocast: the weights stay fp32) or auto (bf16 on a CUDA GPU of the Ampere
+    generation or newer, fp32 elsewhere)"""
     out: str | None = None
     """checkpoint path (default: checkpoints/{arch}-{dataset}.pt)"""
     resume: bool = True

@@ -130,10 +130,10 @@ class RunConfig:
     """torch device: auto, cpu, cuda, ..."""
     precision: Precision = "auto"
     """compute precision of the frozen backbone: auto (bf16 on CUDA, fp32 elsewhere), fp32 or bf16"""
-    train_precision: Precision = "auto"
-    """precision of the recipe's stages that train the backbone (the base network, joint SP): auto (bf16 autocast
-    where the device computes bf16 natively: a CUDA GPU of the Ampere generation or newer, a CPU with AVX512-BF16 or
-    AMX; fp32 elsewhere), fp32 or bf16 (the weights stay fp32; bf16 is named in the cached networks' keys)"""
+    train_precision: Precision = "fp32"
+    """precision of the recipe's stages that train the backbone (the base network, joint SP): fp32, bf16 (autocast:
+    the weights stay fp32; named in the cached networks' keys) or auto (bf16 on a CUDA GPU of the Ampere generation
+    or newer, fp32 elsewhere)"""
     num_envs: int | None = option(None, POSITIVE_INT)
     """images per batch in the environment (B; default 128 on the CPU, 1024 on CUDA)"""
     eval_batch: int | None = option(None, POSITIVE_INT, resumable=True)

@@ -65,3 +65,16 @@ def test_position_bias_shifts_one_block_and_pooling_options(net):
     assert gates.proj[str(h.shape[1])].in_features == 3 * h.shape[1]  # mean, max and std of each channel
     with pytest.raises(ValueError, match="mean_max_std"):
         RecurrentGate(net, pooling="median")
+
+
+@pytest.mark.parametrize("kind", ["rnn", "ff1"])
+def test_gates_compute_in_fp32_under_a_trainers_bf16_autocast(net, kind):
+    """Joint SP and the base trainer may autocast the forward to bf16: the gates' logits stay fp32
+    (the thresholds and probabilities the routes and REINFORCE read), and gradients reach them."""
+    gates = create_gates(kind, net)
+    h = torch.randn(4, *gates.input_shapes[0], requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logit, _ = gates(h, 0, gates.initial_state(4, h.device))
+    assert logit.dtype == torch.float32
+    logit.sum().backward()
+    assert h.grad is not None and bool(h.grad.abs().sum() > 0)

@@ -133,6 +133,12 @@ def test_get_skip_ready_caches_by_base_and_settings(digits_train, tmp_path):
         base, meta, digits_train, JointConfig(epochs=1, batch_size=64, alpha=0.5), "rnn", options, torch.device("cpu")
     )
     assert other_meta["checkpoint"] != ready_meta["checkpoint"]
+    # trained under bf16 autocast: another network, another entry, and its metadata says so
+    mixed, mixed_meta = get_skip_ready(
+        base, meta, digits_train, cfg, "rnn", options, torch.device("cpu"), progress=False, precision="bf16"
+    )
+    assert mixed_meta["checkpoint"] != ready_meta["checkpoint"] and fingerprint(mixed) != fingerprint(ready)
+    assert mixed_meta["skip_ready"]["precision"] == "bf16" and ready_meta["skip_ready"]["precision"] == "fp32"
 
 
 def test_joint_config_refuses_bad_values():

@@ -134,3 +134,20 @@ def test_accumulated_micro_batches_take_the_steps_of_whole_batches(tmp_path):
         torch.testing.assert_close(weights[3][name], value, rtol=1e-4, atol=1e-6, msg=name)
     with pytest.raises(ValueError, match="--accumulate must be an integer >= 1"):
         TrainConfig(accumulate=0)
+
+
+def test_bf16_training_autocasts_the_forward_and_keeps_fp32_weights(tmp_path):
+    """--precision bf16: the forward under bf16 autocast (other weights than fp32's), the weights,
+    checkpoint and network handed on in fp32; the checkpoint says what it trained in; an unknown
+    precision is refused by name."""
+    nets = {}
+    for precision in ("fp32", "bf16"):
+        cfg = TrainConfig(
+            **TINY, epochs=1, precision=precision, out=str(tmp_path / f"{precision}.pt"), log_dir=str(tmp_path / "tb")
+        )
+        nets[precision], meta = train(cfg)
+        assert meta["train_config"]["precision"] == precision
+    assert all(p.dtype == torch.float32 for p in nets["bf16"].parameters())
+    assert not torch.equal(nets["bf16"].head[2].weight, nets["fp32"].head[2].weight)
+    with pytest.raises(ValueError, match="unknown --precision 'fp16': use auto, fp32, bf16"):
+        TrainConfig(precision="fp16")  # type: ignore[arg-type]
