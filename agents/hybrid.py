@@ -54,7 +54,7 @@ from agents.trainer import RunValues, Trainer
 from backbones.base import Backbone, skip
 from backbones.batching import batches, global_batch_sizes
 from backbones.data import Dataset
-from backbones.options import COUNT, NON_NEGATIVE, POSITIVE, POSITIVE_INT, UNIT, check_options, option
+from backbones.options import COUNT, NON_NEGATIVE, POSITIVE, POSITIVE_INT, UNIT, Rule, check_options, option
 from backbones.progress import progress_bar
 from skipnet_env.core import SKIPNET_REWARD, BatchedRouting
 from skipnet_env.engine import freeze
@@ -63,6 +63,7 @@ from skipnet_env.vector_env import SkipNetVectorEnv
 log = logging.getLogger(__name__)
 
 
+EXPLORE = Rule(lambda v: isinstance(v, (int, float)) and 0 < v < 0.5, "a probability in (0, 0.5)")
 Baseline = Literal["self_critical", "batch_mean", "none"]
 BASELINES: tuple[str, ...] = typing.get_args(Baseline)
 SP_EPOCHS = 10
@@ -98,6 +99,11 @@ class HybridConfig:
     skip-ready backbone, where the recipe's own HRL trained the gates and the network: --recipe-hrl-iterations)"""
     hrl_lr: float = option(1e-4, POSITIVE, resumable=True)
     """hybrid: Adam learning rate of the gates in hybrid RL"""
+    hrl_explore: float | None = option(None, EXPLORE)
+    """hybrid: HRL samples each decision from sigmoid(s x logit), the scale s set once at HRL's start so that a sampled
+    decision differs from the greedy one (p >= 0.5) with this probability, on average over the first batch's greedy
+    routes. Gates trained with hard thresholds (joint SP's) have logits near 0: sampled as they are, their routes are
+    close to coin flips. Default: s = 1, the gates' own probabilities"""
     gamma: float = option(1.0, UNIT)
     """hybrid: discount of the per-gate returns"""
     baseline: Baseline = "self_critical"
@@ -300,6 +306,7 @@ class HybridTrainer(Trainer):
         self.env: SkipNetVectorEnv | None = None
         self.resume_sampler: dict[str, Any] | None = None
         self.resume_alpha: float | None = None  # the reward's price of compute where the run stopped
+        self.sample_scale: float | None = None  # HRL's scale of the logits it samples from (hrl_explore), once set
 
     @property
     def hrl_alpha(self) -> float:
@@ -338,6 +345,8 @@ class HybridTrainer(Trainer):
         }
         if self.env is not None:  # the reward's price, for an exact resume
             state["reward_alpha"] = self.env.alpha
+        if self.sample_scale is not None:
+            state["sample_scale"] = self.sample_scale
         if self.finetune:
             state["backbone"] = self.backbone.state_dict()
         return state
@@ -362,6 +371,7 @@ class HybridTrainer(Trainer):
         self.action_generator.set_state(state["action_generator"].cpu())
         self.resume_sampler = state.get("sampler")
         self.resume_alpha = state.get("reward_alpha")
+        self.sample_scale = state.get("sample_scale")
         if "price" in state:
             self.price.load_state_dict(state["price"])
         if "backbone" in state:
@@ -446,8 +456,10 @@ class HybridTrainer(Trainer):
         start = env.activation.clone()  # the next step may write the activation in place
         log_probs, entropies, rewards = [], [], []
         info: dict[str, Any] = {}
+        scale = 1.0 if self.sample_scale is None else self.sample_scale
         for k in range(env.num_gates):
             logit, state = self.gates(env.activation, k, state)
+            logit = logit * scale  # the policy REINFORCE samples and trains (its greedy decisions: the gates')
             # no argument validation: non-finite logits flow into the loss, where they stop the run cleanly
             dist = torch.distributions.Bernoulli(logits=logit, validate_args=False)
             u = torch.rand(logit.shape, device=logit.device, generator=self.action_generator)
@@ -479,17 +491,46 @@ class HybridTrainer(Trainer):
         same images, from the activation ``start`` they began at (the self-critical baseline), and
         its logits ``(B, classes)``: with ``grad``, differentiable in the backbone's weights (the
         cross-entropy of ``--ce-route greedy``)."""
+        returns, logits, _ = self.replay_greedy(start, labels, grad)
+        return returns, logits
+
+    def replay_greedy(self, start: Tensor, labels: Tensor, grad: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`greedy_route`'s returns-to-go and logits, and the gates' logits ``(N, B)`` on the way."""
         core = self.replay
         with torch.set_grad_enabled(grad):
             core.begin(start if grad else start.detach(), labels)
             state = self.gates.initial_state(start.shape[0], self.device)
-            rewards = []
+            rewards, gate_logits = [], []
             for k in range(core.num_gates):
                 logit, state = self.gates(core.activation, k, state)
                 _, reward, _ = core.advance(logit.detach() >= 0.0)
                 rewards.append(reward.detach())
+                gate_logits.append(logit.detach())
         assert core.logits is not None
-        return discounted_returns(torch.stack(rewards), self.cfg.gamma), core.logits
+        return discounted_returns(torch.stack(rewards), self.cfg.gamma), core.logits, torch.stack(gate_logits)
+
+    def set_sample_scale(self, start: Tensor, labels: Tensor) -> None:
+        """Set HRL's sampling scale from the gates' logits on the greedy routes of the first batch
+        (activation ``start``, ``labels``) for ``hrl_explore``: the mean of ``sigmoid(-s |logit|)``,
+        the chance that a sampled decision is not the greedy one, over every rank's routes, is
+        ``hrl_explore`` (bisection on ``log s``; s = 1 where every logit is 0). Once per run: a
+        resumed run keeps its scale."""
+        target = self.cfg.hrl_explore
+        if target is None or self.sample_scale is not None:
+            return
+        _, _, logits = self.replay_greedy(start, labels)
+        magnitudes = logits.abs().flatten()
+        if not bool(self.ranks.sum(magnitudes.sum()) > 0):
+            self.sample_scale = 1.0
+            return
+        lo, hi = -12.0, 12.0  # log s
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            off_greedy = float(self.ranks.mean(torch.sigmoid(-math.exp(mid) * magnitudes)))
+            lo, hi = (mid, hi) if off_greedy > target else (lo, mid)
+        self.sample_scale = math.exp((lo + hi) / 2)
+        log.info("HRL samples from sigmoid(%.3g x logit): a decision off the greedy route %.1f%% of the time",
+                 self.sample_scale, 100 * target)  # fmt: skip
 
     def set_alpha(self, alpha: float) -> None:
         """Price compute at ``alpha`` in the environment's reward and the greedy replay's (a budget's
@@ -511,15 +552,16 @@ class HybridTrainer(Trainer):
         env = self.env = self.make_env()
         if self.resume_sampler is not None:  # replay the batch the interrupted run was about to play
             env.sampler.restore(self.resume_sampler)
-            env.reset()
+            _, info = env.reset()
         else:
-            env.reset(seed=here.seed(self.seed))  # each rank its own images
+            _, info = env.reset(seed=here.seed(self.seed))  # each rank its own images
         # a fine-tuned backbone changes every iteration: the replay runs on it (under no_grad), not on a frozen copy
         self.replay = BatchedRouting(
             self.backbone, env.reward, self.gates.first_gated == 0, self.finetune, self.precision
         )
         if self.resume_alpha is not None:  # a budget's price as it stood (it moves every log_every iterations)
             self.set_alpha(self.resume_alpha)
+        self.set_sample_scale(env.activation.clone(), info["label"])
         gate_share = sum(self.gates.flops) / self.backbone.flops.full  # the gates' own FLOPs, a share of the network
         # linear decay to 0 over the stage: REINFORCE's noisy steps settle instead of wandering at the end
         start = self.done_units

@@ -29,7 +29,7 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from agents.evaluate import calibrate_threshold, evaluate
-from agents.hybrid import HybridConfig, HybridTrainer
+from agents.hybrid import EXPLORE, HybridConfig, HybridTrainer
 from agents.policies import GateRoutingPolicy
 from agents.skip_ready import JOINT_GATE_KIND, load_gates
 from agents.trainer import CHECKPOINT_EVERY
@@ -73,6 +73,9 @@ class RecipeHRLConfig:
     baseline: Literal["self_critical", "batch_mean", "none"] = "self_critical"
     """skip_ready: REINFORCE's baseline in the recipe's HRL: self_critical (the greedy route's return on the same
     image: a second forward of every batch, about a third of an iteration), batch_mean (none), none"""
+    explore: float | None = option(None, EXPLORE)
+    """skip_ready: the recipe's HRL samples each decision off joint SP's greedy one with this probability at its start
+    (--hrl-explore; default: the gates' own probabilities, close to coin flips for joint SP's thresholded gates)"""
     keep: Literal["validation", "always"] = "validation"
     """skip_ready: validation: HRL's network and gates are kept only where, both calibrated to the budget, they score
     at least joint SP's on validation images (else the stage hands joint SP's on: BENCHMARKS.md section 12, a harder
@@ -86,6 +89,7 @@ class RecipeHRLConfig:
         return HybridConfig(
             sp_epochs=0, hrl_iterations=self.iterations, hrl_lr=self.lr, finetune_backbone=True,
             finetune_lr=self.finetune_lr, rl_weight=self.rl_weight, calibrate=False, baseline=self.baseline,
+            hrl_explore=self.explore,
         )  # fmt: skip
 
     def epochs(self, train_size: int) -> float:
@@ -96,8 +100,9 @@ class RecipeHRLConfig:
 def recipe_hrl_identity(cfg: RecipeHRLConfig, budget: float | None, seed: int, precision: str) -> dict[str, Any]:
     """What names the stage in a checkpoint's metadata and its cache key (with the joint backbone's)."""
     named = dataclasses.asdict(cfg)
-    if cfg.baseline == "self_critical":  # named only when changed: the stages cached before it keep their keys
-        del named["baseline"]
+    for option_name, default in (("baseline", "self_critical"), ("explore", None)):
+        if named[option_name] == default:  # named only when changed: the stages cached before it keep their keys
+            del named[option_name]
     return {**named, "budget": budget, "seed": seed, "precision": precision}
 
 
