@@ -94,10 +94,16 @@ def _gates_state(trainer):
     return {k: v.clone() for k, v in trainer.gates.state_dict().items()}
 
 
-# killed in the iteration after a checkpoint, and two after it; and with the backbone fine-tuned
-@pytest.mark.parametrize("die_at,finetune", [(3, False), (5, False), (5, True)])
-def test_interrupted_then_resumed_run_ends_with_the_same_gates(tmp_path, monkeypatch, die_at, finetune):
-    settings = {"sp_epochs": 1, "hrl_iterations": 6, "baseline": "self_critical", "finetune_backbone": finetune}
+# killed in the iteration after a checkpoint, and two after it; with the backbone fine-tuned; with the
+# sampling scale of --hrl-explore (set from the first batch: a resumed run keeps it)
+@pytest.mark.parametrize(
+    "die_at,finetune,explore", [(3, False, None), (5, False, None), (5, True, None), (3, True, 0.1)]
+)
+def test_interrupted_then_resumed_run_ends_with_the_same_gates(tmp_path, monkeypatch, die_at, finetune, explore):
+    settings = {
+        "sp_epochs": 1, "hrl_iterations": 6, "baseline": "self_critical", "finetune_backbone": finetune,
+        "hrl_explore": explore,
+    }  # fmt: skip
     straight = _trainer(tmp_path / "straight", **settings)
     straight.train()
     expected = _gates_state(straight)
@@ -218,6 +224,30 @@ def test_self_critical_advantage_vanishes_when_the_policy_is_deterministic(tmp_p
     ep = trainer.rollout(env)
     returns = discounted_returns(ep["reward"], 1.0)
     torch.testing.assert_close(trainer.greedy_route(ep["start"], ep["label"])[0], returns)
+
+
+def test_hrl_explore_samples_off_the_greedy_route_as_often_as_asked(tmp_path):
+    """--hrl-explore p: the logits are scaled once so that a decision leaves the greedy route with
+    probability p on average over the first batch's greedy routes; the greedy decisions are the
+    gates' own; unset, the gates' own probabilities."""
+    assert _trainer(tmp_path / "plain").sample_scale is None
+    trainer = _trainer(tmp_path, hrl_explore=0.2)
+    with torch.no_grad():
+        trainer.gates.out.weight.mul_(0.01)  # logits near 0, as joint SP's thresholded gates have them
+        trainer.gates.out.bias.zero_()
+    env = trainer.make_env()
+    _, info = env.reset(seed=0)
+    trainer.replay = BatchedRouting(trainer.backbone, env.core.reward)
+    start = env.activation.clone()
+    trainer.set_sample_scale(start, info["label"])
+    _, _, logits = trainer.replay_greedy(start, info["label"])
+    scale = trainer.sample_scale
+    assert scale is not None and scale > 1.0
+    torch.testing.assert_close(torch.sigmoid(-scale * logits.abs()).mean(), torch.tensor(0.2), atol=1e-4, rtol=0)
+    trainer.set_sample_scale(start, info["label"])  # once per run
+    assert trainer.sample_scale == scale
+    with pytest.raises(ValueError, match="--hrl-explore must be a probability in"):
+        HybridConfig(hrl_explore=0.5)
 
 
 def test_hrl_is_reproducible_from_its_seed(tmp_path):

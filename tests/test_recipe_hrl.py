@@ -118,3 +118,15 @@ def test_the_baseline_names_the_stage_only_when_changed():
     batch_mean = RecipeHRLConfig(baseline="batch_mean")
     assert recipe_hrl_identity(batch_mean, 0.5, 0, "fp32") == {**default, "baseline": "batch_mean"}
     assert batch_mean.hybrid().baseline == "batch_mean"
+
+
+def test_explore_names_the_stage_only_when_set():
+    """--recipe-hrl-explore: unset, the stages cached before it keep their keys; set, another stage,
+    and the trainer gets it."""
+    from agents.recipe_hrl import RecipeHRLConfig, recipe_hrl_identity
+
+    default = recipe_hrl_identity(RecipeHRLConfig(), 0.5, 0, "fp32")
+    assert "explore" not in default and RecipeHRLConfig().hybrid().hrl_explore is None
+    explore = RecipeHRLConfig(explore=0.05)
+    assert recipe_hrl_identity(explore, 0.5, 0, "fp32") == {**default, "explore": 0.05}
+    assert explore.hybrid().hrl_explore == 0.05
