@@ -38,6 +38,7 @@ from __future__ import annotations
 import logging
 import math
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -139,6 +140,21 @@ class HybridConfig:
             SP_EPOCHS if self.sp_epochs is None else self.sp_epochs,
             HRL_ITERATIONS if self.hrl_iterations is None else self.hrl_iterations,
         )
+
+
+def explore_scale(logits: Tensor, explore: float, mean: Callable[[Tensor], Tensor] = torch.mean) -> float:
+    """The scale ``s`` at which a decision sampled from ``sigmoid(s x logit)`` leaves the greedy one
+    (``logit >= 0``) with probability ``explore``, on average over ``logits`` (``mean``: the mean
+    to take, e.g. over every rank's); found by bisection on ``log s``; 1 where every logit is 0."""
+    magnitudes = logits.detach().abs().flatten()
+    if not bool(mean(magnitudes) > 0):
+        return 1.0
+    lo, hi = -12.0, 12.0  # log s
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        off_greedy = float(mean(torch.sigmoid(-math.exp(mid) * magnitudes)))
+        lo, hi = (mid, hi) if off_greedy > explore else (lo, mid)
+    return math.exp((lo + hi) / 2)
 
 
 def straight_through(p: Tensor) -> Tensor:
@@ -519,16 +535,7 @@ class HybridTrainer(Trainer):
         if target is None or self.sample_scale is not None:
             return
         _, _, logits = self.replay_greedy(start, labels)
-        magnitudes = logits.abs().flatten()
-        if not bool(self.ranks.sum(magnitudes.sum()) > 0):
-            self.sample_scale = 1.0
-            return
-        lo, hi = -12.0, 12.0  # log s
-        for _ in range(40):
-            mid = (lo + hi) / 2
-            off_greedy = float(self.ranks.mean(torch.sigmoid(-math.exp(mid) * magnitudes)))
-            lo, hi = (mid, hi) if off_greedy > target else (lo, mid)
-        self.sample_scale = math.exp((lo + hi) / 2)
+        self.sample_scale = explore_scale(logits, target, self.ranks.mean)
         log.info("HRL samples from sigmoid(%.3g x logit): a decision off the greedy route %.1f%% of the time",
                  self.sample_scale, 100 * target)  # fmt: skip
 

@@ -29,7 +29,7 @@ from stable_baselines3.common.vec_env import VecEnv
 
 from agents.early_exit import exit_classifier_for
 from agents.gates import GatePolicy
-from agents.hybrid import discounted_returns
+from agents.hybrid import EXPLORE, discounted_returns, explore_scale
 from agents.policies import RoutingPolicy, SB3OneShotPolicy, SB3RoutingPolicy
 from agents.registry import AgentContext, AgentSpec, EnvId, register_agent
 from agents.skip_ready import load_gates
@@ -171,12 +171,15 @@ def distill_from_gates(
     seed: int = 0,
     precision: str = "auto",
     progress: bool = False,
+    explore: float | None = None,
 ) -> dict[str, float]:
     """Fit ``model``'s policy (an ``MlpPolicy`` on ``SkipNet-v0``) to ``gates``: on every training
     image, the gates' greedy route through the environment, and at each gated block the policy's
     action distribution fitted to the gates' ``p(execute)`` (cross-entropy to the soft target) and its
-    value to the route's return-to-go under SkipNet's reward at ``alpha``. Returns the last epoch's
-    agreement (the policy's greedy decision = the gates') and losses."""
+    value to the route's return-to-go under SkipNet's reward at ``alpha``. ``explore``: the target is
+    ``sigmoid(s x logit)``, ``s`` set on the first batch so that a decision sampled from it leaves the
+    gates' with this probability (:func:`agents.hybrid.explore_scale`). Returns the last epoch's
+    agreement (the policy's greedy decision = the gates'), losses and the scale."""
     scoring = RewardConfig(alpha=alpha, accuracy="neg_ce", cost_timing="per_step")  # SKIPNET_REWARD's
     core = BatchedRouting(backbone, scoring, gates.first_gated == 0, precision=precision)
     policy = model.policy
@@ -186,6 +189,7 @@ def distill_from_gates(
     steps = -(-len(data) // DISTILL_BATCH)
     bar = progress_bar(epochs * steps, "distilling the recipe's gates", progress)
     record: dict[str, float] = {}
+    scale: float | None = None if explore is not None else 1.0
     for _ in range(epochs):
         agree, actor_losses, value_losses = [], [], []
         for x, y in batches(data, DISTILL_BATCH, device, train=True, generator=generator):
@@ -196,12 +200,16 @@ def distill_from_gates(
                 for k in range(core.num_gates):
                     logit, state = gates(core.activation, k, state)
                     seen.append(obs)
-                    targets.append(torch.sigmoid(logit))
+                    targets.append(logit)
                     obs, reward, _ = core.advance(logit >= 0)
                     rewards.append(reward)
                 returns = discounted_returns(torch.stack(rewards), 1.0)
+                logits = torch.cat(targets)
+                if scale is None:  # once, on the first batch
+                    assert explore is not None
+                    scale = explore_scale(logits, explore)
             o = torch.cat(seen).to(policy.device)
-            p = torch.cat(targets).to(policy.device)
+            p = torch.sigmoid(scale * logits).to(policy.device)
             log_p = torch.log_softmax(action_logits(policy, o), dim=1)  # (N*B, 2)
             actor = -(p * log_p[:, 1] + (1 - p) * log_p[:, 0]).mean()
             value = F.mse_loss(policy.predict_values(o).flatten(), returns.reshape(-1).to(policy.device))
@@ -216,6 +224,7 @@ def distill_from_gates(
             "agreement": float(torch.stack(agree).mean()),
             "actor_loss": float(torch.stack(actor_losses).mean()),
             "value_loss": float(torch.stack(value_losses).mean()),
+            "scale": float(scale or 1.0),
         }
     bar.close()
     return record
@@ -260,6 +269,10 @@ class SB3Config:
     distill_epochs: int = option(0, COUNT)
     """ppo, a2c on a skip-ready backbone: epochs of behaviour cloning of the recipe's gates before RL (the policy
     starts from the gates' decisions; its threshold is then calibrated to --joint-budget on validation); 0: new"""
+    distill_explore: float | None = option(None, EXPLORE)
+    """ppo, a2c with --distill-epochs: the cloned policy leaves the gates' decisions with this probability (their
+    p(execute) sharpened by one scale, as --hrl-explore does; default: the gates' own p(execute), close to coin flips
+    for joint SP's thresholded gates, which RL then samples from)"""
     early_exit: bool = False
     """ppo, a2c, recurrent_ppo: decide in SkipNet-v0 with its exit action (2: this block and every later one skipped,
     the image classified from there: by the head where it reads any depth, a ViT; on a CNN by exit heads fitted beside
@@ -320,7 +333,7 @@ def _sb3(algo: str, env_id: EnvId = "SkipNet-v0") -> AgentSpec:
                 raise ValueError(f"--distill-epochs applies to {', '.join(DISTILLABLE)} (block by block), not {algo}")
             fit = distill_from_gates(
                 model, recipe_gates(ctx), ctx.backbone, ctx.train_data, ctx.device, ctx.options.distill_epochs,
-                ctx.cfg.alpha, ctx.cfg.seed, ctx.cfg.precision, ctx.cfg.progress,
+                ctx.cfg.alpha, ctx.cfg.seed, ctx.cfg.precision, ctx.cfg.progress, ctx.options.distill_explore,
             )  # fmt: skip
             log.info(
                 "%s starts from the recipe's gates: %d epochs of behaviour cloning, the policy's greedy decision is "

@@ -87,6 +87,34 @@ def test_ppo_cloned_from_gates_takes_their_decisions_and_a_threshold_moves_them(
     assert sum(fewer.execute_rate) == 0  # no block is that likely
 
 
+def test_a_clone_of_thresholded_gates_starts_from_their_decisions_with_distill_explore():
+    """Joint SP's gates have logits near 0 (thresholds, not probabilities): cloned as they are, the
+    policy RL samples from flips coins; ``--distill-explore`` sharpens the targets by one scale, so
+    the cloned policy takes the gates' decisions with high probability."""
+    import torch
+
+    from agents.gates import create_gates
+    from agents.sb3_agents import action_logits, build_model, distill_from_gates
+
+    net, data, cpu = tiny_backbone(), backbones.load_dataset("digits", "val"), torch.device("cpu")
+    gates = create_gates("ff1", net).eval()
+    pattern = [k % 2 == 0 for k in range(gates.num_gates)]
+    with torch.no_grad():
+        for gate, run in zip(gates.gates, pattern):
+            gate[-2].weight.zero_()
+            gate[-2].bias.fill_(0.02 if run else -0.02)  # the right decision, barely
+    env = make_sb3_env(32, "SkipNet-v0", backbone=net, dataset=data, device="cpu")
+    obs = torch.as_tensor(env.reset()).float()  # the first block's observations
+    taken = {}
+    for explore in (None, 0.05):
+        model = build_model("ppo", env, seed=0, device=cpu, episode_length=gates.num_gates)
+        fit = distill_from_gates(model, gates, net, data, cpu, epochs=40, alpha=0.5, explore=explore)
+        assert (fit["scale"] > 50) == (explore is not None)
+        with torch.no_grad():
+            taken[explore] = torch.softmax(action_logits(model.policy, obs), 1)[:, int(pattern[0])].mean().item()
+    assert taken[None] < 0.6 and taken[0.05] > 0.8
+
+
 def test_no_timesteps_is_only_for_a_cloned_policy():
     from agents.sb3_agents import SB3Config
 
