@@ -73,9 +73,10 @@ class RecipeHRLConfig:
     baseline: Literal["self_critical", "batch_mean", "none"] = "self_critical"
     """skip_ready: REINFORCE's baseline in the recipe's HRL: self_critical (the greedy route's return on the same
     image: a second forward of every batch, about a third of an iteration), batch_mean (none), none"""
-    explore: float | None = option(None, EXPLORE)
+    explore: float | None = option(0.1, EXPLORE)
     """skip_ready: the recipe's HRL samples each decision off joint SP's greedy one with this probability at its start
-    (--hrl-explore; default: the gates' own probabilities, close to coin flips for joint SP's thresholded gates)"""
+    (--hrl-explore; 0.1 chosen on validation over 0.03 and None, the gates' own probabilities, which for joint SP's
+    thresholded gates are close to coin flips: BENCHMARKS.md section 18)"""
     keep: Literal["validation", "always"] = "validation"
     """skip_ready: validation: HRL's network and gates are kept only where, both calibrated to the budget, they score
     at least joint SP's on validation images (else the stage hands joint SP's on: BENCHMARKS.md section 12, a harder
@@ -100,8 +101,9 @@ class RecipeHRLConfig:
 def recipe_hrl_identity(cfg: RecipeHRLConfig, budget: float | None, seed: int, precision: str) -> dict[str, Any]:
     """What names the stage in a checkpoint's metadata and its cache key (with the joint backbone's)."""
     named = dataclasses.asdict(cfg)
-    for option_name, default in (("baseline", "self_critical"), ("explore", None)):
-        if named[option_name] == default:  # named only when changed: the stages cached before it keep their keys
+    # named only where they differ from the stage before them, so that the stages cached then keep their keys
+    for option_name, before in (("baseline", "self_critical"), ("explore", None)):
+        if named[option_name] == before:
             del named[option_name]
     return {**named, "budget": budget, "seed": seed, "precision": precision}
 

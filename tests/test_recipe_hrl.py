@@ -121,12 +121,13 @@ def test_the_baseline_names_the_stage_only_when_changed():
 
 
 def test_explore_names_the_stage_only_when_set():
-    """--recipe-hrl-explore: unset, the stages cached before it keep their keys; set, another stage,
-    and the trainer gets it."""
+    """--recipe-hrl-explore (0.1 by default): None, the gates' own probabilities, keeps the keys of the
+    stages cached before the option; a value is another stage, and the trainer gets it."""
     from agents.recipe_hrl import RecipeHRLConfig, recipe_hrl_identity
 
-    default = recipe_hrl_identity(RecipeHRLConfig(), 0.5, 0, "fp32")
-    assert "explore" not in default and RecipeHRLConfig().hybrid().hrl_explore is None
+    before = recipe_hrl_identity(RecipeHRLConfig(explore=None), 0.5, 0, "fp32")
+    assert "explore" not in before and RecipeHRLConfig(explore=None).hybrid().hrl_explore is None
+    assert recipe_hrl_identity(RecipeHRLConfig(), 0.5, 0, "fp32") == {**before, "explore": 0.1}
     explore = RecipeHRLConfig(explore=0.05)
-    assert recipe_hrl_identity(explore, 0.5, 0, "fp32") == {**default, "explore": 0.05}
+    assert recipe_hrl_identity(explore, 0.5, 0, "fp32") == {**before, "explore": 0.05}
     assert explore.hybrid().hrl_explore == 0.05
