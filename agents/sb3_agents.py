@@ -269,10 +269,10 @@ class SB3Config:
     distill_epochs: int = option(0, COUNT)
     """ppo, a2c on a skip-ready backbone: epochs of behaviour cloning of the recipe's gates before RL (the policy
     starts from the gates' decisions; its threshold is then calibrated to --joint-budget on validation); 0: new"""
-    distill_explore: float | None = option(None, EXPLORE)
+    distill_explore: float | None = option(0.1, EXPLORE)
     """ppo, a2c with --distill-epochs: the cloned policy leaves the gates' decisions with this probability (their
-    p(execute) sharpened by one scale, as --hrl-explore does; default: the gates' own p(execute), close to coin flips
-    for joint SP's thresholded gates, which RL then samples from)"""
+    p(execute) sharpened by one scale, as --hrl-explore does; 0.1 chosen on validation over None, the gates' own
+    p(execute), close to coin flips for joint SP's thresholded gates: BENCHMARKS.md section 18)"""
     early_exit: bool = False
     """ppo, a2c, recurrent_ppo: decide in SkipNet-v0 with its exit action (2: this block and every later one skipped,
     the image classified from there: by the head where it reads any depth, a ViT; on a CNN by exit heads fitted beside
