@@ -80,6 +80,16 @@ def _parser_type(tp: Any) -> tuple[Any, dict[str, Any]]:
     return tp, {}
 
 
+def _or_none(kind: Any) -> Any:
+    """argparse ``type`` of an option that may be ``None``: ``None`` as the word, else ``kind``."""
+
+    def parse(text: str) -> Any:
+        return None if text == "None" else kind(text)
+
+    parse.__name__ = kind.__name__  # argparse's error names the type: "invalid float value"
+    return parse
+
+
 def parse_value(cls: type, name: str, text: str) -> Any:
     """``text`` as option ``name`` of configuration ``cls`` takes it from its flag (its type and
     choices; ``None`` where the option allows it; booleans as true / false / 1 / 0)."""
@@ -141,7 +151,7 @@ def build_parser(cls: type, description: str | None = None, epilog: str | None =
         if kind is bool:
             extra = {"action": argparse.BooleanOptionalAction}
         else:
-            extra["type"] = kind
+            extra["type"] = _or_none(kind) if type(None) in typing.get_args(opt.hint) else kind
         former = [flag(f) for f in opt.field.metadata.get("was", ())]  # renamed options keep their old flags
         groups[where].add_argument(flag(name), *former, dest=name, default=defaults[name], help=help_text, **extra)
     return parser

@@ -142,3 +142,15 @@ def test_a_renamed_option_keeps_its_old_flag_and_stored_runs_build():
     cfg = resumed_config(RunConfig(checkpoint="x.pt"), stored, given=set())
     assert cfg.hybrid.finetune_lr == 3e-4 and cfg.hybrid.sp_lr == 0.01
     assert build(RunConfig, {"backbone_lr": 5e-5}).hybrid.finetune_lr == 5e-5
+
+
+def test_an_option_that_may_be_none_takes_none_from_the_command_line():
+    """``--recipe-hrl-explore None`` (the gates' own probabilities) and ``--joint-budget None`` (alpha
+    prices compute): an option whose default is a value can be set back to ``None``; a bad value
+    still names the type."""
+    from experiments.cli import parse
+
+    cfg = parse(RunConfig, ["--recipe-hrl-explore", "None", "--joint-budget", "None", "--backbone-epochs", "3"])
+    assert cfg.recipe_hrl.explore is None and cfg.joint.budget is None and cfg.backbone_epochs == 3
+    with pytest.raises(SystemExit):
+        parse(RunConfig, ["--recipe-hrl-explore", "abc"])
