@@ -9,8 +9,11 @@ cross-entropy through the blocks the sampled routes execute: the paper's HRL, :c
 HybridTrainer` with the backbone fine-tuned. The result is a skip-ready backbone checkpoint like joint
 SP's (``metadata["skip_ready"]`` holds joint SP's record and this stage's, ``hrl``), with the gates HRL
 trained beside it; from there on it is frozen and every agent routes it (SkipNet's gates start from
-its gates, PPO may too). Validation chose this stage (BENCHMARKS.md section 12: +0.72 points on
-validation over joint SP alone at 50% of the FLOPs, 3 seeds).
+its gates, PPO may too). Joint SP's gates are thresholds, with logits close to 0: HRL samples from
+``sigmoid(s x logit)``, ``s`` set at its start so that a decision leaves the greedy one 10% of the
+time (``explore``), not from their own near-coin-flip probabilities. Validation chose this stage
+(BENCHMARKS.md section 18: +1.43 points on validation over joint SP alone at 50% of the FLOPs, 3
+seeds, each with its own base network; test +1.69).
 
 The stage is keyed by everything that changes its result: the joint backbone and gates, this
 stage's options, the budget, the seed, the precision and the training images. It writes its
@@ -59,9 +62,9 @@ class RecipeHRLConfig:
 
     flag_prefix: ClassVar[str] = "recipe_hrl_"
 
-    iterations: int = option(500, COUNT)
-    """skip_ready: HRL iterations after joint SP, one batch of --recipe-hrl-batch episodes each (0: no HRL stage; 500
-    chosen on validation over 1,000: BENCHMARKS.md section 12)"""
+    iterations: int = option(300, COUNT)
+    """skip_ready: HRL iterations after joint SP, one batch of --recipe-hrl-batch episodes each (0: no HRL stage; 300:
+    validation ties 500 with --recipe-hrl-explore 0.1, at 40% less time: BENCHMARKS.md section 18)"""
     lr: float = option(1e-4, POSITIVE)
     """skip_ready: Adam learning rate of the gates in the recipe's HRL"""
     finetune_lr: float = option(1e-4, POSITIVE)
