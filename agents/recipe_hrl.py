@@ -12,8 +12,8 @@ trained beside it; from there on it is frozen and every agent routes it (SkipNet
 its gates, PPO may too). Joint SP's gates are thresholds, with logits close to 0: HRL samples from
 ``sigmoid(s x logit)``, ``s`` set at its start so that a decision leaves the greedy one 10% of the
 time (``explore``), not from their own near-coin-flip probabilities. Validation chose this stage
-(BENCHMARKS.md section 18: +1.43 points on validation over joint SP alone at 50% of the FLOPs, 3
-seeds, each with its own base network; test +1.69).
+(BENCHMARKS.md section 18: +1.42 points on validation over joint SP alone at 50% of the FLOPs with
+its 300 iterations, 3 seeds, each with its own base network; test +1.55).
 
 The stage is keyed by everything that changes its result: the joint backbone and gates, this
 stage's options, the budget, the seed, the precision and the training images. It writes its
