@@ -14,7 +14,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -23,8 +23,9 @@ from backbones.base import Backbone
 from backbones.batching import batches, global_batch_sizes
 from backbones.checkpoint import atomic_save, backbone_metadata, check_metadata, load_backbone, safe_load
 from backbones.data import Dataset, data_fingerprint, load_splits, with_flip
-from backbones.device import PRECISIONS, Precision, precision_name, resolve_device, seed_everything, training_dtype
+from backbones.device import Precision, precision_name, resolve_device, seed_everything, training_dtype
 from backbones.distributed import Ranks, ranks, synced_batchnorm, syncs_batchnorm
+from backbones.options import COUNT, POSITIVE_INT, Rule, check_options, option
 from backbones.progress import progress_bar
 from backbones.registry import create, options
 from backbones.splits import SPLITS
@@ -43,8 +44,39 @@ OPTIMIZER_DEFAULTS: dict[str, dict[str, float]] = {
 
 
 @dataclass
-class TrainConfig:
+class BaseTraining:
+    """How the base network trains, where run.py trains it (its --backbone-* options; train_backbone.py's own)."""
+
+    flag_prefix: ClassVar[str] = "backbone_"
+
+    epochs: int | None = option(None, POSITIVE_INT)
+    """training epochs (default: 10 on cluttered_digits, 30 elsewhere)"""
+    drop_rate: float = option(0.5, Rule(lambda v: 0.0 <= v < 1.0, "in [0, 1)"))
+    """stochastic depth: drop rate of the last block (0 disables)"""
+    drop_schedule: Literal["linear", "uniform"] = "linear"
+    """stochastic depth: linear (decaying to 0 at the first block) or uniform (every block but the first)"""
+    flip: bool | None = None
+    """horizontal-flip augmentation (default: the data set's own: on for CIFAR and your own images, off for digits
+    and SVHN)"""
+    accumulate: int = option(1, POSITIVE_INT)
+    """split each step's images (this rank's part of the batch) into this many micro-batches whose gradients add up
+    to the step's: for a batch that does not fit in memory (BatchNorm then normalises over each micro-batch)"""
+    seed: int | None = option(None, COUNT)
+    """seed of the training: python, numpy and torch (default: run.py's --seed, so that every seed trains its own base
+    network; 0 in train_backbone.py)"""
+    precision: Precision = option("fp32", was=("train_precision",))
+    """training precision (run.py: of joint SP too): fp32, bf16 (autocast: the weights stay fp32; named in the cached
+    networks' keys) or auto (bf16 on a CUDA GPU of the Ampere generation or newer, fp32 elsewhere)"""
+
+    def __post_init__(self) -> None:
+        check_options(self)
+
+
+@dataclass
+class TrainConfig(BaseTraining):
     """Train a frozen-to-be residual backbone on a data set."""
+
+    flag_prefix: ClassVar[str] = ""
 
     arch: str = "cifar_resnet38"
     """backbone registry name (see backbones.list_backbones())"""
@@ -58,13 +90,8 @@ class TrainConfig:
     """channel multiplier of CIFAR ResNets"""
     image_size: int | None = None
     """square input side (default: the data set's own; 16 for digits)"""
-    epochs: int | None = None
-    """training epochs (default: 10 on cluttered_digits, 30 elsewhere)"""
     batch_size: int = 128
     """images per step"""
-    accumulate: int = 1
-    """split each step's images (this rank's part of the batch) into this many micro-batches whose gradients add up
-    to the step's: for a batch that does not fit in memory (BatchNorm then normalises over each micro-batch)"""
     optimizer: Literal["auto", "sgd", "adamw"] = "auto"
     """auto: SGD with Nesterov momentum for CNNs, AdamW for vision transformers"""
     lr: float | None = None
@@ -75,22 +102,10 @@ class TrainConfig:
     """weight decay (default 5e-4 with SGD, 0.05 with AdamW)"""
     model_args: tuple[str, ...] = ()
     """zoo backbones (timm:..., torchvision:...): the model's own keyword arguments, key=value (depth=6 embed_dim=64)"""
-    drop_rate: float = 0.5
-    """stochastic depth: drop rate of the last block (0 disables)"""
-    drop_schedule: str = "linear"
-    """stochastic depth: linear (decaying to 0 at the first block) or uniform (every block but the first)"""
     shift: int = 2
     """random-translation augmentation in pixels (in-memory data sets)"""
-    flip: bool | None = None
-    """horizontal-flip augmentation (default: the data set's own: on for CIFAR and your own images, off for digits
-    and SVHN)"""
-    seed: int = 0
-    """seed for python, numpy and torch"""
     device: str = "auto"
     """torch device: auto, cpu, cuda, cuda:1, ..."""
-    precision: Precision = "fp32"
-    """training precision: fp32, bf16 (autocast: the weights stay fp32) or auto (bf16 on a CUDA GPU of the Ampere
-    generation or newer, fp32 elsewhere)"""
     out: str | None = None
     """checkpoint path (default: checkpoints/{arch}-{dataset}.pt)"""
     resume: bool = True
@@ -103,10 +118,9 @@ class TrainConfig:
     """show a progress bar"""
 
     def __post_init__(self) -> None:
-        if self.precision not in ("auto", *PRECISIONS):
-            raise ValueError(f"unknown --precision {self.precision!r}: use auto, {', '.join(PRECISIONS)}")
-        if self.accumulate < 1:
-            raise ValueError(f"--accumulate must be an integer >= 1, got {self.accumulate}")
+        super().__post_init__()
+        if self.seed is None:
+            self.seed = 0
         if self.epochs is None:
             self.epochs = DEFAULT_EPOCHS.get(self.dataset, 30)
         if self.optimizer == "auto":
@@ -231,20 +245,21 @@ def train(cfg: TrainConfig, splits: dict[str, Dataset] | None = None) -> tuple[B
             log.info("reusing finished backbone %s", path)
             return load_backbone(path, map_location=device, arch=cfg.arch, dataset=cfg.dataset)
 
-    seed_everything(cfg.seed)
+    seed = cfg.seed or 0  # resolved by TrainConfig
+    seed_everything(seed)
     backbone = create(cfg.arch, num_classes=train_data.num_classes, **arch_kwargs).to(device)
     if cfg.drop_rate > 0:
         backbone.set_stochastic_depth(cfg.drop_rate, schedule=cfg.drop_schedule)
     if here.distributed:  # the same initial weights, then each rank its own augmentation and drops
-        torch.manual_seed(here.seed(cfg.seed))
+        torch.manual_seed(here.seed(seed))
 
     epochs = cfg.total_epochs
     steps_per_epoch = math.ceil(len(train_data) / cfg.batch_size)
     total_steps = epochs * steps_per_epoch
     optimizer = make_optimizer(cfg, backbone)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total_steps)))
-    generator = torch.Generator().manual_seed(cfg.seed)
-    start_epoch, run_name = 0, f"backbone__{cfg.dataset}__{cfg.arch}__{cfg.seed}__{int(time.time())}"
+    generator = torch.Generator().manual_seed(seed)
+    start_epoch, run_name = 0, f"backbone__{cfg.dataset}__{cfg.arch}__{seed}__{int(time.time())}"
     if state is not None:
         backbone.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])

@@ -3,8 +3,8 @@
 One tree: the run's own options at the top (the agent, the backbone and data, the cross-cutting
 values every part is given explicitly: ``alpha``, ``budget``, ``seed``, ``device``, ``precision``,
 the batch sizes), and below them the parts each module owns, with their defaults, rules and help
-(the recipe's: :class:`agents.skip_ready.JointConfig`, :class:`agents.recipe_hrl.RecipeHRLConfig`,
-:class:`agents.hybrid.HybridConfig`,
+(:class:`backbones.train.BaseTraining`, :class:`agents.skip_ready.JointConfig`,
+:class:`agents.recipe_hrl.RecipeHRLConfig`, :class:`agents.hybrid.HybridConfig`,
 :class:`agents.gates.RecurrentGateConfig`; and each agent's own, as the agent registered it:
 ``agent_options``, :func:`agents.registry.agent_parts`). The command line sees it flat, one flag per
 option (``--sp-lr``, ``--joint-budget``, ``--blockdrop-width``): :mod:`backbones.options`.
@@ -39,6 +39,7 @@ from backbones.options import (
     replace,
     resumable_options,
 )
+from backbones.train import BaseTraining
 from skipnet_env.core import DEFAULT_ALPHA
 
 BackboneRecipe = Literal["base", "skip_ready"]
@@ -91,21 +92,6 @@ class RunConfig:
     """channel multiplier of CIFAR ResNet backbones"""
     image_size: int | None = option(None, POSITIVE_INT)
     """square input side (default: the data set's own; 16 for digits)"""
-    backbone_epochs: int | None = option(None, POSITIVE_INT)
-    """epochs when the backbone has to be trained first (default: the trainer's for the data set)"""
-    backbone_drop_rate: float = option(0.5, Rule(lambda v: 0.0 <= v < 1.0, "in [0, 1)"))
-    """stochastic depth of the backbone trainer: drop rate of the last block (0 disables)"""
-    backbone_drop_schedule: Literal["linear", "uniform"] = "linear"
-    """stochastic depth of the backbone trainer: linear (decaying to 0 at the first block) or uniform"""
-    backbone_flip: bool | None = None
-    """horizontal flips when the backbone is trained (default: the data set's own: on for CIFAR and your own images,
-    off for digits and SVHN)"""
-    backbone_accumulate: int = option(1, POSITIVE_INT)
-    """micro-batches per step when the backbone is trained (a batch that does not fit; see train_backbone
-    --accumulate)"""
-    backbone_seed: int | None = option(None, COUNT)
-    """seed of the base network's training (default: --seed: every seed trains its own base network, so seeds
-    resample everything a result depends on)"""
     backbone_recipe: BackboneRecipe = "skip_ready"
     """base: the backbone as trained (frozen); skip_ready: the base backbone trained further with its gates (joint
     SP, the paper's recipe), then frozen: every agent runs on it"""
@@ -130,10 +116,6 @@ class RunConfig:
     """torch device: auto, cpu, cuda, ..."""
     precision: Precision = "auto"
     """compute precision of the frozen backbone: auto (bf16 on CUDA, fp32 elsewhere), fp32 or bf16"""
-    train_precision: Precision = "fp32"
-    """precision of the recipe's stages that train the backbone (the base network, joint SP): fp32, bf16 (autocast:
-    the weights stay fp32; named in the cached networks' keys) or auto (bf16 on a CUDA GPU of the Ampere generation
-    or newer, fp32 elsewhere)"""
     num_envs: int | None = option(None, POSITIVE_INT)
     """images per batch in the environment (B; default 128 on the CPU, 1024 on CUDA)"""
     eval_batch: int | None = option(None, POSITIVE_INT, resumable=True)
@@ -143,6 +125,7 @@ class RunConfig:
     checkpoint_every: int = option(CHECKPOINT_EVERY, POSITIVE_INT, resumable=True)
     """hybrid, blockdrop: write the checkpoint every this many iterations"""
     # the parts, each owned by the module it configures: the recipe's, then each agent's own as it registered it
+    backbone_training: BaseTraining = nested(BaseTraining)
     joint: JointConfig = nested(JointConfig)
     recipe_hrl: RecipeHRLConfig = nested(RecipeHRLConfig)
     hybrid: HybridConfig = nested(HybridConfig)

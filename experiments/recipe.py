@@ -4,6 +4,7 @@ and how many epochs the routed network was trained in all (what a same-epochs co
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -54,10 +55,10 @@ def load_backbone_for(cfg: RunConfig, device: torch.device, splits: dict[str, Da
 
 def skip_ready(cfg: RunConfig, device: torch.device, splits: dict[str, Dataset], base: Any, meta: dict) -> tuple:
     """The skip-ready backbone joint SP makes from ``base`` with ``cfg.joint`` (cached), and its metadata."""
-    train = with_flip(splits["train"], cfg.backbone_flip)  # joint SP augments as the base training did
+    train = with_flip(splits["train"], cfg.backbone_training.flip)  # joint SP augments as the base training did
     return get_skip_ready(
         base, meta, train, cfg.joint, JOINT_GATE_KIND, cfg.gates.options(), device,
-        val_data=splits["val"], progress=cfg.progress, seed=cfg.seed, precision=cfg.train_precision,
+        val_data=splits["val"], progress=cfg.progress, seed=cfg.seed, precision=cfg.backbone_training.precision,
     )  # fmt: skip
 
 
@@ -138,14 +139,9 @@ def load_base_backbone(cfg: RunConfig, device: torch.device, splits: dict[str, D
     options(cfg.backbone)  # an unknown name is refused with the valid ones
     overrides: dict[str, Any] = {
         "image_size": train_data.input_size[1],
-        "epochs": cfg.backbone_epochs,
-        "drop_rate": cfg.backbone_drop_rate,
-        "drop_schedule": cfg.backbone_drop_schedule,
-        "accumulate": cfg.backbone_accumulate,
-        "flip": cfg.backbone_flip,
-        "seed": cfg.seed if cfg.backbone_seed is None else cfg.backbone_seed,
+        **dataclasses.asdict(cfg.backbone_training),
+        "seed": cfg.seed if cfg.backbone_training.seed is None else cfg.backbone_training.seed,
         "device": str(device),
-        "precision": cfg.train_precision,
         "progress": cfg.progress,
         "data_root": cfg.data_root,
         "download": cfg.download,

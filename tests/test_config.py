@@ -151,6 +151,6 @@ def test_an_option_that_may_be_none_takes_none_from_the_command_line():
     from experiments.cli import parse
 
     cfg = parse(RunConfig, ["--recipe-hrl-explore", "None", "--joint-budget", "None", "--backbone-epochs", "3"])
-    assert cfg.recipe_hrl.explore is None and cfg.joint.budget is None and cfg.backbone_epochs == 3
+    assert cfg.recipe_hrl.explore is None and cfg.joint.budget is None and cfg.backbone_training.epochs == 3
     with pytest.raises(SystemExit):
         parse(RunConfig, ["--recipe-hrl-explore", "abc"])

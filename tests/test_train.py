@@ -149,5 +149,5 @@ def test_bf16_training_autocasts_the_forward_and_keeps_fp32_weights(tmp_path):
         assert meta["train_config"]["precision"] == precision
     assert all(p.dtype == torch.float32 for p in nets["bf16"].parameters())
     assert not torch.equal(nets["bf16"].head[2].weight, nets["fp32"].head[2].weight)
-    with pytest.raises(ValueError, match="unknown --precision 'fp16': use auto, fp32, bf16"):
+    with pytest.raises(ValueError, match="--precision must be one of auto, fp32, bf16, got 'fp16'"):
         TrainConfig(precision="fp16")  # type: ignore[arg-type]
