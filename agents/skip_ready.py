@@ -40,14 +40,14 @@ import torch
 from agents.compute_price import ComputePrice, SpendingMeter
 from agents.gates import GatePolicy, create_gates
 from agents.hybrid import SPNetwork, sp_loss
-from agents.trainer import check_losses, check_weights
+from agents.trainer import Trainer
 from backbones.base import FIRST_GATED, Backbone
 from backbones.batching import batches, global_batch_sizes
 from backbones.cache import building, cache_dir, content_key, file_name
-from backbones.checkpoint import atomic_save, backbone_metadata, fingerprint, load_backbone, safe_load
+from backbones.checkpoint import backbone_metadata, fingerprint, load_backbone, safe_load
 from backbones.data import Dataset, ImageTensors
 from backbones.device import precision_name, seed_everything, training_dtype
-from backbones.distributed import ranks, synced_batchnorm, syncs_batchnorm
+from backbones.distributed import synced_batchnorm, syncs_batchnorm
 from backbones.options import COUNT, FLOPS_FRACTION, NON_NEGATIVE, POSITIVE, POSITIVE_INT, UNIT, check_options, option
 from backbones.progress import progress_bar
 from backbones.train import full_accuracy
@@ -113,9 +113,10 @@ class JointConfig:
         return dataclasses.replace(self, epochs=max(DEFAULT_EPOCHS, math.ceil(MIN_STEPS / steps)))
 
 
-class JointTrainer:
+class JointTrainer(Trainer):
     """Trains ``backbone`` and ``gates`` together; writes a skip-ready backbone checkpoint at
-    ``checkpoint`` after every epoch (atomically) and resumes an unfinished one exactly.
+    ``checkpoint`` after every epoch (atomically, on the trainers' skeleton: :class:`agents.trainer.Trainer`)
+    and resumes an unfinished one exactly.
 
     Args:
         backbone: the trained base network (modified in place).
@@ -145,15 +146,17 @@ class JointTrainer:
         seed: int = 0,
         autocast: torch.dtype | None = None,
     ) -> None:
-        self.backbone, self.gates, self.data, self.cfg = backbone.to(device), gates.to(device), data, cfg
-        self.seed, self.autocast = seed, autocast
+        cfg = cfg.resolved(len(data))
+        super().__init__(
+            cfg, device, checkpoint, dict(metadata or {}), None, progress, num_envs=cfg.batch_size, seed=seed
+        )
+        self.backbone, self.gates, self.data, self.autocast = backbone.to(device), gates.to(device), data, autocast
         # the data's identity, where every backbone checkpoint has it (load_backbone checks it there)
         self.identity = {} if data_fingerprint is None else {"data_fingerprint": data_fingerprint}
-        self.device, self.checkpoint, self.dataset = device, Path(checkpoint), dataset
-        self.metadata, self.progress = dict(metadata or {}), progress
+        self.dataset = dataset
+        self.extra: dict[str, Any] = {}  # the finished stage's figures, and how it ran: into the metadata
         self.backbone.requires_grad_(True)
         self.steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
-        self.cfg = cfg = cfg.resolved(len(data))
         self.epochs: int = cfg.epochs  # type: ignore[assignment]  # resolved
         total = self.epochs * self.steps_per_epoch
         self.backbone_opt = torch.optim.SGD(
@@ -167,7 +170,7 @@ class JointTrainer:
             self.backbone_opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
         )
         self.gate_opt = torch.optim.Adam(self.gates.parameters(), lr=cfg.gate_lr)
-        self.ranks = here = ranks()  # under torchrun: each rank its part of every batch, rank 0 writes
+        here = self.ranks  # under torchrun: each rank its part of every batch, rank 0 writes
         here.check_same("the training images' fingerprint", data.fingerprint)
         self.generator = torch.Generator().manual_seed(seed)  # data order (the same on every rank)
         # the gates' samples and the augmentation: each rank its own stream
@@ -175,66 +178,67 @@ class JointTrainer:
         if here.distributed:
             torch.manual_seed(here.seed(seed))
         self.price = ComputePrice(cfg.alpha, cfg.budget, device, ranks=here)
-        self.epoch = 0
         self.history: list[dict[str, float]] = []
 
-    def save(self, complete: bool, **extra: Any) -> None:
-        streams = self.ranks.gather((torch.get_rng_state(), self.noise.get_state()))  # every rank's
-        if not self.ranks.main:
-            return
+    @property
+    def epoch(self) -> int:
+        """Epochs done (the skeleton's ``done_units``)."""
+        return self.done_units
+
+    def trained_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return [*self.backbone.named_parameters(), *(("gates." + n, p) for n, p in self.gates.named_parameters())]
+
+    def checkpoint_metadata(self) -> dict[str, Any]:
+        """A backbone checkpoint's metadata (:func:`load_backbone` reads it), saying how joint SP made it."""
         if self.ranks.distributed:  # how it was trained: the ranks, and whose BatchNorm statistics
-            extra["data_parallel"] = {
+            self.extra["data_parallel"] = {
                 "ranks": self.ranks.world,
                 "sync_bn": syncs_batchnorm(self.ranks, self.cfg.batch_size),
             }
-        meta = backbone_metadata(
+        return backbone_metadata(
             self.backbone,
             self.dataset,
-            complete=complete,
+            complete=self.stage == "done",
             skip_ready={**self.metadata, "joint_config": joint_identity(self.cfg, self.seed), "history": self.history},
+            stage=self.stage,
+            done_units=self.done_units,
             **self.identity,
-            **extra,
-        )
-        atomic_save(
-            {
-                "metadata": meta,
-                "model": self.backbone.state_dict(),
-                "gates": self.gates.state_dict(),
-                "backbone_opt": self.backbone_opt.state_dict(),
-                "schedule": self.schedule.state_dict(),
-                "gate_opt": self.gate_opt.state_dict(),
-                "generator": self.generator.get_state(),
-                "noise": self.noise.get_state(),
-                "torch_rng": torch.get_rng_state(),
-                **({"world": self.ranks.world, "rank_streams": streams} if self.ranks.distributed else {}),
-                "epoch": self.epoch,
-                "price": self.price.state_dict(),
-            },
-            self.checkpoint,
+            **self.extra,
         )
 
-    def resume(self, state: dict[str, Any]) -> None:
-        """Continue from an unfinished checkpoint of this stage, bit for bit (on as many ranks as
-        wrote it: each rank's random streams are its own)."""
-        if state.get("world", 1) != self.ranks.world:
-            raise ValueError(
-                f"{self.checkpoint} is joint SP on {state.get('world', 1)} rank(s), resumed on {self.ranks.world}: "
-                f"resume it on {state.get('world', 1)} rank(s) (each rank's random streams are in the checkpoint)"
-            )
+    def training_state(self) -> dict[str, Any]:
+        return {
+            "model": self.backbone.state_dict(),
+            "gates": self.gates.state_dict(),
+            "backbone_opt": self.backbone_opt.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "gate_opt": self.gate_opt.state_dict(),
+            "generator": self.generator.get_state(),
+            "epoch": self.epoch,
+            "price": self.price.state_dict(),
+            **self.rank_state(),
+        }
+
+    def rank_state(self) -> dict[str, Any]:
+        return {"torch_rng": torch.get_rng_state(), "noise": self.noise.get_state()}
+
+    def load_training_state(self, state: dict[str, Any]) -> None:
+        """Continue from an unfinished checkpoint of this stage, bit for bit (one written before joint SP
+        was on the skeleton too: its epoch, and its ranks' streams as ``rank_streams``)."""
         self.backbone.load_state_dict(state["model"])
         self.gates.load_state_dict(state["gates"])
         self.backbone_opt.load_state_dict(state["backbone_opt"])
         self.schedule.load_state_dict(state["schedule"])
         self.gate_opt.load_state_dict(state["gate_opt"])
         self.generator.set_state(state["generator"])
-        torch_rng, noise = state["rank_streams"][self.ranks.rank] if self.ranks.distributed else (
-            state["torch_rng"], state["noise"])  # fmt: skip
+        torch_rng, noise = state["torch_rng"], state["noise"]
+        if "rank_streams" in state:
+            torch_rng, noise = state["rank_streams"][self.ranks.rank]
         self.noise.set_state(noise.cpu())
         torch.set_rng_state(torch_rng.cpu())
         self.price.load_state_dict(state["price"])
-        self.epoch = int(state["epoch"])
+        self.done_units = int(state["epoch"])
         self.history = list(state["metadata"]["skip_ready"].get("history", []))
-        log.info("resuming joint SP %s at epoch %d", self.checkpoint, self.epoch)
 
     def train(self, val_data: Dataset | None = None) -> tuple[Backbone, GatePolicy]:
         with synced_batchnorm(self.backbone, self.device, self.ranks, self.cfg.batch_size):
@@ -297,14 +301,10 @@ class JointTrainer:
                 losses.append(loss)
                 rates.append(executed.detach().mean())
                 bar.update(1)
-            # the trainers' one divergence guard (agents.trainer): a runaway loss or weight stops the stage
+            # the trainers' one divergence guard: a runaway loss stops the stage here, a runaway weight in save(),
             # before a checkpoint holds it
-            check_losses(losses, f"joint SP (epoch {epoch + 1}; lower --joint-lr)", self.checkpoint)
-            check_weights(
-                [*self.backbone.named_parameters(), *(("gates." + n, p) for n, p in self.gates.named_parameters())],
-                self.checkpoint,
-            )
-            self.epoch = epoch + 1
+            self.check_losses(losses, f"joint SP (epoch {epoch + 1}; lower --joint-lr)")
+            self.done_units = epoch + 1
             record = {
                 "epoch": float(self.epoch),
                 "loss": float(torch.stack(losses).mean()),
@@ -323,12 +323,12 @@ class JointTrainer:
                 record["compute_weight"],
                 record["seconds"],
             )
-            done = self.epoch == self.epochs
-            extra: dict[str, Any] = {}
-            if done and val_data is not None:
-                val = full_accuracy(self.backbone.eval(), val_data, self.device, ranks=here)
-                extra["val_accuracy_all_blocks"] = val
-            self.save(complete=done, **extra)
+            if self.epoch == self.epochs:
+                self.stage = "done"
+                if val_data is not None:
+                    val = full_accuracy(self.backbone.eval(), val_data, self.device, ranks=here)
+                    self.extra["val_accuracy_all_blocks"] = val
+            self.save()
         bar.close()
 
 

@@ -145,6 +145,10 @@ class Trainer:
         rank, and given back to each rank's :meth:`load_training_state` in place of rank 0's."""
         return {}
 
+    def checkpoint_metadata(self) -> dict[str, Any]:
+        """The checkpoint's ``metadata``: the run's identity, where the run stands, the settings."""
+        return {**self.metadata, "stage": self.stage, "done_units": self.done_units, **self.config_metadata()}
+
     def config_metadata(self) -> dict[str, Any]:
         """Entries of the checkpoint's metadata that describe the trainer's settings."""
         return {"trainer_config": {**dataclasses.asdict(self.cfg), "seed": self.seed, "precision": self.precision}}
@@ -156,9 +160,8 @@ class Trainer:
         self.check_weights()
         streams = self.ranks.gather(self.rank_state()) if self.ranks.distributed else []
         if self.ranks.main:
-            metadata = {**self.metadata, "stage": self.stage, "done_units": self.done_units, **self.config_metadata()}
             ranked = {"world": self.ranks.world, "rank_states": streams} if streams else {}
-            atomic_save({"metadata": metadata, **self.training_state(), **ranked}, self.checkpoint)
+            atomic_save({"metadata": self.checkpoint_metadata(), **self.training_state(), **ranked}, self.checkpoint)
         self.ranks.barrier()  # no rank goes on (or ends) before the checkpoint is written
 
     def resume(self, state: dict[str, Any] | None = None) -> None:
@@ -171,10 +174,11 @@ class Trainer:
                 f"{self.checkpoint} was written by a run on {state.get('world', 1)} rank(s), resumed on "
                 f"{self.ranks.world}: resume it on {state.get('world', 1)} (each rank's random streams are in it)"
             )
-        if self.ranks.distributed:
+        if self.ranks.distributed and "rank_states" in state:
             state = {**state, **state["rank_states"][self.ranks.rank]}
-        self.load_training_state(state)
-        self.stage, self.done_units = state["metadata"]["stage"], int(state["metadata"]["done_units"])
+        self.load_training_state(state)  # a checkpoint without stage and units: the subclass set them
+        meta = state["metadata"]
+        self.stage, self.done_units = meta.get("stage", self.stage), int(meta.get("done_units", self.done_units))
         log.info("resuming %s at stage %s, %d done", self.checkpoint, self.stage, self.done_units)
 
     # -- the divergence guard ---------------------------------------------------------------

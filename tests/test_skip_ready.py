@@ -84,11 +84,18 @@ def test_accumulated_joint_sp_takes_the_steps_of_whole_batches(digits_train, tmp
 
 
 @pytest.mark.slow
-def test_joint_sp_resumes_bit_for_bit(digits_train, tmp_path):
+@pytest.mark.parametrize("written", ["skeleton", "before_skeleton"])
+def test_joint_sp_resumes_bit_for_bit(written, digits_train, tmp_path):
+    """From its own checkpoint, and from one written before joint SP was on the trainers' skeleton
+    (no ``stage`` and ``done_units`` in its metadata: the epoch is read from the state)."""
     whole, _ = _trainer(tiny_backbone(20), digits_train, tmp_path / "whole.pt", epochs=2).train()
 
     state_after_one = _one_epoch(_trainer(tiny_backbone(20), digits_train, tmp_path / "split.pt", epochs=2))
     assert state_after_one["epoch"] == 1 and not state_after_one["metadata"]["complete"]
+    assert (state_after_one["metadata"]["stage"], state_after_one["metadata"]["done_units"]) == ("train", 1)
+    if written == "before_skeleton":
+        meta = {k: v for k, v in state_after_one["metadata"].items() if k not in ("stage", "done_units")}
+        state_after_one = {**state_after_one, "metadata": meta}
     torch.manual_seed(1234)  # the process's RNG moved on: resume must restore it
     resumed = _trainer(tiny_backbone(20), digits_train, tmp_path / "split.pt", epochs=2)
     resumed.resume(state_after_one)
