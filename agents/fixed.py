@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -33,9 +33,11 @@ FIXED_POLICY_BUDGET = 0.6
 class FixedConfig:
     """The data-independent baselines (random, static), at the run's --budget."""
 
-    rate: float | None = option(None, UNIT)
+    flag_prefix: ClassVar[str] = "fixed_"
+
+    rate: float | None = option(None, UNIT, was=("rate",))
     """random: execute probability of each gated block (default: the rate that spends --budget)"""
-    static_mix: bool = True
+    static_mix: bool = option(True, was=("static_mix",))
     """static: spend --budget exactly on average, running the next larger subset on a random share of images"""
 
     def __post_init__(self) -> None:
@@ -236,7 +238,7 @@ def _budget(ctx: AgentContext) -> float:
 
 
 def _random_rate(ctx: AgentContext) -> float:
-    """``--rate``, or the rate at which random skipping spends ``--budget`` of the FLOPs."""
+    """``--fixed-rate``, or the rate at which random skipping spends ``--budget`` of the FLOPs."""
     if ctx.options.rate is not None:
         return ctx.options.rate
     return random_rate_for_budget(ctx.backbone, _budget(ctx))
@@ -268,7 +270,7 @@ register_agent(
     "random",
     AgentSpec(
         _train_random, lambda ctx, s: RandomPolicy(float(s["rate"]), ctx.cfg.seed), role="matched",
-        takes_budget=True, options=FixedConfig, part="fixed", smoke=("--rate", "0.5"),
+        takes_budget=True, options=FixedConfig, part="fixed", smoke=("--fixed-rate", "0.5"),
     ),
 )  # fmt: skip
 register_agent(

@@ -42,7 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -55,7 +55,18 @@ from agents.trainer import RunValues, Trainer
 from backbones.base import Backbone, skip
 from backbones.batching import batches, global_batch_sizes
 from backbones.data import Dataset
-from backbones.options import COUNT, NON_NEGATIVE, POSITIVE, POSITIVE_INT, UNIT, Rule, check_options, option
+from backbones.options import (
+    COUNT,
+    NON_NEGATIVE,
+    POSITIVE,
+    POSITIVE_INT,
+    UNIT,
+    Rule,
+    build,
+    check_options,
+    nested,
+    option,
+)
 from backbones.progress import progress_bar
 from skipnet_env.core import SKIPNET_REWARD, BatchedRouting
 from skipnet_env.engine import freeze
@@ -74,71 +85,93 @@ HRL_ITERATIONS = 500
 
 
 @dataclass
-class HybridConfig:
-    """SkipNet's hybrid trainer (hybrid_rnn, hybrid_ff, hybrid_ff2): supervised pre-training (SP), then hybrid RL.
+class SPConfig:
+    """hybrid_rnn, hybrid_ff, hybrid_ff2: supervised pre-training (SP) of the gates on the frozen backbone."""
 
-    The run's compute price (``alpha``, ``budget``), seed, precision and batch are not here: they are
-    the run's, given to :class:`HybridTrainer` as they are."""
+    flag_prefix: ClassVar[str] = "sp_"
 
-    sp_epochs: int | None = option(None, COUNT)
-    """hybrid: supervised pre-training epochs on the frozen backbone (default: 10, except hybrid_rnn on a skip-ready
-    backbone: 0, its gates as joint SP trained them for --joint-budget or --budget, or 3 when --alpha asks for another
-    compute)"""
-    sp_batch: int = option(128, POSITIVE_INT)
-    """hybrid: images per SP step, on every device (SP's learning rate and steps are tuned for it; --num-envs sizes
-    the environment's batch)"""
-    sp_lr: float = option(3e-3, POSITIVE, resumable=True)
-    """hybrid: Adam learning rate of the gates in supervised pre-training"""
-    sp_alpha: float | None = option(None, NON_NEGATIVE)
-    """hybrid: weight of compute in SP's loss (default: --alpha; 0 is the paper's SP, cross-entropy alone)"""
-    sp_sample: bool = True
-    """hybrid: SP gates are samples (logistic noise before the threshold, straight-through), not thresholds"""
-    sp_alpha_warmup: int = option(3, COUNT)
-    """hybrid: SP epochs over which the compute weight ramps up linearly from 0 (0: full weight at once)"""
-    hrl_iterations: int | None = option(None, COUNT)
-    """hybrid: REINFORCE iterations, one batch of num_envs episodes each (default: 500 on the base recipe; 0 on a
-    skip-ready backbone, where the recipe's own HRL trained the gates and the network: --recipe-hrl-iterations)"""
-    hrl_lr: float = option(1e-4, POSITIVE, resumable=True)
-    """hybrid: Adam learning rate of the gates in hybrid RL"""
-    hrl_explore: float | None = option(None, EXPLORE)
-    """hybrid: HRL samples each decision from sigmoid(s x logit), the scale s set once at HRL's start so that a sampled
-    decision differs from the greedy one (p >= 0.5) with this probability, on average over the first batch's greedy
-    routes. Gates trained with hard thresholds (joint SP's) have logits near 0: sampled as they are, their routes are
-    close to coin flips. Default: s = 1, the gates' own probabilities"""
-    gamma: float = option(1.0, UNIT)
-    """hybrid: discount of the per-gate returns"""
-    baseline: Baseline = "self_critical"
-    """hybrid: REINFORCE baseline: self_critical (the greedy route's return on the same image), batch_mean, none"""
-    rl_weight: float = option(0.01, NON_NEGATIVE)
-    """hybrid: weight of the REINFORCE term beside the cross-entropy (paper: 0.01)"""
-    finetune_backbone: bool | None = None
-    """hybrid: HRL trains the backbone too, by cross-entropy through the executed blocks (what the recipe's HRL does;
-    BatchNorm statistics stay frozen; the fine-tuned backbone travels in the agent's checkpoint)"""
-    ce_route: Literal["sampled", "greedy"] = "sampled"
-    """hybrid, with --finetune-backbone: the route HRL's cross-entropy trains the backbone through: sampled (the
-    paper's: the routes REINFORCE samples) or greedy (the routes the evaluation takes: p >= 0.5)"""
-    finetune_lr: float = option(1e-4, POSITIVE, resumable=True, was=("backbone_lr",))
-    """hybrid, with --finetune-backbone: learning rate of the backbone (the base network's trainer has its own)"""
-    calibrate: bool = True
-    """hybrid: after training, move the gates' threshold until the validation images spend the budget (--budget; on a
-    skip-ready backbone without --budget or --alpha, --joint-budget) to within 0.5% of the FLOPs (p >= 0.5 where it
-    already does)"""
-    log_every: int = option(50, POSITIVE_INT, resumable=True)
-    """hybrid: log (and sync with the device) every this many HRL iterations; with a budget, the reward's price of
-    compute moves as often (50: what the recipe's HRL was measured with, BENCHMARKS.md section 12)"""
+    epochs: int | None = option(None, COUNT)
+    """SP epochs on the frozen backbone (default: 10, except hybrid_rnn on a skip-ready backbone: 0, its gates as
+    joint SP trained them for --joint-budget or --budget, or 3 when --alpha asks for another compute)"""
+    batch: int = option(128, POSITIVE_INT)
+    """images per SP step, on every device (SP's learning rate and steps are tuned for it; --num-envs sizes the
+    environment's batch)"""
+    lr: float = option(3e-3, POSITIVE, resumable=True)
+    """Adam learning rate of the gates in supervised pre-training"""
+    alpha: float | None = option(None, NON_NEGATIVE)
+    """weight of compute in SP's loss (default: --alpha; 0 is the paper's SP, cross-entropy alone)"""
+    sample: bool = True
+    """SP gates are samples (logistic noise before the threshold, straight-through), not thresholds"""
+    alpha_warmup: int = option(3, COUNT)
+    """SP epochs over which the compute weight ramps up linearly from 0 (0: full weight at once)"""
 
     def __post_init__(self) -> None:
         check_options(self)
 
+
+@dataclass
+class HRLConfig:
+    """hybrid_rnn, hybrid_ff, hybrid_ff2: hybrid RL of the gates (REINFORCE in the environment, after SP)."""
+
+    flag_prefix: ClassVar[str] = "hrl_"
+
+    iterations: int | None = option(None, COUNT)
+    """REINFORCE iterations, one batch of num_envs episodes each (default: 500 on the base recipe; 0 on a skip-ready
+    backbone, where the recipe's own HRL trained the gates and the network: --recipe-hrl-iterations)"""
+    lr: float = option(1e-4, POSITIVE, resumable=True)
+    """Adam learning rate of the gates in hybrid RL"""
+    explore: float | None = option(None, EXPLORE)
+    """HRL samples each decision from sigmoid(s x logit), the scale s set once at HRL's start so that a sampled
+    decision differs from the greedy one (p >= 0.5) with this probability, on average over the first batch's greedy
+    routes. Gates trained with hard thresholds (joint SP's) have logits near 0: sampled as they are, their routes are
+    close to coin flips. Default: s = 1, the gates' own probabilities"""
+    gamma: float = option(1.0, UNIT, was=("gamma",))
+    """discount of the per-gate returns"""
+    baseline: Baseline = option("self_critical", was=("baseline",))
+    """REINFORCE baseline: self_critical (the greedy route's return on the same image), batch_mean, none"""
+    rl_weight: float = option(0.01, NON_NEGATIVE, was=("rl_weight",))
+    """weight of the REINFORCE term beside the cross-entropy (paper: 0.01)"""
+    finetune_backbone: bool | None = option(None, was=("finetune_backbone",))
+    """HRL trains the backbone too, by cross-entropy through the executed blocks (what the recipe's HRL does;
+    BatchNorm statistics stay frozen; the fine-tuned backbone travels in the agent's checkpoint)"""
+    ce_route: Literal["sampled", "greedy"] = option("sampled", was=("ce_route",))
+    """with --hrl-finetune-backbone: the route HRL's cross-entropy trains the backbone through: sampled (the paper's:
+    the routes REINFORCE samples) or greedy (the routes the evaluation takes: p >= 0.5)"""
+    finetune_lr: float = option(1e-4, POSITIVE, resumable=True, was=("finetune_lr", "backbone_lr"))
+    """with --hrl-finetune-backbone: learning rate of the backbone (the base network's trainer has its own)"""
+    log_every: int = option(50, POSITIVE_INT, resumable=True, was=("log_every",))
+    """log (and sync with the device) every this many HRL iterations; with a budget, the reward's price of compute
+    moves as often (50: what the recipe's HRL was measured with, BENCHMARKS.md section 12)"""
+
+    def __post_init__(self) -> None:
+        check_options(self)
+
+
+@dataclass
+class HybridConfig:
+    """SkipNet's hybrid trainer (hybrid_rnn, hybrid_ff, hybrid_ff2): supervised pre-training (SP), then hybrid RL.
+
+    The run's compute price (``alpha``, ``budget``), seed, precision and batch are not here: they are
+    the run's, given to :class:`HybridTrainer` as they are. ``HybridConfig.flat(sp_epochs=2, hrl_lr=1e-3)``
+    makes one from the flags' names."""
+
+    sp: SPConfig = nested(SPConfig)
+    hrl: HRLConfig = nested(HRLConfig)
+
+    @classmethod
+    def flat(cls, **values: Any) -> HybridConfig:
+        """The configuration with options ``values`` by their flat names (``sp_epochs``, ``hrl_gamma``)."""
+        return build(cls, values)
+
     def finetunes(self) -> bool:
-        """Whether the backbone trains (``finetune_backbone``, off where unset)."""
-        return bool(self.finetune_backbone)
+        """Whether the backbone trains (``hrl.finetune_backbone``, off where unset)."""
+        return bool(self.hrl.finetune_backbone)
 
     def stages(self) -> tuple[int, int]:
-        """``(sp_epochs, hrl_iterations)``, the defaults where unset."""
+        """``(sp epochs, hrl iterations)``, the defaults where unset."""
         return (
-            SP_EPOCHS if self.sp_epochs is None else self.sp_epochs,
-            HRL_ITERATIONS if self.hrl_iterations is None else self.hrl_iterations,
+            SP_EPOCHS if self.sp.epochs is None else self.sp.epochs,
+            HRL_ITERATIONS if self.hrl.iterations is None else self.hrl.iterations,
         )
 
 
@@ -274,7 +307,7 @@ class HybridTrainer(Trainer):
     (:class:`agents.trainer.Trainer`: the checkpoint, the divergence guard, the logged means).
 
     Args:
-        backbone: the (frozen unless ``cfg.finetune_backbone``) residual network.
+        backbone: the (frozen unless ``cfg.hrl.finetune_backbone``) residual network.
         gates: the gate policy to train.
         train_data: images the gates learn from.
         cfg: stage lengths, learning rates, reward.
@@ -284,7 +317,7 @@ class HybridTrainer(Trainer):
         metadata: written into every checkpoint (agent, backbone identity, ...).
         writer: a TensorBoard ``SummaryWriter`` (or ``None``).
         budget: a FLOPs fraction to meet: the compute weight becomes a multiplier, starting at ``alpha``
-            (which otherwise prices compute, in HRL's reward and, unless ``cfg.sp_alpha``, in SP's loss).
+            (which otherwise prices compute, in HRL's reward and, unless ``cfg.sp.alpha``, in SP's loss).
         **run: the run's values (:class:`agents.trainer.RunValues`: ``num_envs``, ``alpha``, ``seed``, ...).
     """
 
@@ -308,8 +341,8 @@ class HybridTrainer(Trainer):
         self.budget = budget
         self.finetune = cfg.finetunes()
         self.backbone.requires_grad_(self.finetune)
-        self.sp_opt = torch.optim.Adam(self._param_groups(), lr=cfg.sp_lr)
-        self.hrl_opt = torch.optim.Adam(self._param_groups(), lr=cfg.hrl_lr)
+        self.sp_opt = torch.optim.Adam(self._param_groups(), lr=cfg.sp.lr)
+        self.hrl_opt = torch.optim.Adam(self._param_groups(), lr=cfg.hrl.lr)
         here = self.ranks
         here.check_same("the training images' fingerprint", train_data.fingerprint)
         self.generator = torch.Generator().manual_seed(self.seed)  # SP's data order (every rank the same)
@@ -332,15 +365,15 @@ class HybridTrainer(Trainer):
 
     @property
     def sp_alpha(self) -> float:
-        """Weight of compute in SP: ``cfg.sp_alpha``, or HRL's ``alpha`` when unset."""
-        return self.alpha if self.cfg.sp_alpha is None else self.cfg.sp_alpha
+        """Weight of compute in SP: ``cfg.sp.alpha``, or HRL's ``alpha`` when unset."""
+        return self.alpha if self.cfg.sp.alpha is None else self.cfg.sp.alpha
 
     def _param_groups(self) -> list[dict[str, Any]]:
         """Fresh parameter groups for one optimizer (an optimizer writes its defaults into the
         group dicts it is given, so two optimizers must never share them)."""
         groups: list[dict[str, Any]] = [{"params": list(self.gates.parameters())}]
         if self.finetune:
-            groups.append({"params": list(self.backbone.parameters()), "lr": self.cfg.finetune_lr})
+            groups.append({"params": list(self.backbone.parameters()), "lr": self.cfg.hrl.finetune_lr})
         return groups
 
     # -- checkpoints (Trainer) -------------------------------------------------------------
@@ -379,9 +412,9 @@ class HybridTrainer(Trainer):
         run ends where an uninterrupted one would. The learning rates are this run's (``cfg``), not
         the checkpoint's: a diverged run can go on more gently."""
         self.gates.load_state_dict(state["gates"])
-        for name, opt, lr in (("sp_opt", self.sp_opt, self.cfg.sp_lr), ("hrl_opt", self.hrl_opt, self.cfg.hrl_lr)):
+        for name, opt, lr in (("sp_opt", self.sp_opt, self.cfg.sp.lr), ("hrl_opt", self.hrl_opt, self.cfg.hrl.lr)):
             opt.load_state_dict(state[name])
-            for group, group_lr in zip(opt.param_groups, (lr, self.cfg.finetune_lr)):
+            for group, group_lr in zip(opt.param_groups, (lr, self.cfg.hrl.finetune_lr)):
                 group["lr"] = group["initial_lr"] = group_lr
         self.generator.set_state(state["generator"])
         self.action_generator.set_state(state["action_generator"].cpu())
@@ -396,7 +429,7 @@ class HybridTrainer(Trainer):
     # -- stage 1 ----------------------------------------------------------------------------
     def train_sp(self) -> None:
         cfg, here = self.cfg, self.ranks
-        steps = math.ceil(len(self.data) / cfg.sp_batch)
+        steps = math.ceil(len(self.data) / cfg.sp.batch)
         bar = progress_bar(
             self.sp_epochs * steps,
             "SP (straight-through)",
@@ -410,12 +443,12 @@ class HybridTrainer(Trainer):
         routed = self.backbone if self.finetune else freeze(self.backbone, precision=self.precision)
         sp_net = here.wrap(SPNetwork(routed, self.gates), self.device)
         for epoch in range(self.done_units, self.sp_epochs):
-            ramp = self.price.warmup(epoch, cfg.sp_alpha_warmup)
+            ramp = self.price.warmup(epoch, cfg.sp.alpha_warmup)
             losses, spent = [], []
-            sizes = global_batch_sizes(self.data, cfg.sp_batch, here)
-            stream = batches(self.data, cfg.sp_batch, self.device, train=True, generator=self.generator, ranks=here)
+            sizes = global_batch_sizes(self.data, cfg.sp.batch, here)
+            stream = batches(self.data, cfg.sp.batch, self.device, train=True, generator=self.generator, ranks=here)
             for (x, y), total in zip(stream, sizes, strict=True):
-                noise = self.action_generator if cfg.sp_sample else None
+                noise = self.action_generator if cfg.sp.sample else None
                 self.sp_opt.zero_grad(set_to_none=True)
                 loss, [(executed, spending)] = here.backward(
                     sp_net, x, y, total, partial(sp_loss, sp_net, noise=noise, meter=meter, price=self.price, ramp=ramp)
@@ -497,8 +530,8 @@ class HybridTrainer(Trainer):
         """One iteration's episodes (:meth:`rollout`) and, where the loss needs it, the greedy route
         replayed on the same images (:meth:`greedy_route`): ``greedy_returns``, ``greedy_logits``."""
         ep = self.rollout(env)
-        greedy_ce = self.finetune and self.cfg.ce_route == "greedy"
-        if self.cfg.baseline == "self_critical" or greedy_ce:
+        greedy_ce = self.finetune and self.cfg.hrl.ce_route == "greedy"
+        if self.cfg.hrl.baseline == "self_critical" or greedy_ce:
             ep["greedy_returns"], ep["greedy_logits"] = self.greedy_route(ep["start"], ep["label"], grad=greedy_ce)
         return ep
 
@@ -506,7 +539,7 @@ class HybridTrainer(Trainer):
         """Returns-to-go ``(N, B)`` of the greedy route (execute where p >= 0.5) replayed on the
         same images, from the activation ``start`` they began at (the self-critical baseline), and
         its logits ``(B, classes)``: with ``grad``, differentiable in the backbone's weights (the
-        cross-entropy of ``--ce-route greedy``)."""
+        cross-entropy of ``--hrl-ce-route greedy``)."""
         returns, logits, _ = self.replay_greedy(start, labels, grad)
         return returns, logits
 
@@ -523,7 +556,7 @@ class HybridTrainer(Trainer):
                 rewards.append(reward.detach())
                 gate_logits.append(logit.detach())
         assert core.logits is not None
-        return discounted_returns(torch.stack(rewards), self.cfg.gamma), core.logits, torch.stack(gate_logits)
+        return discounted_returns(torch.stack(rewards), self.cfg.hrl.gamma), core.logits, torch.stack(gate_logits)
 
     def set_sample_scale(self, start: Tensor, labels: Tensor) -> None:
         """Set HRL's sampling scale from the gates' logits on the greedy routes of the first batch
@@ -531,7 +564,7 @@ class HybridTrainer(Trainer):
         the chance that a sampled decision is not the greedy one, over every rank's routes, is
         ``hrl_explore`` (bisection on ``log s``; s = 1 where every logit is 0). Once per run: a
         resumed run keeps its scale."""
-        target = self.cfg.hrl_explore
+        target = self.cfg.hrl.explore
         if target is None or self.sample_scale is not None:
             return
         _, _, logits = self.replay_greedy(start, labels)
@@ -585,17 +618,17 @@ class HybridTrainer(Trainer):
                 # last update; start it again so the graph holds the current weights
                 env.reset()
             ep = play(env)
-            returns = discounted_returns(ep["reward"], cfg.gamma)
-            greedy_ce = self.finetune and cfg.ce_route == "greedy"
+            returns = discounted_returns(ep["reward"], cfg.hrl.gamma)
+            greedy_ce = self.finetune and cfg.hrl.ce_route == "greedy"
             greedy, greedy_logits = ep.get("greedy_returns"), ep.get("greedy_logits")
             # what the gates spend: the greedy route's where it was replayed (the evaluation's decisions)
             spent = gate_share + (
                 self.replay.spent_flops / self.replay.full_flops if greedy is not None else ep["flops_fraction"]
             )
             self.price.update(spent, BUDGET_STEP_HRL)
-            rl = reinforce_loss(ep["log_prob"], advantages(returns, cfg.baseline, greedy))
+            rl = reinforce_loss(ep["log_prob"], advantages(returns, cfg.hrl.baseline, greedy))
             entropy = ep["entropy"].mean()
-            loss = cfg.rl_weight * (rl - self.entropy_coef * entropy)
+            loss = cfg.hrl.rl_weight * (rl - self.entropy_coef * entropy)
             if self.finetune:  # the supervised term: trains the backbone through executed blocks
                 routed = greedy_logits if greedy_ce else ep["logits"]
                 assert routed is not None
@@ -617,7 +650,7 @@ class HybridTrainer(Trainer):
                     "charts/greedy_flops_fraction": spent.float().mean(),
                 }
             )
-            if self.done_units % cfg.log_every == 0 or self.done_units == self.hrl_iterations:
+            if self.done_units % cfg.hrl.log_every == 0 or self.done_units == self.hrl_iterations:
                 # means over log_every iterations: one host sync per log_every, not per iteration
                 means = self.flush(self.done_units, "losses/total", "HRL")
                 if self.budget is not None:  # the reward prices compute at the budget's price (one sync per log)
@@ -637,7 +670,7 @@ class HybridTrainer(Trainer):
                 "HRL: %d iterations; the last %d: train accuracy %.4f, greedy gates spend %.1f%% of the FLOPs, "
                 "alpha %.3f",
                 self.hrl_iterations,
-                min(cfg.log_every, self.hrl_iterations),
+                min(cfg.hrl.log_every, self.hrl_iterations),
                 last["charts/train_accuracy"],
                 100 * last["charts/greedy_flops_fraction"],
                 env.alpha,

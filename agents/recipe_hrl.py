@@ -32,7 +32,7 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from agents.evaluate import calibrate_threshold, evaluate
-from agents.hybrid import EXPLORE, HybridConfig, HybridTrainer
+from agents.hybrid import EXPLORE, HRLConfig, HybridConfig, HybridTrainer, SPConfig
 from agents.policies import GateRoutingPolicy
 from agents.skip_ready import JOINT_GATE_KIND, load_gates
 from agents.trainer import CHECKPOINT_EVERY
@@ -89,12 +89,12 @@ class RecipeHRLConfig:
         check_options(self)
 
     def hybrid(self) -> HybridConfig:
-        """The hybrid trainer's settings for this stage: no SP, HRL with the backbone trained, no calibration."""
-        return HybridConfig(
-            sp_epochs=0, hrl_iterations=self.iterations, hrl_lr=self.lr, finetune_backbone=True,
-            finetune_lr=self.finetune_lr, rl_weight=self.rl_weight, calibrate=False, baseline=self.baseline,
-            hrl_explore=self.explore,
+        """The hybrid trainer's settings for this stage: no SP, HRL with the backbone trained."""
+        hrl = HRLConfig(
+            iterations=self.iterations, lr=self.lr, explore=self.explore, baseline=self.baseline,
+            rl_weight=self.rl_weight, finetune_backbone=True, finetune_lr=self.finetune_lr,
         )  # fmt: skip
+        return HybridConfig(SPConfig(epochs=0), hrl)
 
     def epochs(self, train_size: int) -> float:
         """Epochs of training the stage gives the backbone (for a same-epochs control)."""

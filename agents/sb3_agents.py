@@ -1,7 +1,7 @@
 """Stable-Baselines3 baselines on the same batched environment: PPO and A2C with ``MlpPolicy``,
 sb3-contrib's RecurrentPPO with ``MlpLstmPolicy`` (the recurrent counterpart of SkipNet's RNN gate).
 
-On a skip-ready backbone PPO and A2C can start from the recipe's gates (``--distill-epochs``): their
+On a skip-ready backbone PPO and A2C can start from the recipe's gates (``--sb3-distill-epochs``): their
 policy is first fitted to the gates' decisions on the environment's observations (behaviour cloning:
 the actor to the gates' ``p(execute)``, the critic to the returns of the gates' routes), then RL goes
 on from there, and the policy's threshold is calibrated to the recipe's budget on validation images
@@ -17,7 +17,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -239,19 +239,19 @@ def action_logits(policy: ActorCriticPolicy, obs: torch.Tensor) -> torch.Tensor:
 
 
 def recipe_gates(ctx: AgentContext) -> GatePolicy:
-    """The gates the recipe trained beside the backbone (what ``--distill-epochs`` clones)."""
+    """The gates the recipe trained beside the backbone (what ``--sb3-distill-epochs`` clones)."""
     if "gates" not in ctx.backbone_meta.get("skip_ready", {}) or "checkpoint" not in ctx.backbone_meta:
         raise ValueError(
-            "--distill-epochs clones the recipe's gates: it needs a skip-ready backbone (--backbone-recipe skip_ready, "
-            "or a skip-ready --backbone-checkpoint)"
+            "--sb3-distill-epochs clones the recipe's gates: it needs a skip-ready backbone "
+            "(--backbone-recipe skip_ready, or a skip-ready --backbone-checkpoint)"
         )
     return load_gates(ctx.backbone_meta["checkpoint"], ctx.backbone, ctx.device)
 
 
 # the smoke runs' steps: rollouts of both envs
 SMOKE: dict[str, tuple[str, ...]] = {
-    "SkipNet-v0": ("--timesteps", "600", "--num-envs", "16"),
-    "SkipNetOneShot-v0": ("--timesteps", "128", "--num-envs", "16"),
+    "SkipNet-v0": ("--sb3-timesteps", "600", "--num-envs", "16"),
+    "SkipNetOneShot-v0": ("--sb3-timesteps", "128", "--num-envs", "16"),
 }
 
 
@@ -261,19 +261,21 @@ class SB3Config:
 
     Their algorithms' own settings: :mod:`agents.sb3_agents`."""
 
-    timesteps: int = option(150_000, COUNT)
-    """SB3 agents: environment steps to train for (image-blocks; images for ppo_oneshot; 0 with --distill-epochs: the
+    flag_prefix: ClassVar[str] = "sb3_"
+
+    timesteps: int = option(150_000, COUNT, was=("timesteps",))
+    """environment steps to train for (image-blocks; images for ppo_oneshot; 0 with --sb3-distill-epochs: the
     policy cloned from the recipe's gates, as it is)"""
-    learning_rate: float | None = option(None, POSITIVE)
-    """SB3 agents: the optimizer's learning rate (default: the algorithm's, PPO 3e-4, A2C 7e-4)"""
-    distill_epochs: int = option(0, COUNT)
+    learning_rate: float | None = option(None, POSITIVE, was=("learning_rate",))
+    """the optimizer's learning rate (default: the algorithm's, PPO 3e-4, A2C 7e-4)"""
+    distill_epochs: int = option(0, COUNT, was=("distill_epochs",))
     """ppo, a2c on a skip-ready backbone: epochs of behaviour cloning of the recipe's gates before RL (the policy
     starts from the gates' decisions; its threshold is then calibrated to --joint-budget on validation); 0: new"""
-    distill_explore: float | None = option(0.1, EXPLORE)
-    """ppo, a2c with --distill-epochs: the cloned policy leaves the gates' decisions with this probability (their
+    distill_explore: float | None = option(0.1, EXPLORE, was=("distill_explore",))
+    """ppo, a2c with --sb3-distill-epochs: the cloned policy leaves the gates' decisions with this probability (their
     p(execute) sharpened by one scale, as --hrl-explore does; 0.1 chosen on validation over None, the gates' own
     p(execute), close to coin flips for joint SP's thresholded gates: BENCHMARKS.md section 18)"""
-    early_exit: bool = False
+    early_exit: bool = option(False, was=("early_exit",))
     """ppo, a2c, recurrent_ppo: decide in SkipNet-v0 with its exit action (2: this block and every later one skipped,
     the image classified from there: by the head where it reads any depth, a ViT; on a CNN by exit heads fitted beside
     the backbone on the training images); compute is priced by --alpha"""
@@ -281,10 +283,12 @@ class SB3Config:
     def __post_init__(self) -> None:
         check_options(self)
         if self.early_exit and self.distill_epochs:
-            raise ValueError("--distill-epochs clones the recipe's gates, which never exit: leave out --early-exit")
+            raise ValueError(
+                "--sb3-distill-epochs clones the recipe's gates, which never exit: leave out --sb3-early-exit"
+            )
         if self.timesteps == 0 and self.distill_epochs == 0:
-            raise ValueError("--timesteps 0 would evaluate an untrained policy: give --distill-epochs too (the policy "
-                             "cloned from the recipe's gates, as it is) or --timesteps N")  # fmt: skip
+            raise ValueError("--sb3-timesteps 0 would evaluate an untrained policy: give --sb3-distill-epochs too (the "
+                             "policy cloned from the recipe's gates, as it is) or --sb3-timesteps N")  # fmt: skip
 
 
 def _sb3(algo: str, env_id: EnvId = "SkipNet-v0") -> AgentSpec:
@@ -330,7 +334,9 @@ def _sb3(algo: str, env_id: EnvId = "SkipNet-v0") -> AgentSpec:
             load_model_state(model, state)
         elif ctx.options.distill_epochs:
             if algo not in DISTILLABLE or oneshot:
-                raise ValueError(f"--distill-epochs applies to {', '.join(DISTILLABLE)} (block by block), not {algo}")
+                raise ValueError(
+                    f"--sb3-distill-epochs applies to {', '.join(DISTILLABLE)} (block by block), not {algo}"
+                )
             fit = distill_from_gates(
                 model, recipe_gates(ctx), ctx.backbone, ctx.train_data, ctx.device, ctx.options.distill_epochs,
                 ctx.cfg.alpha, ctx.cfg.seed, ctx.cfg.precision, ctx.cfg.progress, ctx.options.distill_explore,

@@ -149,6 +149,8 @@ def option_fields(cls: type) -> dict[str, Option]:
                 inner = hints[f.name]
                 walk(inner, (*path, f.name), prefix + getattr(inner, "flag_prefix", ""))
                 continue
+            if path and not hasattr(klass, "flag_prefix"):  # one rule: a part's flags begin with its prefix
+                raise TypeError(f"{klass.__name__} (a part, at {'.'.join(path)}) declares no flag_prefix")
             name = prefix + f.name
             if name in out:
                 raise TypeError(f"option {name!r} of {klass.__name__} repeats one of {out[name].owner.__name__}")

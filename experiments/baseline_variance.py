@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         train = load_dataset(args.dataset, "train")
         backbone, _ = get_trained("cifar_resnet38", args.dataset, progress=False, device="cpu")
     gates = create_gates("rnn", backbone)
-    cfg = HybridConfig(sp_epochs=args.sp_epochs)
+    cfg = HybridConfig.flat(sp_epochs=args.sp_epochs)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = HybridTrainer(
             backbone, gates, train, cfg, device, Path(tmp) / "a.pt", {}, progress=False,

@@ -310,7 +310,7 @@ def run(
     def test(policy: RoutingPolicy, net: Any, part: str = "test") -> Any:
         return evaluate(policy, net, split[part], device, eval_batch, precision=cfg.precision)
 
-    # the frozen backbone's own accuracy, before --finetune-backbone (or a loaded checkpoint) changes it
+    # the frozen backbone's own accuracy, before --hrl-finetune-backbone (or a loaded checkpoint) changes it
     full = test(RoutingPolicy(), backbone)
     base_result = None if base is None else test(RoutingPolicy(), base)
     # what each stage of the recipe did, on validation images: first the networks with every block run

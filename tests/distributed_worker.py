@@ -154,7 +154,9 @@ def reinforce(case: str, out: Path) -> None:
         optimizer = trainer.opt
     else:
         one = name in ("hrl", "hrlft")
-        cfg = HybridConfig(sp_epochs=0, hrl_iterations=1 if one else 4, finetune_backbone=name != "hrl", hrl_lr=1e-2)
+        cfg = HybridConfig.flat(
+            sp_epochs=0, hrl_iterations=1 if one else 4, finetune_backbone=name != "hrl", hrl_lr=1e-2
+        )
         trainer = HybridTrainer(backbone, gates, data(101, 0), cfg, torch.device("cpu"), out / "agent.pt", {}, **run)
         optimizer = trainer.hrl_opt
     grads = {}

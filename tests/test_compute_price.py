@@ -59,7 +59,7 @@ def test_sp_with_a_budget_lands_near_it(tmp_path):
         torch.manual_seed(0)
         # thresholded gates: the spending priced is the evaluation's exactly (sampled gates price the
         # greedy decisions along the sampled route, an estimate; measured in BENCHMARKS.md)
-        cfg = HybridConfig(sp_batch=32, sp_epochs=8, sp_lr=3e-2, hrl_iterations=0, sp_sample=False)
+        cfg = HybridConfig.flat(sp_batch=32, sp_epochs=8, sp_lr=3e-2, hrl_iterations=0, sp_sample=False)
         gates = create_gates("rnn", net)
         trainer = HybridTrainer(
             net, gates, data, cfg, torch.device("cpu"), tmp_path / f"{budget}.pt", {}, num_envs=128, budget=budget
@@ -77,7 +77,7 @@ def test_a_negative_multiplier_never_reaches_the_reward(tmp_path):
     environment refused the negative alpha (the run crashed after SP)."""
     net = tiny_backbone(20)
     data = backbones.load_dataset("digits", "val")
-    cfg = HybridConfig(sp_epochs=0, hrl_iterations=1)
+    cfg = HybridConfig.flat(sp_epochs=0, hrl_iterations=1)
     trainer = HybridTrainer(
         net, create_gates("rnn", net), data, cfg, torch.device("cpu"), tmp_path / "a.pt", {}, num_envs=32, budget=0.9
     )

@@ -33,7 +33,7 @@ def test_a_skip_ready_backbone_keeps_its_gates_unless_another_compute_is_asked_f
         "base recipe": (10, 500, False, None),
         "feedforward gates": (10, 0, False, None),
     }
-    assert replace(RunConfig(), sp_epochs=1).for_device(cpu).hybrid.sp_epochs == 1  # what the user set stays
+    assert replace(RunConfig(), sp_epochs=1).for_device(cpu).hybrid.sp.epochs == 1  # what the user set stays
     assert RunConfig(budget=0.4).for_device(cpu).joint.budget == 0.4
     assert RunConfig(budget=0.4, agent="static").for_device(cpu).joint.budget == 0.5  # static spends it on 0.5's
     # gates that cannot start from the joint ones (another shape) are trained by the full SP, never evaluated untrained
@@ -74,7 +74,7 @@ FLAT_BEFORE_THE_TREE = {
 
 def test_a_flat_configuration_of_an_older_version_builds_the_same_run():
     cfg = build(RunConfig, FLAT_BEFORE_THE_TREE)
-    assert (cfg.agent, cfg.alpha, cfg.hybrid.sp_lr, cfg.gates.hidden, cfg.gates.pooling) == (
+    assert (cfg.agent, cfg.alpha, cfg.hybrid.sp.lr, cfg.gates.hidden, cfg.gates.pooling) == (
         "blockdrop", 2.0, 0.01, 8, "mean_max_std"
     )  # fmt: skip
     parts = cfg.agent_options  # the agents' own parts, as they registered them
@@ -84,7 +84,9 @@ def test_a_flat_configuration_of_an_older_version_builds_the_same_run():
     assert (parts["blockdrop"].width, parts["sb3"].timesteps, parts["fixed"].rate, parts["fixed"].static_mix) == (
         8, 99, 0.3, False
     )  # fmt: skip
-    assert flatten(cfg).items() >= FLAT_BEFORE_THE_TREE.items()  # stored flat again, under the same names
+    renamed = {"timesteps": "sb3_timesteps", "rate": "fixed_rate", "static_mix": "fixed_static_mix"}  # one prefix rule
+    stored_again = {renamed.get(k, k): v for k, v in FLAT_BEFORE_THE_TREE.items()}
+    assert flatten(cfg).items() >= stored_again.items()  # stored flat again, under today's names
     assert resumed_config(RunConfig(checkpoint="x.pt"), flatten(cfg), given=set()) == cfg
     with pytest.raises(ValueError, match="unknown options rnn_hiden"):
         build(RunConfig, {"rnn_hiden": 8})
@@ -99,15 +101,15 @@ def test_every_option_has_one_flag_help_and_default():
     for name, opt in options.items():
         assert field_docs(opt.owner).get(opt.field.name), f"{name} has no help"
         assert flags[name].default == defaults[name]
-    assert {"sp_lr", "hrl_lr", "finetune_lr", "blockdrop_lr", "log_every", "device", "resume"} <= SAFE_ON_RESUME
+    assert {"sp_lr", "hrl_lr", "hrl_finetune_lr", "blockdrop_lr", "hrl_log_every", "device", "resume"} <= SAFE_ON_RESUME
     assert not {"alpha", "seed", "sp_epochs", "joint_lr", "rnn_hidden"} & SAFE_ON_RESUME
 
 
 def test_each_part_checks_itself_naming_the_flag():
-    with pytest.raises(ValueError, match=r"--gamma must be in \[0, 1\], got 1.5"):
-        HybridConfig(gamma=1.5)
-    with pytest.raises(ValueError, match="--baseline must be one of self_critical, batch_mean, none"):
-        HybridConfig(baseline="critic")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"--hrl-gamma must be in \[0, 1\], got 1.5"):
+        HybridConfig.flat(gamma=1.5)
+    with pytest.raises(ValueError, match="--hrl-baseline must be one of self_critical, batch_mean, none"):
+        HybridConfig.flat(baseline="critic")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="--joint-epochs must be an integer >= 1.*--joint-bn must be one of"):
         JointConfig(epochs=0, bn="running")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="--rnn-hidden must be an integer >= 1"):
@@ -128,20 +130,50 @@ def test_a_default_filled_in_after_construction_is_not_a_flag_default():
 
 
 def test_a_renamed_option_keeps_its_old_flag_and_stored_runs_build():
-    """--backbone-lr (the hybrid fine-tune's rate, which read as the base trainer's) is --finetune-lr;
+    """--backbone-lr (the hybrid fine-tune's rate, which read as the base trainer's) is --hrl-finetune-lr;
     the old flag still parses and configurations stored under the old name still build and resume."""
     from experiments.cli import build_parser, parse
     from experiments.run import resumed_config
 
-    assert parse(RunConfig, ["--backbone-lr", "3e-5"]).hybrid.finetune_lr == 3e-5
-    assert parse(RunConfig, ["--finetune-lr", "2e-5"]).hybrid.finetune_lr == 2e-5
-    assert "--finetune-lr FINETUNE_LR, --backbone-lr FINETUNE_LR" in build_parser(RunConfig).format_help()
+    assert parse(RunConfig, ["--backbone-lr", "3e-5"]).hybrid.hrl.finetune_lr == 3e-5
+    assert parse(RunConfig, ["--finetune-lr", "4e-5"]).hybrid.hrl.finetune_lr == 4e-5
+    assert parse(RunConfig, ["--hrl-finetune-lr", "2e-5"]).hybrid.hrl.finetune_lr == 2e-5
+    help_text = build_parser(RunConfig).format_help()
+    assert (
+        "--hrl-finetune-lr HRL_FINETUNE_LR, --finetune-lr HRL_FINETUNE_LR, --backbone-lr HRL_FINETUNE_LR" in help_text
+    )
     stored = {**flatten(RunConfig()), "sp_lr": 0.01}
-    del stored["finetune_lr"]
+    del stored["hrl_finetune_lr"]
     stored["backbone_lr"] = 3e-4  # a run stored before the rename
     cfg = resumed_config(RunConfig(checkpoint="x.pt"), stored, given=set())
-    assert cfg.hybrid.finetune_lr == 3e-4 and cfg.hybrid.sp_lr == 0.01
-    assert build(RunConfig, {"backbone_lr": 5e-5}).hybrid.finetune_lr == 5e-5
+    assert cfg.hybrid.hrl.finetune_lr == 3e-4 and cfg.hybrid.sp.lr == 0.01
+    assert build(RunConfig, {"backbone_lr": 5e-5}).hybrid.hrl.finetune_lr == 5e-5
+
+
+# one prefix rule: the flags of the options that had none before, old flag -> today's
+FLAGS_BEFORE_THE_PREFIX_RULE = {
+    "--gamma 0.9": "--hrl-gamma 0.9", "--baseline batch_mean": "--hrl-baseline batch_mean",
+    "--rl-weight 0.5": "--hrl-rl-weight 0.5", "--finetune-backbone": "--hrl-finetune-backbone",
+    "--ce-route greedy": "--hrl-ce-route greedy", "--log-every 7": "--hrl-log-every 7",
+    "--timesteps 99": "--sb3-timesteps 99", "--learning-rate 0.01": "--sb3-learning-rate 0.01",
+    "--distill-epochs 2": "--sb3-distill-epochs 2", "--distill-explore 0.2": "--sb3-distill-explore 0.2",
+    "--early-exit": "--sb3-early-exit", "--rate 0.3": "--fixed-rate 0.3", "--no-static-mix": "--no-fixed-static-mix",
+    "--train-precision bf16": "--backbone-precision bf16",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("before", list(FLAGS_BEFORE_THE_PREFIX_RULE))
+def test_every_part_prefixes_its_flags_and_the_flags_before_still_parse(before):
+    """Every option's flag begins with the prefix of the part that declares it (``--hrl-gamma``,
+    ``--sb3-timesteps``, ``--fixed-rate``); the flags these options had before parse to the same."""
+    from experiments.cli import parse
+
+    assert parse(RunConfig, before.split()) == parse(RunConfig, FLAGS_BEFORE_THE_PREFIX_RULE[before].split())
+    assert parse(RunConfig, before.split()) != RunConfig()
+    for name, opt in option_fields(RunConfig).items():
+        prefix = getattr(opt.owner, "flag_prefix", "")
+        assert name.startswith(prefix), name
+        assert prefix or opt.owner is RunConfig, f"{opt.owner.__name__} declares no flag_prefix"
 
 
 def test_an_option_that_may_be_none_takes_none_from_the_command_line():

@@ -88,14 +88,14 @@ def test_every_agent_trains_evaluates_and_reloads(agent, cache, tmp_path):
 
 @pytest.mark.parametrize("network", ["vit", "cnn"])
 def test_ppo_decides_with_the_exit_action_and_its_exits_are_evaluated_as_they_were_taken(network, cache, tmp_path):
-    """``--early-exit``: PPO in ``SkipNet-v0`` with the exit action (on a ViT, whose head reads any
+    """``--sb3-early-exit``: PPO in ``SkipNet-v0`` with the exit action (on a ViT, whose head reads any
     depth; on a CNN, with exit heads fitted beside it, kept in the agent's checkpoint); the
     evaluation routes the exits it takes (every later block skipped), and reloads them."""
     from agents.early_exit import VIT_SMOKE
     from backbones.checkpoint import safe_load
 
     vit = list(VIT_SMOKE) if network == "vit" else []
-    args = ["--agent", "ppo", *TINY_BACKBONE, *TINY_BUDGETS["ppo"], *vit, "--early-exit", "--alpha", "4"]
+    args = ["--agent", "ppo", *TINY_BACKBONE, *TINY_BUDGETS["ppo"], *vit, "--sb3-early-exit", "--alpha", "4"]
     args += ["--no-progress", "--run-dir", str(tmp_path / "runs")]
     run(args, cache, tmp_path)
     (results,) = (tmp_path / "runs").glob("*__ppo__*/results.json")
@@ -115,7 +115,7 @@ def test_finetune_backbone_run_reports_the_frozen_backbone_beside_it(cache, tmp_
         "hybrid_rnn",
         *TINY_BACKBONE,
         *TINY_BUDGETS["hybrid_rnn"],
-        "--finetune-backbone",
+        "--hrl-finetune-backbone",
         "--no-progress",
         "--run-dir",
         str(tmp_path / "runs"),
@@ -145,8 +145,8 @@ def test_bad_input_is_explained(cache, tmp_path):
     proc = run(["--eval-only"], cache, tmp_path, check=False)
     assert proc.returncode != 0 and "--checkpoint" in proc.stderr
     # another agent's options would be ignored: refused, naming whose they are
-    proc = run(["--agent", "hybrid_rnn", "--early-exit", "--blockdrop-width", "4"], empty, tmp_path, check=False)
-    assert proc.returncode == 2 and "--early-exit is an option of ppo, a2c, recurrent_ppo" in proc.stderr
+    proc = run(["--agent", "hybrid_rnn", "--sb3-early-exit", "--blockdrop-width", "4"], empty, tmp_path, check=False)
+    assert proc.returncode == 2 and "--sb3-early-exit is an option of ppo, a2c, recurrent_ppo" in proc.stderr
     assert "--blockdrop-width is an option of blockdrop, not of --agent hybrid_rnn" in proc.stderr
     assert not empty.exists()
 
@@ -206,7 +206,7 @@ def test_resuming_a_finished_sb3_run_evaluates_it_again(cache, tmp_path):
     proc = run(["--resume", "--checkpoint", str(ckpt), "--no-progress"], cache, tmp_path)
     assert "accuracy" in proc.stdout
     again = json.loads((ckpt.parent / "results.json").read_text())
-    assert again["accuracy"] == first["accuracy"] and again["config"]["timesteps"] == 600
+    assert again["accuracy"] == first["accuracy"] and again["config"]["sb3_timesteps"] == 600
 
 
 def test_eval_only_keeps_training_results_and_warns_on_unfinished_checkpoints(cache, tmp_path):
@@ -397,7 +397,7 @@ def test_every_agent_runs_on_the_skip_ready_backbone(agent, skip_ready_checkpoin
 
 def test_ppo_starts_from_the_recipes_gates_and_is_calibrated_to_their_budget(skip_ready_checkpoint, cache, tmp_path):
     path = skip_ready_checkpoint["skip_ready_backbone"]
-    args = ["--agent", "ppo", *TINY_BACKBONE, *TINY_BUDGETS["ppo"], "--distill-epochs", "1", "--no-progress"]
+    args = ["--agent", "ppo", *TINY_BACKBONE, *TINY_BUDGETS["ppo"], "--sb3-distill-epochs", "1", "--no-progress"]
     proc = run([*args, "--backbone-checkpoint", path, "--run-dir", str(tmp_path)], cache, tmp_path)
     assert "ppo starts from the recipe's gates: 1 epochs of behaviour cloning" in proc.stderr
     (results,) = tmp_path.glob("*__*/results.json")

@@ -85,7 +85,7 @@ def _trainer(tmp_path, **cfg):
     run = {"num_envs": 32, "checkpoint_every": 2}
     run.update({k: cfg.pop(k) for k in ("num_envs", "checkpoint_every", "alpha", "budget", "seed") if k in cfg})
     return HybridTrainer(
-        net, gates, data, HybridConfig(**cfg), torch.device("cpu"), tmp_path / "agent.pt", {"agent": "x"},
+        net, gates, data, HybridConfig.flat(**cfg), torch.device("cpu"), tmp_path / "agent.pt", {"agent": "x"},
         progress=False, **run,
     )  # fmt: skip
 
@@ -201,7 +201,7 @@ def test_sp_with_a_compute_term_learns_to_skip(tmp_path):
     rates = {}
     for sp_alpha in (0.0, 3.0):
         torch.manual_seed(0)
-        hc = HybridConfig(sp_epochs=2, sp_lr=3e-2, sp_alpha=sp_alpha, sp_sample=True)
+        hc = HybridConfig.flat(sp_epochs=2, sp_lr=3e-2, sp_alpha=sp_alpha, sp_sample=True)
         trainer = HybridTrainer(
             net, create_gates("rnn", net), data, hc, torch.device("cpu"), tmp_path / f"{sp_alpha}.pt", {}, num_envs=64
         )
@@ -247,7 +247,7 @@ def test_hrl_explore_samples_off_the_greedy_route_as_often_as_asked(tmp_path):
     trainer.set_sample_scale(start, info["label"])  # once per run
     assert trainer.sample_scale == scale
     with pytest.raises(ValueError, match="--hrl-explore must be a probability in"):
-        HybridConfig(hrl_explore=0.5)
+        HybridConfig.flat(hrl_explore=0.5)
 
 
 def test_hrl_is_reproducible_from_its_seed(tmp_path):
@@ -266,7 +266,7 @@ def test_every_gate_trains_through_hrl(kind, tmp_path):
     step overwrites in place, and HRL's backward failed ("modified by an inplace operation")."""
     net = tiny_backbone(20)
     data = backbones.load_dataset("digits", "val")
-    hc = HybridConfig(sp_epochs=0, hrl_iterations=2, baseline="self_critical")
+    hc = HybridConfig.flat(sp_epochs=0, hrl_iterations=2, baseline="self_critical")
     gates = create_gates(kind, net)
     before = {k: v.clone() for k, v in gates.state_dict().items()}
     trainer = HybridTrainer(
@@ -278,7 +278,7 @@ def test_every_gate_trains_through_hrl(kind, tmp_path):
 
 @pytest.mark.parametrize("route", ["sampled", "greedy"])
 def test_hrl_cross_entropy_trains_the_backbone_through_the_route_asked_for(route, tmp_path):
-    """--ce-route greedy: the backbone learns the routes the evaluation takes. Gates at p = 0.45
+    """--hrl-ce-route greedy: the backbone learns the routes the evaluation takes. Gates at p = 0.45
     everywhere: the greedy route skips every gated block, sampled routes run about half of them; with
     the REINFORCE term off, only the cross-entropy trains the backbone."""
     trainer = _trainer(

@@ -114,10 +114,10 @@ def test_the_baseline_names_the_stage_only_when_changed():
     from agents.recipe_hrl import RecipeHRLConfig, recipe_hrl_identity
 
     default = recipe_hrl_identity(RecipeHRLConfig(), 0.5, 0, "fp32")
-    assert "baseline" not in default and RecipeHRLConfig().hybrid().baseline == "self_critical"
+    assert "baseline" not in default and RecipeHRLConfig().hybrid().hrl.baseline == "self_critical"
     batch_mean = RecipeHRLConfig(baseline="batch_mean")
     assert recipe_hrl_identity(batch_mean, 0.5, 0, "fp32") == {**default, "baseline": "batch_mean"}
-    assert batch_mean.hybrid().baseline == "batch_mean"
+    assert batch_mean.hybrid().hrl.baseline == "batch_mean"
 
 
 def test_explore_names_the_stage_only_when_set():
@@ -126,8 +126,8 @@ def test_explore_names_the_stage_only_when_set():
     from agents.recipe_hrl import RecipeHRLConfig, recipe_hrl_identity
 
     before = recipe_hrl_identity(RecipeHRLConfig(explore=None), 0.5, 0, "fp32")
-    assert "explore" not in before and RecipeHRLConfig(explore=None).hybrid().hrl_explore is None
+    assert "explore" not in before and RecipeHRLConfig(explore=None).hybrid().hrl.explore is None
     assert recipe_hrl_identity(RecipeHRLConfig(), 0.5, 0, "fp32") == {**before, "explore": 0.1}
     explore = RecipeHRLConfig(explore=0.05)
     assert recipe_hrl_identity(explore, 0.5, 0, "fp32") == {**before, "explore": 0.05}
-    assert explore.hybrid().hrl_explore == 0.05
+    assert explore.hybrid().hrl.explore == 0.05

@@ -61,7 +61,7 @@ def test_an_sb3_agent_leaves_no_folder_in_the_temporary_one(tmp_path, monkeypatc
 
 @pytest.mark.slow
 def test_ppo_cloned_from_gates_takes_their_decisions_and_a_threshold_moves_them():
-    """``--distill-epochs``: PPO's policy fitted to the recipe's gates on the environment's
+    """``--sb3-distill-epochs``: PPO's policy fitted to the recipe's gates on the environment's
     observations decides as they do; its log-odds threshold (what a calibration moves) trades blocks."""
     import torch
 
@@ -89,7 +89,7 @@ def test_ppo_cloned_from_gates_takes_their_decisions_and_a_threshold_moves_them(
 
 def test_a_clone_of_thresholded_gates_starts_from_their_decisions_with_distill_explore():
     """Joint SP's gates have logits near 0 (thresholds, not probabilities): cloned as they are, the
-    policy RL samples from flips coins; ``--distill-explore`` sharpens the targets by one scale, so
+    policy RL samples from flips coins; ``--sb3-distill-explore`` sharpens the targets by one scale, so
     the cloned policy takes the gates' decisions with high probability."""
     import torch
 
@@ -118,7 +118,7 @@ def test_a_clone_of_thresholded_gates_starts_from_their_decisions_with_distill_e
 def test_no_timesteps_is_only_for_a_cloned_policy():
     from agents.sb3_agents import SB3Config
 
-    with pytest.raises(ValueError, match="--timesteps 0 would evaluate an untrained policy"):
+    with pytest.raises(ValueError, match="--sb3-timesteps 0 would evaluate an untrained policy"):
         SB3Config(timesteps=0)
     assert SB3Config(timesteps=0, distill_epochs=3).timesteps == 0
 

@@ -51,7 +51,7 @@ def test_values_take_the_run_options_types_and_unknown_options_are_named():
 def test_a_two_trial_sweep_writes_every_run_and_the_front(tmp_path, shared_cache, ray_once):
     pytest.importorskip("ray.tune")
     args = ["--grid", "alpha=0.5,4", "--out", str(tmp_path / "sweeps"), "--name", "t", "--max-concurrent", "2"]
-    args += [*TINY_RUN, "--log-every", "2"]
+    args += [*TINY_RUN, "--hrl-log-every", "2"]
     proc = call_entry_point("sweep.py", args, shared_cache)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "2 trials; Pareto front" in proc.stdout

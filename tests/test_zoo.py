@@ -100,7 +100,7 @@ def test_every_agent_kind_runs_on_a_vit(vit, tmp_path):
     half = evaluate(RandomPolicy(0.5), vit, data, CPU)
     assert 0.3 < half.flops_fraction < 0.8  # skipped blocks cost nothing
     trainer = HybridTrainer(
-        vit, create_gates("rnn", vit), data, HybridConfig(sp_epochs=1, hrl_iterations=2, sp_batch=64), CPU,
+        vit, create_gates("rnn", vit), data, HybridConfig.flat(sp_epochs=1, hrl_iterations=2, sp_batch=64), CPU,
         tmp_path / "agent.pt", {}, progress=False, num_envs=32,
     )  # fmt: skip
     trainer.train()
