@@ -98,7 +98,7 @@ class AgentSpec:
     ranks other than 0 end before it trains, and it trains on rank 0 alone"""
     options: type | None = None
     """the agent's own configuration: a dataclass of :func:`backbones.options.option` fields (its
-    ``flag_prefix``, if any, goes before their flags); the run's configuration holds it as
+    ``flag_prefix``, which every part declares, goes before their flags); the run's configuration holds it as
     ``agent_options[part]``, the command line has its flags, the agent reads it as ``ctx.options``"""
     part: str | None = None
     """the name of that part (default: the agent's); agents that share options share a part (``sb3``)"""
@@ -115,6 +115,11 @@ def register_agent(name: str, spec: AgentSpec) -> None:
     if name in AGENTS:
         raise ValueError(f"agent {name!r} is registered twice")
     if spec.options is not None:
+        if not hasattr(spec.options, "flag_prefix"):  # one rule: a part's flags begin with its prefix
+            raise ValueError(
+                f"agent {name!r}: its options {spec.options.__name__} declare no flag_prefix; give them one, "
+                f'flag_prefix: ClassVar[str] = "{name}_" (its flags are --{name.replace("_", "-")}-...)'
+            )
         part = part_of(name, spec)
         known = agent_parts().get(part)
         if known not in (None, spec.options):

@@ -7,7 +7,8 @@ and ``Literal`` choices, once, with messages that name the command-line flag. A 
 parts registered when it is read (each agent's own): a run's configuration is a tree of the parts each
 module owns (the hybrid trainer's, the gates', BlockDrop's, ...), and :func:`option_fields`,
 :func:`flatten` and :func:`build` see it as one flat set of uniquely named options, the names of its
-flags (a part's ``flag_prefix`` goes before its fields: ``JointConfig.lr`` is ``--joint-lr``).
+flags. One rule names them: every part declares a ``flag_prefix``, which goes before its fields
+(``JointConfig.lr`` is ``--joint-lr``, ``HRLConfig.gamma`` ``--hrl-gamma``); the tree refuses a part without one.
 
 It lives in the lowest package so that every layer's configuration can use it.
 """

@@ -1,6 +1,8 @@
 """The run configuration: one tree of the parts each module owns, seen flat by the command line;
 the recipe's stage defaults; resuming runs saved by older versions."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -148,6 +150,18 @@ def test_a_renamed_option_keeps_its_old_flag_and_stored_runs_build():
     cfg = resumed_config(RunConfig(checkpoint="x.pt"), stored, given=set())
     assert cfg.hybrid.hrl.finetune_lr == 3e-4 and cfg.hybrid.sp.lr == 0.01
     assert build(RunConfig, {"backbone_lr": 5e-5}).hybrid.hrl.finetune_lr == 5e-5
+
+
+def test_an_agent_whose_options_declare_no_prefix_is_refused_at_registration():
+    from agents.registry import AGENTS, AgentSpec, register_agent
+
+    @dataclasses.dataclass
+    class NoPrefix:
+        k: int = 2
+
+    with pytest.raises(ValueError, match='declare no flag_prefix; give them one, flag_prefix: ClassVar.str. = "toy_"'):
+        register_agent("toy", AgentSpec(lambda ctx, s: None, lambda ctx, s: None, options=NoPrefix))  # type: ignore
+    assert "toy" not in AGENTS
 
 
 # one prefix rule: the flags of the options that had none before, old flag -> today's
