@@ -120,10 +120,10 @@ def test_a_budget_is_met_on_validation_and_the_checkpoint_keeps_the_threshold(tm
     from experiments.run import run
 
     tiny = RunConfig(
-        agent="hybrid_rnn", backbone="cifar_resnet20", dataset="digits", width=0.25, backbone_epochs=1,
+        agent="hybrid_rnn", backbone="cifar_resnet20", dataset="digits", width=0.25,
         backbone_recipe="base", budget=0.8, num_envs=32, progress=False, run_dir=str(tmp_path),
     )  # fmt: skip
-    tiny = replace(tiny, sp_epochs=1, hrl_iterations=0)
+    tiny = replace(tiny, backbone_epochs=1, sp_epochs=1, hrl_iterations=0)
     r = run(tiny)
     assert (
         abs(r["calibration"]["val_flops"] - 0.8) <= 0.005 and r["val_flops_fraction"] == r["calibration"]["val_flops"]
