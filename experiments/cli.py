@@ -52,20 +52,6 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-class _Repeatable(argparse.Action):
-    """A list flag that may be given more than once: ``--grid a=1 b=2 --grid c=3`` gives all
-    three; the default applies only when the flag is absent."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.filled: set[int] = set()  # namespaces this flag already wrote to
-
-    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: Any = None) -> None:
-        before = list(getattr(namespace, self.dest)) if id(namespace) in self.filled else []
-        setattr(namespace, self.dest, before + list(values))
-        self.filled.add(id(namespace))
-
-
 def _parser_type(tp: Any) -> tuple[Any, dict[str, Any]]:
     """argparse ``type`` and extra kwargs for a field's annotation."""
     origin = typing.get_origin(tp)
@@ -74,9 +60,9 @@ def _parser_type(tp: Any) -> tuple[Any, dict[str, Any]]:
         return _parser_type(args[0])
     if origin is typing.Literal:
         return type(args[0]), {"choices": list(args)}
-    if origin in (list, tuple, Sequence):
+    if origin in (list, tuple, Sequence):  # may be given more than once: --grid a=1 b=2 --grid c=3 gives all three
         inner, _ = _parser_type(args[0]) if args else (str, {})
-        return inner, {"nargs": "+", "action": _Repeatable}
+        return inner, {"nargs": "+", "action": "extend"}
     return tp, {}
 
 
@@ -131,29 +117,28 @@ def declared_defaults(cls: type) -> dict[str, Any]:
 
 def build_parser(cls: type, description: str | None = None, epilog: str | None = None) -> argparse.ArgumentParser:
     """A flag per option of configuration ``cls`` (nested parts included: :func:`option_fields`),
-    its help the docstring under the field, its default the field's."""
+    its help the docstring under the field and the field's default. The namespace it parses holds
+    only the options given (their defaults are :func:`declared_defaults`)."""
     parser = argparse.ArgumentParser(
-        description=description or (cls.__doc__ or "").strip().splitlines()[0],
-        epilog=epilog,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+        description=description or (cls.__doc__ or "").strip().splitlines()[0], epilog=epilog,
+        argument_default=argparse.SUPPRESS,
+    )  # fmt: skip
     defaults = declared_defaults(cls)
-    docs: dict[type, dict[str, str]] = {}
     groups: dict[tuple[str, ...], Any] = {(): parser}  # a nested part's flags under its own heading
     for name, opt in option_fields(cls).items():
         where = opt.path[:-1]
         if where not in groups:
             summary = (opt.owner.__doc__ or "").strip().split("\n\n")[0]  # the docstring's first paragraph
             groups[where] = parser.add_argument_group(where[-1], " ".join(summary.split()))
-        doc = docs.setdefault(opt.owner, field_docs(opt.owner)).get(opt.field.name, "")
-        help_text = doc.replace("%", "%%")  # argparse formats help with %
+        doc = field_docs(opt.owner).get(opt.field.name, "")
+        help_text = f"{doc} (default: {defaults[name]})".replace("%", "%%")  # argparse formats help with %
         kind, extra = _parser_type(opt.hint)
         if kind is bool:
             extra = {"action": argparse.BooleanOptionalAction}
         else:
             extra["type"] = _or_none(kind) if type(None) in typing.get_args(opt.hint) else kind
         former = [flag(f) for f in opt.field.metadata.get("was", ())]  # renamed options keep their old flags
-        groups[where].add_argument(flag(name), *former, dest=name, default=defaults[name], help=help_text, **extra)
+        groups[where].add_argument(flag(name), *former, dest=name, help=help_text, **extra)
     return parser
 
 
@@ -189,7 +174,7 @@ def parse(
         )
     for source in agents_from(argv):
         import_agents(source)
-    values = vars(build_parser(cls, description, epilog).parse_args(argv))
+    values = {**declared_defaults(cls), **vars(build_parser(cls, description, epilog).parse_args(argv))}
     hints = option_fields(cls)
     for name, value in values.items():
         if isinstance(value, list) and typing.get_origin(hints[name].hint) is tuple:
@@ -199,10 +184,7 @@ def parse(
 
 def given_fields(cls: type, argv: Sequence[str] | None = None) -> set[str]:
     """Names of the options whose flags appear in ``argv`` (as opposed to taking their defaults)."""
-    parser = build_parser(cls)
-    for action in parser._actions:
-        action.default = argparse.SUPPRESS
-    return set(vars(parser.parse_args(argv)))
+    return set(vars(build_parser(cls).parse_args(argv)))
 
 
 # what an entry point answers with one line: bad input (a device that is not here included), missing

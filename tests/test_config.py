@@ -10,7 +10,7 @@ from agents.hybrid import HybridConfig
 from agents.skip_ready import JointConfig, gate_identity
 from agents.skipnet import starts_from_joint_gates
 from backbones.options import build, flatten, option_fields, replace
-from experiments.cli import build_parser, field_docs
+from experiments.cli import build_parser, field_docs, parse
 from experiments.config import SAFE_ON_RESUME, RunConfig
 from experiments.run import resumed_config
 
@@ -102,7 +102,8 @@ def test_every_option_has_one_flag_help_and_default():
     defaults = flatten(RunConfig())
     for name, opt in options.items():
         assert field_docs(opt.owner).get(opt.field.name), f"{name} has no help"
-        assert flags[name].default == defaults[name]
+        assert flags[name].help.endswith(f"(default: {defaults[name]})".replace("%", "%%")), name
+    assert parse(RunConfig, []) == RunConfig()  # the defaults the help shows are the ones a run takes
     assert {"sp_lr", "hrl_lr", "hrl_finetune_lr", "blockdrop_lr", "hrl_log_every", "device", "resume"} <= SAFE_ON_RESUME
     assert not {"alpha", "seed", "sp_epochs", "joint_lr", "rnn_hidden"} & SAFE_ON_RESUME
 
