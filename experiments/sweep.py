@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from backbones.options import POSITIVE_INT, build, check_options, flatten, option, option_fields, replace
+from backbones.options import POSITIVE_INT, build, check_options, flatten, former_names, option, option_fields, replace
 from experiments.cli import one_line_errors, parse, parse_value
 from experiments.config import RunConfig
 
@@ -82,6 +82,7 @@ class SweepConfig:
 
 
 RUN_FIELDS = option_fields(RunConfig)
+RENAMED = former_names(RunConfig)
 
 
 def option_value(name: str, text: str) -> Any:
@@ -93,10 +94,13 @@ def option_value(name: str, text: str) -> Any:
 
 
 def _split(spec: str, what: str) -> tuple[str, str]:
+    """``(option, values)`` of ``NAME=values``: the option by today's name (a renamed one's former name
+    is taken: ``gamma`` is ``hrl_gamma``)."""
     name, sep, values = spec.partition("=")
     if not sep or not values:
         raise ValueError(f"{what} must look like NAME=..., got {spec!r}")
-    return name.strip().replace("-", "_"), values
+    name = name.strip().replace("-", "_")
+    return RENAMED.get(name, name), values
 
 
 def param_space(cfg: SweepConfig) -> dict[str, Any]:

@@ -48,6 +48,16 @@ def test_values_take_the_run_options_types_and_unknown_options_are_named():
         SweepConfig(search="random")
 
 
+def test_a_renamed_option_is_swept_by_its_former_name_too():
+    """``--grid gamma=...`` sweeps ``hrl_gamma`` (renamed by the one prefix rule), as ``--gamma`` sets it."""
+    pytest.importorskip("ray")
+    from experiments.sweep import param_space
+
+    space = param_space(SweepConfig(grid=("gamma=0.9,1.0", "sb3_timesteps=64")))
+    assert set(space) == {"hrl_gamma", "sb3_timesteps"}
+    assert space["hrl_gamma"] == {"grid_search": [0.9, 1.0]}
+
+
 def test_a_two_trial_sweep_writes_every_run_and_the_front(tmp_path, shared_cache, ray_once):
     pytest.importorskip("ray.tune")
     args = ["--grid", "alpha=0.5,4", "--out", str(tmp_path / "sweeps"), "--name", "t", "--max-concurrent", "2"]
