@@ -42,7 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -249,6 +249,23 @@ class SPNetwork(nn.Module):
         return sp_forward(self.backbone, self.gates, x, generator)
 
 
+class Distillation(NamedTuple):
+    """Knowledge distillation in SP's loss: ``(1 - weight) x cross-entropy + weight x T^2 x
+    KL(teacher's softened labels || the routed network's)`` at temperature ``T`` (Hinton et al. 2015)."""
+
+    teacher: Backbone
+    """the network whose soft labels the routed one learns (joint SP: the base network, frozen, every block run)"""
+    weight: float
+    temperature: float
+
+    def loss(self, x: Tensor, logits: Tensor, y: Tensor) -> Tensor:
+        with torch.no_grad():
+            soft = F.log_softmax(self.teacher(self.teacher.prepare(x)).float() / self.temperature, dim=1)
+        mine = F.log_softmax(logits / self.temperature, dim=1)
+        kl = F.kl_div(mine, soft, reduction="batchmean", log_target=True) * self.temperature**2
+        return (1.0 - self.weight) * F.cross_entropy(logits, y) + self.weight * kl
+
+
 def sp_loss(
     net: nn.Module,
     x: Tensor,
@@ -257,17 +274,19 @@ def sp_loss(
     meter: SpendingMeter,
     price: ComputePrice,
     ramp: float,
+    distill: Distillation | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """SP's loss on one batch of :class:`SPNetwork` ``net`` (or its DDP wrapper), for the hybrid
-    trainer's SP and joint SP alike: cross-entropy through
-    hard gates plus the compute the executed blocks add, priced by ``price`` (scaled by ``ramp``)
-    from what the greedy gates spend; the straight-through gradient reaches the gates through both.
-    Returns ``(loss, executed (B, N), spending (B,))``; the caller moves a budget's price by the
-    step's spending (``price.update``), once a step."""
+    trainer's SP and joint SP alike: cross-entropy through hard gates (or, with ``distill``, mixed
+    with a teacher's soft labels) plus the compute the executed blocks add, priced by ``price``
+    (scaled by ``ramp``) from what the greedy gates spend; the straight-through gradient reaches the
+    gates through both. Returns ``(loss, executed (B, N), spending (B,))``; the caller moves a
+    budget's price by the step's spending (``price.update``), once a step."""
     logits, executed, greedy = net(x, noise)
     spending = meter.spent(greedy)  # (B,) what the gates would spend at evaluation
     cost = price.loss(executed @ meter.cost, spending, ramp)
-    return F.cross_entropy(logits, y) + cost, executed, spending
+    fit = F.cross_entropy(logits, y) if distill is None else distill.loss(x, logits, y)
+    return fit + cost, executed, spending
 
 
 def discounted_returns(rewards: Tensor, gamma: float) -> Tensor:

@@ -39,7 +39,7 @@ import torch
 
 from agents.compute_price import ComputePrice, SpendingMeter
 from agents.gates import GatePolicy, create_gates
-from agents.hybrid import SPNetwork, sp_loss
+from agents.hybrid import Distillation, SPNetwork, sp_loss
 from agents.trainer import Trainer
 from backbones.base import FIRST_GATED, Backbone
 from backbones.batching import batches, global_batch_sizes
@@ -51,6 +51,7 @@ from backbones.distributed import synced_batchnorm, syncs_batchnorm
 from backbones.options import COUNT, FLOPS_FRACTION, NON_NEGATIVE, POSITIVE, POSITIVE_INT, UNIT, check_options, option
 from backbones.progress import progress_bar
 from backbones.train import full_accuracy
+from skipnet_env.engine import freeze
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,11 @@ class JointConfig:
     """skip_ready: split each joint SP step's images (this rank's part) into this many micro-batches whose gradients
     add up to the step's: for a batch that does not fit (BatchNorm and a budget's proportional term then see each
     micro-batch)"""
+    distill: float = option(0.0, UNIT)
+    """skip_ready: weight of the base network's soft labels in joint SP's loss (knowledge distillation from the base
+    network, every block run: (1 - w) x cross-entropy + w x T^2 x KL; 0: cross-entropy alone, the paper's)"""
+    distill_temperature: float = option(4.0, POSITIVE)
+    """skip_ready: temperature T of --joint-distill's soft labels"""
 
     def __post_init__(self) -> None:
         check_options(self)
@@ -129,6 +135,7 @@ class JointTrainer(Trainer):
         metadata: more metadata for the checkpoint (the base network's identity, the gates' kind).
         progress: show a progress bar (on a terminal only).
         autocast: the forward's autocast dtype (:func:`backbones.device.training_dtype`; ``None``: fp32).
+        teacher: the network whose soft labels ``cfg.distill`` mixes into the loss (the base network, frozen).
     """
 
     def __init__(
@@ -145,6 +152,7 @@ class JointTrainer(Trainer):
         data_fingerprint: str | None = None,
         seed: int = 0,
         autocast: torch.dtype | None = None,
+        teacher: Backbone | None = None,
     ) -> None:
         cfg = cfg.resolved(len(data))
         super().__init__(
@@ -179,6 +187,11 @@ class JointTrainer(Trainer):
             torch.manual_seed(here.seed(seed))
         self.price = ComputePrice(cfg.alpha, cfg.budget, device, ranks=here)
         self.history: list[dict[str, float]] = []
+        self.distill: Distillation | None = None
+        if cfg.distill > 0:
+            if teacher is None:
+                raise ValueError("--joint-distill needs the base network as the teacher")
+            self.distill = Distillation(teacher, cfg.distill, cfg.distill_temperature)
 
     @property
     def epoch(self) -> int:
@@ -288,7 +301,7 @@ class JointTrainer(Trainer):
                     x,
                     y,
                     total,
-                    partial(sp_loss, net, noise=noise, meter=meter, price=self.price, ramp=ramp),
+                    partial(sp_loss, net, noise=noise, meter=meter, price=self.price, ramp=ramp, distill=self.distill),
                     cfg.accumulate,
                     self.autocast,
                 )
@@ -344,9 +357,10 @@ def gate_identity(kind: str, options: dict[str, Any], first_gated: int = FIRST_G
 
 def joint_identity(cfg: JointConfig, seed: int) -> dict[str, Any]:
     """What names a joint SP stage in a skip-ready checkpoint and its cache key: its options and seed
-    (``accumulate`` only where it is not 1, so that the stages cached before it existed keep their
-    names)."""
-    options = {k: v for k, v in dataclasses.asdict(cfg).items() if not (k == "accumulate" and v == 1)}
+    (``accumulate`` only where it is not 1, the distillation only where it is on, so that the stages
+    cached before they existed keep their names)."""
+    left_out = {"accumulate": cfg.accumulate == 1, "distill": cfg.distill == 0, "distill_temperature": cfg.distill == 0}
+    options = {k: v for k, v in dataclasses.asdict(cfg).items() if not left_out.get(k, False)}
     return {**options, "seed": seed}
 
 
@@ -429,6 +443,7 @@ def get_skip_ready(
         trainer = JointTrainer(
             backbone, gates, train_data, cfg, device, path, base_meta["dataset"], metadata, progress,
             data_fingerprint=base_meta.get("data_fingerprint"), seed=seed, autocast=autocast,
+            teacher=freeze(base, device, precision="fp32") if cfg.distill > 0 else None,
         )  # fmt: skip
         if state is not None:
             trainer.resume(state)

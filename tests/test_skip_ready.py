@@ -7,7 +7,8 @@ import torch
 
 import backbones
 from agents.gates import create_gates
-from agents.skip_ready import JointConfig, JointTrainer, get_skip_ready, load_gates
+from agents.hybrid import Distillation
+from agents.skip_ready import JointConfig, JointTrainer, get_skip_ready, joint_identity, load_gates
 from backbones.checkpoint import fingerprint, load_backbone, safe_load
 from tests.conftest import tiny_backbone
 
@@ -203,3 +204,35 @@ def test_joint_sp_stops_on_divergence_with_the_trainers_guard(digits_train, tmp_
     with pytest.raises(FloatingPointError, match=r"joint SP \(epoch 1; lower --joint-lr\).*No checkpoint was written"):
         trainer.train()
     assert not (tmp_path / "ready.pt").exists()
+
+
+def test_distillation_mixes_cross_entropy_with_the_teachers_softened_labels():
+    torch.manual_seed(0)
+    teacher = tiny_backbone(20).eval()
+    x, y = torch.randn(8, 1, 16, 16), torch.randint(0, 10, (8,))
+    logits = torch.randn(8, 10, requires_grad=True)
+    t = 3.0
+    loss = Distillation(teacher, 0.25, t).loss(x, logits, y)
+    with torch.no_grad():
+        p_teacher = torch.softmax(teacher(x) / t, dim=1)
+    kl = (p_teacher * (p_teacher.log() - torch.log_softmax(logits / t, dim=1))).sum(1).mean()
+    want = 0.75 * torch.nn.functional.cross_entropy(logits, y) + 0.25 * t**2 * kl
+    torch.testing.assert_close(loss, want)
+    loss.backward()  # the routed network's logits get the gradient, the teacher none
+    assert logits.grad is not None and all(p.grad is None for p in teacher.parameters())
+
+
+def test_joint_sp_distils_the_base_network_and_names_it_in_the_cache_key(digits_train, tmp_path):
+    base = tiny_backbone(20)
+    plain, taught = JointConfig(epochs=1, batch_size=64), JointConfig(epochs=1, batch_size=64, distill=0.5)
+    # off (the default), the cache names of the stages made before the option existed stay
+    assert "distill" not in joint_identity(plain, 0) and "distill_temperature" not in joint_identity(plain, 0)
+    assert joint_identity(taught, 0)["distill"] == 0.5 and joint_identity(taught, 0)["distill_temperature"] == 4.0
+    meta = {"arch": base.arch, "dataset": "digits"}
+    options = {"hidden_size": 4, "embed_dim": 4}
+    ready, ready_meta = get_skip_ready(base, meta, digits_train, plain, "rnn", options, torch.device("cpu"))
+    other, other_meta = get_skip_ready(base, meta, digits_train, taught, "rnn", options, torch.device("cpu"))
+    assert other_meta["checkpoint"] != ready_meta["checkpoint"] and fingerprint(other) != fingerprint(ready)
+    assert other_meta["skip_ready"]["joint_config"]["distill"] == 0.5
+    with pytest.raises(ValueError, match="teacher"):
+        _trainer(tiny_backbone(20), digits_train, tmp_path / "x.pt", distill=0.5)
