@@ -70,7 +70,9 @@ class PatchStem(nn.Module):
         self.layout: tuple[int, int] = (prefix + grid[0] * grid[1], 1) if prefix else grid
 
     def forward(self, x: Tensor) -> Tensor:
-        tokens = self.patch_embed(x)  # (B, N, D)
+        # (B, N, D), each token's D values side by side: the blocks read the sequence without a copy, and the grid
+        # the blocks pass on is a view of it (channels_last strides)
+        tokens = self.patch_embed(x).contiguous()
         prefix = [t.expand(tokens.shape[0], -1, -1) for t in (self.cls_token, self.reg_token) if t is not None]
         if self.pos_embed is not None and self.no_embed_class:  # the position embedding leaves the prefix out
             tokens = tokens + self.pos_embed

@@ -86,6 +86,12 @@ def test_a_vit_block_reads_tokens_and_is_the_identity_when_skipped(vit):
     tokens = h.flatten(2).transpose(1, 2)  # (B, 64, 32): what the timm block sees
     with torch.no_grad():
         torch.testing.assert_close(vit.blocks[1](h), vit.blocks[1].block(tokens).transpose(1, 2).reshape(2, 32, 8, 8))
+    # the stem lays the tokens out token by token, so every block reads the sequence without a copy
+    with torch.no_grad():
+        grid = vit.stem(torch.randn(2, 1, 16, 16))
+        out = vit.blocks[0](grid)
+    for a in (grid, out):
+        assert a.shape == (2, 32, 8, 8) and a.flatten(2).transpose(1, 2).is_contiguous()
     # attention's FLOPs are counted (the fused CPU kernel counts none): 4 matmuls of the attention per block
     n, d = 64, 32
     linear = 2 * n * d * (3 * d + d + 4 * d + 4 * d)
