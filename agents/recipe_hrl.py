@@ -12,8 +12,9 @@ trained beside it; from there on it is frozen and every agent routes it (SkipNet
 its gates, PPO may too). Joint SP's gates are thresholds, with logits close to 0: HRL samples from
 ``sigmoid(s x logit)``, ``s`` set at its start so that a decision leaves the greedy one 10% of the
 time (``explore``), not from their own near-coin-flip probabilities. Validation chose this stage
-(BENCHMARKS.md section 18: +1.42 points on validation over joint SP alone at 50% of the FLOPs with
-its 300 iterations, 3 seeds, each with its own base network; test +1.55).
+over joint SP alone at 50% of the FLOPs, 3 seeds, each with its own base network: +1.42 points on
+validation with 300 iterations on one machine (BENCHMARKS.md section 18; test +1.55), +0.53 with
+200 on a second (section 20; test +0.46 [+0.25, +0.68]).
 
 The stage is keyed by everything that changes its result: the joint backbone and gates, this
 stage's options, the budget, the seed, the precision and the training images. It writes its
@@ -62,9 +63,9 @@ class RecipeHRLConfig:
 
     flag_prefix: ClassVar[str] = "recipe_hrl_"
 
-    iterations: int = option(300, COUNT)
-    """skip_ready: HRL iterations after joint SP, one batch of --recipe-hrl-batch episodes each (0: no HRL stage; 300:
-    validation ties 500 with --recipe-hrl-explore 0.1, at 40% less time: BENCHMARKS.md section 18)"""
+    iterations: int = option(200, COUNT)
+    """skip_ready: HRL iterations after joint SP, one batch of --recipe-hrl-batch episodes each (0: no HRL stage; 200:
+    validation ties 300 at a third less time (BENCHMARKS.md section 20), as 300 tied 500 (section 18))"""
     lr: float = option(1e-4, POSITIVE)
     """skip_ready: Adam learning rate of the gates in the recipe's HRL"""
     finetune_lr: float = option(1e-4, POSITIVE)

@@ -104,7 +104,8 @@ class JointConfig:
     micro-batch)"""
     distill: float = option(0.0, UNIT)
     """skip_ready: weight of the base network's soft labels in joint SP's loss (knowledge distillation from the base
-    network, every block run: (1 - w) x cross-entropy + w x T^2 x KL; 0: cross-entropy alone, the paper's)"""
+    network, every block run: (1 - w) x cross-entropy + w x T^2 x KL; 0: cross-entropy alone, the paper's, and the
+    default: validation did not choose 0.5, BENCHMARKS.md section 20)"""
     distill_temperature: float = option(4.0, POSITIVE)
     """skip_ready: temperature T of --joint-distill's soft labels"""
 
