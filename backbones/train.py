@@ -58,6 +58,8 @@ class BaseTraining:
     flip: bool | None = None
     """horizontal-flip augmentation (default: the data set's own: on for CIFAR and your own images, off for digits
     and SVHN)"""
+    batch_size: int = option(128, POSITIVE_INT)
+    """images per step"""
     accumulate: int = option(1, POSITIVE_INT)
     """split each step's images (this rank's part of the batch) into this many micro-batches whose gradients add up
     to the step's: for a batch that does not fit in memory (BatchNorm then normalises over each micro-batch)"""
@@ -90,8 +92,6 @@ class TrainConfig(BaseTraining):
     """channel multiplier of CIFAR ResNets"""
     image_size: int | None = None
     """square input side (default: the data set's own; 16 for digits)"""
-    batch_size: int = 128
-    """images per step"""
     optimizer: Literal["auto", "sgd", "adamw"] = "auto"
     """auto: SGD with Nesterov momentum for CNNs, AdamW for vision transformers"""
     lr: float | None = None

@@ -132,6 +132,16 @@ def test_a_default_filled_in_after_construction_is_not_a_flag_default():
     assert parse(TrainConfig, ["--dataset", "cifar10", "--epochs", "2"]).epochs == 2
 
 
+def test_run_py_sets_the_base_networks_batch_size():
+    """``--backbone-batch-size`` (run.py, reproduce.py) is the base trainer's ``--batch-size``."""
+    from backbones.train import TrainConfig
+
+    assert parse(RunConfig, ["--backbone-batch-size", "64"]).backbone_training.batch_size == 64
+    assert parse(TrainConfig, ["--batch-size", "64"]).batch_size == 64
+    with pytest.raises(ValueError, match="--backbone-batch-size must be an integer >= 1"):
+        parse(RunConfig, ["--backbone-batch-size", "0"])
+
+
 def test_a_renamed_option_keeps_its_old_flag_and_stored_runs_build():
     """--backbone-lr (the hybrid fine-tune's rate, which read as the base trainer's) is --hrl-finetune-lr;
     the old flag still parses and configurations stored under the old name still build and resume."""
