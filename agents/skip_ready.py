@@ -102,10 +102,10 @@ class JointConfig:
     """skip_ready: split each joint SP step's images (this rank's part) into this many micro-batches whose gradients
     add up to the step's: for a batch that does not fit (BatchNorm and a budget's proportional term then see each
     micro-batch)"""
-    distill: float = option(0.0, UNIT)
+    distill: float = option(0.5, UNIT)
     """skip_ready: weight of the base network's soft labels in joint SP's loss (knowledge distillation from the base
-    network, every block run: (1 - w) x cross-entropy + w x T^2 x KL; 0: cross-entropy alone, the paper's, and the
-    default: validation did not choose 0.5, BENCHMARKS.md section 20)"""
+    network, every block run: (1 - w) x cross-entropy + w x T^2 x KL; 0: cross-entropy alone, the paper's; validation
+    chose 0.5 over 0 on the embedded set's base networks, BENCHMARKS.md section 21)"""
     distill_temperature: float = option(4.0, POSITIVE)
     """skip_ready: temperature T of --joint-distill's soft labels"""
 
@@ -191,7 +191,9 @@ class JointTrainer(Trainer):
         self.distill: Distillation | None = None
         if cfg.distill > 0:
             if teacher is None:
-                raise ValueError("--joint-distill needs the base network as the teacher")
+                raise ValueError(
+                    f"--joint-distill {cfg.distill} needs the base network as the teacher: pass teacher=, or distill=0"
+                )
             self.distill = Distillation(teacher, cfg.distill, cfg.distill_temperature)
 
     @property

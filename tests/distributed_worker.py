@@ -109,7 +109,7 @@ def train(case: str, out: Path) -> None:
     if case == "train":
         seed_everything(0)
         gates = create_gates("rnn", backbone, FIRST_GATED)
-        cfg = JointConfig(epochs=2, batch_size=32, shift=0, alpha_warmup=0)
+        cfg = JointConfig(epochs=2, batch_size=32, shift=0, alpha_warmup=0, distill=0.0)
         trainer = JointTrainer(
             backbone, gates, splits["train"], cfg, torch.device("cpu"), out / "joint.pt", "tiny", progress=False
         )

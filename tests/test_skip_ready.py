@@ -21,7 +21,7 @@ def digits_train():
 def _trainer(net, data, path, epochs=2, **kw):
     torch.manual_seed(0)
     gates = create_gates("rnn", net)
-    cfg = JointConfig(epochs=epochs, batch_size=64, **kw)
+    cfg = JointConfig(epochs=epochs, batch_size=64, **{"distill": 0.0, **kw})  # no teacher here
     return JointTrainer(
         net, gates, data, cfg, torch.device("cpu"), path, "digits", {"gates": {"kind": "rnn", "first_gated": 1}}, False,
         seed=3,
@@ -224,8 +224,8 @@ def test_distillation_mixes_cross_entropy_with_the_teachers_softened_labels():
 
 def test_joint_sp_distils_the_base_network_and_names_it_in_the_cache_key(digits_train, tmp_path):
     base = tiny_backbone(20)
-    plain, taught = JointConfig(epochs=1, batch_size=64), JointConfig(epochs=1, batch_size=64, distill=0.5)
-    # off (the default), the cache names of the stages made before the option existed stay
+    plain, taught = JointConfig(epochs=1, batch_size=64, distill=0.0), JointConfig(epochs=1, batch_size=64)
+    # off, the cache names of the stages made before the option existed stay; on (the default), it names them
     assert "distill" not in joint_identity(plain, 0) and "distill_temperature" not in joint_identity(plain, 0)
     assert joint_identity(taught, 0)["distill"] == 0.5 and joint_identity(taught, 0)["distill_temperature"] == 4.0
     meta = {"arch": base.arch, "dataset": "digits"}
