@@ -14,7 +14,8 @@ its gates, PPO may too). Joint SP's gates are thresholds, with logits close to 0
 time (``explore``), not from their own near-coin-flip probabilities. Validation chose this stage
 over joint SP alone at 50% of the FLOPs, 3 seeds, each with its own base network: +1.42 points on
 validation with 300 iterations on one machine (BENCHMARKS.md section 18; test +1.55), +0.53 with
-200 on a second (section 20; test +0.46 [+0.25, +0.68]).
+200 on a second (section 20; test +0.46 [+0.25, +0.68]); on better trained base networks with joint SP's
+distillation it adds nothing validation can see (section 21: +0.02 [-0.28, +0.35] with 100 iterations).
 
 The stage is keyed by everything that changes its result: the joint backbone and gates, this
 stage's options, the budget, the seed, the precision and the training images. It writes its
@@ -63,9 +64,9 @@ class RecipeHRLConfig:
 
     flag_prefix: ClassVar[str] = "recipe_hrl_"
 
-    iterations: int = option(200, COUNT)
-    """skip_ready: HRL iterations after joint SP, one batch of --recipe-hrl-batch episodes each (0: no HRL stage; 200:
-    validation ties 300 at a third less time (BENCHMARKS.md section 20), as 300 tied 500 (section 18))"""
+    iterations: int = option(100, COUNT)
+    """skip_ready: HRL iterations after joint SP, one batch of --recipe-hrl-batch episodes each (0: no HRL stage; 100:
+    validation ties 200 at half the time (BENCHMARKS.md section 21), as 200 tied 300 (section 20))"""
     lr: float = option(1e-4, POSITIVE)
     """skip_ready: Adam learning rate of the gates in the recipe's HRL"""
     finetune_lr: float = option(1e-4, POSITIVE)
