@@ -119,7 +119,7 @@ def test_a_cached_backbone_is_named_by_every_option_that_changes_its_weights():
     no_effect = {"device", "out", "resume", "log_dir", "num_workers", "progress"}
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     assert fields == set(WEIGHT_FIELDS) | set(NAMED_WHEN_CHANGED) | named_otherwise | named_resolved | no_effect
-    base = TrainConfig(image_size=16, precision="fp32")
+    base = TrainConfig(image_size=16, lr=0.1, precision="fp32")
     assert weights_key(dataclasses.replace(base, precision="bf16")) == weights_key(base) + "-bf16"
     # the caches made before momentum was named keep their names
     assert weights_key(base) == (
