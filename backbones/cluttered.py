@@ -162,19 +162,19 @@ def cluttered_split(
     split; the file holds the whole configuration, and another one is generated anew)."""
     path = cache_dir() / "datasets" / f"{name}-v{GENERATOR_VERSION}-{cfg.canvas}px-{split}.pt"
     if not use_cache:
-        return _generate(split, cfg)
+        return _generate(split, cfg, name)
     with building(path):  # a second process asking for the split waits for the first one's, then reads it
         if path.is_file():
             state = safe_load(path)
             if state.get("config") == _config_dict(cfg):
                 return state["images"], state["labels"]
-        images, labels = _generate(split, cfg)
+        images, labels = _generate(split, cfg, name)
         atomic_save({"images": images, "labels": labels, "config": _config_dict(cfg)}, path)
     return images, labels
 
 
-def _generate(split: str, cfg: ClutterConfig) -> tuple[Tensor, Tensor]:
-    log.info("generating cluttered_digits %s (%d images at %dpx)", split, SPLIT_SIZES[split], cfg.canvas)
+def _generate(split: str, cfg: ClutterConfig, name: str) -> tuple[Tensor, Tensor]:
+    log.info("generating %s %s (%d images at %dpx)", name, split, SPLIT_SIZES[split], cfg.canvas)
     sources, labels = _source_digits(split)
     images, labels, _ = render(sources, labels, SPLIT_SIZES[split], SPLIT_SEEDS[split], cfg)
     return images, labels

@@ -86,3 +86,14 @@ def test_the_hard_rendering_is_its_own_data_set_beside_the_default():
     assert hard.images.float().mean() < easy.images.float().mean()  # fainter digits, smaller: less ink
     names = {p.name for p in (cache_dir() / "datasets").glob("*-val.pt")}
     assert {"cluttered_digits-v1-24px-val.pt", "cluttered_digits_hard-v1-24px-val.pt"} <= names
+
+
+def test_generating_a_rendering_logs_its_own_name(caplog):
+    """The hard rendering's generation says ``cluttered_digits_hard``, not the default's name."""
+    import logging
+
+    from backbones.cluttered import RENDERINGS, cluttered_split
+
+    with caplog.at_level(logging.INFO, logger="backbones.cluttered"):
+        cluttered_split("val", RENDERINGS["cluttered_digits_hard"], use_cache=False, name="cluttered_digits_hard")
+    assert "generating cluttered_digits_hard val (2000 images at 24px)" in caplog.text
