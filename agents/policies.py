@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -128,9 +127,9 @@ class GateRoutingPolicy(RoutingPolicy):
 
 
 class SB3RoutingPolicy(RoutingPolicy):
-    """A Stable-Baselines3 model acting on the environment's observations (deterministically: the
-    likelier action; for a feedforward policy, *execute* where its log-odds is above ``threshold``,
-    0 being the likelier action, which a budget's calibration moves)."""
+    """A Stable-Baselines3 model acting on the environment's observations: *execute* where its
+    log-odds (execute over skip) is above ``threshold`` (0: the likelier action, which a budget's
+    calibration moves); a recurrent policy carries its actor's LSTM state through the episode."""
 
     def __init__(
         self,
@@ -145,25 +144,27 @@ class SB3RoutingPolicy(RoutingPolicy):
         self.recurrent, self.early_exit, self.exit_heads = hasattr(model.policy, "lstm_actor"), early_exit, exit_heads
 
     def reset(self, batch_size: int, device: torch.device) -> None:
-        self.state = None
-        self.episode_start = np.ones(batch_size, dtype=bool)
         self.exited = torch.zeros(batch_size, dtype=torch.bool, device=device)
+        if self.recurrent:  # the actor's LSTM state (zeros: every episode starts here)
+            zeros = torch.zeros(self.model.policy.lstm_hidden_state_shape[0], batch_size,
+                                self.model.policy.lstm_hidden_state_shape[2], device=self.model.device)  # fmt: skip
+            self.state = (zeros, zeros)
 
     def act(self, obs: Tensor, activation: Tensor, k: int) -> Tensor:
-        if self.recurrent:
-            actions, self.state = self.model.predict(
-                obs.cpu().numpy(), state=self.state, episode_start=self.episode_start, deterministic=True
-            )
-            self.episode_start = np.zeros_like(self.episode_start)
-            action = torch.as_tensor(actions, device=obs.device)
-        else:
-            from agents.sb3_agents import action_logits  # SB3 is imported where it is used
+        from agents.sb3_agents import action_logits  # SB3 is imported where it is used
 
-            with torch.no_grad():
+        with torch.no_grad():
+            if self.recurrent:
+                starts = torch.zeros(obs.shape[0], device=self.model.device)  # the state is reset above
+                distribution, self.state = self.model.policy.get_distribution(
+                    obs.to(self.model.device), self.state, starts
+                )
+                logits = distribution.distribution.logits.to(obs.device)
+            else:
                 logits = action_logits(self.model.policy, obs.to(self.model.device)).to(obs.device)
-            execute = logits[:, 1] - logits[:, 0] > self.threshold
-            # with the exit action (a third logit): exit where it is the likeliest of the three
-            action = torch.where(logits.argmax(1) == 2, 2, execute.long())
+        execute = logits[:, 1] - logits[:, 0] > self.threshold
+        # with the exit action (a third logit): exit where it is the likeliest of the three
+        action = torch.where(logits.argmax(1) == 2, 2, execute.long())
         self.exited |= action == 2
         return (action == 1) & ~self.exited
 

@@ -6,6 +6,8 @@ policy is first fitted to the gates' decisions on the environment's observations
 the actor to the gates' ``p(execute)``, the critic to the returns of the gates' routes), then RL goes
 on from there, and the policy's threshold is calibrated to the recipe's budget on validation images
 like the gates' own: a comparison of PPO with SkipNet's gates between agents that start equal.
+RecurrentPPO can start from the gates themselves (``--sb3-from-gates``): its actor is given the
+recurrent gate's structure and weights (:mod:`agents.sb3_from_gates`), so nothing is lost to cloning.
 
 SB3's own ``save``/``load`` pickle objects; here only the policy's ``state_dict`` (and its
 optimizer's) go into our atomic, ``weights_only`` checkpoints, and loading rebuilds the model.
@@ -26,7 +28,9 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.vec_env import VecEnv
+from torch import Tensor
 
+from agents.compute_price import ComputePrice
 from agents.early_exit import exit_classifier_for
 from agents.gates import GatePolicy
 from agents.hybrid import EXPLORE, discounted_returns, explore_scale
@@ -96,11 +100,31 @@ SB3_ALGOS: dict[str, Callable[[VecEnv, int, str, int, float | None], BaseAlgorit
 
 
 def build_model(
-    algo: str, env: VecEnv, seed: int, device: torch.device, episode_length: int, learning_rate: float | None = None
+    algo: str,
+    env: VecEnv,
+    seed: int,
+    device: torch.device,
+    episode_length: int,
+    learning_rate: float | None = None,
+    gates: GatePolicy | None = None,
 ) -> BaseAlgorithm:
     """``algo`` on ``env``, its rollouts sized by the episodes' length in steps (the gated blocks
-    of ``SkipNet-v0``; 1 on ``SkipNetOneShot-v0``); ``learning_rate``: the algorithm's own where ``None``."""
-    model = SB3_ALGOS[algo](env, seed, "cuda" if device.type == "cuda" else "cpu", episode_length, learning_rate)
+    of ``SkipNet-v0``; 1 on ``SkipNetOneShot-v0``); ``learning_rate``: the algorithm's own where ``None``;
+    ``gates``: RecurrentPPO's actor has their structure (:mod:`agents.sb3_from_gates`; their weights are
+    loaded by :func:`agents.sb3_from_gates.load_gates_into`)."""
+    where = "cuda" if device.type == "cuda" else "cpu"
+    if gates is not None:
+        from sb3_contrib import RecurrentPPO
+
+        from agents.sb3_from_gates import RecurrentGatePolicy, gate_structure
+
+        if algo != "recurrent_ppo":
+            raise ValueError(f"--sb3-from-gates makes recurrent_ppo's actor the recipe's gate, not {algo}'s: for "
+                             f"{algo}, --sb3-distill-epochs clones the gates' decisions")  # fmt: skip
+        kwargs = _ppo_kwargs(env, seed, where, episode_length, learning_rate)
+        model: BaseAlgorithm = RecurrentPPO(RecurrentGatePolicy, env, policy_kwargs=gate_structure(gates), **kwargs)
+    else:
+        model = SB3_ALGOS[algo](env, seed, where, episode_length, learning_rate)
     # SB3's default logger makes a folder in the system's temporary one at every learn(), even when it
     # writes nothing: a logger of its own writes nothing and makes none (the run logs to its TensorBoard)
     model.set_logger(Logger(folder=None, output_formats=[]))
@@ -193,22 +217,11 @@ def distill_from_gates(
     for _ in range(epochs):
         agree, actor_losses, value_losses = [], [], []
         for x, y in batches(data, DISTILL_BATCH, device, train=True, generator=generator):
-            with torch.no_grad():
-                obs = core.start(x, y)
-                state = gates.initial_state(x.shape[0], device)
-                seen, targets, rewards = [], [], []
-                for k in range(core.num_gates):
-                    logit, state = gates(core.activation, k, state)
-                    seen.append(obs)
-                    targets.append(logit)
-                    obs, reward, _ = core.advance(logit >= 0)
-                    rewards.append(reward)
-                returns = discounted_returns(torch.stack(rewards), 1.0)
-                logits = torch.cat(targets)
-                if scale is None:  # once, on the first batch
-                    assert explore is not None
-                    scale = explore_scale(logits, explore)
-            o = torch.cat(seen).to(policy.device)
+            seen, logits, returns = gate_episodes(core, gates, x, y)
+            if scale is None:  # once, on the first batch
+                assert explore is not None
+                scale = explore_scale(logits, explore)
+            o = seen.to(policy.device)
             p = torch.sigmoid(scale * logits).to(policy.device)
             log_p = torch.log_softmax(action_logits(policy, o), dim=1)  # (N*B, 2)
             actor = -(p * log_p[:, 1] + (1 - p) * log_p[:, 0]).mean()
@@ -230,6 +243,23 @@ def distill_from_gates(
     return record
 
 
+@torch.no_grad()
+def gate_episodes(core: BatchedRouting, gates: GatePolicy, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The gates' greedy routes of images ``x`` (labels ``y``) through ``core``: the observations
+    ``(N*B, obs_dim)`` and the gates' logits ``(N*B,)`` at every gated block (block-major), and the
+    routes' returns-to-go ``(N, B)`` under ``core``'s reward."""
+    obs = core.start(x, y)
+    state = gates.initial_state(x.shape[0], x.device)
+    seen, logits, rewards = [], [], []
+    for k in range(core.num_gates):
+        logit, state = gates(core.activation, k, state)
+        seen.append(obs)
+        logits.append(logit)
+        obs, reward, _ = core.advance(logit >= 0)
+        rewards.append(reward)
+    return torch.cat(seen), torch.cat(logits), discounted_returns(torch.stack(rewards), 1.0)
+
+
 def action_logits(policy: ActorCriticPolicy, obs: torch.Tensor) -> torch.Tensor:
     """``(B, 2)`` logits of skip / execute of a policy on ``SkipNet-v0``'s ``Discrete(2)`` actions
     (``(B, 3)`` with exit, under ``early_exit``)."""
@@ -246,6 +276,65 @@ def recipe_gates(ctx: AgentContext) -> GatePolicy:
             "(--backbone-recipe skip_ready, or a skip-ready --backbone-checkpoint)"
         )
     return load_gates(ctx.backbone_meta["checkpoint"], ctx.backbone, ctx.device)
+
+
+def gates_budget(ctx: AgentContext, algo: str) -> float | None:
+    """The recipe's budget where the policy starts from its gates (``--sb3-distill-epochs``,
+    ``--sb3-from-gates``): it is calibrated to it, as they are, and may hold it as it learns."""
+    if not (ctx.options.from_gates or (ctx.options.distill_epochs > 0 and algo in DISTILLABLE)):
+        return None
+    return ctx.backbone_meta.get("skip_ready", {}).get("joint_config", {}).get("budget")
+
+
+class HoldBudget(BaseCallback):
+    """The reward's price of compute as a budget's multiplier (:class:`ComputePrice`): after each
+    rollout the environment's ``alpha`` becomes the price at what the rollout's finished episodes
+    spent (at least 0: the reward does not pay for compute), and the multiplier takes its step. A
+    policy that starts from the recipe's gates then learns at their budget instead of drifting to the
+    spending a fixed ``alpha`` would pay for. The price is kept in ``extra`` (what the checkpoint
+    saves beside the model) and taken back from ``state`` on a resume."""
+
+    def __init__(self, price: ComputePrice, extra: dict[str, Any], state: dict[str, Any] | None) -> None:
+        super().__init__()
+        self.price, self.extra = price, extra
+        self.spent: list[float] = []
+        self.alpha = float(price.value)
+        if state is not None and "compute_price" in state:
+            self.price.load_state_dict({"value": state["compute_price"]["value"]})
+            self.alpha = float(state["compute_price"]["alpha"])
+
+    def _on_training_start(self) -> None:
+        self.training_env.set_attr("alpha", self.alpha)
+
+    def _on_step(self) -> bool:
+        self.spent += [info["flops_fraction"] for info, done in zip(self.locals["infos"], self.locals["dones"]) if done]
+        return True
+
+    def _on_rollout_end(self) -> None:
+        if self.spent:
+            spent = torch.tensor(self.spent)
+            self.alpha = max(0.0, float(self.price.weight(spent)))
+            self.price.update(spent)
+            self.training_env.set_attr("alpha", self.alpha)
+            self.spent = []
+        self.extra["compute_price"] = {"value": self.price.value.clone(), "alpha": torch.tensor(self.alpha)}
+
+
+def start_from_gates(model: BaseAlgorithm, gates: GatePolicy, ctx: AgentContext, explore: float | None) -> float:
+    """Load ``gates`` into ``model``'s actor (:mod:`agents.sb3_from_gates`), their logits scaled so that a
+    sampled decision leaves theirs with probability ``explore`` on a batch of training images (``None``:
+    unscaled); returns the scale."""
+    from agents.sb3_from_gates import load_gates_into
+
+    scale = 1.0
+    if explore is not None:
+        precision = ctx.cfg.precision
+        core = BatchedRouting(ctx.backbone, RewardConfig(alpha=0.0), gates.first_gated == 0, precision=precision)
+        generator = torch.Generator().manual_seed(ctx.cfg.seed)
+        x, y = next(iter(batches(ctx.train_data, DISTILL_BATCH, ctx.device, train=True, generator=generator)))
+        scale = explore_scale(gate_episodes(core, gates, x, y)[1], explore)
+    load_gates_into(model.policy, gates, scale)  # type: ignore[arg-type]
+    return scale
 
 
 # the smoke runs' steps: rollouts of both envs
@@ -272,9 +361,17 @@ class SB3Config:
     """ppo, a2c on a skip-ready backbone: epochs of behaviour cloning of the recipe's gates before RL (the policy
     starts from the gates' decisions; its threshold is then calibrated to --joint-budget on validation); 0: new"""
     distill_explore: float | None = option(0.1, EXPLORE, was=("distill_explore",))
-    """ppo, a2c with --sb3-distill-epochs: the cloned policy leaves the gates' decisions with this probability (their
-    p(execute) sharpened by one scale, as --hrl-explore does; 0.1 chosen on validation over None, the gates' own
-    p(execute), close to coin flips for joint SP's thresholded gates: BENCHMARKS.md section 18)"""
+    """ppo, a2c with --sb3-distill-epochs, recurrent_ppo with --sb3-from-gates: the policy leaves the gates' decisions
+    with this probability (their p(execute) sharpened by one scale, as --hrl-explore does; 0.1 chosen on validation
+    over None, the gates' own p(execute), close to coin flips for joint SP's thresholded gates: BENCHMARKS.md
+    section 18)"""
+    hold_budget: bool = False
+    """ppo, a2c, recurrent_ppo started from the recipe's gates: the reward's price of compute follows their budget
+    (a multiplier stepped after each rollout, from --alpha), so that RL goes on at the budget they are calibrated to"""
+    from_gates: bool = False
+    """recurrent_ppo on a skip-ready backbone: its actor is the recipe's recurrent gate, weights and all (it starts
+    deciding as they do; --sb3-distill-explore sets how often a sampled decision leaves theirs; the critic starts new),
+    calibrated to --joint-budget on validation like them; with --sb3-timesteps 0, the gates themselves"""
     early_exit: bool = option(False, was=("early_exit",))
     """ppo, a2c, recurrent_ppo: decide in SkipNet-v0 with its exit action (2: this block and every later one skipped,
     the image classified from there: by the head where it reads any depth, a ViT; on a CNN by exit heads fitted beside
@@ -282,13 +379,16 @@ class SB3Config:
 
     def __post_init__(self) -> None:
         check_options(self)
-        if self.early_exit and self.distill_epochs:
-            raise ValueError(
-                "--sb3-distill-epochs clones the recipe's gates, which never exit: leave out --sb3-early-exit"
-            )
-        if self.timesteps == 0 and self.distill_epochs == 0:
-            raise ValueError("--sb3-timesteps 0 would evaluate an untrained policy: give --sb3-distill-epochs too (the "
-                             "policy cloned from the recipe's gates, as it is) or --sb3-timesteps N")  # fmt: skip
+        if self.early_exit and (self.distill_epochs or self.from_gates):
+            raise ValueError("--sb3-distill-epochs and --sb3-from-gates start from the recipe's gates, which never "
+                             "exit: leave out --sb3-early-exit")  # fmt: skip
+        if self.distill_epochs and self.from_gates:
+            raise ValueError("--sb3-from-gates (recurrent_ppo: the gates' weights) and --sb3-distill-epochs (ppo, "
+                             "a2c: their decisions cloned) are two ways to start from the gates: give one")  # fmt: skip
+        if self.timesteps == 0 and self.distill_epochs == 0 and not self.from_gates:
+            raise ValueError("--sb3-timesteps 0 would evaluate an untrained policy: give --sb3-distill-epochs or "
+                             "--sb3-from-gates too (the policy started from the recipe's gates, as it is) or "
+                             "--sb3-timesteps N")  # fmt: skip
 
 
 def _sb3(algo: str, env_id: EnvId = "SkipNet-v0") -> AgentSpec:
@@ -315,7 +415,9 @@ def _sb3(algo: str, env_id: EnvId = "SkipNet-v0") -> AgentSpec:
         )
         env.seed(ctx.cfg.seed)
         episode_length = 1 if oneshot else env.get_attr("num_gates")[0]
-        return build_model(algo, env, ctx.cfg.seed, ctx.device, episode_length, ctx.options.learning_rate), heads
+        gates = recipe_gates(ctx) if ctx.options.from_gates else None
+        model = build_model(algo, env, ctx.cfg.seed, ctx.device, episode_length, ctx.options.learning_rate, gates)
+        return model, heads
 
     def policy(
         model: BaseAlgorithm, ctx: AgentContext, state: dict | None = None, heads: ExitHeads | None = None
@@ -323,10 +425,9 @@ def _sb3(algo: str, env_id: EnvId = "SkipNet-v0") -> AgentSpec:
         if oneshot:
             return SB3OneShotPolicy(model, f"{algo}_oneshot")
         # a policy cloned from the recipe's gates is calibrated to their budget, as they are
-        budget = ctx.backbone_meta.get("skip_ready", {}).get("joint_config", {}).get("budget")
-        distilled = ctx.options.distill_epochs > 0 and algo in DISTILLABLE
+        budget = gates_budget(ctx, algo)
         threshold = float((state or {}).get("threshold", 0.0))  # a calibration's, written beside the model
-        return SB3RoutingPolicy(model, algo, threshold, budget if distilled else None, ctx.options.early_exit, heads)
+        return SB3RoutingPolicy(model, algo, threshold, budget, ctx.options.early_exit, heads)
 
     def train(ctx: AgentContext, state: dict | None) -> RoutingPolicy:
         model, heads = make(ctx, state)
@@ -345,13 +446,20 @@ def _sb3(algo: str, env_id: EnvId = "SkipNet-v0") -> AgentSpec:
                 "%s starts from the recipe's gates: %d epochs of behaviour cloning, the policy's greedy decision is "
                 "the gates' at %.1f%% of the blocks", algo, ctx.options.distill_epochs, 100 * fit["agreement"],
             )  # fmt: skip
+        elif ctx.options.from_gates:
+            scale = start_from_gates(model, recipe_gates(ctx), ctx, ctx.options.distill_explore)
+            log.info("%s's actor is the recipe's gate (its logits x %.3g)", algo, scale)
         timesteps = ctx.options.timesteps
         remaining = timesteps - model.num_timesteps
         bar = progress_bar(timesteps, f"{algo} (SB3)", ctx.cfg.progress, initial=model.num_timesteps)
-        extra = {} if heads is None else {"exit_heads": heads.state_dict()}
+        extra: dict[str, Any] = {} if heads is None else {"exit_heads": heads.state_dict()}
         callback = CheckpointCallback(ctx.checkpoint, {**ctx.metadata, "stage": "train"}, bar=bar, extra=extra)
+        callbacks: list[BaseCallback] = [callback]
+        budget = gates_budget(ctx, algo)
+        if ctx.options.hold_budget and budget is not None:  # before the checkpoint's save: its price saved with it
+            callbacks.insert(0, HoldBudget(ComputePrice(ctx.cfg.alpha, budget, torch.device("cpu")), extra, state))
         if remaining > 0:
-            model.learn(total_timesteps=remaining, callback=callback, reset_num_timesteps=state is None)
+            model.learn(total_timesteps=remaining, callback=callbacks, reset_num_timesteps=state is None)
         else:  # a finished run resumed: nothing to train, the model is only saved again
             callback.init_callback(model)
         bar.close()

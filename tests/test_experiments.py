@@ -396,11 +396,20 @@ def test_every_agent_runs_on_the_skip_ready_backbone(agent, skip_ready_checkpoin
     assert r["full_backbone_accuracy"] == skip_ready_checkpoint["full_backbone_accuracy"]
 
 
-def test_ppo_starts_from_the_recipes_gates_and_is_calibrated_to_their_budget(skip_ready_checkpoint, cache, tmp_path):
+@pytest.mark.parametrize(
+    "agent, start, said",
+    [
+        ("ppo", "--sb3-distill-epochs 1", "ppo starts from the recipe's gates: 1 epochs of behaviour cloning"),
+        ("recurrent_ppo", "--sb3-from-gates --sb3-hold-budget", "recurrent_ppo's actor is the recipe's gate"),
+    ],
+)
+def test_ppo_starts_from_the_recipes_gates_and_is_calibrated_to_their_budget(
+    agent, start, said, skip_ready_checkpoint, cache, tmp_path
+):
     path = skip_ready_checkpoint["skip_ready_backbone"]
-    args = ["--agent", "ppo", *TINY_BACKBONE, *TINY_BUDGETS["ppo"], "--sb3-distill-epochs", "1", "--no-progress"]
+    args = ["--agent", agent, *TINY_BACKBONE, *TINY_BUDGETS[agent], *start.split(), "--no-progress"]
     proc = run([*args, "--backbone-checkpoint", path, "--run-dir", str(tmp_path)], cache, tmp_path)
-    assert "ppo starts from the recipe's gates: 1 epochs of behaviour cloning" in proc.stderr
+    assert said in proc.stderr
     (results,) = tmp_path.glob("*__*/results.json")
     r = json.loads(results.read_text())
     assert r["calibration"]["budget"] == 0.5 and abs(r["val_flops_fraction"] - 0.5) < 0.1

@@ -133,3 +133,75 @@ def test_an_sb3_agents_learning_rate_is_the_one_asked_for():
     model = build_model("ppo", env, seed=0, device=torch.device("cpu"), episode_length=8, learning_rate=1e-5)
     model.learn(total_timesteps=128)
     assert [g["lr"] for g in model.policy.optimizer.param_groups] == [1e-5]
+
+
+def test_recurrent_ppo_from_gates_is_the_gates_and_learns_from_there():
+    """``--sb3-from-gates``: RecurrentPPO's actor given the recurrent gate's structure and weights
+    decides as the gates do, image for image, at any threshold; its log-odds are the gate's logit
+    times the exploration scale; PPO then trains it."""
+    import torch
+
+    from agents.evaluate import evaluate
+    from agents.gates import create_gates
+    from agents.policies import GateRoutingPolicy, SB3RoutingPolicy
+    from agents.sb3_agents import build_model
+    from agents.sb3_from_gates import load_gates_into
+
+    net, data, cpu = tiny_backbone(), backbones.load_dataset("digits", "val"), torch.device("cpu")
+    gates = create_gates("rnn", net).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():  # gates that decide per image: some blocks run, some not
+        for p in gates.parameters():
+            p.copy_(torch.randn_like(p))
+    env = make_sb3_env(16, "SkipNet-v0", backbone=net, dataset=data, device="cpu")
+    model = build_model("recurrent_ppo", env, seed=0, device=cpu, episode_length=gates.num_gates, gates=gates)
+    load_gates_into(model.policy, gates, scale=3.0)
+    for threshold in (0.0, 0.4):
+        theirs = evaluate(GateRoutingPolicy(gates, "gates", threshold), net, data, cpu)
+        ours = evaluate(SB3RoutingPolicy(model, "recurrent_ppo", 3.0 * threshold), net, data, cpu)
+        np.testing.assert_array_equal(ours.per_image["executed"], theirs.per_image["executed"])
+        assert 0.1 < np.mean(theirs.per_image["executed"]) < 0.9
+        np.testing.assert_array_equal(ours.per_image["correct"], theirs.per_image["correct"])
+    before = [p.detach().clone() for p in model.policy.parameters()]
+    model.learn(total_timesteps=16 * gates.num_gates * 2)
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.policy.parameters()))
+
+
+def test_from_gates_refuses_gates_it_cannot_be():
+    import torch
+
+    from agents.gates import create_gates
+    from agents.sb3_agents import SB3Config, build_model
+
+    net = tiny_backbone()
+    env = make_sb3_env(8, "SkipNet-v0", backbone=net, dataset=backbones.load_dataset("digits", "val"), device="cpu")
+    cpu = torch.device("cpu")
+    with pytest.raises(ValueError, match="FeedforwardGates"):
+        build_model("recurrent_ppo", env, 0, cpu, 8, gates=create_gates("ff1", net))
+    with pytest.raises(ValueError, match="--rnn-pooling mean"):
+        build_model("recurrent_ppo", env, 0, cpu, 8, gates=create_gates("rnn", net, pooling="mean_max_std"))
+    with pytest.raises(ValueError, match="not ppo's"):
+        build_model("ppo", env, 0, cpu, 8, gates=create_gates("rnn", net))
+    with pytest.raises(ValueError, match="give one"):
+        SB3Config(from_gates=True, distill_epochs=2)
+    assert SB3Config(timesteps=0, from_gates=True).timesteps == 0
+
+
+def test_hold_budget_raises_the_price_of_compute_while_the_policy_spends_more_and_saves_it():
+    """``--sb3-hold-budget``: the reward's alpha follows a budget's multiplier, stepped after each
+    rollout from what its episodes spent; the price is handed to the checkpoint and resumed."""
+    import torch
+
+    from agents.compute_price import ComputePrice
+    from agents.sb3_agents import HoldBudget, build_model
+
+    net = tiny_backbone()
+    env = make_sb3_env(8, "SkipNet-v0", backbone=net, dataset=backbones.load_dataset("digits", "val"), device="cpu")
+    model = build_model("ppo", env, seed=0, device=torch.device("cpu"), episode_length=8)
+    extra: dict = {}
+    hold = HoldBudget(ComputePrice(1.0, 0.05, torch.device("cpu")), extra, None)  # a budget no policy spends
+    model.learn(total_timesteps=3 * 8 * 16, callback=hold)  # 3 rollouts
+    assert env.get_attr("alpha")[0] == hold.alpha > 1.0  # a new policy runs far more than 5%: the price rose
+    assert float(extra["compute_price"]["value"]) > 1.0
+    resumed = HoldBudget(ComputePrice(1.0, 0.05, torch.device("cpu")), {}, {"compute_price": extra["compute_price"]})
+    assert resumed.alpha == hold.alpha and float(resumed.price.value) == float(extra["compute_price"]["value"])
