@@ -182,6 +182,9 @@ log = logging.getLogger(__name__)
 
 # behaviour cloning's batch and learning rate (Adam, on the SB3 policy's parameters)
 DISTILL_BATCH, DISTILL_LR = 256, 1e-3
+# RL's learning rate for a policy that is the recipe's gates (--sb3-from-gates): PPO's own 3e-4 and 1e-4 moved them
+# off their front on validation, 1e-5 kept it (BENCHMARKS.md section 22)
+FROM_GATES_LR = 1e-5
 
 
 def distill_from_gates(
@@ -356,7 +359,8 @@ class SB3Config:
     """environment steps to train for (image-blocks; images for ppo_oneshot; 0 with --sb3-distill-epochs: the
     policy cloned from the recipe's gates, as it is)"""
     learning_rate: float | None = option(None, POSITIVE, was=("learning_rate",))
-    """the optimizer's learning rate (default: the algorithm's, PPO 3e-4, A2C 7e-4)"""
+    """the optimizer's learning rate (default: the algorithm's, PPO 3e-4, A2C 7e-4; 1e-5 with --sb3-from-gates, chosen
+    on validation over 1e-4 and 3e-4: BENCHMARKS.md section 22)"""
     distill_epochs: int = option(0, COUNT, was=("distill_epochs",))
     """ppo, a2c on a skip-ready backbone: epochs of behaviour cloning of the recipe's gates before RL (the policy
     starts from the gates' decisions; its threshold is then calibrated to --joint-budget on validation); 0: new"""
@@ -365,9 +369,10 @@ class SB3Config:
     with this probability (their p(execute) sharpened by one scale, as --hrl-explore does; 0.1 chosen on validation
     over None, the gates' own p(execute), close to coin flips for joint SP's thresholded gates: BENCHMARKS.md
     section 18)"""
-    hold_budget: bool = False
+    hold_budget: bool | None = None
     """ppo, a2c, recurrent_ppo started from the recipe's gates: the reward's price of compute follows their budget
-    (a multiplier stepped after each rollout, from --alpha), so that RL goes on at the budget they are calibrated to"""
+    (a multiplier stepped after each rollout, from --alpha), so that RL goes on at the budget they are calibrated to
+    (default: on with --sb3-from-gates, off with --sb3-distill-epochs)"""
     from_gates: bool = False
     """recurrent_ppo on a skip-ready backbone: its actor is the recipe's recurrent gate, weights and all (it starts
     deciding as they do; --sb3-distill-explore sets how often a sampled decision leaves theirs; the critic starts new),
@@ -415,8 +420,10 @@ def _sb3(algo: str, env_id: EnvId = "SkipNet-v0") -> AgentSpec:
         )
         env.seed(ctx.cfg.seed)
         episode_length = 1 if oneshot else env.get_attr("num_gates")[0]
-        gates = recipe_gates(ctx) if ctx.options.from_gates else None
-        model = build_model(algo, env, ctx.cfg.seed, ctx.device, episode_length, ctx.options.learning_rate, gates)
+        gates, rate = None, ctx.options.learning_rate
+        if ctx.options.from_gates:
+            gates, rate = recipe_gates(ctx), FROM_GATES_LR if rate is None else rate
+        model = build_model(algo, env, ctx.cfg.seed, ctx.device, episode_length, rate, gates)
         return model, heads
 
     def policy(
@@ -448,7 +455,8 @@ def _sb3(algo: str, env_id: EnvId = "SkipNet-v0") -> AgentSpec:
             )  # fmt: skip
         elif ctx.options.from_gates:
             scale = start_from_gates(model, recipe_gates(ctx), ctx, ctx.options.distill_explore)
-            log.info("%s's actor is the recipe's gate (its logits x %.3g)", algo, scale)
+            log.info("%s's actor is the recipe's gate (its logits x %.3g), RL at learning rate %g", algo, scale,
+                     model.policy.optimizer.param_groups[0]["lr"])  # fmt: skip
         timesteps = ctx.options.timesteps
         remaining = timesteps - model.num_timesteps
         bar = progress_bar(timesteps, f"{algo} (SB3)", ctx.cfg.progress, initial=model.num_timesteps)
@@ -456,8 +464,10 @@ def _sb3(algo: str, env_id: EnvId = "SkipNet-v0") -> AgentSpec:
         callback = CheckpointCallback(ctx.checkpoint, {**ctx.metadata, "stage": "train"}, bar=bar, extra=extra)
         callbacks: list[BaseCallback] = [callback]
         budget = gates_budget(ctx, algo)
-        if ctx.options.hold_budget and budget is not None:  # before the checkpoint's save: its price saved with it
+        hold = ctx.options.hold_budget if ctx.options.hold_budget is not None else ctx.options.from_gates
+        if hold and budget is not None:  # before the checkpoint's save: its price saved with it
             callbacks.insert(0, HoldBudget(ComputePrice(ctx.cfg.alpha, budget, torch.device("cpu")), extra, state))
+            log.info("%s holds the recipe's budget %g: the reward's price of compute follows it", algo, budget)
         if remaining > 0:
             model.learn(total_timesteps=remaining, callback=callbacks, reset_num_timesteps=state is None)
         else:  # a finished run resumed: nothing to train, the model is only saved again
