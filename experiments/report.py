@@ -130,14 +130,15 @@ def _stages_line(stages: list[dict[str, Any]]) -> str:
 
 
 def _max_drop_line(search: dict[str, Any]) -> str:
-    tried = ", ".join(
-        f"{t['budget']:g} -> {100 * t['val_accuracy']:.2f}% at {100 * t['val_flops_fraction']:.1f}%"
-        for t in search["tried"]
-    )
-    missed = "" if search["met"] else " (none within --max-drop: the most accurate)"
+    def tried(t: dict[str, Any]) -> str:
+        vs = t.get("val_vs_base")  # absent from runs made before the search judged the interval
+        against = f" ({100 * vs['difference']:+.2f} [{100 * vs['ci95'][0]:+.2f}, {100 * vs['ci95'][1]:+.2f}])" if vs else ""
+        return f"{t['budget']:g} -> {100 * t['val_accuracy']:.2f}% at {100 * t['val_flops_fraction']:.1f}%{against}"
+
+    missed = "" if search["met"] else " (none within --max-drop: the surest)"
     return (
-        f"joint budgets tried on validation: {tried} (base {100 * search['base_val_accuracy']:.2f}%); "
-        f"chose {search['chosen_budget']:g}{missed}"
+        f"joint budgets tried on validation: {', '.join(tried(t) for t in search['tried'])} "
+        f"(base {100 * search['base_val_accuracy']:.2f}%); chose {search['chosen_budget']:g}{missed}"
     )
 
 
