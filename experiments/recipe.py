@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -107,6 +107,7 @@ def search_budget(
         gates = GateRoutingPolicy(load_gates(ready_meta["checkpoint"], net, device), JOINT_GATES_AGENT)
         _, val = calibrate_threshold(gates, net, splits["val"], budget, device, batch, cfg.precision)
         vs_base = paired_difference(val.per_image["correct"], base_val.per_image["correct"], cfg.seed, val_groups)
+        low, high = cast(list[float], vs_base["ci95"])
         tried.append(
             {
                 "budget": budget, "val_accuracy": val.accuracy, "val_flops_fraction": val.flops_fraction,
@@ -117,9 +118,9 @@ def search_budget(
             "--max-drop: joint budget %.2f, calibrated: validation %.2f%% at %.1f%% of the FLOPs, "
             "%+.2f [%+.2f, %+.2f] against the base network (%.2f%%)",
             budget, 100 * val.accuracy, 100 * val.flops_fraction, 100 * vs_base["difference"],
-            100 * vs_base["ci95"][0], 100 * vs_base["ci95"][1], 100 * base_val.accuracy,
+            100 * low, 100 * high, 100 * base_val.accuracy,
         )  # fmt: skip
-        if best is None or vs_base["ci95"][0] > best[2]["val_vs_base"]["ci95"][0]:
+        if best is None or low > best[2]["val_vs_base"]["ci95"][0]:
             best = (net, ready_meta, tried[-1])
         if keeps_accuracy(vs_base, max_drop):
             best = (net, ready_meta, tried[-1])

@@ -132,7 +132,8 @@ def _stages_line(stages: list[dict[str, Any]]) -> str:
 def _max_drop_line(search: dict[str, Any]) -> str:
     def tried(t: dict[str, Any]) -> str:
         vs = t.get("val_vs_base")  # absent from runs made before the search judged the interval
-        against = f" ({100 * vs['difference']:+.2f} [{100 * vs['ci95'][0]:+.2f}, {100 * vs['ci95'][1]:+.2f}])" if vs else ""
+        low, high = vs["ci95"] if vs else (0.0, 0.0)
+        against = f" ({100 * vs['difference']:+.2f} [{100 * low:+.2f}, {100 * high:+.2f}])" if vs else ""
         return f"{t['budget']:g} -> {100 * t['val_accuracy']:.2f}% at {100 * t['val_flops_fraction']:.1f}%{against}"
 
     missed = "" if search["met"] else " (none within --max-drop: the surest)"
