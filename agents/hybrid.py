@@ -378,9 +378,9 @@ class HybridTrainer(Trainer):
 
     @property
     def hrl_alpha(self) -> float:
-        """Weight of compute in HRL: ``alpha``, or with a budget the multiplier SP reached."""
-        # a budget's multiplier may go below 0 (compute rewarded, up to the budget); the reward's alpha may not
-        return self.alpha if self.budget is None else max(float(self.price.value), 0.0)
+        """Weight of compute in HRL: ``alpha``, or with a budget the multiplier SP reached (below 0
+        where the gates spend less than the budget: compute is rewarded, up to it)."""
+        return self.alpha if self.budget is None else float(self.price.value)
 
     @property
     def sp_alpha(self) -> float:
@@ -595,7 +595,7 @@ class HybridTrainer(Trainer):
         """Price compute at ``alpha`` in the environment's reward and the greedy replay's (a budget's
         price, as it moves)."""
         assert self.env is not None
-        self.env.alpha = max(alpha, 0.0)
+        self.env.alpha = alpha
         self.replay.reward = self.env.reward
 
     def train_hrl(self) -> None:

@@ -51,7 +51,19 @@ from skipnet_env.core import DEFAULT_ALPHA
 log = logging.getLogger(__name__)
 
 # part of the cache key: raise it when a change to this stage changes the backbones it makes
-RECIPE_HRL_VERSION = 2
+RECIPE_HRL_VERSION = 3
+
+
+# the budget's price reaches the reward every PRICE_EVERY iterations (the hybrid agents' log_every, 50, moved it once
+# in the stage's 100: the gates fell to 28-36% of the FLOPs for a budget of 50%, BENCHMARKS.md section 23)
+PRICE_EVERY = 10
+
+
+def start_price(joint_meta: dict[str, Any]) -> float:
+    """The compute's price HRL starts at: the multiplier joint SP ended with, which held its gates at the budget
+    (``DEFAULT_ALPHA`` for a joint backbone without its history)."""
+    history = joint_meta["skip_ready"].get("history") or []
+    return float(history[-1]["compute_weight"]) if history else DEFAULT_ALPHA
 
 
 @dataclass
@@ -59,8 +71,8 @@ class RecipeHRLConfig:
     """The recipe's HRL (--backbone-recipe skip_ready): after joint SP, REINFORCE through the environment with the
     backbone trained through the executed blocks; the backbone is then frozen for every agent.
 
-    Its budget is joint SP's (--joint-budget), its seed the run's; the compute's starting price is the environment's
-    default alpha, whatever a run's --alpha (every agent routes the same backbone)."""
+    Its budget is joint SP's (--joint-budget), its seed the run's; the compute's price starts where joint SP's
+    multiplier ended, whatever a run's --alpha (every agent routes the same backbone)."""
 
     flag_prefix: ClassVar[str] = "recipe_hrl_"
 
@@ -94,7 +106,7 @@ class RecipeHRLConfig:
         """The hybrid trainer's settings for this stage: no SP, HRL with the backbone trained."""
         hrl = HRLConfig(
             iterations=self.iterations, lr=self.lr, explore=self.explore, baseline=self.baseline,
-            rl_weight=self.rl_weight, finetune_backbone=True, finetune_lr=self.finetune_lr,
+            rl_weight=self.rl_weight, finetune_backbone=True, finetune_lr=self.finetune_lr, log_every=PRICE_EVERY,
         )  # fmt: skip
         return HybridConfig(SPConfig(epochs=0), hrl)
 
@@ -175,7 +187,7 @@ def get_recipe_hrl(
         gates = load_gates(joint_meta["checkpoint"], backbone, device)
         trainer = HybridTrainer(
             backbone, gates, train_data, cfg.hybrid(), device, training, {"recipe_hrl": identity}, None, progress,
-            budget=budget, num_envs=cfg.batch, alpha=DEFAULT_ALPHA, seed=seed, precision=precision,
+            budget=budget, num_envs=cfg.batch, alpha=start_price(joint_meta), seed=seed, precision=precision,
             checkpoint_every=checkpoint_every,
         )  # fmt: skip
         if training.is_file():

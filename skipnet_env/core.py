@@ -33,7 +33,8 @@ class RewardConfig:
 
     Attributes:
         alpha: weight of compute. The total return of an episode is
-            ``accuracy_term - alpha * (FLOPs spent / FLOPs of the full network)``.
+            ``accuracy_term - alpha * (FLOPs spent / FLOPs of the full network)``. Below 0 (a
+            budget's price where the gates spend less than the budget), compute is rewarded.
         accuracy: ``"correct"``: 1 if the prediction is right, else 0. ``"neg_ce"``: the negative
             cross-entropy of the prediction, SkipNet's terminal reward.
         cost_timing: ``"terminal"``: the whole compute cost is charged at the last step.
@@ -47,8 +48,8 @@ class RewardConfig:
     cost_timing: CostTiming = "terminal"
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.alpha, int | float) and math.isfinite(self.alpha) and self.alpha >= 0):
-            raise ValueError(f"alpha must be a finite number >= 0 (the weight of compute), got {self.alpha!r}")
+        if not (isinstance(self.alpha, int | float) and math.isfinite(self.alpha)):
+            raise ValueError(f"alpha must be a finite number (the weight of compute), got {self.alpha!r}")
         if self.accuracy not in ("correct", "neg_ce"):
             raise ValueError(f"accuracy reward must be 'correct' or 'neg_ce', got {self.accuracy!r}")
         if self.cost_timing not in ("terminal", "per_step"):

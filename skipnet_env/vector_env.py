@@ -18,6 +18,7 @@ device (no copy); otherwise numpy arrays. ``env.activation`` is the current acti
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import numpy as np
@@ -123,9 +124,10 @@ class RoutingVectorEnv(VectorEnv):
 
     @alpha.setter
     def alpha(self, value: float) -> None:
-        """Price compute anew from the next step on (a budget's price, as it moves)."""
-        if not value >= 0:
-            raise ValueError(f"alpha must be >= 0, got {value}")
+        """Price compute anew from the next step on (a budget's price, as it moves: below 0 where the
+        gates spend less than the budget, compute is rewarded)."""
+        if not math.isfinite(value):
+            raise ValueError(f"alpha must be a finite number, got {value}")
         self.core.reward = dataclasses.replace(self.core.reward, alpha=float(value))
 
     def spaces(self) -> tuple[spaces.Space, spaces.Space]:

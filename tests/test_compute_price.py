@@ -72,9 +72,10 @@ def test_sp_with_a_budget_lands_near_it(tmp_path):
     assert abs(spent[0.3] - 0.3) < 0.15 and abs(spent[0.8] - 0.8) < 0.15 and spent[0.8] - spent[0.3] > 0.3, spent
 
 
-def test_a_negative_multiplier_never_reaches_the_reward(tmp_path):
+def test_a_negative_multiplier_reaches_the_reward(tmp_path):
     """Regression: a budget above what the gates want drove the multiplier below 0, and HRL's
-    environment refused the negative alpha (the run crashed after SP)."""
+    environment refused the negative alpha (the run crashed after SP); then it was clamped at 0, which
+    left HRL no pull towards the budget from below. The reward takes it: compute rewarded."""
     net = tiny_backbone(20)
     data = backbones.load_dataset("digits", "val")
     cfg = HybridConfig.flat(sp_epochs=0, hrl_iterations=1)
@@ -82,6 +83,6 @@ def test_a_negative_multiplier_never_reaches_the_reward(tmp_path):
         net, create_gates("rnn", net), data, cfg, torch.device("cpu"), tmp_path / "a.pt", {}, num_envs=32, budget=0.9
     )
     trainer.price.value = torch.tensor(-0.5)
-    assert trainer.hrl_alpha == 0.0
+    assert trainer.hrl_alpha == -0.5
     trainer.progress = False
     trainer.train()

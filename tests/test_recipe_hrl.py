@@ -79,6 +79,41 @@ def test_an_interrupted_hrl_stage_resumes_bit_for_bit(joint, digits, tmp_path, m
     assert not (tmp_path / "split.training.pt").exists()  # the trainer's checkpoint goes once the stage is done
 
 
+def test_hrl_prices_compute_from_where_joint_sp_left_it_and_holds_the_budget_from_either_side(
+    joint, digits, monkeypatch
+):
+    """Regression: the stage priced compute at the environment's default alpha (1.0) while joint SP's
+    multiplier ended near 0.1-0.3, and the reward's price moved once in 100 iterations and never below
+    0: the gates fell to 28-36% of the FLOPs for a budget of 50%. The price starts at joint SP's
+    multiplier, reaches the reward every PRICE_EVERY iterations, and goes below 0 (compute rewarded)
+    where the gates spend less than the budget."""
+    import agents.recipe_hrl as stage
+
+    _, joint_meta = joint
+    assert stage.start_price(joint_meta) == joint_meta["skip_ready"]["history"][-1]["compute_weight"]
+    assert stage.start_price({"skip_ready": {}}) == stage.DEFAULT_ALPHA  # a joint backbone without its history
+    assert RecipeHRLConfig().hybrid().hrl.log_every == stage.PRICE_EVERY
+    prices = []
+    set_alpha, make_env = HybridTrainer.set_alpha, HybridTrainer.make_env
+
+    def recorded(self, alpha):
+        prices.append((self.done_units, alpha))
+        set_alpha(self, alpha)
+
+    def made(self):
+        env = make_env(self)
+        prices.append((self.done_units, env.alpha))  # the reward's price as HRL starts
+        return env
+
+    monkeypatch.setattr(HybridTrainer, "set_alpha", recorded)
+    monkeypatch.setattr(HybridTrainer, "make_env", made)
+    monkeypatch.setattr(stage, "PRICE_EVERY", 2)
+    monkeypatch.setattr(stage, "start_price", lambda meta: -0.25)  # a multiplier below 0: compute rewarded
+    _hrl(joint, digits, iterations=4)
+    assert prices[0] == (0, -0.25)  # the env took it
+    assert [units for units, _ in prices[1:]] == [2, 4]  # the budget's price reached the reward every 2 iterations
+
+
 @pytest.mark.parametrize("hrl_wins", [True, False])
 def test_validation_keeps_hrl_only_where_it_scores_at_least_joint_sps_at_the_budget(
     joint, digits, monkeypatch, hrl_wins

@@ -129,7 +129,7 @@ def test_bad_num_envs_and_alpha(parts):
     with pytest.raises(ValueError, match="num_envs"):
         make(parts, num_envs=0)
     with pytest.raises(ValueError, match="alpha"):
-        make(parts, alpha=-1.0)
+        make(parts, alpha=float("inf"))
     with pytest.raises(ValueError, match="data set of"):
         make(parts, num_envs=100_000)
 
@@ -157,15 +157,19 @@ def test_folder_images_are_served_through_a_loader(tmp_path, monkeypatch):
 
 def test_the_compute_weight_is_set_through_the_env(parts):
     """``env.alpha = a`` prices compute from the next step on (a budget's price moves it during
-    training); a negative weight is refused."""
+    training, below 0 where the gates spend less than the budget: compute rewarded); a weight that is
+    not a finite number is refused."""
     envs = make(parts, alpha=0.0, accuracy_reward="correct", cost_timing="per_step")
     envs.reset(seed=0)
     _, free, *_ = envs.step(np.ones(B, dtype=np.int64))
     envs.alpha = 2.0
     _, priced, *_ = envs.step(np.ones(B, dtype=np.int64))
     assert envs.alpha == envs.reward.alpha == 2.0 and (free == 0).all() and (priced < 0).all()
-    with pytest.raises(ValueError, match="alpha must be >= 0"):
-        envs.alpha = -1.0
+    envs.alpha = -1.0
+    _, rewarded, *_ = envs.step(np.ones(B, dtype=np.int64))
+    assert (rewarded > 0).all()
+    with pytest.raises(ValueError, match="alpha must be a finite number"):
+        envs.alpha = float("nan")
 
 
 def test_an_exit_skips_every_later_block_whatever_is_asked_after(parts):
