@@ -500,11 +500,11 @@ class HybridTrainer(Trainer):
 
     # -- stage 2 ----------------------------------------------------------------------------
     def make_env(self) -> SkipNetVectorEnv:
-        return SkipNetVectorEnv(
+        env = SkipNetVectorEnv(
             self.num_envs,
             self.backbone,
             self.data,
-            alpha=self.hrl_alpha,
+            alpha=max(self.hrl_alpha, 0.0),  # the option is a user's weight (>= 0); a budget's price is set below
             **SKIPNET_REWARD,
             device=self.device,
             precision=self.precision,
@@ -512,6 +512,8 @@ class HybridTrainer(Trainer):
             differentiable=self.finetune,
             gate_first_block=self.gates.first_gated == 0,
         )
+        env.alpha = self.hrl_alpha
+        return env
 
     def rollout(self, env: SkipNetVectorEnv) -> dict[str, Tensor]:
         """One batch of episodes with sampled decisions.

@@ -87,8 +87,11 @@ def build_sources(
     if unknown:
         known = sorted(EnvOptions.__annotations__)
         raise TypeError(f"unknown env option(s) {sorted(unknown)}; the options are {known}")
+    alpha = options.get("alpha", DEFAULT_ALPHA)
+    if not (isinstance(alpha, int | float) and alpha >= 0):  # below 0 only as a budget's price: env.alpha = ...
+        raise ValueError(f"alpha must be a finite number >= 0 (the weight of compute), got {alpha!r}")
     reward = RewardConfig(  # validated before any heavy work
-        options.get("alpha", DEFAULT_ALPHA),
+        alpha,
         options.get("accuracy_reward", "correct"),
         options.get("cost_timing", "terminal"),
     )

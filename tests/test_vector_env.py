@@ -129,7 +129,7 @@ def test_bad_num_envs_and_alpha(parts):
     with pytest.raises(ValueError, match="num_envs"):
         make(parts, num_envs=0)
     with pytest.raises(ValueError, match="alpha"):
-        make(parts, alpha=float("inf"))
+        make(parts, alpha=-1.0)
     with pytest.raises(ValueError, match="data set of"):
         make(parts, num_envs=100_000)
 
@@ -158,7 +158,7 @@ def test_folder_images_are_served_through_a_loader(tmp_path, monkeypatch):
 def test_the_compute_weight_is_set_through_the_env(parts):
     """``env.alpha = a`` prices compute from the next step on (a budget's price moves it during
     training, below 0 where the gates spend less than the budget: compute rewarded); a weight that is
-    not a finite number is refused."""
+    not a finite number is refused; the env's own option stays >= 0 (a user's weight of compute)."""
     envs = make(parts, alpha=0.0, accuracy_reward="correct", cost_timing="per_step")
     envs.reset(seed=0)
     _, free, *_ = envs.step(np.ones(B, dtype=np.int64))
