@@ -107,7 +107,8 @@ class RunConfig:
     max_drop: float | None = option(None, NON_NEGATIVE)
     """hybrid_rnn on a skip-ready backbone: ask for accuracy, get the least compute: the cheapest of
     --max-drop-budgets whose joint gates, calibrated to the budget, keep the validation accuracy within this many
-    points of the base network's (searched from the cheapest up, each a cached joint SP; replaces --joint-budget)"""
+    points of the base network's, the whole 95% interval of the paired difference (searched from the cheapest up,
+    each a cached joint SP; replaces --joint-budget)"""
     max_drop_budgets: tuple[float, ...] = option(
         (0.35, 0.5, 0.6, 0.7, 0.85), Rule(lambda v: len(v) > 0 and all(0 < b <= 1 for b in v), "fractions in (0, 1]")
     )
