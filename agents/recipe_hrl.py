@@ -15,7 +15,9 @@ time (``explore``), not from their own near-coin-flip probabilities. Validation 
 over joint SP alone at 50% of the FLOPs, 3 seeds, each with its own base network: +1.42 points on
 validation with 300 iterations on one machine (BENCHMARKS.md section 18; test +1.55), +0.53 with
 200 on a second (section 20; test +0.46 [+0.25, +0.68]); on better trained base networks with joint SP's
-distillation it adds nothing validation can see (section 21: +0.02 [-0.28, +0.35] with 100 iterations).
+distillation it adds nothing validation can see (section 21: +0.02 [-0.28, +0.35] with 100 iterations); with
+its price held at the budget (from joint SP's multiplier, moved every 10 iterations), validation +0.37 [+0.07,
++0.68] and test +0.00 [-0.21, +0.19] (section 23).
 
 The stage is keyed by everything that changes its result: the joint backbone and gates, this
 stage's options, the budget, the seed, the precision and the training images. It writes its
@@ -78,7 +80,7 @@ class RecipeHRLConfig:
 
     iterations: int = option(100, COUNT)
     """skip_ready: HRL iterations after joint SP, one batch of --recipe-hrl-batch episodes each (0: no HRL stage; 100:
-    validation ties 200 at half the time (BENCHMARKS.md section 21), as 200 tied 300 (section 20))"""
+    validation prefers it to 200 and 300 (BENCHMARKS.md sections 21 and 23) at a third of the time)"""
     lr: float = option(1e-4, POSITIVE)
     """skip_ready: Adam learning rate of the gates in the recipe's HRL"""
     finetune_lr: float = option(1e-4, POSITIVE)
