@@ -3,7 +3,7 @@
 * ``digits``: scikit-learn's bundled 8x8 handwritten digits, upscaled; fixed train/val/test split.
   Embedded: it needs no download.
 * ``cluttered_digits``: those digits drawn at random scale, position and contrast among clutter
-  and noise on a 24x24 canvas (12,000 / 2,000 / 5,000 images), generated offline and cached
+  and noise on a 24x24 canvas (12,000 / 5,000 / 5,000 images), generated offline and cached
   (:mod:`backbones.cluttered`); difficulty varies from image to image. The embedded default.
   ``cluttered_digits_hard``: the same digits smaller and fainter among more clutter and noise,
   where the default network scores about 75% (94% on the default).

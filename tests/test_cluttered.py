@@ -53,7 +53,7 @@ def test_registered_splits_are_large_cached_and_disjoint_in_source_digits():
     assert len(test) == SPLIT_SIZES["test"] >= 5000 and SPLIT_SIZES["train"] >= 10_000
     assert test.input_size == (1, 24, 24) and test.num_classes == 10
     assert np.bincount(test.labels.numpy(), minlength=10).min() > 300  # every class well represented
-    cached = list((cache_dir() / "datasets").glob("cluttered_digits-*-test.pt"))
+    cached = list((cache_dir() / "datasets").glob("cluttered_digits-*-test5000.pt"))
     assert len(cached) == 1
     again = backbones.load_dataset("cluttered_digits", "test")
     assert torch.equal(again.images, test.images)
@@ -84,8 +84,8 @@ def test_the_hard_rendering_is_its_own_data_set_beside_the_default():
     assert hard.name == "cluttered_digits_hard" and len(hard) == len(easy) and hard.input_size == easy.input_size
     assert torch.equal(hard.groups, easy.groups) and torch.equal(hard.labels, easy.labels)  # the same draw of digits
     assert hard.images.float().mean() < easy.images.float().mean()  # fainter digits, smaller: less ink
-    names = {p.name for p in (cache_dir() / "datasets").glob("*-val.pt")}
-    assert {"cluttered_digits-v1-24px-val.pt", "cluttered_digits_hard-v1-24px-val.pt"} <= names
+    names = {p.name for p in (cache_dir() / "datasets").glob("*-val*.pt")}
+    assert {"cluttered_digits-v1-24px-val5000.pt", "cluttered_digits_hard-v1-24px-val5000.pt"} <= names
 
 
 def test_generating_a_rendering_logs_its_own_name(caplog):
@@ -96,4 +96,18 @@ def test_generating_a_rendering_logs_its_own_name(caplog):
 
     with caplog.at_level(logging.INFO, logger="backbones.cluttered"):
         cluttered_split("val", RENDERINGS["cluttered_digits_hard"], use_cache=False, name="cluttered_digits_hard")
-    assert "generating cluttered_digits_hard val (2000 images at 24px)" in caplog.text
+    assert "generating cluttered_digits_hard val (5000 images at 24px)" in caplog.text
+
+
+def test_a_split_cached_at_another_size_is_not_reused(monkeypatch):
+    """The cached file is keyed by the split's number of images: a validation split enlarged (2,000 to
+    5,000) is generated anew, never read back from the smaller file (whose configuration is the same)."""
+    import backbones.cluttered as cluttered
+
+    monkeypatch.setitem(cluttered.SPLIT_SIZES, "val", 300)
+    small, _ = cluttered.cluttered_split("val")
+    monkeypatch.setitem(cluttered.SPLIT_SIZES, "val", 400)
+    large, _ = cluttered.cluttered_split("val")
+    assert len(small) == 300 and len(large) == 400
+    sources, labels = cluttered._source_digits("val")
+    assert torch.equal(cluttered.cluttered_sources("val"), cluttered.render(sources, labels, 400, 1)[2]["source"])
