@@ -47,7 +47,6 @@ from backbones.data import Dataset
 from backbones.device import resolve_precision
 from backbones.distributed import ranks
 from backbones.options import COUNT, NON_NEGATIVE, POSITIVE, POSITIVE_INT, check_options, option
-from backbones.train import full_accuracy
 from skipnet_env.core import DEFAULT_ALPHA
 
 log = logging.getLogger(__name__)
@@ -127,9 +126,12 @@ def recipe_hrl_identity(cfg: RecipeHRLConfig, budget: float | None, seed: int, p
     return {**named, "budget": budget, "seed": seed, "precision": precision}
 
 
-def recipe_hrl_path(joint_meta: dict[str, Any], joint_fingerprint: str, identity: dict[str, Any], data: str) -> Path:
+def recipe_hrl_path(
+    joint_meta: dict[str, Any], joint_fingerprint: str, identity: dict[str, Any], data: str, validation: str | None
+) -> Path:
     """Where the cache keeps the backbone HRL makes from the joint backbone ``joint_fingerprint`` (its
-    gates: ``joint_meta``'s) with ``identity`` on the training images of fingerprint ``data``."""
+    gates: ``joint_meta``'s) with ``identity`` on the training images of fingerprint ``data``, and the
+    validation images of fingerprint ``validation`` (they choose which gates the stage hands on)."""
     key = content_key(
         {
             "version": RECIPE_HRL_VERSION,
@@ -138,6 +140,7 @@ def recipe_hrl_path(joint_meta: dict[str, Any], joint_fingerprint: str, identity
             "joint_config": joint_meta["skip_ready"]["joint_config"],
             "hrl": identity,
             "data": data,
+            "validation": validation,
         }
     )
     return (
@@ -178,7 +181,8 @@ def get_recipe_hrl(
         raise ValueError(f"the recipe's HRL continues joint SP's {JOINT_GATE_KIND} gates; this backbone has others")
     precision_name = str(resolve_precision(precision, device)).removeprefix("torch.")
     identity = recipe_hrl_identity(cfg, budget, seed, precision_name)
-    path = path or recipe_hrl_path(joint_meta, fingerprint(joint), identity, train_data.fingerprint)
+    validation = None if val_data is None else val_data.fingerprint
+    path = path or recipe_hrl_path(joint_meta, fingerprint(joint), identity, train_data.fingerprint, validation)
     training = path.with_name(path.stem + ".training.pt")  # the trainer's own checkpoint, while it runs
     with building(path):  # a second process wanting this backbone waits, then reuses it
         if path.is_file():
@@ -197,7 +201,6 @@ def get_recipe_hrl(
         gates = trainer.train()
         backbone.eval().requires_grad_(False)
         record: dict[str, Any] = {**identity, "kept": "hrl"}
-        extra: dict[str, Any] = {}
         if val_data is not None:
             joint_gates = load_gates(joint_meta["checkpoint"], joint, device)
             for name, net, g in (("before", joint, joint_gates), ("after", backbone, gates)):
@@ -222,7 +225,6 @@ def get_recipe_hrl(
                     100 * record["val_accuracy_before_at_budget"], 100 * record["val_accuracy_after_at_budget"],
                     100 * (budget or 0.0),
                 )  # fmt: skip
-            extra["val_accuracy_all_blocks"] = full_accuracy(backbone, val_data, device)
         identity_of_data = {k: v for k, v in joint_meta.items() if k == "data_fingerprint"}
         meta = backbone_metadata(
             backbone,
@@ -230,7 +232,6 @@ def get_recipe_hrl(
             complete=True,
             skip_ready={**joint_meta["skip_ready"], "hrl": record, "joint_checkpoint": joint_meta["checkpoint"]},
             **identity_of_data,
-            **extra,
         )
         here = ranks()  # under torchrun: every rank trained, rank 0 writes
         if here.main:

@@ -50,7 +50,6 @@ from backbones.device import precision_name, seed_everything, training_dtype
 from backbones.distributed import synced_batchnorm, syncs_batchnorm
 from backbones.options import COUNT, FLOPS_FRACTION, NON_NEGATIVE, POSITIVE, POSITIVE_INT, UNIT, check_options, option
 from backbones.progress import progress_bar
-from backbones.train import full_accuracy
 from skipnet_env.engine import freeze
 
 log = logging.getLogger(__name__)
@@ -256,9 +255,9 @@ class JointTrainer(Trainer):
         self.done_units = int(state["epoch"])
         self.history = list(state["metadata"]["skip_ready"].get("history", []))
 
-    def train(self, val_data: Dataset | None = None) -> tuple[Backbone, GatePolicy]:
+    def train(self) -> tuple[Backbone, GatePolicy]:
         with synced_batchnorm(self.backbone, self.device, self.ranks, self.cfg.batch_size):
-            self._train_epochs(val_data)
+            self._train_epochs()
         self.ranks.share(self.backbone)  # every rank hands on rank 0's network, the one written
         self.ranks.share(self.gates)
         self.ranks.barrier()  # rank 0 has written the last checkpoint
@@ -266,7 +265,7 @@ class JointTrainer(Trainer):
         self.gates.eval()
         return self.backbone, self.gates
 
-    def _train_epochs(self, val_data: Dataset | None) -> None:
+    def _train_epochs(self) -> None:
         cfg, here = self.cfg, self.ranks
         net = here.wrap(SPNetwork(self.backbone, self.gates), self.device)
         meter = SpendingMeter(self.backbone, self.gates, self.device)
@@ -341,9 +340,6 @@ class JointTrainer(Trainer):
             )
             if self.epoch == self.epochs:
                 self.stage = "done"
-                if val_data is not None:
-                    val = full_accuracy(self.backbone.eval(), val_data, self.device, ranks=here)
-                    self.extra["val_accuracy_all_blocks"] = val
             self.save()
         bar.close()
 
@@ -406,7 +402,6 @@ def get_skip_ready(
     gate_options: dict[str, Any],
     device: torch.device,
     *,
-    val_data: Dataset | None = None,
     path: Path | None = None,
     progress: bool = True,
     seed: int = 0,
@@ -450,7 +445,7 @@ def get_skip_ready(
         )  # fmt: skip
         if state is not None:
             trainer.resume(state)
-        net, _ = trainer.train(val_data)
+        net, _ = trainer.train()
         meta = safe_load(path)["metadata"]
         return net, {**meta, "checkpoint": str(path)}
 

@@ -59,7 +59,7 @@ def skip_ready(cfg: RunConfig, device: torch.device, splits: dict[str, Dataset],
     train = with_flip(splits["train"], cfg.backbone_training.flip)  # joint SP augments as the base training did
     return get_skip_ready(
         base, meta, train, cfg.joint, JOINT_GATE_KIND, cfg.gates.options(), device,
-        val_data=splits["val"], progress=cfg.progress, seed=cfg.seed, precision=cfg.backbone_training.precision,
+        progress=cfg.progress, seed=cfg.seed, precision=cfg.backbone_training.precision,
     )  # fmt: skip
 
 

@@ -58,6 +58,9 @@ def test_hrl_trains_backbone_and_gates_into_a_cached_skip_ready_backbone(joint, 
     assert again_meta["checkpoint"] == meta["checkpoint"] and fingerprint(again) == fingerprint(net)
     other = _hrl(joint, digits, iterations=3)[1]
     assert other["checkpoint"] != meta["checkpoint"]
+    # the validation images choose which gates the stage hands on: other ones are another stage, never this one
+    other_val = _hrl(joint, (digits[0], backbones.load_dataset("digits", "test")))[1]
+    assert other_val["checkpoint"] != meta["checkpoint"]
     assert _hrl(joint, digits, iterations=0) == joint
 
 
