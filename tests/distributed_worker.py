@@ -113,7 +113,7 @@ def train(case: str, out: Path) -> None:
         trainer = JointTrainer(
             backbone, gates, splits["train"], cfg, torch.device("cpu"), out / "joint.pt", "tiny", progress=False
         )
-        trainer.train(splits["val"])
+        trainer.train()
         weights["joint"] = backbone.state_dict()
         weights["gates"] = gates.state_dict()
     if ranks().main:
