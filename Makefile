@@ -13,12 +13,13 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(PY) experiments/run.py --agent hybrid_rnn
 
+# one pytest-xdist worker per core, a test module on one worker (its module-scoped fixtures are built once)
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto --dist loadfile
 
 # the inner loop: every test but those marked slow (entry points end to end, learning to a result)
 test-fast: $(STAMP)
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -n auto --dist loadfile -m "not slow"
 
 bench: $(STAMP)
 	$(PY) experiments/bench.py

@@ -345,6 +345,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--recipe-hrl", type=int, default=100, help="recipe: HRL iterations")
     p.add_argument("--no-dummy", action="store_true", help="skip the (slow) DummyVecEnv measurement")
     p.add_argument("--data-epochs", type=int, default=10, help="data: backbone training epochs per loader")
+    p.add_argument("--ddp-steps", type=int, default=20, help="ddp: timed training steps per measurement")
     p.add_argument("--out", default=None, help="write the figures as JSON here")
     p.add_argument("--debug", action="store_true", help="show the traceback of a bad-input error")
     args = p.parse_args(argv)
@@ -428,7 +429,7 @@ def main(argv: list[str] | None = None) -> dict:
         from experiments.data_parallel import bench_ddp  # torchrun jobs of their own
 
         shape = ["--backbone", args.backbone, "--width", str(args.width), "--in-channels", str(args.in_channels)]
-        shape += ["--image-size", str(args.image_size), "--device", str(device)]
+        shape += ["--image-size", str(args.image_size), "--device", str(device), "--steps", str(args.ddp_steps)]
         r = result["ddp"] = bench_ddp(shape, args.rounds)
         print("## Data-parallel training (the base trainer's step, global batch 128, one thread per rank)\n")
         print(f"| ranks | images/s (median of {r['rounds']} interleaved rounds) | speed-up |\n|---|---:|---:|")

@@ -2,7 +2,7 @@
 paths (a gallery), and how often each class runs each block (a heatmap).
 
 Each function returns a matplotlib ``Figure``: the runner saves it beside ``results.json`` and
-hands it to TensorBoard (``SummaryWriter.add_figure``).
+hands the saved picture to TensorBoard (``SummaryWriter.add_image``).
 """
 
 from __future__ import annotations

@@ -212,7 +212,7 @@ def test_normalisation_and_fingerprint_do_not_depend_on_the_thread_count():
     """The bug: cluttered_digits' mean was a float32 sum whose rounding depends on how many threads
     share it (0.13163937 at 1 thread, 0.13163939 at 2); the fingerprint holds it, so a backbone cached
     by a 2-thread run was retrained under OMP_NUM_THREADS=1. Statistics come from exact integer sums."""
-    from backbones.loaders import _channel_stats
+    from backbones.loaders import _channel_stats, _digits_upscaled
 
     images = torch.randint(0, 256, (12_000, 1, 24, 24), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     threads = torch.get_num_threads()
@@ -220,6 +220,7 @@ def test_normalisation_and_fingerprint_do_not_depend_on_the_thread_count():
         got = []
         for n in (1, 2):
             torch.set_num_threads(n)
+            _digits_upscaled.cache_clear()  # read again, under n threads
             got.append((_channel_stats(images), backbones.load_dataset("digits", "train").fingerprint))
     finally:
         torch.set_num_threads(threads)

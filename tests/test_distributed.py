@@ -299,7 +299,9 @@ def test_bench_measures_data_parallel_training(tmp_path):
     from conftest import call_entry_point
 
     args = ["--backbone", "cifar_resnet20", "--width", "0.25", "--in-channels", "1", "--image-size", "16"]
-    proc = call_entry_point("bench.py", [*args, "--parts", "ddp", "--rounds", "1", "--out", str(tmp_path / "b.json")])
+    proc = call_entry_point(
+        "bench.py", [*args, "--parts", "ddp", "--rounds", "1", "--ddp-steps", "2", "--out", str(tmp_path / "b.json")]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads((tmp_path / "b.json").read_text())["ddp"]
     assert set(r["images_per_s"]) == {"1 rank", "2 ranks", "2 ranks, BatchNorm synced"}

@@ -22,3 +22,33 @@ def test_the_gallery_shows_the_fewest_then_the_most_blocks_each_captioned():
     captions = [t.get_text() for t in ax.texts]
     assert captions == ["3 | 0", "1 | 1", "0 | 5", "2 | 4 x"]
     plt.close(fig)
+
+
+def test_a_runs_figures_are_drawn_once_and_tensorboard_shows_the_saved_files(tmp_path):
+    import torch
+
+    from agents.evaluate import EvalResult
+    from backbones.data import ImageTensors
+    from experiments.report import write_figures
+
+    n, blocks = 12, 4
+    rng = np.random.default_rng(0)
+    executed = rng.random((n, blocks)) < 0.5
+    labels = np.arange(n) % 3
+    result = EvalResult(0.5, 1.0, 0.5, 0.5, 0.0, 2.0, 50.0, [0.5] * blocks, n, 0.0, per_image={
+        "executed": executed, "label": labels, "correct": rng.random(n) < 0.5, "cross_entropy": np.ones(n)
+    })  # fmt: skip
+    data = ImageTensors(torch.zeros(n, 1, 8, 8, dtype=torch.uint8), torch.from_numpy(labels), 3, (0.5,), (0.25,), "t")
+
+    class Writer:
+        images: dict = {}
+
+        def add_image(self, tag, image, step, dataformats):
+            self.images[tag] = (image, dataformats)
+
+    writer = Writer()
+    write_figures(tmp_path, writer, result, data)
+    assert set(writer.images) == {"eval/heatmap", "eval/gallery"}
+    for name in ("heatmap", "gallery"):
+        image, layout = writer.images[f"eval/{name}"]
+        assert layout == "HWC" and np.array_equal(image, plt.imread(tmp_path / f"{name}.png")[..., :3])
