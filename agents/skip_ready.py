@@ -60,9 +60,9 @@ JOINT_SP_VERSION = 2
 # joint SP's length when not given: DEFAULT_EPOCHS, or as many epochs as make MIN_STEPS steps on a small data set
 # (the digits' 1,258 images make 10 steps an epoch: 6 epochs left the budget's multiplier wound up, spending 30%)
 DEFAULT_EPOCHS, MIN_STEPS = 6, 500
-# joint SP's backbone rate when not given: where the base network trains at SGD 0.6 (cluttered_digits:
-# backbones.train.DEFAULT_SGD_LR) validation chose 0.06 over 0.02 (BENCHMARKS.md section 24); elsewhere 0.02
-DEFAULT_LR, DATASET_LR = 0.02, {"cluttered_digits": 0.06}
+# joint SP's backbone rate when not given: where the base network trains at SGD 0.6 (the embedded sets:
+# backbones.train.DEFAULT_SGD_LR) validation chose 0.06 over 0.02 (BENCHMARKS.md sections 24 and 25); elsewhere 0.02
+DEFAULT_LR, DATASET_LR = 0.02, {"cluttered_digits": 0.06, "cluttered_digits_hard": 0.06}
 
 
 @dataclass
@@ -78,7 +78,7 @@ class JointConfig:
     the gates and the budget's multiplier need steps to settle)"""
     lr: float | None = option(None, POSITIVE)
     """skip_ready: peak SGD learning rate of the backbone in joint SP (cosine decay to 0; default 0.06 on
-    cluttered_digits, chosen on validation over 0.02, and 0.02 elsewhere)"""
+    cluttered_digits and cluttered_digits_hard, chosen on validation over 0.02, and 0.02 elsewhere)"""
     gate_lr: float = option(3e-3, POSITIVE)
     """skip_ready: Adam learning rate of the gates in joint SP"""
     alpha: float = option(2.0, NON_NEGATIVE)

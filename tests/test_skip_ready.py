@@ -239,8 +239,9 @@ def test_joint_sp_distils_the_base_network_and_names_it_in_the_cache_key(digits_
 
 
 def test_joint_sp_rate_defaults_by_data_set():
-    """--joint-lr left out: 0.06 on cluttered_digits (validation chose it over 0.02 where the base network
+    """--joint-lr left out: 0.06 on the embedded sets (validation chose it over 0.02 where the base network
     trains at SGD 0.6), 0.02 elsewhere; given, it is kept; either way the key names the rate it trains at."""
     assert JointConfig().resolved(12_000, "cluttered_digits").lr == 0.06
+    assert JointConfig().resolved(12_000, "cluttered_digits_hard").lr == 0.06
     assert JointConfig().resolved(12_000, "cifar10").lr == 0.02
     assert JointConfig(lr=0.03).resolved(12_000, "cluttered_digits").lr == 0.03
