@@ -52,14 +52,14 @@ def test_sp_with_a_budget_lands_near_it(tmp_path):
     far apart land near each, from the same alpha."""
     from backbones.pretrained import get_trained
 
-    net, _ = get_trained("cifar_resnet20", "digits", width=0.25, epochs=12, progress=False)
+    net, _ = get_trained("cifar_resnet20", "digits", width=0.25, epochs=6, progress=False)
     data = backbones.load_dataset("digits", "train")
     spent = {}
     for budget in (0.3, 0.8):
         torch.manual_seed(0)
         # thresholded gates: the spending priced is the evaluation's exactly (sampled gates price the
         # greedy decisions along the sampled route, an estimate; measured in BENCHMARKS.md)
-        cfg = HybridConfig.flat(sp_batch=32, sp_epochs=8, sp_lr=3e-2, hrl_iterations=0, sp_sample=False)
+        cfg = HybridConfig.flat(sp_batch=64, sp_epochs=5, sp_lr=5e-2, hrl_iterations=0, sp_sample=False)
         gates = create_gates("rnn", net)
         trainer = HybridTrainer(
             net, gates, data, cfg, torch.device("cpu"), tmp_path / f"{budget}.pt", {}, num_envs=128, budget=budget
@@ -68,7 +68,8 @@ def test_sp_with_a_budget_lands_near_it(tmp_path):
         trainer.train_sp()
         result = evaluate(GateRoutingPolicy(gates.eval(), "g"), net, data, torch.device("cpu"), precision="fp32")
         spent[budget] = result.flops_fraction
-    # a barely trained tiny network, a few hundred steps: near, not on (the embedded set's figures are in BENCHMARKS)
+    # a barely trained tiny network, 100 steps per budget (0.27 and 0.81 here): near, not on
+    # (the embedded set's figures are in BENCHMARKS)
     assert abs(spent[0.3] - 0.3) < 0.15 and abs(spent[0.8] - 0.8) < 0.15 and spent[0.8] - spent[0.3] > 0.3, spent
 
 
