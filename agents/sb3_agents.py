@@ -19,8 +19,9 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from stable_baselines3.common.base_class import BaseAlgorithm
@@ -295,11 +296,18 @@ class HoldBudget(BaseCallback):
     spent (at least 0: the reward does not pay for compute), and the multiplier takes its step. A
     policy that starts from the recipe's gates then learns at their budget instead of drifting to the
     spending a fixed ``alpha`` would pay for. The price is kept in ``extra`` (what the checkpoint
-    saves beside the model) and taken back from ``state`` on a resume."""
+    saves beside the model) and taken back from ``state`` on a resume.
 
-    def __init__(self, price: ComputePrice, extra: dict[str, Any], state: dict[str, Any] | None) -> None:
+    ``route``: whose spending is held. ``"sampled"``: the episodes' own, the decisions sampled.
+    ``"greedy"``: what the policy's greedy decisions (the ones an evaluation takes) would spend along
+    the sampled route, as SP prices its gates: sampled spending can stay at the budget while the greedy
+    route drifts below it (BENCHMARKS.md section 26)."""
+
+    def __init__(
+        self, price: ComputePrice, extra: dict[str, Any], state: dict[str, Any] | None, route: str = "sampled"
+    ) -> None:
         super().__init__()
-        self.price, self.extra = price, extra
+        self.price, self.extra, self.route = price, extra, route
         self.spent: list[float] = []
         self.alpha = float(price.value)
         if state is not None and "compute_price" in state:
@@ -308,9 +316,25 @@ class HoldBudget(BaseCallback):
 
     def _on_training_start(self) -> None:
         self.training_env.set_attr("alpha", self.alpha)
+        if self.route == "greedy" and getattr(self.training_env.action_space, "n", None) != 2:
+            raise ValueError("--sb3-hold-route greedy needs two actions (skip, execute): give --sb3-hold-route sampled")
+        core = self.training_env.get_attr("core")[0]
+        # per gated block: the share of the full network's FLOPs that executing it adds over skipping it
+        self.extra_cost = ((core.exec_flops - core.skip_flops) / core.full_flops).cpu().numpy()
+        n = self.training_env.num_envs
+        self.block, self.greedy_minus_sampled = np.zeros(n, dtype=np.int64), np.zeros(n)
 
     def _on_step(self) -> bool:
-        self.spent += [info["flops_fraction"] for info, done in zip(self.locals["infos"], self.locals["dones"]) if done]
+        if self.route == "greedy":  # two actions (skip 0, execute 1): the greedy one has probability >= 1/2
+            taken = np.asarray(self.locals["actions"]).reshape(-1)
+            p_taken = torch.as_tensor(self.locals["log_probs"]).detach().exp().cpu().numpy().reshape(-1)
+            greedy = np.where(p_taken >= 0.5, taken, 1 - taken)
+            self.greedy_minus_sampled += (greedy - taken) * self.extra_cost[self.block]
+            self.block += 1
+        for i, (info, done) in enumerate(zip(self.locals["infos"], self.locals["dones"])):
+            if done:
+                self.spent.append(info["flops_fraction"] + self.greedy_minus_sampled[i])
+                self.block[i], self.greedy_minus_sampled[i] = 0, 0.0
         return True
 
     def _on_rollout_end(self) -> None:
@@ -373,6 +397,9 @@ class SB3Config:
     """ppo, a2c, recurrent_ppo started from the recipe's gates: the reward's price of compute follows their budget
     (a multiplier stepped after each rollout, from --alpha), so that RL goes on at the budget they are calibrated to
     (default: on with --sb3-from-gates, off with --sb3-distill-epochs)"""
+    hold_route: Literal["greedy", "sampled"] = "sampled"
+    """with the budget held: whose spending its price follows, the sampled episodes' own (sampled) or what the
+    policy's greedy decisions, the evaluation's, spend along them (greedy; as SP prices its gates)"""
     from_gates: bool = False
     """recurrent_ppo on a skip-ready backbone: its actor is the recipe's recurrent gate, weights and all (it starts
     deciding as they do; --sb3-distill-explore sets how often a sampled decision leaves theirs; the critic starts new),
@@ -466,8 +493,10 @@ def _sb3(algo: str, env_id: EnvId = "SkipNet-v0") -> AgentSpec:
         budget = gates_budget(ctx, algo)
         hold = ctx.options.hold_budget if ctx.options.hold_budget is not None else ctx.options.from_gates
         if hold and budget is not None:  # before the checkpoint's save: its price saved with it
-            callbacks.insert(0, HoldBudget(ComputePrice(ctx.cfg.alpha, budget, torch.device("cpu")), extra, state))
-            log.info("%s holds the recipe's budget %g: the reward's price of compute follows it", algo, budget)
+            price = ComputePrice(ctx.cfg.alpha, budget, torch.device("cpu"))
+            callbacks.insert(0, HoldBudget(price, extra, state, ctx.options.hold_route))
+            log.info("%s holds the recipe's budget %g: the reward's price of compute follows the %s route's spending",
+                     algo, budget, ctx.options.hold_route)  # fmt: skip
         if remaining > 0:
             model.learn(total_timesteps=remaining, callback=callbacks, reset_num_timesteps=state is None)
         else:  # a finished run resumed: nothing to train, the model is only saved again
