@@ -205,3 +205,43 @@ def test_hold_budget_raises_the_price_of_compute_while_the_policy_spends_more_an
     assert float(extra["compute_price"]["value"]) > 1.0
     resumed = HoldBudget(ComputePrice(1.0, 0.05, torch.device("cpu")), {}, {"compute_price": extra["compute_price"]})
     assert resumed.alpha == hold.alpha and float(resumed.price.value) == float(extra["compute_price"]["value"])
+
+
+def test_hold_budget_on_the_greedy_route_prices_what_the_greedy_decisions_spend_along_the_episode():
+    """``--sb3-hold-route greedy``: where a sampled decision left the greedy one (the taken action's
+    probability < 1/2), the block's cost is moved by what executing it adds over skipping it."""
+    import numpy as np
+    import torch
+
+    from agents.compute_price import ComputePrice
+    from agents.sb3_agents import HoldBudget, build_model
+
+    net = tiny_backbone()
+    env = make_sb3_env(3, "SkipNet-v0", backbone=net, dataset=backbones.load_dataset("digits", "val"), device="cpu")
+    model = build_model("ppo", env, seed=0, device=torch.device("cpu"), episode_length=8)
+    hold = HoldBudget(ComputePrice(1.0, 0.5, torch.device("cpu")), {}, None, route="greedy")
+    hold.init_callback(model)
+    hold._on_training_start()
+    core = env.get_attr("core")[0]
+    cost = ((core.exec_flops - core.skip_flops) / core.full_flops).numpy()
+    rng = np.random.default_rng(0)
+    expected = np.zeros(3)
+    for k in range(core.num_gates):
+        taken = rng.integers(0, 2, 3)
+        p_taken = rng.uniform(0.05, 0.95, 3)
+        greedy = np.where(p_taken >= 0.5, taken, 1 - taken)
+        expected += (greedy - taken) * cost[k]
+        last = k == core.num_gates - 1
+        hold.locals = {
+            "actions": taken, "log_probs": torch.tensor(np.log(p_taken)), "dones": np.full(3, last),
+            "infos": [{"flops_fraction": 0.4} if last else {} for _ in range(3)],
+        }  # fmt: skip
+        hold._on_step()
+    assert hold.spent == pytest.approx(list(0.4 + expected)) and expected.any()
+    assert not hold.block.any() and not hold.greedy_minus_sampled.any()  # the next episodes start afresh
+    val = backbones.load_dataset("digits", "val")
+    with pytest.raises(ValueError, match="two actions"):
+        exits = make_sb3_env(3, "SkipNet-v0", backbone=net, dataset=val, device="cpu", early_exit=True)
+        other = HoldBudget(ComputePrice(1.0, 0.5, torch.device("cpu")), {}, None, route="greedy")
+        other.init_callback(build_model("ppo", exits, seed=0, device=torch.device("cpu"), episode_length=8))
+        other._on_training_start()
