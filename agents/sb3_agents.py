@@ -155,7 +155,9 @@ class CheckpointCallback(BaseCallback):
     ) -> None:
         super().__init__()
         self.path, self.metadata, self.every, self.bar, self.rollouts = path, metadata, every, bar, 0
-        self.extra = extra or {}  # saved beside the model (a CNN's exit heads)
+        # saved beside the model (a CNN's exit heads; the held budget's price, which HoldBudget writes into
+        # this dict as training goes: the caller's own, never a copy)
+        self.extra = {} if extra is None else extra
 
     def _on_step(self) -> bool:
         if self.bar is not None:

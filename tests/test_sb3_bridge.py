@@ -187,22 +187,26 @@ def test_from_gates_refuses_gates_it_cannot_be():
     assert SB3Config(timesteps=0, from_gates=True).timesteps == 0
 
 
-def test_hold_budget_raises_the_price_of_compute_while_the_policy_spends_more_and_saves_it():
+def test_hold_budget_raises_the_price_of_compute_while_the_policy_spends_more_and_saves_it(tmp_path):
     """``--sb3-hold-budget``: the reward's alpha follows a budget's multiplier, stepped after each
     rollout from what its episodes spent; the price is handed to the checkpoint and resumed."""
     import torch
 
     from agents.compute_price import ComputePrice
-    from agents.sb3_agents import HoldBudget, build_model
+    from agents.sb3_agents import CheckpointCallback, HoldBudget, build_model
 
     net = tiny_backbone()
     env = make_sb3_env(8, "SkipNet-v0", backbone=net, dataset=backbones.load_dataset("digits", "val"), device="cpu")
     model = build_model("ppo", env, seed=0, device=torch.device("cpu"), episode_length=8)
     extra: dict = {}
     hold = HoldBudget(ComputePrice(1.0, 0.05, torch.device("cpu")), extra, None)  # a budget no policy spends
-    model.learn(total_timesteps=3 * 8 * 16, callback=hold)  # 3 rollouts
+    saver = CheckpointCallback(tmp_path / "agent.pt", {}, every=1, extra=extra)  # as the agent's train orders them
+    model.learn(total_timesteps=3 * 8 * 16, callback=[hold, saver])  # 3 rollouts
     assert env.get_attr("alpha")[0] == hold.alpha > 1.0  # a new policy runs far more than 5%: the price rose
     assert float(extra["compute_price"]["value"]) > 1.0
+    # regression: the checkpoint copied an empty extra dict and saved no price (a resume restarted it)
+    saved = torch.load(tmp_path / "agent.pt", weights_only=True)["compute_price"]
+    assert float(saved["value"]) == float(extra["compute_price"]["value"])
     resumed = HoldBudget(ComputePrice(1.0, 0.05, torch.device("cpu")), {}, {"compute_price": extra["compute_price"]})
     assert resumed.alpha == hold.alpha and float(resumed.price.value) == float(extra["compute_price"]["value"])
 
