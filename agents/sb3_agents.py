@@ -292,6 +292,14 @@ def gates_budget(ctx: AgentContext, algo: str) -> float | None:
     return ctx.backbone_meta.get("skip_ready", {}).get("joint_config", {}).get("budget")
 
 
+def joint_price(backbone_meta: dict[str, Any]) -> float | None:
+    """The compute weight joint SP's gates ended at (its last epoch's), where the skip-ready backbone
+    recorded it: the price at which they spend their budget."""
+    history = backbone_meta.get("skip_ready", {}).get("history") or [{}]
+    weight = history[-1].get("compute_weight")
+    return None if weight is None else max(0.0, float(weight))
+
+
 class HoldBudget(BaseCallback):
     """The reward's price of compute as a budget's multiplier (:class:`ComputePrice`): after each
     rollout the environment's ``alpha`` becomes the price at what the rollout's finished episodes
@@ -399,6 +407,9 @@ class SB3Config:
     """ppo, a2c, recurrent_ppo started from the recipe's gates: the reward's price of compute follows their budget
     (a multiplier stepped after each rollout, from --alpha), so that RL goes on at the budget they are calibrated to
     (default: on with --sb3-from-gates, off with --sb3-distill-epochs)"""
+    hold_from: Literal["joint", "alpha"] = "alpha"
+    """with the budget held: where its price starts, at the compute weight joint SP's gates ended at (joint: the
+    price at which they spend the budget) or at --alpha"""
     hold_route: Literal["greedy", "sampled"] = "sampled"
     """with the budget held: whose spending its price follows, the sampled episodes' own (sampled) or what the
     policy's greedy decisions, the evaluation's, spend along them (greedy; as SP prices its gates)"""
@@ -495,10 +506,11 @@ def _sb3(algo: str, env_id: EnvId = "SkipNet-v0") -> AgentSpec:
         budget = gates_budget(ctx, algo)
         hold = ctx.options.hold_budget if ctx.options.hold_budget is not None else ctx.options.from_gates
         if hold and budget is not None:  # before the checkpoint's save: its price saved with it
-            price = ComputePrice(ctx.cfg.alpha, budget, torch.device("cpu"))
+            start = joint_price(ctx.backbone_meta) if ctx.options.hold_from == "joint" else ctx.cfg.alpha
+            price = ComputePrice(ctx.cfg.alpha if start is None else start, budget, torch.device("cpu"))
             callbacks.insert(0, HoldBudget(price, extra, state, ctx.options.hold_route))
-            log.info("%s holds the recipe's budget %g: the reward's price of compute follows the %s route's spending",
-                     algo, budget, ctx.options.hold_route)  # fmt: skip
+            log.info("%s holds the recipe's budget %g: the reward's price of compute, from %.3g, follows the %s "
+                     "route's spending", algo, budget, float(price.value), ctx.options.hold_route)  # fmt: skip
         if remaining > 0:
             model.learn(total_timesteps=remaining, callback=callbacks, reset_num_timesteps=state is None)
         else:  # a finished run resumed: nothing to train, the model is only saved again
