@@ -249,3 +249,14 @@ def test_hold_budget_on_the_greedy_route_prices_what_the_greedy_decisions_spend_
         other = HoldBudget(ComputePrice(1.0, 0.5, torch.device("cpu")), {}, None, route="greedy")
         other.init_callback(build_model("ppo", exits, seed=0, device=torch.device("cpu"), episode_length=8))
         other._on_training_start()
+
+
+def test_the_held_price_may_start_where_joint_sp_ended():
+    """``--sb3-hold-from joint``: the compute weight of joint SP's last epoch, recorded with the
+    skip-ready backbone; none where the backbone recorded no history (then --alpha)."""
+    from agents.sb3_agents import joint_price
+
+    history = [{"epoch": 1.0, "compute_weight": 3.4}, {"epoch": 2.0, "compute_weight": 0.27}]
+    assert joint_price({"skip_ready": {"history": history}}) == pytest.approx(0.27)
+    assert joint_price({"skip_ready": {"history": [{"compute_weight": -0.1}]}}) == 0.0  # the reward's alpha is >= 0
+    assert joint_price({}) is None and joint_price({"skip_ready": {"history": []}}) is None
