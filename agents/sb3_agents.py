@@ -405,14 +405,16 @@ class SB3Config:
     section 18)"""
     hold_budget: bool | None = None
     """ppo, a2c, recurrent_ppo started from the recipe's gates: the reward's price of compute follows their budget
-    (a multiplier stepped after each rollout, from --alpha), so that RL goes on at the budget they are calibrated to
-    (default: on with --sb3-from-gates, off with --sb3-distill-epochs)"""
-    hold_from: Literal["joint", "alpha"] = "alpha"
+    (a multiplier stepped after each rollout, from --sb3-hold-from), so that RL goes on at the budget they are
+    calibrated to (default: on with --sb3-from-gates, off with --sb3-distill-epochs)"""
+    hold_from: Literal["joint", "alpha"] = "joint"
     """with the budget held: where its price starts, at the compute weight joint SP's gates ended at (joint: the
-    price at which they spend the budget) or at --alpha"""
-    hold_route: Literal["greedy", "sampled"] = "sampled"
-    """with the budget held: whose spending its price follows, the sampled episodes' own (sampled) or what the
-    policy's greedy decisions, the evaluation's, spend along them (greedy; as SP prices its gates)"""
+    price at which they spend the budget) or at --alpha (from --alpha 1, PPO's greedy routes fell to 37% of the
+    FLOPs, and calibrated back to the budget lost 0.13 points on test: BENCHMARKS.md section 26)"""
+    hold_route: Literal["greedy", "sampled"] = "greedy"
+    """with the budget held: whose spending its price follows, what the policy's greedy decisions, the evaluation's,
+    spend along the sampled episodes (greedy; as SP prices its gates) or the sampled episodes' own (sampled); greedy
+    and joint chosen on validation over the other three pairs, 5 seeds: BENCHMARKS.md section 26"""
     from_gates: bool = False
     """recurrent_ppo on a skip-ready backbone: its actor is the recipe's recurrent gate, weights and all (it starts
     deciding as they do; --sb3-distill-explore sets how often a sampled decision leaves theirs; the critic starts new),
