@@ -126,9 +126,9 @@ class RunConfig:
     entropy_coef: float = option(0.0, NON_NEGATIVE)
     """hybrid, blockdrop: weight of the policy's entropy bonus (keeps the decisions exploring)"""
     calibrate: bool = True
-    """hybrid agents: after training, move the gates' threshold until the validation images spend the budget
-    (--budget; on a skip-ready backbone without --budget or --alpha, --joint-budget) to within 0.5% of the FLOPs
-    (p >= 0.5 where it already does)"""
+    """hybrid agents, and PPO started from the recipe's gates: after training, move the threshold until the
+    validation images spend the budget (--budget; on a skip-ready backbone without --budget or --alpha, and for PPO,
+    --joint-budget) to within 0.5% of the FLOPs (p >= 0.5 where it already does); --no-calibrate: as trained"""
     checkpoint_every: int = option(CHECKPOINT_EVERY, POSITIVE_INT, resumable=True)
     """hybrid, blockdrop: write the checkpoint every this many iterations"""
     # the parts, each owned by the module it configures: the recipe's, then each agent's own as it registered it

@@ -326,7 +326,7 @@ def run(
     train_seconds = time.perf_counter() - t_train
     log.info("%s trained in %.1f s", cfg.agent, train_seconds)
     target = cfg.calibration_budget(joint_gates)
-    if target is None:  # an agent that asks for a calibration (PPO cloned from the recipe's gates: their budget)
+    if target is None and cfg.calibrate:  # an agent that asks for one (PPO started from the recipe's gates: theirs)
         target = policy.calibrate_to
     calibration, val = None, None
     if target is not None and isinstance(policy, ThresholdPolicy) and not cfg.eval_only:

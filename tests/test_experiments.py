@@ -421,6 +421,14 @@ def test_ppo_starts_from_the_recipes_gates_and_is_calibrated_to_their_budget(
     assert again.returncode == 0
     (evaluated,) = (tmp_path / "eval").glob("*__*/results.json")
     assert json.loads(evaluated.read_text())["flops_fraction"] == r["flops_fraction"]
+    # --no-calibrate: the policy as trained (the same training: its spending is the calibration's start)
+    as_trained = run([*args, "--backbone-checkpoint", path, "--no-calibrate", "--run-dir", str(tmp_path / "raw")],
+                     cache, tmp_path)  # fmt: skip
+    assert "calibrated" not in as_trained.stderr
+    (raw,) = (tmp_path / "raw").glob("*__*/results.json")
+    raw_result = json.loads(raw.read_text())
+    assert "calibration" not in raw_result
+    assert raw_result["val_flops_fraction"] == pytest.approx(r["calibration"]["val_flops_before"])
 
 
 def test_budget_is_refused_by_agents_that_cannot_meet_it(cache, tmp_path):
