@@ -213,7 +213,12 @@ def engine_routed(
     return run
 
 
-def bench_savings(net, frozen, batch: int, device: torch.device, rounds: int, rates: list[float]) -> list[dict]:
+def bench_savings(
+    net, frozen, batch: int, device: torch.device, rounds: int, rates: list[float], gate_first_block: bool = False
+) -> list[dict]:
+    """The routed forward at each execute rate (every block run with probability ``rate``, the first
+    always, as SkipNet runs it, unless ``gate_first_block``, the env's option of that name) against
+    the full forwards, interleaved."""
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(batch, *net.input_size, generator=g).to(device)
     xe = frozen.prepare(x)
@@ -224,7 +229,7 @@ def bench_savings(net, frozen, batch: int, device: torch.device, rounds: int, ra
     masks = {}
     for rate in [*rates, 1.0]:
         m = torch.rand(batch, net.num_blocks, generator=g) < rate
-        m[:, 0] = True  # SkipNet always runs the first block
+        m[:, 0] |= not gate_first_block  # SkipNet always runs the first block
         masks[rate] = m
     with torch.no_grad():
         plain = forward_variants(net, frozen, x)
@@ -346,6 +351,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--no-dummy", action="store_true", help="skip the (slow) DummyVecEnv measurement")
     p.add_argument("--data-epochs", type=int, default=10, help="data: backbone training epochs per loader")
     p.add_argument("--ddp-steps", type=int, default=20, help="ddp: timed training steps per measurement")
+    p.add_argument(
+        "--gate-first-block", action="store_true", help="savings: the first block routed too (the env's option)"
+    )
     p.add_argument("--out", default=None, help="write the figures as JSON here")
     p.add_argument("--debug", action="store_true", help="show the traceback of a bad-input error")
     args = p.parse_args(argv)
@@ -388,7 +396,9 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"\nvector env (torch) vs DummyVecEnv: {ips['vector env, torch tensors'] / dummy:.1f}x faster")
             print()
         if "savings" in args.parts:
-            head, *rows = bench_savings(net, frozen, batch, device, args.rounds, [0.25, 0.5, 0.75])
+            head, *rows = bench_savings(
+                net, frozen, batch, device, args.rounds, [0.25, 0.5, 0.75], args.gate_first_block
+            )
             out["savings"] = [head, *rows]
             print(f"## Routed forward, B = {batch}: time over the best full forward ({head['best_full']})\n")
             print("| execute rate | block FLOPs | engine / best full | reference / eager full | masked / eager full |")

@@ -592,6 +592,11 @@ def test_bench_measures_a_vit(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     _, *rows = json.loads(out.read_text())["batches"]["8"]["savings"]
     assert [r["execute_rate"] for r in rows] == [0.25, 0.5, 0.75, 1.0]
+    # --gate-first-block: the same draws, the first block no longer always run
+    assert call_entry_point("bench.py", [*args, "--gate-first-block"]).returncode == 0
+    _, *gated = json.loads(out.read_text())["batches"]["8"]["savings"]
+    assert gated[0]["block_flops_fraction"] < rows[0]["block_flops_fraction"]
+    assert gated[-1]["block_flops_fraction"] == pytest.approx(1.0)  # at rate 1 every block runs either way
 
 
 def readme_backbone() -> str:
