@@ -11,13 +11,11 @@ Parts:
 
 - ``forward``: the plain forward of the device, eager fp32 (the original network) and on the
   frozen execution engine (BN folded; bf16 + channels_last on CUDA; also captured whole in one
-  CUDA graph there; on a CPU also a chunk of rows at a time, the engine's ``chunk_rows``). The
-  fastest is the *limit* every other figure is compared with.
+  CUDA graph there). The fastest is the *limit* every other figure is compared with.
 - ``throughput``: image-blocks per second of the batched vector env (torch and numpy outputs) and
   of SB3's DummyVecEnv over single-image envs, against the plain forward on the same batches.
 - ``savings``: wall-clock of the routed forward at policies that execute 25/50/75% of the block
-  FLOPs, on the engine (on a CPU also with every row of a block at once, ``chunk_rows=0``) and on
-  the reference gather/scatter path, over the limit.
+  FLOPs, on the engine and on the reference gather/scatter path, over the limit.
 - ``recipe``: one SP epoch and ``--recipe-hrl`` HRL iterations of the hybrid recipe on
   ``--recipe-images`` synthetic images at the device's default batch sizes.
 - ``static``: the static baseline's elimination path over the device's default image count.
@@ -57,7 +55,7 @@ from backbones.device import resolve_device
 from backbones.registry import options
 from backbones.zoo import parse_model_args
 from experiments.cli import one_line_errors
-from skipnet_env.engine import CPU_CHUNK_ROWS, BlockExecutor, capture, freeze
+from skipnet_env.engine import BlockExecutor, capture, freeze
 from skipnet_env.env import SkipNetEnv
 from skipnet_env.routing import masked_forward, routed_forward
 from skipnet_env.vector_env import SkipNetVectorEnv
@@ -125,10 +123,6 @@ def forward_variants(net: Backbone, frozen: Backbone, x: Tensor) -> dict[str, Ca
     fns: dict[str, Callable[[], Any]] = {"eager fp32": lambda: net(x), engine: lambda: frozen(xe)}
     if x.device.type == "cuda":
         fns[f"{engine}, one CUDA graph"] = graphed(frozen, xe)
-    else:  # the whole network on a chunk of rows at a time: what a CPU's cache rewards (the engine's chunk_rows)
-        fns[f"{engine}, {CPU_CHUNK_ROWS} rows at a time"] = lambda: torch.cat(
-            [frozen(part) for part in xe.split(CPU_CHUNK_ROWS)]
-        )
     return fns
 
 
@@ -229,7 +223,6 @@ def bench_savings(
     x = torch.randn(batch, *net.input_size, generator=g).to(device)
     xe = frozen.prepare(x)
     executor = BlockExecutor(frozen)
-    whole = BlockExecutor(frozen, chunk_rows=0) if executor.chunk_rows else None  # every row of a block at once
     f = net.flops
     exec_f = torch.tensor(f.block_executed, dtype=torch.float64)
     skip_f = torch.tensor(f.block_skipped, dtype=torch.float64)
@@ -244,8 +237,6 @@ def bench_savings(
         for rate, m in masks.items():
             md, counts = m.to(device), m.sum(0).tolist()
             fns[f"engine {rate}"] = engine_routed(frozen, executor, xe, md, counts)
-            if whole is not None:
-                fns[f"engine all rows {rate}"] = engine_routed(frozen, whole, xe, md, counts)
             fns[f"reference {rate}"] = functools.partial(routed_forward, net, x, md)
             if rate < 1.0:
                 fns[f"masked {rate}"] = functools.partial(masked_forward, net, x, md)
@@ -268,8 +259,6 @@ def bench_savings(
             "engine_over_best_full": medians[f"engine {rate}"] / best,
             "reference_over_eager_full": medians[f"reference {rate}"] / medians["eager fp32"],
         }
-        if whole is not None:
-            row["engine_all_rows_over_best_full"] = medians[f"engine all rows {rate}"] / best
         if rate < 1.0:
             row["masked_over_eager_full"] = medians[f"masked {rate}"] / medians["eager fp32"]
         rows.append(row)
@@ -412,17 +401,13 @@ def main(argv: list[str] | None = None) -> dict:
             )
             out["savings"] = [head, *rows]
             print(f"## Routed forward, B = {batch}: time over the best full forward ({head['best_full']})\n")
-            print(
-                "| execute rate | block FLOPs | engine / best full | engine, all rows at once / best full "
-                "| reference / eager full | masked / eager full |"
-            )
-            print("|---:|---:|---:|---:|---:|---:|")
+            print("| execute rate | block FLOPs | engine / best full | reference / eager full | masked / eager full |")
+            print("|---:|---:|---:|---:|---:|")
             for r in rows:
-                cells = [r.get(k) for k in ("engine_all_rows_over_best_full", "masked_over_eager_full")]
-                all_rows, masked = ("-" if v is None else f"{v:.3f}" for v in cells)
+                masked = f"{r['masked_over_eager_full']:.3f}" if "masked_over_eager_full" in r else "-"
                 print(
                     f"| {r['execute_rate']:.2f} | {r['block_flops_fraction']:.3f} | {r['engine_over_best_full']:.3f} | "
-                    f"{all_rows} | {r['reference_over_eager_full']:.3f} | {masked} |"
+                    f"{r['reference_over_eager_full']:.3f} | {masked} |"
                 )
             print()
     if "recipe" in args.parts:

@@ -139,8 +139,7 @@ class BatchedRouting:
     def start(self, images: Tensor, labels: Tensor) -> Tensor:
         """Begin B episodes on ``images`` ``(B, C, H, W)``; returns the first observation ``(B, obs_dim)``."""
         with torch.set_grad_enabled(self.differentiable):
-            enter = self.net.enter if self.executor is None else self.executor.enter  # the engine's: in chunks of rows
-            h = enter(images, self.first_gated)
+            h = self.net.enter(images, self.first_gated)
         return self._begin(h, labels)
 
     def begin(self, h: Tensor, labels: Tensor) -> Tensor:

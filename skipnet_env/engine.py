@@ -6,8 +6,7 @@ it does not train (env steps, evaluation, the static search, SP's gate training,
 :class:`BlockExecutor` runs a gated block on the rows that execute it, in place:
 
 - eagerly with exact shapes (the CPU default): gather the executing rows, run the block, write its
-  output back into the activation (no full-size copy for identity-shortcut blocks), a chunk of
-  rows at a time on the CPU (a chunk's intermediates stay in cache);
+  output back into the activation (no full-size copy for identity-shortcut blocks);
 - bucketed (the CUDA default): the executed-row count is rounded up to one of ``buckets`` sizes,
   the padding rows are computed and discarded, so each (block, bucket) has static shapes and is
   captured once in a CUDA graph, then replayed: one launch per block, cost following the rows.
@@ -148,11 +147,6 @@ def _freeze(
     return frozen
 
 
-# the CPU engine's rows per chunk (measured, BENCHMARKS section 27: 48-128 rows give the same time, a
-# 1.4-1.6x faster full forward than all 256 rows at once for the CIFAR ResNets and the small ViT)
-CPU_CHUNK_ROWS = 64
-
-
 def bucket_sizes(batch: int, buckets: int) -> list[int]:
     """``buckets`` row counts from ``batch / buckets`` up to ``batch`` (rounded up to 8 rows)."""
     sizes = {min(batch, math.ceil(batch * (i + 1) / buckets / 8) * 8) for i in range(buckets)}
@@ -220,23 +214,15 @@ class BlockExecutor:
             up to one of ``n`` sizes and the block runs on static buffers (the CUDA default, 8).
         graphs: capture each (block, bucket) in a CUDA graph on first use and replay it (CUDA
             only; default on CUDA when bucketed).
-        chunk_rows: the eager path runs a block (and :meth:`enter` the stem) on at most this many
-            rows at a time, so that a chunk's intermediate activations stay in the CPU's cache: 0,
-            all rows at once (the CUDA default); :data:`CPU_CHUNK_ROWS` on the CPU.
     """
 
-    def __init__(
-        self, backbone: Backbone, buckets: int | None = None, graphs: bool | None = None, chunk_rows: int | None = None
-    ) -> None:
+    def __init__(self, backbone: Backbone, buckets: int | None = None, graphs: bool | None = None) -> None:
         self.backbone = backbone
         self.device = next(backbone.parameters()).device
         cuda = self.device.type == "cuda"
         self.buckets = (8 if cuda else 0) if buckets is None else buckets
         if self.buckets < 0:
             raise ValueError(f"buckets must be >= 0 (0: exact row counts), got {self.buckets}")
-        self.chunk_rows = (0 if cuda else CPU_CHUNK_ROWS) if chunk_rows is None else chunk_rows
-        if self.chunk_rows < 0:
-            raise ValueError(f"chunk_rows must be >= 0 (0: all rows at once), got {self.chunk_rows}")
         self.graphs = (cuda and self.buckets > 0) if graphs is None else graphs
         if self.graphs and not cuda:
             raise ValueError(f"CUDA graphs need a CUDA device, not {self.device}; pass graphs=False")
@@ -245,12 +231,6 @@ class BlockExecutor:
         self._buffers: dict[int, _Buffers] = {}
         self._steps: dict[tuple[int, int, int], Callable[[], None]] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.graphs else None
-
-    def enter(self, images: Tensor, first_gated: int) -> Tensor:
-        """``backbone.enter``: the activation entering the first gated block, in chunks of rows."""
-        if not self.chunk_rows or images.shape[0] <= self.chunk_rows:
-            return self.backbone.enter(images, first_gated)
-        return torch.cat([self.backbone.enter(part, first_gated) for part in images.split(self.chunk_rows)])
 
     def begin(self, h: Tensor) -> Tensor:
         """The activation to route from: ``h`` copied into this batch size's static buffer when
@@ -265,7 +245,7 @@ class BlockExecutor:
         its shortcut elsewhere; ``num_execute`` is ``execute.sum()`` on the host. May write ``h``."""
         block = self.backbone.blocks[index]
         if not self.buckets:
-            return route_block(block, h, execute, num_execute, inplace=True, chunk_rows=self.chunk_rows)
+            return route_block(block, h, execute, num_execute, inplace=True)
         batch = h.shape[0]
         bufs = self._buffers_for(batch)
         out_shape = tuple(self.backbone.activation_shapes[index + 1])

@@ -23,7 +23,8 @@ def identity_shortcut(block: nn.Module) -> bool:
 def gather_rows(h: Tensor, rows: Tensor) -> Tensor:
     """``h[rows]`` in ``h``'s memory format. ``index_select`` copies whole rows of a contiguous
     tensor (advanced indexing goes element by element: 3-6x slower on the CPU) but returns NCHW, so a
-    channels_last ``h`` is selected through its contiguous NHWC view and handed back channels_last."""
+    channels_last ``h`` (a ViT's token grid, the CUDA engine's activations) is selected through its
+    contiguous NHWC view and handed back channels_last."""
     if h.is_contiguous():
         return h.index_select(0, rows)
     if h.dim() == 4 and h.is_contiguous(memory_format=torch.channels_last):
@@ -31,18 +32,8 @@ def gather_rows(h: Tensor, rows: Tensor) -> Tensor:
     return h[rows]
 
 
-def _chunks(rows: Tensor, chunk_rows: int) -> tuple[Tensor, ...]:
-    return rows.split(chunk_rows) if chunk_rows > 0 else (rows,)
-
-
 def route_block(
-    block: nn.Module,
-    h: Tensor,
-    execute: Tensor,
-    num_execute: int | None = None,
-    *,
-    inplace: bool = False,
-    chunk_rows: int = 0,
+    block: nn.Module, h: Tensor, execute: Tensor, num_execute: int | None = None, *, inplace: bool = False
 ) -> Tensor:
     """Apply ``block`` to the rows of ``h`` where ``execute`` is true and ``block.shortcut`` elsewhere.
 
@@ -54,9 +45,6 @@ def route_block(
         inplace: write the executed rows' outputs into ``h`` where the shortcut is the identity (no
             full-size copy; the frozen engine's path): only for an activation nothing else holds,
             and never under autograd.
-        chunk_rows: run the block on at most this many rows at a time (0: all at once). On a CPU a
-            chunk's intermediate activations stay in cache where a whole batch's do not (the frozen
-            engine's CPU default, ``skipnet_env.engine.CPU_CHUNK_ROWS``); every row's output is the same.
 
     Returns:
         ``(B, C', H', W')``: ``block(h[b])`` for executed rows, ``block.shortcut(h[b])`` for skipped.
@@ -64,22 +52,14 @@ def route_block(
     batch = h.shape[0]
     if num_execute is None:
         num_execute = int(execute.sum())  # the one device sync: the executed row count sets the shapes
+    if num_execute == batch:
+        return block(h)
     if num_execute == 0:
         return skip(block, h)
-    if num_execute == batch:
-        if chunk_rows <= 0 or batch <= chunk_rows:
-            return block(h)
-        if inplace and identity_shortcut(block):
-            for part in h.split(chunk_rows):
-                part.copy_(block(part))
-            return h
-        return torch.cat([block(part) for part in h.split(chunk_rows)])
     run = torch.argsort((~execute).to(torch.uint8), stable=True)[:num_execute]  # executed rows first, no sync
+    out_run = block(gather_rows(h, run))  # (B_run, C', H', W')
     out = h if identity_shortcut(block) else skip(block, h)  # a projection runs on every row: cheap
-    for rows in _chunks(run, chunk_rows):  # rows are disjoint: a chunk never reads what another wrote
-        values = block(gather_rows(h, rows))
-        out = out.index_copy_(0, rows, values) if inplace else out.index_copy(0, rows, values)
-    return out
+    return out.index_copy_(0, run, out_run) if inplace else out.index_copy(0, run, out_run)
 
 
 def routed_forward(backbone: Backbone, x: Tensor, execute: Tensor) -> Tensor:

@@ -66,3 +66,16 @@ def test_bottleneck_backbone_routes_like_its_masked_forward():
         )
         everything = torch.ones(6, net.num_blocks, dtype=torch.bool)
         torch.testing.assert_close(routed_forward(net, x, everything), net(x), rtol=1e-5, atol=1e-5)
+
+
+def test_gathered_rows_are_the_rows_in_the_activations_layout():
+    """A channels_last activation (a ViT's token grid, the CUDA engine's) is gathered through its
+    NHWC view: the same values as indexing, still channels_last; a contiguous one stays contiguous."""
+    from skipnet_env.routing import gather_rows
+
+    h = torch.randn(10, 2, 3, 6).permute(0, 3, 1, 2)  # (B, C=6, 2, 3) laid out token by token
+    rows = torch.tensor([7, 1, 4])
+    got = gather_rows(h, rows)
+    assert torch.equal(got, h[rows]) and got.is_contiguous(memory_format=torch.channels_last)
+    plain = h.contiguous()
+    assert torch.equal(gather_rows(plain, rows), plain[rows]) and gather_rows(plain, rows).is_contiguous()
