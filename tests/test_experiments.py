@@ -87,6 +87,20 @@ def test_every_agent_trains_evaluates_and_reloads(agent, cache, tmp_path):
         assert reloaded["accuracy"] == r["accuracy"] and reloaded["flops_fraction"] == r["flops_fraction"]
 
 
+@pytest.mark.parametrize("agent", list(TINY_BUDGETS))
+def test_every_agent_runs_on_a_vit(agent, cache, tmp_path):
+    """Issue 22: every registered agent trains and is evaluated on a ViT from timm (its patch tokens
+    routed as a CNN's activations are), with its seconds-long options and no agent code of its own."""
+    from agents.early_exit import VIT_SMOKE
+
+    args = ["--agent", agent, *TINY_BACKBONE, *TINY_BUDGETS[agent], *VIT_SMOKE]
+    run([*args, "--no-progress", "--run-dir", str(tmp_path / "runs")], cache, tmp_path)
+    (results,) = (tmp_path / "runs").glob(f"*__{agent}__*/results.json")
+    r = json.loads(results.read_text())
+    assert r["backbone"] == "timm:vit_tiny_patch16_224" and len(r["execute_rate"]) == 8  # 9 blocks, 8 gated
+    assert 0 <= r["accuracy"] <= 1 and 0 < r["flops_fraction"] <= 1.2 and r["full_backbone_accuracy"] > 0
+
+
 @pytest.mark.parametrize("network", ["vit", "cnn"])
 def test_ppo_decides_with_the_exit_action_and_its_exits_are_evaluated_as_they_were_taken(network, cache, tmp_path):
     """``--sb3-early-exit``: PPO in ``SkipNet-v0`` with the exit action (on a ViT, whose head reads any
