@@ -17,8 +17,9 @@ random) is compared on the same network.
 What the stage does, per batch: the routed network's forward with straight-through hard gates
 (:func:`agents.hybrid.sp_forward`; sampled gates with ``sample``), loss = cross-entropy + ``alpha``
 times the FLOPs the executed blocks cost (ramped up over ``alpha_warmup`` epochs; ``alpha = 0`` is
-the paper's SP, cross-entropy alone); the backbone trains with SGD (momentum, weight decay, cosine
-schedule), the gates with Adam; the base training's pad-and-crop (and flip) augmentation.
+the paper's SP, cross-entropy alone); the backbone trains with the base trainer's optimizer for its
+kind (SGD with momentum and weight decay for CNNs, AdamW for vision transformers; cosine schedule),
+the gates with Adam; the base training's pad-and-crop (and flip) augmentation.
 BatchNorm either trains (``bn="train"``: batch statistics of the routed network, as the paper) or
 keeps the base network's statistics (``"frozen"``, affine parameters still trained).
 """
@@ -55,6 +56,7 @@ from skipnet_env.engine import freeze
 log = logging.getLogger(__name__)
 
 BatchNormMode = Literal["train", "frozen"]
+JointOptimizer = Literal["auto", "sgd", "adamw"]
 # part of the cache key: raise it when a change to this stage changes the backbones it makes
 JOINT_SP_VERSION = 2
 # joint SP's length when not given: DEFAULT_EPOCHS, or as many epochs as make MIN_STEPS steps on a small data set
@@ -63,6 +65,8 @@ DEFAULT_EPOCHS, MIN_STEPS = 6, 500
 # joint SP's backbone rate when not given: where the base network trains at SGD 0.6 (the embedded sets:
 # backbones.train.DEFAULT_SGD_LR) validation chose 0.06 over 0.02 (BENCHMARKS.md sections 24 and 25); elsewhere 0.02
 DEFAULT_LR, DATASET_LR = 0.02, {"cluttered_digits": 0.06, "cluttered_digits_hard": 0.06}
+# with AdamW (vision transformers, whose base trains with AdamW at 1e-3): rate and weight decay when not given
+ADAMW_LR, ADAMW_WEIGHT_DECAY, SGD_WEIGHT_DECAY = 3e-4, 0.05, 5e-4
 
 
 @dataclass
@@ -76,9 +80,12 @@ class JointConfig:
     epochs: int | None = option(None, POSITIVE_INT)
     """skip_ready: epochs of joint SP (backbone + gates; default 6, or as many as make 500 steps on a small data set:
     the gates and the budget's multiplier need steps to settle)"""
+    optimizer: JointOptimizer = "auto"
+    """skip_ready: the backbone's optimizer in joint SP: auto (the base trainer's for the network: AdamW for vision
+    transformers, SGD otherwise), sgd or adamw"""
     lr: float | None = option(None, POSITIVE)
-    """skip_ready: peak SGD learning rate of the backbone in joint SP (cosine decay to 0; default 0.06 on
-    cluttered_digits and cluttered_digits_hard, chosen on validation over 0.02, and 0.02 elsewhere)"""
+    """skip_ready: peak learning rate of the backbone in joint SP (cosine decay to 0; SGD's default 0.06 on
+    cluttered_digits and cluttered_digits_hard, chosen on validation over 0.02, and 0.02 elsewhere; AdamW's 3e-4)"""
     gate_lr: float = option(3e-3, POSITIVE)
     """skip_ready: Adam learning rate of the gates in joint SP"""
     alpha: float = option(2.0, NON_NEGATIVE)
@@ -95,8 +102,8 @@ class JointConfig:
     """skip_ready: BatchNorm in joint SP: train (the routed network's batch statistics) or frozen (the base's)"""
     momentum: float = option(0.9, UNIT)
     """skip_ready: SGD momentum of the backbone in joint SP"""
-    weight_decay: float = option(5e-4, NON_NEGATIVE)
-    """skip_ready: L2 weight decay of the backbone in joint SP"""
+    weight_decay: float | None = option(None, NON_NEGATIVE)
+    """skip_ready: weight decay of the backbone in joint SP (default: SGD's L2 5e-4, AdamW's decoupled 0.05)"""
     shift: int = option(2, COUNT)
     """skip_ready: pad-and-crop augmentation in pixels in joint SP (the base training's)"""
     batch_size: int = option(128, POSITIVE_INT)
@@ -115,9 +122,21 @@ class JointConfig:
     def __post_init__(self) -> None:
         check_options(self)
 
-    def resolved(self, num_images: int, dataset: str) -> JointConfig:
-        """This configuration with ``epochs`` and ``lr`` set, for a training set of ``num_images`` of ``dataset``."""
-        cfg = self if self.lr is not None else dataclasses.replace(self, lr=DATASET_LR.get(dataset, DEFAULT_LR))
+    def resolved(self, num_images: int, dataset: str, arch: str = "") -> JointConfig:
+        """This configuration with ``optimizer``, ``lr``, ``weight_decay`` and ``epochs`` set, for a training set
+        of ``num_images`` of ``dataset`` and the network ``arch`` (its registry name)."""
+        from backbones.zoo import default_optimizer
+
+        optimizer = default_optimizer(arch) if self.optimizer == "auto" else self.optimizer
+        adamw = optimizer == "adamw"
+        cfg = dataclasses.replace(
+            self,
+            optimizer=optimizer,
+            lr=self.lr if self.lr is not None else ADAMW_LR if adamw else DATASET_LR.get(dataset, DEFAULT_LR),
+            weight_decay=self.weight_decay
+            if self.weight_decay is not None
+            else ADAMW_WEIGHT_DECAY if adamw else SGD_WEIGHT_DECAY,
+        )  # fmt: skip
         if cfg.epochs is not None:
             return cfg
         steps = math.ceil(num_images / cfg.batch_size)
@@ -159,7 +178,7 @@ class JointTrainer(Trainer):
         autocast: torch.dtype | None = None,
         teacher: Backbone | None = None,
     ) -> None:
-        cfg = cfg.resolved(len(data), dataset)
+        cfg = cfg.resolved(len(data), dataset, backbone.arch)
         super().__init__(
             cfg, device, checkpoint, dict(metadata or {}), None, progress, num_envs=cfg.batch_size, seed=seed
         )
@@ -172,13 +191,21 @@ class JointTrainer(Trainer):
         self.steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
         self.epochs: int = cfg.epochs  # type: ignore[assignment]  # resolved
         total = self.epochs * self.steps_per_epoch
-        self.backbone_opt = torch.optim.SGD(
-            self.backbone.parameters(),
-            lr=cfg.lr,  # type: ignore[arg-type]  # resolved
-            momentum=cfg.momentum,
-            weight_decay=cfg.weight_decay,
-            nesterov=cfg.momentum > 0,
-        )
+        self.backbone_opt: torch.optim.Optimizer
+        if cfg.optimizer == "adamw":
+            self.backbone_opt = torch.optim.AdamW(
+                self.backbone.parameters(),
+                lr=cfg.lr,  # type: ignore[arg-type]  # resolved
+                weight_decay=cfg.weight_decay,  # type: ignore[arg-type]  # resolved
+            )
+        else:
+            self.backbone_opt = torch.optim.SGD(
+                self.backbone.parameters(),
+                lr=cfg.lr,  # type: ignore[arg-type]  # resolved
+                momentum=cfg.momentum,
+                weight_decay=cfg.weight_decay,  # type: ignore[arg-type]  # resolved
+                nesterov=cfg.momentum > 0,
+            )
         self.schedule = torch.optim.lr_scheduler.LambdaLR(
             self.backbone_opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
         )
@@ -361,9 +388,14 @@ def gate_identity(kind: str, options: dict[str, Any], first_gated: int = FIRST_G
 
 def joint_identity(cfg: JointConfig, seed: int) -> dict[str, Any]:
     """What names a joint SP stage in a skip-ready checkpoint and its cache key: its options and seed
-    (``accumulate`` only where it is not 1, the distillation only where it is on, so that the stages
-    cached before they existed keep their names)."""
-    left_out = {"accumulate": cfg.accumulate == 1, "distill": cfg.distill == 0, "distill_temperature": cfg.distill == 0}
+    (``accumulate`` only where it is not 1, the distillation only where it is on, the optimizer only
+    where it is not SGD, so that the stages cached before they existed keep their names)."""
+    left_out = {
+        "accumulate": cfg.accumulate == 1,
+        "distill": cfg.distill == 0,
+        "distill_temperature": cfg.distill == 0,
+        "optimizer": cfg.optimizer == "sgd",
+    }
     options = {k: v for k, v in dataclasses.asdict(cfg).items() if not left_out.get(k, False)}
     return {**options, "seed": seed}
 
@@ -420,7 +452,8 @@ def get_skip_ready(
     are stored there too: :func:`load_gates`).
     """
     base_fp = fingerprint(base)
-    cfg = cfg.resolved(len(train_data), base_meta["dataset"])  # the key names the epochs and rate, given or not
+    # the key names the optimizer, epochs and rate, given or not
+    cfg = cfg.resolved(len(train_data), base_meta["dataset"], base_meta["arch"])
     gates_id = gate_identity(gate_kind, gate_options)
     flip = isinstance(train_data, ImageTensors) and train_data.flip  # the augmentation changes the weights too
     autocast = training_dtype(precision, device)

@@ -245,3 +245,25 @@ def test_joint_sp_rate_defaults_by_data_set():
     assert JointConfig().resolved(12_000, "cluttered_digits_hard").lr == 0.06
     assert JointConfig().resolved(12_000, "cifar10").lr == 0.02
     assert JointConfig(lr=0.03).resolved(12_000, "cluttered_digits").lr == 0.03
+
+
+def test_joint_sp_trains_a_vision_transformer_as_its_base_trainer_does(digits_train, tmp_path):
+    """--joint-optimizer auto: AdamW (3e-4, decoupled decay 0.05) for a ViT, whose base trains with AdamW; SGD
+    for a CNN. The key names the optimizer only where it is not SGD, so that SGD stages keep the names they had."""
+    from agents.skip_ready import ADAMW_LR, ADAMW_WEIGHT_DECAY
+
+    vit_name = "timm:vit_tiny_patch16_224"
+    vit = JointConfig().resolved(12_000, "cluttered_digits", vit_name)
+    assert (vit.optimizer, vit.lr, vit.weight_decay) == ("adamw", ADAMW_LR, ADAMW_WEIGHT_DECAY)
+    cnn = JointConfig().resolved(12_000, "cluttered_digits", "cifar_resnet38")
+    assert (cnn.optimizer, cnn.lr, cnn.weight_decay) == ("sgd", 0.06, 5e-4)
+    told = JointConfig(optimizer="sgd", weight_decay=1e-3).resolved(12_000, "cluttered_digits", vit_name)
+    assert (told.optimizer, told.lr, told.weight_decay) == ("sgd", 0.06, 1e-3)
+    assert "optimizer" not in joint_identity(cnn, 0) and joint_identity(vit, 0)["optimizer"] == "adamw"
+    net = backbones.zoo.zoo_backbone(
+        vit_name, num_classes=10, in_channels=1, image_size=16,
+        model_args={"depth": 3, "embed_dim": 16, "num_heads": 2},
+    )  # fmt: skip
+    trainer = _trainer(net, digits_train, tmp_path / "vit.pt", epochs=1)
+    assert isinstance(trainer.backbone_opt, torch.optim.AdamW)
+    assert isinstance(_trainer(tiny_backbone(20), digits_train, tmp_path / "cnn.pt").backbone_opt, torch.optim.SGD)
